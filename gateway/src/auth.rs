@@ -1,0 +1,618 @@
+//! Startup and authentication, both ways.
+//!
+//! Client side: the first packet (SSLRequest, GSSENCRequest, CancelRequest or StartupMessage), then SCRAM-SHA-256,
+//! md5 or trust against the users in the config. The SCRAM exchange and message encodings are pgwire's; a
+//! user's password may be stored as a verifier so the gateway never holds the plain text.
+//!
+//! Server side: the gateway logs in to PostgreSQL with postgres-protocol's SCRAM client, md5 or a clear-text
+//! password, and collects the server's ParameterStatus and BackendKeyData.
+
+use crate::config::{is_md5_hash, AuthMethod, Config};
+use crate::protocol::{self, PgError};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use pgwire::api::auth::sasl::scram::{gen_salted_password, ScramSecret, ScramServerAuth};
+use pgwire::messages::startup::{Authentication, PasswordMessageFamily};
+use pgwire::messages::{DecodeContext, Message};
+use std::collections::HashMap;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Packets before authentication are small; PostgreSQL caps the startup packet at 10000 bytes too.
+const MAX_STARTUP_PACKET: usize = 10_000;
+const SSL_REQUEST: i32 = 80877103;
+const GSSENC_REQUEST: i32 = 80877104;
+const CANCEL_REQUEST: i32 = 80877102;
+
+/// A SCRAM-SHA-256 verifier as PostgreSQL stores it: what the server needs to check a client proof.
+#[derive(Clone)]
+pub struct ScramVerifier {
+    salt: Vec<u8>,
+    iterations: usize,
+    stored_key: Vec<u8>,
+    server_key: Vec<u8>,
+}
+
+impl ScramVerifier {
+    /// Derives a verifier from a clear-text password with a fresh random salt (4096 iterations, as PostgreSQL).
+    pub fn from_password(password: &str) -> ScramVerifier {
+        let salt: [u8; 16] = rand::random();
+        let salted = gen_salted_password(password, &salt, 4096);
+        match ScramSecret::verifier_from_salted_password(salt.to_vec(), salted, 4096) {
+            ScramSecret::Verifier {
+                salt,
+                iterations,
+                stored_key,
+                server_key,
+            } => ScramVerifier {
+                salt,
+                iterations,
+                stored_key,
+                server_key,
+            },
+            ScramSecret::SaltedPassword { .. } => {
+                unreachable!("verifier_from_salted_password returns a verifier")
+            }
+        }
+    }
+
+    fn secret(&self) -> ScramSecret {
+        ScramSecret::Verifier {
+            salt: self.salt.clone(),
+            iterations: self.iterations,
+            stored_key: self.stored_key.clone(),
+            server_key: self.server_key.clone(),
+        }
+    }
+}
+
+/// Parses `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` (base64 parts), the `pg_authid` format.
+pub fn parse_scram_verifier(text: &str) -> Result<ScramVerifier, String> {
+    let bad = || {
+        "not a SCRAM verifier (SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>)"
+            .to_string()
+    };
+    let rest = text.strip_prefix("SCRAM-SHA-256$").ok_or_else(bad)?;
+    let (params, keys) = rest.split_once('$').ok_or_else(bad)?;
+    let (iterations, salt) = params.split_once(':').ok_or_else(bad)?;
+    let (stored_key, server_key) = keys.split_once(':').ok_or_else(bad)?;
+    let decode = |s: &str| STANDARD.decode(s).map_err(|_| bad());
+    let verifier = ScramVerifier {
+        iterations: iterations.parse().map_err(|_| bad())?,
+        salt: decode(salt)?,
+        stored_key: decode(stored_key)?,
+        server_key: decode(server_key)?,
+    };
+    if verifier.stored_key.len() != 32
+        || verifier.server_key.len() != 32
+        || verifier.iterations == 0
+    {
+        return Err(bad());
+    }
+    Ok(verifier)
+}
+
+/// What the gateway checks each user's login against, derived once per configuration.
+pub struct Credentials {
+    method: AuthMethod,
+    users: HashMap<String, Secret>,
+    /// Answers SCRAM for unknown users, so a failed login does not reveal whether the user exists.
+    decoy: ScramVerifier,
+}
+
+enum Secret {
+    Scram(ScramVerifier),
+    /// md5(password + user) in hex, as PostgreSQL stores md5 passwords.
+    Md5(String),
+    None,
+}
+
+impl Credentials {
+    pub fn new(config: &Config) -> Credentials {
+        let method = config.auth.method;
+        let users = config
+            .auth
+            .users
+            .iter()
+            .map(|user| {
+                let password = user.password.as_deref();
+                let secret = match (method, password) {
+                    (AuthMethod::ScramSha256, Some(p)) if p.starts_with("SCRAM-SHA-256$") => {
+                        // validated when the config was loaded
+                        parse_scram_verifier(p)
+                            .map(Secret::Scram)
+                            .unwrap_or(Secret::None)
+                    }
+                    (AuthMethod::ScramSha256, Some(p)) => {
+                        Secret::Scram(ScramVerifier::from_password(p))
+                    }
+                    (AuthMethod::Md5, Some(p)) if is_md5_hash(p) => Secret::Md5(p[3..].to_string()),
+                    (AuthMethod::Md5, Some(p)) => {
+                        Secret::Md5(format!("{:x}", md5::compute(format!("{p}{}", user.name))))
+                    }
+                    _ => Secret::None,
+                };
+                (user.name.clone(), secret)
+            })
+            .collect();
+        Credentials {
+            method,
+            users,
+            decoy: ScramVerifier::from_password(&format!("{:x}", rand::random::<u128>())),
+        }
+    }
+}
+
+/// The client's first packet.
+pub enum FirstPacket {
+    Startup(Startup),
+    Cancel { pid: i32, secret: i32 },
+}
+
+/// A client's StartupMessage.
+#[derive(Debug, Clone)]
+pub struct Startup {
+    pub user: String,
+    pub database: String,
+    /// Run-time parameters other than user, database and options (application_name, client_encoding, ...).
+    pub parameters: Vec<(String, String)>,
+    /// `-c name=value` settings from the `options` parameter.
+    pub options: Vec<(String, String)>,
+}
+
+/// Why a connection ended before it was a session.
+#[derive(Debug)]
+pub enum StartupError {
+    /// The client went away (a health check, psql asking for a password): not worth a log line.
+    Disconnected,
+    /// The client is told this error, then the connection is closed.
+    Refused(PgError),
+}
+
+impl From<std::io::Error> for StartupError {
+    fn from(_: std::io::Error) -> Self {
+        StartupError::Disconnected
+    }
+}
+
+/// Reads packets until a StartupMessage or CancelRequest, refusing SSL and GSS encryption (no TLS configured).
+pub async fn read_first_packet<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Result<FirstPacket, StartupError> {
+    loop {
+        let mut len_bytes = [0u8; 4];
+        if stream.read_exact(&mut len_bytes).await.is_err() {
+            return Err(StartupError::Disconnected);
+        }
+        let len = i32::from_be_bytes(len_bytes);
+        if !(8..=MAX_STARTUP_PACKET as i32).contains(&len) {
+            return Err(StartupError::Refused(PgError::fatal(
+                "08P01",
+                format!("invalid length of startup packet: {len}"),
+            )));
+        }
+        let mut packet = vec![0u8; len as usize - 4];
+        stream.read_exact(&mut packet).await?;
+        let code = i32::from_be_bytes([packet[0], packet[1], packet[2], packet[3]]);
+        match code {
+            SSL_REQUEST | GSSENC_REQUEST => {
+                stream.write_all(b"N").await?;
+            }
+            CANCEL_REQUEST if packet.len() == 12 => {
+                let pid = i32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+                let secret = i32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
+                return Ok(FirstPacket::Cancel { pid, secret });
+            }
+            _ if (code >> 16) == 3 => {
+                let startup = decode_startup(len_bytes, packet)?;
+                return Ok(FirstPacket::Startup(startup));
+            }
+            _ => {
+                return Err(StartupError::Refused(PgError::fatal(
+                    "0A000",
+                    format!(
+                        "unsupported frontend protocol {}.{}: server supports 3.0",
+                        code >> 16,
+                        code & 0xffff
+                    ),
+                )))
+            }
+        }
+    }
+}
+
+fn decode_startup(len_bytes: [u8; 4], packet: Vec<u8>) -> Result<Startup, StartupError> {
+    let invalid =
+        || StartupError::Refused(PgError::fatal("08P01", "invalid startup packet layout"));
+    let mut buf = BytesMut::with_capacity(packet.len() + 4);
+    buf.extend_from_slice(&len_bytes);
+    buf.extend_from_slice(&packet);
+    let message = pgwire::messages::startup::Startup::decode(&mut buf, &DecodeContext::default())
+        .map_err(|_| invalid())?
+        .ok_or_else(invalid)?;
+    let mut parameters = Vec::new();
+    let mut options = Vec::new();
+    let mut user = None;
+    let mut database = None;
+    for (name, value) in message.parameters {
+        match name.as_str() {
+            "user" => user = Some(value),
+            "database" => database = Some(value),
+            "options" => options = parse_options(&value),
+            "replication" => {
+                return Err(StartupError::Refused(PgError::fatal(
+                    "08P01",
+                    "regiongate does not proxy replication connections",
+                )))
+            }
+            // Protocol extensions we do not implement; libpq only sends them when asked to.
+            _ if name.starts_with("_pq_.") => {}
+            _ => parameters.push((name, value)),
+        }
+    }
+    let user = user.filter(|u| !u.is_empty()).ok_or_else(|| {
+        StartupError::Refused(PgError::fatal(
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        ))
+    })?;
+    Ok(Startup {
+        database: database
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| user.clone()),
+        user,
+        parameters,
+        options,
+    })
+}
+
+/// `-c a=b --c=d` (the `options` startup parameter; `\ ` escapes a space).
+fn parse_options(text: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => current.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !current.is_empty() {
+                    words.push(std::mem::take(&mut current));
+                }
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        words.push(current);
+    }
+    let mut settings = Vec::new();
+    let mut iter = words.into_iter();
+    while let Some(word) = iter.next() {
+        let pair = if word == "-c" {
+            iter.next()
+        } else if let Some(rest) = word.strip_prefix("--").or_else(|| word.strip_prefix("-c")) {
+            Some(rest.to_string())
+        } else {
+            None
+        };
+        if let Some((name, value)) = pair.as_deref().and_then(|p| p.split_once('=')) {
+            settings.push((name.replace('-', "_"), value.to_string()));
+        }
+    }
+    settings
+}
+
+/// Authenticates the client as `startup.user`, writing the Authentication requests; on success the caller
+/// sends AuthenticationOk and the rest of the startup response.
+pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    credentials: &Credentials,
+    startup: &Startup,
+) -> Result<(), StartupError> {
+    let failed = || {
+        StartupError::Refused(PgError::fatal(
+            "28P01",
+            format!(
+                "password authentication failed for user \"{}\"",
+                startup.user
+            ),
+        ))
+    };
+    let secret = credentials.users.get(&startup.user);
+    match credentials.method {
+        AuthMethod::Trust => match secret {
+            Some(_) => Ok(()),
+            None => Err(StartupError::Refused(PgError::fatal(
+                "28000",
+                format!(
+                    "no such user \"{}\" in the regiongate configuration",
+                    startup.user
+                ),
+            ))),
+        },
+        AuthMethod::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            send(stream, Authentication::MD5Password(salt.to_vec())).await?;
+            let response = read_password_message(stream).await?;
+            let given = response
+                .into_password()
+                .map_err(|_| protocol_violation("expected a password message"))?
+                .password;
+            match secret {
+                Some(Secret::Md5(hash)) => {
+                    let mut input = hash.as_bytes().to_vec();
+                    input.extend_from_slice(&salt);
+                    let expected = format!("md5{:x}", md5::compute(input));
+                    if constant_time_eq(expected.as_bytes(), given.as_bytes()) {
+                        Ok(())
+                    } else {
+                        Err(failed())
+                    }
+                }
+                _ => Err(failed()),
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            let (verifier, known) = match secret {
+                Some(Secret::Scram(v)) => (v, true),
+                _ => (&credentials.decoy, false),
+            };
+            send(
+                stream,
+                Authentication::SASL(vec!["SCRAM-SHA-256".to_string()]),
+            )
+            .await?;
+            let initial = read_password_message(stream)
+                .await?
+                .into_sasl_initial_response()
+                .map_err(|_| protocol_violation("expected a SASLInitialResponse message"))?;
+            if initial.auth_method != "SCRAM-SHA-256" {
+                return Err(StartupError::Refused(PgError::fatal(
+                    "28000",
+                    format!(
+                        "SASL mechanism {:?} is not supported; use SCRAM-SHA-256",
+                        initial.auth_method
+                    ),
+                )));
+            }
+            let client_first = initial.data.unwrap_or_default();
+            let scram = ScramServerAuth::new();
+            let (server_first, waiting) = scram
+                .on_client_first_message_with_secret(&client_first, verifier.secret())
+                .map_err(|e| protocol_violation(&format!("malformed SCRAM message: {e}")))?;
+            send(
+                stream,
+                Authentication::SASLContinue(Bytes::from(server_first)),
+            )
+            .await?;
+            let response = read_password_message(stream)
+                .await?
+                .into_sasl_response()
+                .map_err(|_| protocol_violation("expected a SASLResponse message"))?;
+            match waiting.on_client_final_message(&response.data) {
+                Ok(server_final) if known => {
+                    send(stream, Authentication::SASLFinal(Bytes::from(server_final))).await?;
+                    Ok(())
+                }
+                _ => Err(failed()),
+            }
+        }
+    }
+}
+
+fn protocol_violation(message: &str) -> StartupError {
+    StartupError::Refused(PgError::fatal("08P01", message.to_string()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn send<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    message: Authentication,
+) -> Result<(), StartupError> {
+    let mut out = BytesMut::new();
+    message.encode(&mut out).map_err(|e| {
+        StartupError::Refused(PgError::fatal(
+            "XX000",
+            format!("encoding authentication: {e}"),
+        ))
+    })?;
+    stream.write_all(&out).await?;
+    Ok(())
+}
+
+/// Reads one 'p' message (password, SASLInitialResponse, SASLResponse).
+async fn read_password_message<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<PasswordMessageFamily, StartupError> {
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).await?;
+    let (tag, len) = match protocol::peek_header(&header) {
+        Some(Ok(h)) => h,
+        _ => return Err(protocol_violation("invalid message length")),
+    };
+    if tag == b'X' {
+        return Err(StartupError::Disconnected);
+    }
+    if tag != b'p' {
+        return Err(protocol_violation(&format!(
+            "expected password response, got message type {}",
+            tag as char
+        )));
+    }
+    if len > MAX_STARTUP_PACKET {
+        return Err(protocol_violation("password message too long"));
+    }
+    let mut body = BytesMut::zeroed(len - protocol::HEADER_LEN);
+    stream.read_exact(&mut body).await?;
+    Ok(PasswordMessageFamily::Raw(body))
+}
+
+/// What a server told us while we logged in.
+pub struct ServerLogin {
+    pub pid: i32,
+    pub secret: i32,
+    pub parameters: Vec<(String, String)>,
+}
+
+/// A server refused or broke the login.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerLoginError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("server error {code}: {message}")]
+    Server { code: String, message: String },
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// Logs in to a server over `stream` (already connected) and reads until its first ReadyForQuery.
+pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    read_buf: &mut BytesMut,
+    user: &str,
+    password: Option<&str>,
+    database: &str,
+) -> Result<ServerLogin, ServerLoginError> {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+    use postgres_protocol::message::backend::Message as Backend;
+    use postgres_protocol::message::frontend;
+
+    let mut out = BytesMut::new();
+    frontend::startup_message([("user", user), ("database", database)], &mut out)?;
+    stream.write_all(&out).await?;
+    let need_password = || {
+        ServerLoginError::Protocol(format!(
+            "the server asks a password for {user}, and none is configured"
+        ))
+    };
+    let mut scram: Option<ScramSha256> = None;
+    let mut login = ServerLogin {
+        pid: 0,
+        secret: 0,
+        parameters: Vec::new(),
+    };
+    loop {
+        let message = loop {
+            if let Some(message) = Backend::parse(read_buf)? {
+                break message;
+            }
+            if stream.read_buf(read_buf).await? == 0 {
+                return Err(ServerLoginError::Protocol(
+                    "the server closed the connection during login".into(),
+                ));
+            }
+        };
+        out.clear();
+        match message {
+            Backend::AuthenticationOk => {}
+            Backend::AuthenticationCleartextPassword => {
+                frontend::password_message(
+                    password.ok_or_else(need_password)?.as_bytes(),
+                    &mut out,
+                )?;
+            }
+            Backend::AuthenticationMd5Password(body) => {
+                let hash = postgres_protocol::authentication::md5_hash(
+                    user.as_bytes(),
+                    password.ok_or_else(need_password)?.as_bytes(),
+                    body.salt(),
+                );
+                frontend::password_message(hash.as_bytes(), &mut out)?;
+            }
+            Backend::AuthenticationSasl(body) => {
+                use fallible_iterator::FallibleIterator;
+                let mut mechanisms = body.mechanisms();
+                let mut supported = false;
+                while let Some(m) = mechanisms.next()? {
+                    supported |= m == SCRAM_SHA_256;
+                }
+                if !supported {
+                    return Err(ServerLoginError::Protocol(
+                        "the server offers no SASL mechanism we support".into(),
+                    ));
+                }
+                let client = ScramSha256::new(
+                    password.ok_or_else(need_password)?.as_bytes(),
+                    ChannelBinding::unsupported(),
+                );
+                frontend::sasl_initial_response(SCRAM_SHA_256, client.message(), &mut out)?;
+                scram = Some(client);
+            }
+            Backend::AuthenticationSaslContinue(body) => {
+                let client = scram
+                    .as_mut()
+                    .ok_or_else(|| ServerLoginError::Protocol("unexpected SASL continue".into()))?;
+                client.update(body.data())?;
+                frontend::sasl_response(client.message(), &mut out)?;
+            }
+            Backend::AuthenticationSaslFinal(body) => {
+                let client = scram
+                    .as_mut()
+                    .ok_or_else(|| ServerLoginError::Protocol("unexpected SASL final".into()))?;
+                client.finish(body.data())?;
+            }
+            Backend::ParameterStatus(body) => {
+                login
+                    .parameters
+                    .push((body.name()?.to_string(), body.value()?.to_string()));
+            }
+            Backend::BackendKeyData(body) => {
+                login.pid = body.process_id();
+                login.secret = body.secret_key();
+            }
+            Backend::ReadyForQuery(_) => return Ok(login),
+            Backend::ErrorResponse(body) => {
+                use fallible_iterator::FallibleIterator;
+                let mut fields = body.fields();
+                let (mut code, mut message) = (String::new(), String::new());
+                while let Some(field) = fields.next()? {
+                    match field.type_() {
+                        b'C' => code = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+                        b'M' => message = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+                        _ => {}
+                    }
+                }
+                return Err(ServerLoginError::Server { code, message });
+            }
+            Backend::NoticeResponse(_) => {}
+            _ => {
+                return Err(ServerLoginError::Protocol(
+                    "unexpected message during login".into(),
+                ))
+            }
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifier_text_round_trip() {
+        let text = postgres_protocol::password::scram_sha_256(b"secret");
+        let verifier = parse_scram_verifier(&text).unwrap();
+        assert_eq!(verifier.iterations, 4096);
+        assert!(parse_scram_verifier("SCRAM-SHA-256$4096:abc").is_err());
+        assert!(parse_scram_verifier("md5abc").is_err());
+    }
+
+    #[test]
+    fn options_parameter() {
+        assert_eq!(
+            parse_options("-c search_path=a,b --statement-timeout=5s -cwork_mem=1MB -c x=a\\ b"),
+            vec![
+                ("search_path".into(), "a,b".into()),
+                ("statement_timeout".into(), "5s".into()),
+                ("work_mem".into(), "1MB".into()),
+                ("x".into(), "a b".into())
+            ]
+        );
+    }
+}

@@ -1,0 +1,533 @@
+//! The gateway's configuration: one YAML file, parsed into typed sections with defaults, then validated.
+//!
+//! Every section is a serde struct with `deny_unknown_fields`, so a typo is an error that names the key and the
+//! line instead of a setting silently ignored. Durations are human strings ("250ms", "5s", "10m"); sizes are
+//! bytes or strings with a unit ("64MiB").
+
+use serde::{Deserialize, Deserializer};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address clients connect to.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The primary server. Its URL gives host, port and default database; a user and password in it are the
+    /// fallback credentials for server connections (see [`User`]).
+    pub primary: ServerSpec,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Tokio worker threads; 0 means one per core.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 6432))
+}
+
+fn default_workers() -> usize {
+    1
+}
+
+/// A PostgreSQL server: a URL string, or a map with the URL and (for routing) its region.
+#[derive(Debug, Clone)]
+pub struct ServerSpec {
+    pub url: ServerUrl,
+    pub region: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for ServerSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Url(String),
+            Map(ServerMap),
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct ServerMap {
+            url: String,
+            region: Option<String>,
+        }
+        let (url, region) = match Form::deserialize(deserializer)? {
+            Form::Url(url) => (url, None),
+            Form::Map(map) => (map.url, map.region),
+        };
+        let url = ServerUrl::parse(&url).map_err(serde::de::Error::custom)?;
+        Ok(ServerSpec { url, region })
+    }
+}
+
+/// The parts of a `postgres://user:password@host:port/database` URL that a server connection needs.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ServerUrl {
+    pub host: String,
+    pub port: u16,
+    pub database: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for ServerUrl {
+    // Never print the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self)
+    }
+}
+
+impl std::fmt::Display for ServerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+impl ServerUrl {
+    pub fn parse(text: &str) -> Result<ServerUrl, String> {
+        let url = url::Url::parse(text).map_err(|e| format!("invalid server URL: {e}"))?;
+        if url.scheme() != "postgres" && url.scheme() != "postgresql" {
+            return Err(format!(
+                "invalid server URL: scheme must be postgres://, not {}://",
+                url.scheme()
+            ));
+        }
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or("invalid server URL: no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let decode = |s: &str| {
+            url::form_urlencoded::parse(s.as_bytes())
+                .map(|(k, v)| {
+                    if v.is_empty() {
+                        k
+                    } else {
+                        format!("{k}={v}").into()
+                    }
+                })
+                .collect::<String>()
+        };
+        let database = url.path().trim_start_matches('/');
+        Ok(ServerUrl {
+            host,
+            port: url.port().unwrap_or(5432),
+            database: (!database.is_empty()).then(|| decode(database)),
+            user: (!url.username().is_empty()).then(|| decode(url.username())),
+            password: url.password().map(decode),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection is held for one transaction (the default).
+    Transaction,
+    /// A server connection is held for the client's whole session.
+    Session,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    /// Server connections per (server, database, user).
+    pub size: usize,
+    /// Idle connections kept open and ready.
+    pub min_idle: usize,
+    #[serde(with = "duration")]
+    pub checkout_timeout: Duration,
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(with = "duration")]
+    pub max_lifetime: Duration,
+    /// Named prepared statements one server connection may hold before it is retired (replaced by a fresh one).
+    pub max_prepared_statements: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Transaction,
+            size: 20,
+            min_idle: 0,
+            checkout_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+            max_prepared_statements: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub method: AuthMethod,
+    pub users: Vec<User>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            method: AuthMethod::ScramSha256,
+            users: Vec::new(),
+        }
+    }
+}
+
+/// A user clients may log in as.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    /// Plain text, or a SCRAM verifier (`SCRAM-SHA-256$4096:salt$StoredKey:ServerKey`, as in `pg_authid`), or
+    /// an md5 hash (`md5` + md5(password + user)). A verifier works only with scram-sha-256 auth, an md5
+    /// hash only with md5.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// The role server connections log in as; defaults to `name`.
+    #[serde(default)]
+    pub server_user: Option<String>,
+    /// The password for server connections; defaults to `password` when that is plain text, then to the
+    /// password in the primary's URL.
+    #[serde(default)]
+    pub server_password: Option<String>,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("server_user", &self.server_user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl User {
+    /// The password if it is given in plain text (not a verifier or hash).
+    pub fn plain_password(&self) -> Option<&str> {
+        self.password
+            .as_deref()
+            .filter(|p| !p.starts_with("SCRAM-SHA-256$") && !is_md5_hash(p))
+    }
+}
+
+pub fn is_md5_hash(password: &str) -> bool {
+    password.len() == 35
+        && password.starts_with("md5")
+        && password[3..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// The largest message a client may send; a larger one closes the connection with FATAL 08P01.
+    #[serde(deserialize_with = "size")]
+    pub max_message_size: usize,
+    /// Client connections at once; more are refused with 53300.
+    pub max_clients: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 64 << 20,
+            max_clients: 10_000,
+        }
+    }
+}
+
+/// A configuration error, with where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let deserializer = serde_norway::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Invalid {
+                path: origin.to_string(),
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: origin.to_string(),
+                key: key.to_string(),
+                message: match line_of(text, key) {
+                    Some(line) => format!("{message} (line {line})"),
+                    None => message,
+                },
+            })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.pool.size == 0 {
+            return Err(("pool.size", "must be at least 1".into()));
+        }
+        if self.pool.min_idle > self.pool.size {
+            return Err((
+                "pool.min_idle",
+                format!(
+                    "{} is more than pool.size ({})",
+                    self.pool.min_idle, self.pool.size
+                ),
+            ));
+        }
+        if self.pool.checkout_timeout.is_zero() {
+            return Err(("pool.checkout_timeout", "must be more than 0".into()));
+        }
+        if self.limits.max_message_size < 1024 {
+            return Err((
+                "limits.max_message_size",
+                "must be at least 1024 bytes".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for user in &self.auth.users {
+            if !seen.insert(user.name.as_str()) {
+                return Err((
+                    "auth.users",
+                    format!("user {:?} is listed twice", user.name),
+                ));
+            }
+            if self.auth.method != AuthMethod::Trust && user.password.is_none() {
+                return Err((
+                    "auth.users",
+                    format!(
+                        "user {:?} has no password but auth.method is not trust",
+                        user.name
+                    ),
+                ));
+            }
+            let password = user.password.as_deref().unwrap_or("");
+            if password.starts_with("SCRAM-SHA-256$") {
+                if self.auth.method == AuthMethod::Md5 {
+                    return Err((
+                        "auth.users",
+                        format!(
+                            "user {:?}: a SCRAM verifier cannot check md5 logins",
+                            user.name
+                        ),
+                    ));
+                }
+                crate::auth::parse_scram_verifier(password)
+                    .map_err(|e| ("auth.users", format!("user {:?}: {e}", user.name)))?;
+            }
+            if is_md5_hash(password) && self.auth.method == AuthMethod::ScramSha256 {
+                return Err((
+                    "auth.users",
+                    format!(
+                        "user {:?}: an md5 hash cannot check SCRAM logins",
+                        user.name
+                    ),
+                ));
+            }
+        }
+        if self.auth.method != AuthMethod::Trust && self.auth.users.is_empty() {
+            return Err((
+                "auth.users",
+                "no users: nobody could log in (list users, or use method: trust)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The user entry for a login name.
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.auth.users.iter().find(|u| u.name == name)
+    }
+}
+
+/// The 1-based line where a dotted key's last part is written, for validation errors.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let last = key.rsplit('.').next()?;
+    text.lines()
+        .position(|line| {
+            let line = line.trim_start().trim_start_matches("- ");
+            line.starts_with(last) && line[last.len()..].trim_start().starts_with(':')
+                || line.contains(&format!("{last}:"))
+        })
+        .map(|i| i + 1)
+}
+
+/// Human durations: "250ms", "5s", "1m 30s".
+pub mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write e.g. \"250ms\" or \"5s\""
+            ))
+        })
+    }
+}
+
+/// Sizes: a number of bytes, or a string with a unit (B, kB, KiB, MB, MiB, GB, GiB).
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Bytes(usize),
+        Text(String),
+    }
+    match Form::deserialize(d)? {
+        Form::Bytes(n) => Ok(n),
+        Form::Text(text) => parse_size(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid size {text:?}; write e.g. 65536 or \"64MiB\""
+            ))
+        }),
+    }
+}
+
+pub fn parse_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let number: usize = text[..split].parse().ok()?;
+    let unit = text[split..].trim();
+    let factor: usize = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "kib" => 1 << 10,
+        "mb" => 1000 * 1000,
+        "mib" => 1 << 20,
+        "gb" => 1000 * 1000 * 1000,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str =
+        "primary: postgres://postgres@127.0.0.1:5432/app\nauth: { method: trust }\n";
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let config = Config::parse(MINIMAL, "test.yaml").unwrap();
+        assert_eq!(config.listen, default_listen());
+        assert_eq!(config.pool.mode, PoolMode::Transaction);
+        assert_eq!(config.pool.size, 20);
+        assert_eq!(config.primary.url.port, 5432);
+        assert_eq!(config.primary.url.database.as_deref(), Some("app"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text =
+            "primary: postgres://h/app\nauth: { method: trust }\npool:\n  size: 4\n  sise: 5\n";
+        let error = Config::parse(text, "f.yaml").unwrap_err().to_string();
+        assert!(error.contains("pool"), "{error}");
+        assert!(error.contains("sise"), "{error}");
+        assert!(error.contains("line 5"), "{error}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let text = "primary: postgres://h/app\nauth: { method: trust }\npool: { checkout_timeout: soon }\n";
+        let error = Config::parse(text, "f.yaml").unwrap_err().to_string();
+        assert!(error.contains("pool.checkout_timeout"), "{error}");
+        assert!(error.contains("invalid duration"), "{error}");
+    }
+
+    #[test]
+    fn validation_names_key() {
+        let text =
+            "primary: postgres://h/app\nauth: { method: trust }\npool: { size: 2, min_idle: 3 }\n";
+        let error = Config::parse(text, "f.yaml").unwrap_err().to_string();
+        assert!(error.contains("pool.min_idle"), "{error}");
+        assert!(error.contains("line 3"), "{error}");
+    }
+
+    #[test]
+    fn scram_needs_users() {
+        let text = "primary: postgres://h/app\n";
+        let error = Config::parse(text, "f.yaml").unwrap_err().to_string();
+        assert!(error.contains("auth.users"), "{error}");
+    }
+
+    #[test]
+    fn server_url_forms() {
+        let url = ServerUrl::parse("postgres://u:p%40ss@db.example:6000/app").unwrap();
+        assert_eq!(url.host, "db.example");
+        assert_eq!(url.port, 6000);
+        assert_eq!(url.user.as_deref(), Some("u"));
+        assert_eq!(url.password.as_deref(), Some("p@ss"));
+        assert_eq!(format!("{url:?}"), "db.example:6000");
+        assert!(ServerUrl::parse("mysql://h/x").is_err());
+        let text =
+            "primary: { url: 'postgres://h:1/app', region: us-east }\nauth: { method: trust }\n";
+        let config = Config::parse(text, "f").unwrap();
+        assert_eq!(config.primary.region.as_deref(), Some("us-east"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Some(64 << 20));
+        assert_eq!(parse_size("1000"), Some(1000));
+        assert_eq!(parse_size("2 kB"), Some(2000));
+        assert_eq!(parse_size("lots"), None);
+    }
+}

@@ -1,0 +1,124 @@
+//! The gateway's Prometheus metrics, behind one small module so the `prometheus` crate stays an implementation
+//! detail. Names are `regiongate_<thing>_<unit>`; labels are bounded by design (no statement text, no client
+//! addresses).
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use std::sync::LazyLock;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub client_connections: IntGauge,
+    pub clients_accepted: IntCounter,
+    pub clients_refused: IntCounterVec,
+    pub server_connections: IntGauge,
+    pub server_connect_errors: IntCounter,
+    pub pool_timeouts: IntCounter,
+    pub pool_wait_seconds: Histogram,
+    pub transactions: IntCounter,
+    pub server_lost: IntCounter,
+    pub errors_sent: IntCounterVec,
+    pub cancels: IntCounterVec,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+impl Metrics {
+    fn new() -> Metrics {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let pool_wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "regiongate_pool_wait_seconds",
+                "Time a client waited for a server connection",
+            )
+            .buckets(vec![
+                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(pool_wait_seconds.clone()))
+            .expect("unique metric");
+        Metrics {
+            client_connections: gauge(
+                "regiongate_client_connections",
+                "Client connections open now",
+            ),
+            clients_accepted: counter(
+                "regiongate_clients_accepted_total",
+                "Client connections accepted",
+            ),
+            clients_refused: counter_vec(
+                "regiongate_clients_refused_total",
+                "Client connections refused, by SQLSTATE",
+                &["sqlstate"],
+            ),
+            server_connections: gauge(
+                "regiongate_server_connections",
+                "Server connections open now",
+            ),
+            server_connect_errors: counter(
+                "regiongate_server_connect_errors_total",
+                "Failed attempts to open a server connection",
+            ),
+            pool_timeouts: counter(
+                "regiongate_pool_timeouts_total",
+                "Checkouts that gave up after the checkout timeout",
+            ),
+            pool_wait_seconds,
+            transactions: counter(
+                "regiongate_transactions_total",
+                "Server connection checkouts completed (one per transaction in transaction mode)",
+            ),
+            server_lost: counter(
+                "regiongate_server_lost_total",
+                "Server connections that broke while a client used them",
+            ),
+            errors_sent: counter_vec(
+                "regiongate_errors_total",
+                "Errors the gateway itself sent to clients, by SQLSTATE class",
+                &["class"],
+            ),
+            cancels: counter_vec(
+                "regiongate_cancel_requests_total",
+                "Cancel requests, by outcome",
+                &["outcome"],
+            ),
+            registry,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut out = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    pub fn error_sent(&self, code: &str) {
+        self.errors_sent
+            .with_label_values(&[code.get(..2).unwrap_or("XX")])
+            .inc();
+    }
+}

@@ -1,0 +1,257 @@
+//! PostgreSQL wire-protocol framing and the few messages the gateway reads or writes itself.
+//!
+//! Every message after startup is `tag: u8, length: i32 (counting itself), body`. The hot path only looks at
+//! the five-byte header of most messages and forwards their bytes untouched; it decodes the bodies of just
+//! the messages it must act on (Query, Parse, Bind, Describe, Close, ReadyForQuery, ErrorResponse,
+//! CommandComplete, ParameterStatus, BackendKeyData). See "Message Formats" in the protocol documentation.
+
+use bytes::{BufMut, BytesMut};
+use std::borrow::Cow;
+
+/// Tag byte plus the length word.
+pub const HEADER_LEN: usize = 5;
+
+/// A message header that claims less than the length word itself is garbage, not a message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadLength(pub i32);
+
+/// The tag and total size (tag included) of the message at the start of `buf`, if its header is there.
+#[inline]
+pub fn peek_header(buf: &[u8]) -> Option<Result<(u8, usize), BadLength>> {
+    if buf.len() < HEADER_LEN {
+        return None;
+    }
+    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if len < 4 {
+        return Some(Err(BadLength(len)));
+    }
+    Some(Ok((buf[0], len as usize + 1)))
+}
+
+/// Splits a NUL-terminated string off the front of `buf`.
+#[inline]
+pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = memchr::memchr(0, buf)?;
+    Some((&buf[..end], &buf[end + 1..]))
+}
+
+/// The body of a whole message (after tag and length).
+#[inline]
+pub fn body(message: &[u8]) -> &[u8] {
+    &message[HEADER_LEN..]
+}
+
+/// Writes a message header with a placeholder length; `finish` fills the length in.
+#[inline]
+fn start(out: &mut BytesMut, tag: u8) -> usize {
+    out.put_u8(tag);
+    let at = out.len();
+    out.put_i32(0);
+    at
+}
+
+#[inline]
+fn finish(out: &mut BytesMut, at: usize) {
+    let len = (out.len() - at) as i32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_cstr(out: &mut BytesMut, s: &[u8]) {
+    out.put_slice(s);
+    out.put_u8(0);
+}
+
+/// An error or notice to send to a client: the fields psql and drivers show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgError {
+    pub severity: &'static str,
+    /// The SQLSTATE.
+    pub code: Cow<'static, str>,
+    pub message: String,
+    pub detail: Option<String>,
+}
+
+impl PgError {
+    pub fn error(code: &'static str, message: impl Into<String>) -> PgError {
+        PgError {
+            severity: "ERROR",
+            code: Cow::Borrowed(code),
+            message: message.into(),
+            detail: None,
+        }
+    }
+
+    pub fn fatal(code: &'static str, message: impl Into<String>) -> PgError {
+        PgError {
+            severity: "FATAL",
+            ..PgError::error(code, message)
+        }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> PgError {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// ErrorResponse ('E').
+    pub fn encode(&self, out: &mut BytesMut) {
+        let at = start(out, b'E');
+        out.put_u8(b'S');
+        put_cstr(out, self.severity.as_bytes());
+        out.put_u8(b'V');
+        put_cstr(out, self.severity.as_bytes());
+        out.put_u8(b'C');
+        put_cstr(out, self.code.as_bytes());
+        out.put_u8(b'M');
+        put_cstr(out, self.message.as_bytes());
+        if let Some(detail) = &self.detail {
+            out.put_u8(b'D');
+            put_cstr(out, detail.as_bytes());
+        }
+        out.put_u8(0);
+        finish(out, at);
+    }
+}
+
+pub fn ready_for_query(out: &mut BytesMut, status: u8) {
+    out.put_slice(&[b'Z', 0, 0, 0, 5, status]);
+}
+
+pub fn query(out: &mut BytesMut, sql: &str) {
+    let at = start(out, b'Q');
+    put_cstr(out, sql.as_bytes());
+    finish(out, at);
+}
+
+pub fn terminate(out: &mut BytesMut) {
+    out.put_slice(&[b'X', 0, 0, 0, 4]);
+}
+
+/// A Parse message naming the statement `name`; `rest` is the original body after the name (query text,
+/// parameter types), copied verbatim.
+pub fn parse_renamed(out: &mut BytesMut, name: &[u8], rest: &[u8]) {
+    let at = start(out, b'P');
+    put_cstr(out, name);
+    out.put_slice(rest);
+    finish(out, at);
+}
+
+/// A Bind, Describe or Close message whose statement name is replaced: `head` is what precedes the name in
+/// the body (portal name for Bind, the 'S' byte for Describe/Close), `rest` what follows it.
+pub fn renamed(out: &mut BytesMut, tag: u8, head: &[u8], name: &[u8], rest: &[u8]) {
+    let at = start(out, tag);
+    out.put_slice(head);
+    put_cstr(out, name);
+    out.put_slice(rest);
+    finish(out, at);
+}
+
+/// The SQLSTATE and message of an ErrorResponse body, for logs and decisions.
+pub fn error_fields(body: &[u8]) -> (String, String) {
+    let mut code = String::new();
+    let mut message = String::new();
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let Some((value, tail)) = cstr(tail) else {
+            break;
+        };
+        match field {
+            b'C' => code = String::from_utf8_lossy(value).into_owned(),
+            b'M' => message = String::from_utf8_lossy(value).into_owned(),
+            _ => {}
+        }
+        rest = tail;
+    }
+    (code, message)
+}
+
+/// The name and value of a ParameterStatus body.
+pub fn parameter_status(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (name, rest) = cstr(body)?;
+    let (value, _) = cstr(rest)?;
+    Some((name, value))
+}
+
+/// The text of a Query body (without its NUL), if well-formed.
+pub fn query_text(body: &[u8]) -> Option<&[u8]> {
+    cstr(body).map(|(text, _)| text)
+}
+
+pub fn parameter_status_message(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    let at = start(out, b'S');
+    put_cstr(out, name);
+    put_cstr(out, value);
+    finish(out, at);
+}
+
+pub fn backend_key_data(out: &mut BytesMut, pid: i32, secret: i32) {
+    let at = start(out, b'K');
+    out.put_i32(pid);
+    out.put_i32(secret);
+    finish(out, at);
+}
+
+/// Quotes a string as an SQL literal ('it''s'), for SET statements the gateway composes.
+pub fn quote_literal(value: &str) -> String {
+    let mut quoted = String::with_capacity(value.len() + 2);
+    if value.contains('\\') {
+        quoted.push('E');
+    }
+    quoted.push('\'');
+    for c in value.chars() {
+        match c {
+            '\'' => quoted.push_str("''"),
+            '\\' => quoted.push_str("\\\\"),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('\'');
+    quoted
+}
+
+/// Quotes an identifier ("Name").
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_needs_five_bytes_and_a_sane_length() {
+        assert_eq!(peek_header(b"Q\0\0"), None);
+        assert_eq!(peek_header(b"Q\0\0\0\x09"), Some(Ok((b'Q', 10))));
+        assert_eq!(peek_header(b"Q\0\0\0\x03"), Some(Err(BadLength(3))));
+        assert_eq!(peek_header(b"Q\xff\xff\xff\xff"), Some(Err(BadLength(-1))));
+    }
+
+    #[test]
+    fn error_round_trip() {
+        let mut out = BytesMut::new();
+        PgError::error("53300", "no connection").encode(&mut out);
+        let (tag, len) = peek_header(&out).unwrap().unwrap();
+        assert_eq!((tag, len), (b'E', out.len()));
+        assert_eq!(
+            error_fields(body(&out)),
+            ("53300".to_string(), "no connection".to_string())
+        );
+    }
+
+    #[test]
+    fn renaming_keeps_the_rest() {
+        let mut out = BytesMut::new();
+        renamed(&mut out, b'B', b"portal\0", b"rg_1", b"\0\0\0\0\0\0");
+        assert_eq!(&out[..], b"B\0\0\0\x16portal\0rg_1\0\0\0\0\0\0\0");
+    }
+
+    #[test]
+    fn literals_are_quoted() {
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+    }
+}

@@ -1,0 +1,1311 @@
+//! One client connection, from startup to goodbye: accept → startup/auth → loop { read client messages →
+//! forward (checking out a server connection when one is needed) → relay answers until ReadyForQuery →
+//! release the server connection when the client is idle }.
+//!
+//! Transaction pooling makes a client's session span many server connections, so the session keeps what a
+//! single PostgreSQL backend would remember and recreates it where it is missing:
+//! - named prepared statements (protocol-level Parse and SQL-level PREPARE) are tracked per client and
+//!   prepared on whichever server connection runs their Bind/Describe/EXECUTE, under server-side names the
+//!   gateway chooses (see [`StatementNames`]);
+//! - SET/RESET (and startup parameters) are replayed when a server connection's settings differ;
+//! - what cannot move (LISTEN, temporary tables, WITH HOLD cursors, session advisory locks) pins the client
+//!   to its server connection for the rest of its session.
+//!
+//! The gateway's own messages (a re-prepare, a settings replay) are sent before the client's and their
+//! answers are swallowed: [`Pending`] mirrors, in order, each message whose answer must be matched
+//! (ParseComplete, ReadyForQuery), so every answer from the server is attributed to the right request.
+
+use crate::auth::{authenticate_client, read_first_packet, FirstPacket, Startup, StartupError};
+use crate::cancel::{CancelKey, ServerTarget};
+use crate::config::PoolMode;
+use crate::metrics::METRICS;
+use crate::pool::{Lease, Pool, ServerConn, Settings};
+use crate::protocol::{self, PgError};
+use crate::sql::{self, Kind};
+use crate::Shared;
+use bytes::{Buf, Bytes, BytesMut};
+use pgwire::messages::startup::Authentication;
+use pgwire::messages::Message;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+/// Stop reading from one side while this much is waiting to be written to the other (backpressure).
+const HIGH_WATER: usize = 256 * 1024;
+/// How long a client may take to send its startup packet and authenticate.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Server-side names for protocol-level prepared statements, by content (query text and parameter types):
+/// every client that prepares the same statement shares one server-side statement per server connection, so
+/// a statement prepared by one client is ready for the next.
+#[derive(Default)]
+pub struct StatementNames {
+    names: Mutex<HashMap<Bytes, Arc<str>>>,
+    next: AtomicU64,
+}
+
+/// Past this many distinct statements the map starts over; names are never reused, so nothing collides.
+const MAX_STATEMENT_NAMES: usize = 100_000;
+
+impl StatementNames {
+    fn name_for(&self, content: &Bytes) -> Arc<str> {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(name) = names.get(content) {
+            return name.clone();
+        }
+        if names.len() >= MAX_STATEMENT_NAMES {
+            names.clear();
+        }
+        let name: Arc<str> = self.fresh("s").into();
+        names.insert(content.clone(), name.clone());
+        name
+    }
+
+    /// A name no server connection has seen.
+    fn fresh(&self, kind: &str) -> String {
+        format!("__rg_{kind}{}", self.next.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// A protocol-level prepared statement as the client named it.
+struct Statement {
+    server_name: Arc<str>,
+    /// The Parse body after the statement name: query text and parameter types, sent verbatim.
+    parse_rest: Bytes,
+    /// What running it does to the session.
+    effect: StatementEffect,
+}
+
+/// What running a protocol-level statement does to the session.
+#[derive(Clone)]
+enum StatementEffect {
+    None,
+    Pin(&'static str),
+    Change(Effect),
+}
+
+/// A SQL-level prepared statement (PREPARE name AS ...).
+struct SqlPrepared {
+    server_name: Arc<str>,
+    /// The PREPARE statement under the server-side name, to run on connections that lack it.
+    prepare: String,
+}
+
+/// A change to the session's settings, applied once the statement that made it is known to have stuck.
+#[derive(Clone, Debug)]
+enum Effect {
+    Set { name: String, statement: String },
+    Reset(String),
+    ResetAll,
+}
+
+/// A request whose answer is still to come, in the order the server will answer.
+enum Pending {
+    /// A Parse: answered by ParseComplete (or skipped after an error). `name` is the server-side statement it
+    /// creates, forgotten again if the Parse fails.
+    Parse {
+        swallow: bool,
+        name: Option<Arc<str>>,
+    },
+    /// A Sync, Query or FunctionCall: answered by ReadyForQuery.
+    Ready {
+        swallow: bool,
+        /// Query and FunctionCall: an error does not skip later messages.
+        simple: bool,
+        effects: Vec<Effect>,
+        failed: bool,
+    },
+}
+
+/// What the client's bytes need next.
+enum Progress {
+    /// Everything complete was handled; wait for I/O.
+    Idle,
+    /// The next message needs a server connection.
+    NeedServer,
+    /// The client said goodbye.
+    Terminate,
+}
+
+/// Why a session ended.
+enum End {
+    /// Client disconnected or terminated.
+    Client,
+    /// The client is told this, then the connection closes.
+    Fatal(PgError),
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    client: TcpStream,
+    /// Client bytes not yet handled.
+    from_client: BytesMut,
+    to_client: BytesMut,
+    to_server: BytesMut,
+    pool: Arc<Pool>,
+    lease: Option<Lease>,
+    cancel: CancelKey,
+    max_message_size: usize,
+
+    pending: VecDeque<Pending>,
+    /// Extended-protocol messages were sent since the last Sync: the server is inside that exchange.
+    in_exchange: bool,
+    /// Effects of statements bound since the last Sync.
+    segment_effects: Vec<Effect>,
+    /// Effects inside the current transaction, kept until it commits.
+    transaction_effects: Vec<Effect>,
+    rolled_back: bool,
+    /// The last ReadyForQuery status: I (idle), T (in a transaction), E (failed transaction).
+    status: u8,
+    /// Bytes left of a client message streamed through before it is complete (large CopyData), and
+    /// whether they go to the server or are dropped.
+    client_skip: usize,
+    client_skip_forward: bool,
+    /// Bytes left of a server message streamed through before it is complete (large DataRow).
+    server_skip: usize,
+    /// After a failed checkout: drop extended-protocol messages up to the next Sync, then answer it.
+    discard_until_sync: bool,
+
+    statements: HashMap<Bytes, Arc<Statement>>,
+    unnamed: Option<Arc<Statement>>,
+    sql_prepared: HashMap<String, Arc<SqlPrepared>>,
+    settings: Settings,
+    pinned: Option<&'static str>,
+}
+
+/// Serves one accepted connection until it closes.
+pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr) {
+    let _ = client.set_nodelay(true);
+    let first = match tokio::time::timeout(STARTUP_TIMEOUT, read_first_packet(&mut client)).await {
+        Ok(result) => result,
+        Err(_) => Err(StartupError::Refused(PgError::fatal(
+            "08P01",
+            "startup timed out",
+        ))),
+    };
+    let startup = match first {
+        Ok(FirstPacket::Startup(startup)) => startup,
+        Ok(FirstPacket::Cancel { pid, secret }) => {
+            shared.cancels.cancel(pid, secret).await;
+            return;
+        }
+        Err(error) => return refuse(client, error).await,
+    };
+    let credentials = shared.credentials.load_full();
+    let auth = authenticate_client(&mut client, &credentials, &startup);
+    match tokio::time::timeout(STARTUP_TIMEOUT, auth).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            if let StartupError::Refused(e) = &error {
+                tracing::warn!(client = %peer, user = %startup.user, code = %e.code, reason = %e.message, "login refused");
+            }
+            return refuse(client, error).await;
+        }
+        Err(_) => {
+            return refuse(
+                client,
+                StartupError::Refused(PgError::fatal("08P01", "authentication timed out")),
+            )
+            .await
+        }
+    }
+    let pool = shared.pool_for(&startup);
+    let parameters = match pool.server_parameters().await {
+        Ok(parameters) => parameters,
+        Err(mut error) => {
+            error.severity = "FATAL";
+            return refuse(client, StartupError::Refused(error)).await;
+        }
+    };
+    let cancel = shared.cancels.register();
+    let mut hello = BytesMut::new();
+    let _ = Authentication::Ok.encode(&mut hello);
+    let client_values: HashMap<String, &str> = startup
+        .parameters
+        .iter()
+        .chain(startup.options.iter())
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str()))
+        .collect();
+    for (name, value) in parameters.iter() {
+        let value = client_values
+            .get(&name.to_ascii_lowercase())
+            .copied()
+            .unwrap_or(value);
+        protocol::parameter_status_message(&mut hello, name.as_bytes(), value.as_bytes());
+    }
+    if !parameters.iter().any(|(n, _)| n == "application_name") {
+        if let Some(app) = client_values.get("application_name") {
+            protocol::parameter_status_message(&mut hello, b"application_name", app.as_bytes());
+        }
+    }
+    protocol::backend_key_data(&mut hello, cancel.pid, cancel.secret);
+    protocol::ready_for_query(&mut hello, b'I');
+    if client.write_all(&hello).await.is_err() {
+        return;
+    }
+
+    let config = shared.config.load();
+    let span = tracing::info_span!("session", client = %peer, user = %startup.user, database = %startup.database);
+    span.in_scope(|| tracing::debug!("client logged in"));
+    METRICS.client_connections.inc();
+    let mut session = Session {
+        shared: shared.clone(),
+        client,
+
+        from_client: BytesMut::with_capacity(8 * 1024),
+        to_client: BytesMut::with_capacity(16 * 1024),
+        to_server: BytesMut::with_capacity(8 * 1024),
+        pinned: (pool.config().mode == PoolMode::Session).then_some("session pool mode"),
+        pool,
+        lease: None,
+        cancel,
+        max_message_size: config.limits.max_message_size,
+        pending: VecDeque::new(),
+        in_exchange: false,
+        segment_effects: Vec::new(),
+        transaction_effects: Vec::new(),
+        rolled_back: false,
+        status: b'I',
+        client_skip: 0,
+        client_skip_forward: false,
+        server_skip: 0,
+        discard_until_sync: false,
+        statements: HashMap::new(),
+        unnamed: None,
+        sql_prepared: HashMap::new(),
+        settings: startup_settings(&startup),
+    };
+    let end = session.run().instrument(span.clone()).await;
+    METRICS.client_connections.dec();
+    match end {
+        End::Client => span.in_scope(|| tracing::debug!("client disconnected")),
+        End::Fatal(error) => {
+            span.in_scope(|| tracing::info!(code = %error.code, reason = %error.message, "closing client connection"));
+            METRICS.error_sent(&error.code);
+            let mut out = BytesMut::new();
+            error.encode(&mut out);
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), session.client.write_all(&out)).await;
+        }
+    }
+    session.finish();
+}
+
+async fn refuse(mut client: TcpStream, error: StartupError) {
+    if let StartupError::Refused(error) = error {
+        METRICS
+            .clients_refused
+            .with_label_values(&[&*error.code])
+            .inc();
+        let mut out = BytesMut::new();
+        error.encode(&mut out);
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&out)).await;
+    }
+}
+
+/// The client's startup parameters as statements to replay on server connections. `set_config` takes the
+/// value exactly as a connection option would (lists like search_path included).
+fn startup_settings(startup: &Startup) -> Settings {
+    let mut settings = std::collections::BTreeMap::new();
+    for (name, value) in startup.parameters.iter().chain(startup.options.iter()) {
+        let statement = format!(
+            "SELECT pg_catalog.set_config({}, {}, false)",
+            protocol::quote_literal(name),
+            protocol::quote_literal(value)
+        );
+        settings.insert(name.to_ascii_lowercase(), statement);
+    }
+    Arc::new(settings)
+}
+
+/// SQL that turns a server connection's settings (`from`) into the client's (`to`).
+fn settings_change(from: &Settings, to: &Settings) -> String {
+    let mut sql = String::new();
+    for name in from.keys().filter(|n| !to.contains_key(*n)) {
+        let reset = match name.as_str() {
+            "session characteristics" => {
+                "RESET default_transaction_isolation; RESET default_transaction_read_only; \
+                 RESET default_transaction_deferrable"
+                    .to_string()
+            }
+            "session_authorization" => "RESET SESSION AUTHORIZATION".to_string(),
+            other => format!("RESET {}", protocol::quote_ident(other)),
+        };
+        sql.push_str(&reset);
+        sql.push_str("; ");
+    }
+    for (name, statement) in to.iter() {
+        if from.get(name) != Some(statement) {
+            sql.push_str(statement);
+            sql.push_str("; ");
+        }
+    }
+    sql
+}
+
+impl Session {
+    async fn run(&mut self) -> End {
+        loop {
+            match self.process_client() {
+                Ok(Progress::Idle) => {}
+                Ok(Progress::NeedServer) => {
+                    self.attach().await;
+                    continue;
+                }
+                Ok(Progress::Terminate) => return End::Client,
+                Err(fatal) => return End::Fatal(fatal),
+            }
+            if let Err(end) = self.flush_eagerly() {
+                return end;
+            }
+            self.maybe_release();
+            if let Err(end) = self.wait_io().await {
+                return end;
+            }
+        }
+    }
+
+    fn conn(&mut self) -> &mut ServerConn {
+        self.lease
+            .as_mut()
+            .expect("called with a server attached")
+            .conn()
+    }
+
+    // ---- client → server -------------------------------------------------------------------------------
+
+    /// Handles every complete client message in the buffer, as far as it can without waiting.
+    fn process_client(&mut self) -> Result<Progress, PgError> {
+        loop {
+            if self.client_skip > 0 {
+                let n = self.client_skip.min(self.from_client.len());
+                if n == 0 {
+                    return Ok(Progress::Idle);
+                }
+                if self.client_skip_forward {
+                    self.to_server.extend_from_slice(&self.from_client[..n]);
+                }
+                self.from_client.advance(n);
+                self.client_skip -= n;
+                continue;
+            }
+            if self.to_server.len() >= HIGH_WATER {
+                return Ok(Progress::Idle);
+            }
+            let (tag, len) = match protocol::peek_header(&self.from_client) {
+                None => return Ok(Progress::Idle),
+                Some(Err(bad)) => {
+                    return Err(PgError::fatal(
+                        "08P01",
+                        format!("invalid message length {}", bad.0),
+                    ))
+                }
+                Some(Ok(header)) => header,
+            };
+            if len > self.max_message_size {
+                return Err(PgError::fatal(
+                    "08P01",
+                    format!(
+                        "message of {len} bytes exceeds the gateway's max_message_size ({} bytes)",
+                        self.max_message_size
+                    ),
+                ));
+            }
+            let complete = self.from_client.len() >= len;
+            // CopyData can be large; stream it rather than buffer it whole.
+            let streamable = matches!(tag, b'd')
+                || self.discard_until_sync
+                || self.lease.is_none() && is_copy(tag);
+            if !complete && streamable {
+                self.client_skip_forward = !self.discard_until_sync && self.lease.is_some();
+                self.client_skip = len;
+                continue;
+            }
+            if !complete {
+                self.from_client.reserve(len - self.from_client.len());
+                return Ok(Progress::Idle);
+            }
+            if self.discard_until_sync {
+                self.from_client.advance(len);
+                if tag == b'S' {
+                    self.discard_until_sync = false;
+                    protocol::ready_for_query(&mut self.to_client, b'I');
+                }
+                continue;
+            }
+            if tag == b'X' {
+                return Ok(Progress::Terminate);
+            }
+            if self.lease.is_none() {
+                if is_copy(tag) {
+                    // Copy messages outside a COPY (say, after the server failed the COPY) are ignored,
+                    // as PostgreSQL ignores them.
+                    self.from_client.advance(len);
+                    continue;
+                }
+                return Ok(Progress::NeedServer);
+            }
+            let message = self.from_client.split_to(len).freeze();
+            self.handle_message(tag, message)?;
+        }
+    }
+
+    fn handle_message(&mut self, tag: u8, message: Bytes) -> Result<(), PgError> {
+        match tag {
+            b'Q' => self.on_query(message)?,
+            b'P' => self.on_parse(message)?,
+            b'B' | b'D' => self.on_statement_use(tag, message)?,
+            b'C' => self.on_close(message)?,
+            b'E' | b'H' => {
+                self.to_server.extend_from_slice(&message);
+                self.in_exchange = true;
+            }
+            b'S' => {
+                self.to_server.extend_from_slice(&message);
+                let effects = std::mem::take(&mut self.segment_effects);
+                self.pending.push_back(Pending::Ready {
+                    swallow: false,
+                    simple: false,
+                    effects,
+                    failed: false,
+                });
+                self.in_exchange = false;
+            }
+            b'F' => {
+                self.to_server.extend_from_slice(&message);
+                self.pending.push_back(Pending::Ready {
+                    swallow: false,
+                    simple: true,
+                    effects: Vec::new(),
+                    failed: false,
+                });
+            }
+            b'd' | b'c' | b'f' => self.to_server.extend_from_slice(&message),
+            other => {
+                return Err(PgError::fatal(
+                    "08P01",
+                    format!("invalid frontend message type {other}"),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn on_query(&mut self, message: Bytes) -> Result<(), PgError> {
+        let text = protocol::query_text(protocol::body(&message))
+            .ok_or_else(|| PgError::fatal("08P01", "invalid Query message"))?;
+        let mut effects = Vec::new();
+        let mut rewrites: Vec<(std::ops::Range<usize>, Arc<str>)> = Vec::new();
+        for range in sql::split(text) {
+            match sql::classify(text, range.clone()) {
+                Kind::Other => {}
+                Kind::Set { name } => effects.push(Effect::Set {
+                    name,
+                    statement: String::from_utf8_lossy(&text[range]).trim().to_string(),
+                }),
+                Kind::Reset { name: Some(name) } => effects.push(Effect::Reset(name)),
+                Kind::Reset { name: None } => effects.push(Effect::ResetAll),
+                Kind::Pin(reason) => self.pin(reason),
+                Kind::Prepare { name, at } => {
+                    let server_name: Arc<str> = self.shared.statement_names.fresh("q").into();
+                    let mut prepare =
+                        String::from_utf8_lossy(&text[range.start..at.start]).into_owned();
+                    prepare.push_str(&server_name);
+                    prepare.push_str(&String::from_utf8_lossy(&text[at.end..range.end]));
+                    self.conn().prepared.insert(server_name.clone());
+                    rewrites.push((at, server_name.clone()));
+                    self.sql_prepared.insert(
+                        name,
+                        Arc::new(SqlPrepared {
+                            server_name,
+                            prepare,
+                        }),
+                    );
+                }
+                Kind::Execute { name, at } => {
+                    if let Some(prepared) = self.sql_prepared.get(&name).cloned() {
+                        self.ensure_sql_prepared(&prepared);
+                        rewrites.push((at, prepared.server_name.clone()));
+                    }
+                }
+                Kind::Deallocate {
+                    name: Some((name, at)),
+                } => {
+                    if let Some(prepared) = self.sql_prepared.remove(&name) {
+                        self.ensure_sql_prepared(&prepared);
+                        self.conn().prepared.remove(&prepared.server_name);
+                        rewrites.push((at, prepared.server_name.clone()));
+                    }
+                }
+                Kind::Deallocate { name: None } => self.forget_prepared_statements(),
+                Kind::DiscardAll => {
+                    self.forget_prepared_statements();
+                    effects.push(Effect::ResetAll);
+                }
+            }
+        }
+        if rewrites.is_empty() {
+            self.to_server.extend_from_slice(&message);
+        } else {
+            let mut rewritten = Vec::with_capacity(text.len() + 16);
+            let mut at = 0;
+            for (range, name) in &rewrites {
+                rewritten.extend_from_slice(&text[at..range.start]);
+                rewritten.extend_from_slice(name.as_bytes());
+                at = range.end;
+            }
+            rewritten.extend_from_slice(&text[at..]);
+            protocol::query(&mut self.to_server, &String::from_utf8_lossy(&rewritten));
+        }
+        self.pending.push_back(Pending::Ready {
+            swallow: false,
+            simple: true,
+            effects,
+            failed: false,
+        });
+        Ok(())
+    }
+
+    /// Runs a SQL-level PREPARE first on a server connection that lacks it (its answers swallowed).
+    fn ensure_sql_prepared(&mut self, prepared: &SqlPrepared) {
+        if self.conn().prepared.insert(prepared.server_name.clone()) {
+            protocol::query(&mut self.to_server, &prepared.prepare);
+            self.pending.push_back(Pending::Ready {
+                swallow: true,
+                simple: true,
+                effects: Vec::new(),
+                failed: false,
+            });
+        }
+    }
+
+    /// DEALLOCATE ALL and DISCARD ALL drop every prepared statement of the server session.
+    fn forget_prepared_statements(&mut self) {
+        self.statements.clear();
+        self.sql_prepared.clear();
+        let conn = self.conn();
+        conn.prepared.clear();
+        conn.unnamed_valid = false;
+    }
+
+    fn on_parse(&mut self, message: Bytes) -> Result<(), PgError> {
+        let body = protocol::body(&message);
+        let (name, rest) =
+            protocol::cstr(body).ok_or_else(|| PgError::fatal("08P01", "invalid Parse message"))?;
+        let text = protocol::cstr(rest).map(|(t, _)| t).unwrap_or_default();
+        let effect = statement_effect(text);
+        let parse_rest = message.slice_ref(rest);
+        self.in_exchange = true;
+        if name.is_empty() {
+            self.unnamed = Some(Arc::new(Statement {
+                server_name: Arc::from(""),
+                parse_rest,
+                effect,
+            }));
+            self.conn().unnamed_valid = true;
+            self.to_server.extend_from_slice(&message);
+            self.pending.push_back(Pending::Parse {
+                swallow: false,
+                name: None,
+            });
+            return Ok(());
+        }
+        let server_name = self.shared.statement_names.name_for(&parse_rest);
+        let statement = Arc::new(Statement {
+            server_name: server_name.clone(),
+            parse_rest,
+            effect,
+        });
+        self.statements.insert(message.slice_ref(name), statement);
+        let conn = self.conn();
+        if conn.prepared.contains(&server_name) {
+            // This server connection has the statement already. The client still expects its own
+            // ParseComplete and any parse error, so parse the text into the unnamed slot instead.
+            conn.unnamed_valid = false;
+            protocol::parse_renamed(&mut self.to_server, b"", rest);
+            self.pending.push_back(Pending::Parse {
+                swallow: false,
+                name: None,
+            });
+        } else {
+            conn.prepared.insert(server_name.clone());
+            protocol::parse_renamed(&mut self.to_server, server_name.as_bytes(), rest);
+            self.pending.push_back(Pending::Parse {
+                swallow: false,
+                name: Some(server_name),
+            });
+        }
+        Ok(())
+    }
+
+    /// Bind and Describe name a statement: prepare it on this server connection if it lacks it, and use the
+    /// server-side name.
+    fn on_statement_use(&mut self, tag: u8, message: Bytes) -> Result<(), PgError> {
+        let body = protocol::body(&message);
+        let invalid = || {
+            PgError::fatal(
+                "08P01",
+                format!(
+                    "invalid {} message",
+                    if tag == b'B' { "Bind" } else { "Describe" }
+                ),
+            )
+        };
+        // Bind: portal name, statement name, ...; Describe: 'S' or 'P', name.
+        let (head, name, rest) = if tag == b'B' {
+            let (portal, after) = protocol::cstr(body).ok_or_else(invalid)?;
+            let (name, rest) = protocol::cstr(after).ok_or_else(invalid)?;
+            (&body[..portal.len() + 1], name, rest)
+        } else {
+            let (&kind, after) = body.split_first().ok_or_else(invalid)?;
+            if kind != b'S' {
+                self.to_server.extend_from_slice(&message);
+                self.in_exchange = true;
+                return Ok(());
+            }
+            let (name, rest) = protocol::cstr(after).ok_or_else(invalid)?;
+            (&body[..1], name, rest)
+        };
+        self.in_exchange = true;
+        if name.is_empty() {
+            if let Some(unnamed) = self.unnamed.clone() {
+                if !self.conn().unnamed_valid {
+                    protocol::parse_renamed(&mut self.to_server, b"", &unnamed.parse_rest);
+                    self.pending.push_back(Pending::Parse {
+                        swallow: true,
+                        name: None,
+                    });
+                    self.conn().unnamed_valid = true;
+                }
+                if tag == b'B' {
+                    self.statement_effects(&unnamed.effect);
+                }
+            }
+            self.to_server.extend_from_slice(&message);
+            return Ok(());
+        }
+        let Some(statement) = self.statements.get(name).cloned() else {
+            // Not a statement of this client: the server answers 26000 (does not exist).
+            self.to_server.extend_from_slice(&message);
+            return Ok(());
+        };
+        if self.conn().prepared.insert(statement.server_name.clone()) {
+            protocol::parse_renamed(
+                &mut self.to_server,
+                statement.server_name.as_bytes(),
+                &statement.parse_rest,
+            );
+            self.pending.push_back(Pending::Parse {
+                swallow: true,
+                name: Some(statement.server_name.clone()),
+            });
+        }
+        if tag == b'B' {
+            self.statement_effects(&statement.effect);
+        }
+        protocol::renamed(
+            &mut self.to_server,
+            tag,
+            head,
+            statement.server_name.as_bytes(),
+            rest,
+        );
+        Ok(())
+    }
+
+    fn statement_effects(&mut self, effect: &StatementEffect) {
+        match effect {
+            StatementEffect::None => {}
+            StatementEffect::Pin(reason) => self.pin(reason),
+            StatementEffect::Change(change) => self.segment_effects.push(change.clone()),
+        }
+    }
+
+    fn on_close(&mut self, message: Bytes) -> Result<(), PgError> {
+        let body = protocol::body(&message);
+        let (&kind, after) = body
+            .split_first()
+            .ok_or_else(|| PgError::fatal("08P01", "invalid Close message"))?;
+        let (name, _) = protocol::cstr(after)
+            .ok_or_else(|| PgError::fatal("08P01", "invalid Close message"))?;
+        if kind == b'S' {
+            if name.is_empty() {
+                self.unnamed = None;
+                self.conn().unnamed_valid = false;
+            } else {
+                // The server-side statement is shared with other clients: keep it. Forwarding the Close with
+                // the client's name (never a server-side name) still yields the CloseComplete in its place.
+                self.statements.remove(name);
+            }
+        }
+        self.to_server.extend_from_slice(&message);
+        self.in_exchange = true;
+        Ok(())
+    }
+
+    fn pin(&mut self, reason: &'static str) {
+        if self.pinned.is_none() {
+            tracing::info!(
+                reason,
+                "client pinned to its server connection for the rest of the session"
+            );
+            self.pinned = Some(reason);
+        }
+    }
+
+    // ---- server connection lifecycle -------------------------------------------------------------------
+
+    /// Checks out a server connection for the next message; on failure answers that request with the error.
+    async fn attach(&mut self) {
+        // Let the client see answers already due before it waits for a connection.
+        if !self.to_client.is_empty() {
+            let _ = self.client.write_all(&self.to_client).await;
+            self.to_client.clear();
+        }
+        match self.pool.clone().checkout().await {
+            Ok(mut lease) => {
+                let conn = lease.conn();
+                if !Arc::ptr_eq(&conn.settings, &self.settings) && *conn.settings != *self.settings
+                {
+                    let change = settings_change(&conn.settings, &self.settings);
+                    protocol::query(&mut self.to_server, &change);
+                    self.pending.push_back(Pending::Ready {
+                        swallow: true,
+                        simple: true,
+                        effects: Vec::new(),
+                        failed: false,
+                    });
+                }
+                conn.settings = self.settings.clone();
+                self.cancel.slot.set(Some(ServerTarget {
+                    addr: conn.addr,
+                    pid: conn.pid,
+                    secret: conn.secret,
+                }));
+                self.lease = Some(lease);
+                METRICS.transactions.inc();
+            }
+            Err(error) => {
+                METRICS.error_sent(&error.code);
+                error.encode(&mut self.to_client);
+                match protocol::peek_header(&self.from_client) {
+                    Some(Ok((b'Q' | b'F', len))) => {
+                        self.from_client.advance(len);
+                        protocol::ready_for_query(&mut self.to_client, b'I');
+                    }
+                    _ => self.discard_until_sync = true,
+                }
+            }
+        }
+    }
+
+    /// Returns the server connection to the pool once the client is idle between transactions.
+    fn maybe_release(&mut self) {
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        if self.pinned.is_some()
+            || self.status != b'I'
+            || !self.pending.is_empty()
+            || self.in_exchange
+            || self.server_skip > 0
+            || (self.client_skip > 0 && self.client_skip_forward)
+            || !self.to_server.is_empty()
+        {
+            return;
+        }
+        let conn = lease.conn();
+        if !conn.read_buf.is_empty() {
+            return;
+        }
+        let discard = conn.discard;
+        self.cancel.slot.set(None);
+        let lease = self.lease.take().expect("checked above");
+        if discard {
+            drop(lease);
+        } else {
+            lease.release();
+        }
+    }
+
+    /// The server connection broke. Clients outside a transaction get an error for each request in flight
+    /// and keep their session; inside a transaction (or pinned) the session state is gone, so the client
+    /// connection is closed, as PostgreSQL would.
+    fn server_lost(&mut self, reason: &str) -> Result<(), End> {
+        METRICS.server_lost.inc();
+        let server = self
+            .lease
+            .as_mut()
+            .map(|l| l.conn().addr.to_string())
+            .unwrap_or_default();
+        tracing::warn!(%server, reason, status = %(self.status as char), "server connection lost");
+        self.lease = None;
+        self.cancel.slot.set(None);
+        self.server_skip = 0;
+        self.to_server.clear();
+        if self.status != b'I' || self.pinned.is_some() {
+            return Err(End::Fatal(PgError::fatal(
+                "08006",
+                format!("regiongate: the server connection was lost ({reason}); the session's transaction is gone"),
+            )));
+        }
+        let error = PgError::error(
+            "08006",
+            format!(
+                "regiongate: the server connection was lost ({reason}) while running this request"
+            ),
+        );
+        for entry in std::mem::take(&mut self.pending) {
+            if let Pending::Ready {
+                swallow: false,
+                failed,
+                ..
+            } = entry
+            {
+                if !failed {
+                    METRICS.error_sent(&error.code);
+                    error.encode(&mut self.to_client);
+                }
+                protocol::ready_for_query(&mut self.to_client, b'I');
+            }
+        }
+        if self.in_exchange {
+            // Messages since the last Sync were lost; the client's Sync will get its ReadyForQuery from the next
+            // server connection, and this error first.
+            error.encode(&mut self.to_client);
+            self.in_exchange = false;
+        }
+        self.segment_effects.clear();
+        self.transaction_effects.clear();
+        Ok(())
+    }
+
+    /// Cleans up after the client left: an idle connection goes back to the pool; one in a transaction or
+    /// with pinned session state is rolled back and reset first; one mid-request is closed.
+    fn finish(&mut self) {
+        let Some(mut lease) = self.lease.take() else {
+            return;
+        };
+        self.cancel.slot.set(None);
+        let busy = !self.pending.is_empty()
+            || self.in_exchange
+            || self.server_skip > 0
+            || self.client_skip > 0
+            || !lease.conn().read_buf.is_empty()
+            || lease.conn().discard;
+        if busy {
+            return; // dropping the lease closes the connection
+        }
+        if self.status == b'I' && self.pinned.is_none() {
+            lease.release();
+            return;
+        }
+        let rollback = self.status != b'I';
+        let reset = self.pinned.is_some();
+        tokio::spawn(async move {
+            let conn = lease.conn();
+            let cleaned = async {
+                if rollback {
+                    run_simple(conn, "ROLLBACK").await?;
+                }
+                if reset {
+                    run_simple(conn, "DISCARD ALL").await?;
+                    conn.prepared.clear();
+                    conn.settings = Settings::default();
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            match tokio::time::timeout(Duration::from_secs(5), cleaned).await {
+                Ok(Ok(())) => lease.release(),
+                _ => tracing::debug!("could not reset a server connection; closing it"),
+            }
+        });
+    }
+
+    // ---- server → client -------------------------------------------------------------------------------
+
+    /// Relays complete server messages from the connection's read buffer, acting on the few that matter.
+    fn process_server(&mut self) -> Result<(), End> {
+        let mut buf = std::mem::take(&mut self.conn().read_buf);
+        let mut run_start = 0;
+        let mut i = 0;
+        let mut lost = None;
+        loop {
+            if self.server_skip > 0 {
+                let n = self.server_skip.min(buf.len() - i);
+                i += n;
+                self.server_skip -= n;
+                if self.server_skip > 0 {
+                    break;
+                }
+                continue;
+            }
+            let (tag, len) = match protocol::peek_header(&buf[i..]) {
+                None => break,
+                Some(Ok(header)) => header,
+                Some(Err(bad)) => {
+                    lost = Some(format!("invalid message length {} from the server", bad.0));
+                    break;
+                }
+            };
+            let swallowing = matches!(
+                self.pending.front(),
+                Some(Pending::Ready { swallow: true, .. })
+            );
+            if !swallowing && is_passthrough(tag) {
+                let available = buf.len() - i;
+                if available < len {
+                    self.server_skip = len - available;
+                    i = buf.len();
+                    break;
+                }
+                i += len;
+                continue;
+            }
+            if buf.len() - i < len {
+                buf.reserve(len - (buf.len() - i));
+                break;
+            }
+            match self.on_server_message(tag, &buf[i..i + len]) {
+                Action::Forward => i += len,
+                Action::Drop => {
+                    self.to_client.extend_from_slice(&buf[run_start..i]);
+                    i += len;
+                    run_start = i;
+                }
+                Action::Replace(replacement) => {
+                    self.to_client.extend_from_slice(&buf[run_start..i]);
+                    self.to_client.extend_from_slice(&replacement);
+                    i += len;
+                    run_start = i;
+                }
+            }
+        }
+        self.to_client.extend_from_slice(&buf[run_start..i]);
+        buf.advance(i);
+        self.conn().read_buf = buf;
+        match lost {
+            Some(reason) => self.server_lost(&reason),
+            None => Ok(()),
+        }
+    }
+
+    fn on_server_message(&mut self, tag: u8, message: &[u8]) -> Action {
+        match tag {
+            b'1' => {
+                // ParseComplete answers the oldest Parse still pending.
+                let position = self
+                    .pending
+                    .iter()
+                    .position(|p| matches!(p, Pending::Parse { .. }));
+                match position.and_then(|p| self.pending.remove(p)) {
+                    Some(Pending::Parse { swallow: true, .. }) => Action::Drop,
+                    _ => Action::Forward,
+                }
+            }
+            b'E' => self.on_server_error(message),
+            b'Z' => {
+                let status = protocol::body(message).first().copied().unwrap_or(b'I');
+                self.status = status;
+                let mut swallow = false;
+                while let Some(entry) = self.pending.pop_front() {
+                    match entry {
+                        Pending::Parse { name, .. } => self.forget_server_statement(name),
+                        Pending::Ready {
+                            swallow: s,
+                            effects,
+                            failed,
+                            ..
+                        } => {
+                            swallow = s;
+                            if !failed {
+                                self.transaction_effects.extend(effects);
+                            }
+                            break;
+                        }
+                    }
+                }
+                if status == b'I' {
+                    let effects = std::mem::take(&mut self.transaction_effects);
+                    if !std::mem::take(&mut self.rolled_back) {
+                        self.apply_effects(effects);
+                    }
+                }
+                if swallow {
+                    Action::Drop
+                } else {
+                    Action::Forward
+                }
+            }
+            b'C' => {
+                if protocol::body(message).starts_with(b"ROLLBACK\0") {
+                    self.rolled_back = true;
+                }
+                self.forward_unless_swallowing()
+            }
+            // Notifications are asynchronous and always the client's.
+            b'A' => Action::Forward,
+            _ => self.forward_unless_swallowing(),
+        }
+    }
+
+    fn forward_unless_swallowing(&self) -> Action {
+        match self.pending.front() {
+            Some(Pending::Ready { swallow: true, .. }) => Action::Drop,
+            _ => Action::Forward,
+        }
+    }
+
+    fn on_server_error(&mut self, message: &[u8]) -> Action {
+        let body = protocol::body(message);
+        let fatal = body
+            .windows(6)
+            .take(4)
+            .any(|w| w == b"FATAL\0" || w.starts_with(b"PANIC\0"));
+        // In the extended protocol an error makes the server skip to the next Sync: Parses before it will not
+        // be answered, and the statements they were creating do not exist.
+        let simple = matches!(
+            self.pending.front(),
+            Some(Pending::Ready { simple: true, .. })
+        );
+        if !simple {
+            while matches!(self.pending.front(), Some(Pending::Parse { .. })) {
+                if let Some(Pending::Parse { name, .. }) = self.pending.pop_front() {
+                    self.forget_server_statement(name);
+                }
+            }
+        }
+        let mut swallowed = false;
+        if let Some(Pending::Ready {
+            swallow, failed, ..
+        }) = self.pending.front_mut()
+        {
+            *failed = true;
+            swallowed = *swallow;
+        }
+        if fatal {
+            self.conn().discard = true;
+        }
+        if swallowed {
+            let (code, text) = protocol::error_fields(body);
+            tracing::warn!(code, reason = %text, "a statement the gateway sent for the client failed");
+            // Our picture of this connection is wrong; do not hand it to anyone else.
+            self.conn().discard = true;
+            return Action::Drop;
+        }
+        if fatal && self.status == b'I' && self.pinned.is_none() {
+            // The server connection is going away, but the client's session is not: tell it as an ERROR.
+            let (code, text) = protocol::error_fields(body);
+            let mut out = BytesMut::new();
+            PgError {
+                code: code.into(),
+                ..PgError::error("08006", text)
+            }
+            .encode(&mut out);
+            return Action::Replace(out.freeze());
+        }
+        Action::Forward
+    }
+
+    fn forget_server_statement(&mut self, name: Option<Arc<str>>) {
+        if let Some(name) = name {
+            if let Some(lease) = self.lease.as_mut() {
+                lease.conn().prepared.remove(&name);
+            }
+        }
+    }
+
+    fn apply_effects(&mut self, effects: Vec<Effect>) {
+        if effects.is_empty() {
+            return;
+        }
+        let settings = Arc::make_mut(&mut self.settings);
+        for effect in effects {
+            match effect {
+                Effect::Set { name, statement } => {
+                    settings.insert(name, statement);
+                }
+                Effect::Reset(name) => {
+                    settings.remove(&name);
+                }
+                Effect::ResetAll => settings.clear(),
+            }
+        }
+        if let Some(lease) = self.lease.as_mut() {
+            lease.conn().settings = self.settings.clone();
+        }
+    }
+
+    // ---- I/O ---------------------------------------------------------------------------------------------
+
+    /// Writes what can be written without waiting.
+    fn flush_eagerly(&mut self) -> Result<(), End> {
+        if !self.to_server.is_empty() {
+            let mut lost = false;
+            if let Some(lease) = self.lease.as_mut() {
+                let stream = &lease.conn().stream;
+                while !self.to_server.is_empty() {
+                    match stream.try_write(&self.to_server) {
+                        Ok(n) => self.to_server.advance(n),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(_) => {
+                            lost = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            if lost {
+                self.server_lost("write failed")?;
+            }
+        }
+        while !self.to_client.is_empty() {
+            match self.client.try_write(&self.to_client) {
+                Ok(n) => self.to_client.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(End::Client),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until a socket is ready and moves bytes: reads from the client and the server, and writes
+    /// what is waiting for either.
+    async fn wait_io(&mut self) -> Result<(), End> {
+        let read_client = self.to_server.len() < HIGH_WATER;
+        let read_server = self.to_client.len() < HIGH_WATER;
+        if self.from_client.capacity() - self.from_client.len() < 4096 {
+            self.from_client.reserve(8192);
+        }
+        let (mut client_read, mut client_write) = self.client.split();
+        let event = match self.lease.as_mut() {
+            Some(lease) => {
+                let conn = lease.conn();
+                if conn.read_buf.capacity() - conn.read_buf.len() < 4096 {
+                    conn.read_buf.reserve(16 * 1024);
+                }
+                let (mut server_read, mut server_write) = conn.stream.split();
+                tokio::select! {
+                    r = client_read.read_buf(&mut self.from_client), if read_client => IoEvent::ClientRead(r),
+                    r = server_read.read_buf(&mut conn.read_buf), if read_server => IoEvent::ServerRead(r),
+                    r = server_write.write_buf(&mut self.to_server), if !self.to_server.is_empty() => IoEvent::ServerWrite(r),
+                    r = client_write.write_buf(&mut self.to_client), if !self.to_client.is_empty() => IoEvent::ClientWrite(r),
+                }
+            }
+            None => {
+                tokio::select! {
+                    r = client_read.read_buf(&mut self.from_client) => IoEvent::ClientRead(r),
+                    r = client_write.write_buf(&mut self.to_client), if !self.to_client.is_empty() => IoEvent::ClientWrite(r),
+                }
+            }
+        };
+        match event {
+            IoEvent::ClientRead(Ok(0))
+            | IoEvent::ClientRead(Err(_))
+            | IoEvent::ClientWrite(Err(_)) => Err(End::Client),
+            IoEvent::ClientRead(Ok(_))
+            | IoEvent::ClientWrite(Ok(_))
+            | IoEvent::ServerWrite(Ok(_)) => Ok(()),
+            IoEvent::ServerRead(Ok(0)) => self.server_lost("the server closed the connection"),
+            IoEvent::ServerRead(Err(e)) | IoEvent::ServerWrite(Err(e)) => {
+                self.server_lost(&e.to_string())
+            }
+            IoEvent::ServerRead(Ok(_)) => self.process_server(),
+        }
+    }
+}
+
+enum IoEvent {
+    ClientRead(std::io::Result<usize>),
+    ClientWrite(std::io::Result<usize>),
+    ServerRead(std::io::Result<usize>),
+    ServerWrite(std::io::Result<usize>),
+}
+
+enum Action {
+    Forward,
+    Drop,
+    Replace(Bytes),
+}
+
+fn is_copy(tag: u8) -> bool {
+    matches!(tag, b'd' | b'c' | b'f')
+}
+
+/// Server messages relayed without a look at their bodies (and streamed through when large).
+fn is_passthrough(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'D' | b'T'
+            | b't'
+            | b'n'
+            | b'2'
+            | b'3'
+            | b's'
+            | b'I'
+            | b'd'
+            | b'c'
+            | b'G'
+            | b'H'
+            | b'W'
+            | b'V'
+            | b'N'
+            | b'A'
+    )
+}
+
+/// What a Parse's statement does to the session when run.
+fn statement_effect(text: &[u8]) -> StatementEffect {
+    let Some(range) = sql::split(text).into_iter().next() else {
+        return StatementEffect::None;
+    };
+    match sql::classify(text, range.clone()) {
+        Kind::Pin(reason) => StatementEffect::Pin(reason),
+        Kind::Set { name } => StatementEffect::Change(Effect::Set {
+            name,
+            statement: String::from_utf8_lossy(&text[range]).trim().to_string(),
+        }),
+        Kind::Reset { name: Some(name) } => StatementEffect::Change(Effect::Reset(name)),
+        Kind::Reset { name: None } | Kind::DiscardAll => StatementEffect::Change(Effect::ResetAll),
+        // SQL-level PREPARE/EXECUTE through Parse would need the same renaming as a Query; keep the client on
+        // one server connection instead.
+        Kind::Prepare { .. } | Kind::Execute { .. } | Kind::Deallocate { .. } => {
+            StatementEffect::Pin("SQL-level PREPARE/EXECUTE through the extended protocol")
+        }
+        Kind::Other => StatementEffect::None,
+    }
+}
+
+/// Runs one simple query on a server connection the gateway owns, discarding its answers.
+async fn run_simple(conn: &mut ServerConn, sql: &str) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    protocol::query(&mut out, sql);
+    conn.stream.write_all(&out).await?;
+    let mut failed = None;
+    loop {
+        while let Some(Ok((tag, len))) = protocol::peek_header(&conn.read_buf) {
+            if conn.read_buf.len() < len {
+                break;
+            }
+            let message = conn.read_buf.split_to(len);
+            match tag {
+                b'E' => failed = Some(protocol::error_fields(protocol::body(&message))),
+                b'Z' => {
+                    return match failed {
+                        None => Ok(()),
+                        Some((code, text)) => Err(std::io::Error::other(format!("{code}: {text}"))),
+                    }
+                }
+                _ => {}
+            }
+        }
+        if conn.stream.read_buf(&mut conn.read_buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! A small SQL lexer for what transaction pooling must know about a statement: where statements start and end
+//! in a multi-statement Query, and whether one changes session state (SET, RESET, PREPARE, EXECUTE,
+//! DEALLOCATE, DISCARD) or ties the client to its server connection (LISTEN, temporary tables, WITH HOLD
+//! cursors, session advisory locks).
+//!
+//! It understands quoting (strings, E'' escapes, quoted identifiers, dollar quotes) and comments, so a
+//! semicolon or keyword inside them is never mistaken for syntax. It is not a parser: statements it does not
+//! recognise are [`Kind::Other`], which is always safe (forwarded untouched).
+
+use std::ops::Range;
+
+/// What a statement means for the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Other,
+    /// `SET [SESSION] name ...`: replayed verbatim on other server connections.
+    Set {
+        name: String,
+    },
+    /// `RESET name`, or `RESET ALL` when `name` is None.
+    Reset {
+        name: Option<String>,
+    },
+    /// Session state that cannot be moved between server connections.
+    Pin(&'static str),
+    /// `PREPARE name [(types)] AS ...` (SQL level).
+    Prepare {
+        name: String,
+        at: Range<usize>,
+    },
+    /// `EXECUTE name [(args)]`.
+    Execute {
+        name: String,
+        at: Range<usize>,
+    },
+    /// `DEALLOCATE [PREPARE] name`, or `DEALLOCATE ALL` when None.
+    Deallocate {
+        name: Option<(String, Range<usize>)>,
+    },
+    /// `DISCARD ALL`: the server forgets prepared statements, settings, temp tables, listens, locks.
+    DiscardAll,
+}
+
+/// The byte ranges of the statements in `sql`, split at top-level semicolons; empty statements are dropped.
+pub fn split(sql: &[u8]) -> Vec<Range<usize>> {
+    let s = sql;
+    let mut statements = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b';' => {
+                push_statement(sql, start..i, &mut statements);
+                start = i + 1;
+                i += 1;
+            }
+            _ => i = skip_token(s, i),
+        }
+    }
+    push_statement(sql, start..s.len(), &mut statements);
+    statements
+}
+
+fn push_statement(sql: &[u8], range: Range<usize>, out: &mut Vec<Range<usize>>) {
+    if skip_space(sql, range.start) < range.end {
+        out.push(range);
+    }
+}
+
+/// Skips one lexical unit starting at `i` (a quoted string, identifier, comment, dollar-quoted body, or one
+/// byte) and returns the index after it. Unterminated quotes run to the end, as the server would see them.
+fn skip_token(s: &[u8], i: usize) -> usize {
+    match s[i] {
+        b'\'' => {
+            let escapes =
+                i > 0 && matches!(s[i - 1], b'e' | b'E') && (i < 2 || !is_ident_byte(s[i - 2]));
+            skip_quoted(s, i + 1, b'\'', escapes)
+        }
+        b'"' => skip_quoted(s, i + 1, b'"', false),
+        b'-' if s.get(i + 1) == Some(&b'-') => match memchr::memchr(b'\n', &s[i..]) {
+            Some(n) => i + n + 1,
+            None => s.len(),
+        },
+        b'/' if s.get(i + 1) == Some(&b'*') => {
+            let mut depth = 1;
+            let mut j = i + 2;
+            while j < s.len() && depth > 0 {
+                if s[j] == b'/' && s.get(j + 1) == Some(&b'*') {
+                    depth += 1;
+                    j += 2;
+                } else if s[j] == b'*' && s.get(j + 1) == Some(&b'/') {
+                    depth -= 1;
+                    j += 2;
+                } else {
+                    j += 1;
+                }
+            }
+            j
+        }
+        b'$' if i == 0 || !is_ident_byte(s[i - 1]) => match dollar_tag(s, i) {
+            Some(tag_end) => {
+                let tag = &s[i..tag_end];
+                match memchr::memmem::find(&s[tag_end..], tag) {
+                    Some(n) => tag_end + n + tag.len(),
+                    None => s.len(),
+                }
+            }
+            None => i + 1,
+        },
+        c if is_ident_byte(c) => {
+            let mut j = i + 1;
+            while j < s.len() && is_ident_byte(s[j]) {
+                j += 1;
+            }
+            j
+        }
+        _ => i + 1,
+    }
+}
+
+fn skip_quoted(s: &[u8], mut j: usize, quote: u8, escapes: bool) -> usize {
+    while j < s.len() {
+        if escapes && s[j] == b'\\' {
+            j += 2;
+        } else if s[j] == quote {
+            if s.get(j + 1) == Some(&quote) {
+                j += 2;
+            } else {
+                return j + 1;
+            }
+        } else {
+            j += 1;
+        }
+    }
+    s.len()
+}
+
+/// If `s[i..]` opens a dollar quote (`$$` or `$tag$`), the index after its opening tag.
+fn dollar_tag(s: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    if j < s.len() && (s[j].is_ascii_digit()) {
+        return None; // $1 is a parameter
+    }
+    while j < s.len() && (s[j].is_ascii_alphanumeric() || s[j] == b'_' || s[j] >= 0x80) {
+        j += 1;
+    }
+    (j < s.len() && s[j] == b'$').then_some(j + 1)
+}
+
+fn is_ident_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+}
+
+/// Skips white space and comments.
+fn skip_space(s: &[u8], mut i: usize) -> usize {
+    loop {
+        while i < s.len() && s[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i + 1 < s.len()
+            && ((s[i] == b'-' && s[i + 1] == b'-') || (s[i] == b'/' && s[i + 1] == b'*'))
+        {
+            i = skip_token(s, i);
+        } else {
+            return i;
+        }
+    }
+}
+
+/// Reads the word (identifier, possibly quoted or dotted) at or after `i`: its folded value and byte range.
+fn word(sql: &[u8], i: usize) -> Option<(String, Range<usize>)> {
+    let s = sql;
+    let start = skip_space(s, i);
+    if start >= s.len() {
+        return None;
+    }
+    if s[start] == b'"' {
+        let end = skip_quoted(s, start + 1, b'"', false);
+        let inner = String::from_utf8_lossy(&sql[start + 1..end.saturating_sub(1).max(start + 1)]);
+        return Some((inner.replace("\"\"", "\""), start..end));
+    }
+    let mut end = start;
+    while end < s.len() && (is_ident_byte(s[end]) || s[end] == b'.') {
+        end += 1;
+    }
+    (end > start).then(|| {
+        (
+            String::from_utf8_lossy(&sql[start..end]).to_ascii_lowercase(),
+            start..end,
+        )
+    })
+}
+
+/// The statement's words from its start, lazily.
+struct Words<'a> {
+    sql: &'a [u8],
+    at: usize,
+}
+
+impl Words<'_> {
+    fn next(&mut self) -> Option<(String, Range<usize>)> {
+        let (w, range) = word(self.sql, self.at)?;
+        self.at = range.end;
+        Some((w, range))
+    }
+}
+
+/// Classifies one statement (a range from [`split`]); ranges in the result are relative to `sql`.
+pub fn classify(sql: &[u8], range: Range<usize>) -> Kind {
+    let text = &sql[..range.end];
+    let mut words = Words {
+        sql: text,
+        at: range.start,
+    };
+    let Some((head, _)) = words.next() else {
+        return Kind::Other;
+    };
+    // Session advisory locks can hide anywhere in an expression; the transaction-scoped ones do not match.
+    if contains_ignore_case(&text[range.start..], b"advisory_lock") {
+        return Kind::Pin("session advisory lock");
+    }
+    match head.as_str() {
+        "set" => classify_set(&mut words),
+        "reset" => match words.next() {
+            Some((w, _)) if w == "all" => Kind::Reset { name: None },
+            Some((w, _)) => Kind::Reset {
+                name: Some(setting_name(&w, &mut words)),
+            },
+            None => Kind::Other,
+        },
+        "listen" => Kind::Pin("LISTEN"),
+        "create" => {
+            for _ in 0..3 {
+                match words.next() {
+                    Some((w, _)) if w == "temp" || w == "temporary" => {
+                        return Kind::Pin("temporary table")
+                    }
+                    Some((w, _))
+                        if w == "global" || w == "local" || w == "or" || w == "replace" => {}
+                    _ => break,
+                }
+            }
+            Kind::Other
+        }
+        "declare" => {
+            let mut previous = String::new();
+            while let Some((w, _)) = words.next() {
+                if previous == "with" && w == "hold" {
+                    return Kind::Pin("WITH HOLD cursor");
+                }
+                if w == "for" {
+                    break;
+                }
+                previous = w;
+            }
+            Kind::Other
+        }
+        "prepare" => match words.next() {
+            Some((w, _)) if w == "transaction" => Kind::Other,
+            Some((name, at)) => Kind::Prepare { name, at },
+            None => Kind::Other,
+        },
+        "execute" => match words.next() {
+            Some((name, at)) => Kind::Execute { name, at },
+            None => Kind::Other,
+        },
+        "deallocate" => {
+            let mut next = words.next();
+            if matches!(&next, Some((w, _)) if w == "prepare") {
+                next = words.next();
+            }
+            match next {
+                Some((w, _)) if w == "all" => Kind::Deallocate { name: None },
+                Some((name, at)) => Kind::Deallocate {
+                    name: Some((name, at)),
+                },
+                None => Kind::Other,
+            }
+        }
+        "discard" => match words.next() {
+            Some((w, _)) if w == "all" => Kind::DiscardAll,
+            _ => Kind::Other,
+        },
+        _ => Kind::Other,
+    }
+}
+
+fn classify_set(words: &mut Words<'_>) -> Kind {
+    let Some((mut w, _)) = words.next() else {
+        return Kind::Other;
+    };
+    if w == "local" {
+        return Kind::Other; // lasts until the end of the transaction, which stays on one server
+    }
+    if w == "session" {
+        match words.next() {
+            Some((next, _)) if next == "characteristics" => {
+                return Kind::Set {
+                    name: "session characteristics".into(),
+                }
+            }
+            Some((next, _)) if next == "authorization" => {
+                return Kind::Set {
+                    name: "session_authorization".into(),
+                }
+            }
+            Some((next, _)) => w = next,
+            None => return Kind::Other,
+        }
+    }
+    if w == "transaction" || w == "constraints" {
+        return Kind::Other; // transaction-scoped
+    }
+    Kind::Set {
+        name: setting_name(&w, words),
+    }
+}
+
+/// Canonical setting names for the SET/RESET spellings that are not `name = value`.
+fn setting_name(first: &str, words: &mut Words<'_>) -> String {
+    match first {
+        "time" => {
+            words.next(); // ZONE
+            "timezone".into()
+        }
+        "names" => "client_encoding".into(),
+        "schema" => "search_path".into(),
+        "session" => {
+            words.next(); // AUTHORIZATION
+            "session_authorization".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+pub fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.len() >= needle.len()
+        && haystack
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(sql: &str) -> Vec<Kind> {
+        let sql = sql.as_bytes();
+        split(sql).into_iter().map(|r| classify(sql, r)).collect()
+    }
+
+    #[test]
+    fn splits_at_top_level_semicolons_only() {
+        let sql = "select ';' ; select $$a;b$$; select $x$ ; $x$ -- c;\n; select \"a;\" /* ; /* ; */ */; ;";
+        let parts: Vec<&str> = split(sql.as_bytes())
+            .into_iter()
+            .map(|r| sql[r].trim())
+            .collect();
+        assert_eq!(
+            parts,
+            vec![
+                "select ';'",
+                "select $$a;b$$",
+                "select $x$ ; $x$ -- c;",
+                "select \"a;\" /* ; /* ; */ */"
+            ]
+        );
+    }
+
+    #[test]
+    fn escape_strings_and_parameters() {
+        assert_eq!(split(br"select E'\';' ; select 1").len(), 2);
+        assert_eq!(split(b"select $1; select $2").len(), 2);
+        assert_eq!(split(b"select 'it''s;'").len(), 1);
+        assert_eq!(split(b"select '\xff;'; select 2").len(), 2);
+    }
+
+    #[test]
+    fn session_statements() {
+        assert_eq!(
+            kinds("SET search_path = a, b")[0],
+            Kind::Set {
+                name: "search_path".into()
+            }
+        );
+        assert_eq!(
+            kinds("set session TIME ZONE 'UTC'")[0],
+            Kind::Set {
+                name: "timezone".into()
+            }
+        );
+        assert_eq!(kinds("SET LOCAL work_mem = '1MB'")[0], Kind::Other);
+        assert_eq!(kinds("SET TRANSACTION READ ONLY")[0], Kind::Other);
+        assert_eq!(
+            kinds("set regiongate.max_lag = '5s'")[0],
+            Kind::Set {
+                name: "regiongate.max_lag".into()
+            }
+        );
+        assert_eq!(kinds("/* hi */ RESET ALL")[0], Kind::Reset { name: None });
+        assert_eq!(
+            kinds("reset statement_timeout")[0],
+            Kind::Reset {
+                name: Some("statement_timeout".into())
+            }
+        );
+        assert_eq!(kinds("DISCARD ALL")[0], Kind::DiscardAll);
+    }
+
+    #[test]
+    fn pinning_statements() {
+        assert_eq!(kinds("LISTEN chan")[0], Kind::Pin("LISTEN"));
+        assert_eq!(
+            kinds("create temporary table t (a int)")[0],
+            Kind::Pin("temporary table")
+        );
+        assert_eq!(
+            kinds("CREATE GLOBAL TEMP TABLE t (a int)")[0],
+            Kind::Pin("temporary table")
+        );
+        assert_eq!(kinds("create table t (temp int)")[0], Kind::Other);
+        assert_eq!(
+            kinds("declare c cursor with hold for select 1")[0],
+            Kind::Pin("WITH HOLD cursor")
+        );
+        assert_eq!(kinds("declare c cursor for select 1")[0], Kind::Other);
+        assert_eq!(
+            kinds("select pg_advisory_lock(1)")[0],
+            Kind::Pin("session advisory lock")
+        );
+        assert_eq!(
+            kinds("SELECT PG_TRY_ADVISORY_LOCK(1)")[0],
+            Kind::Pin("session advisory lock")
+        );
+        assert_eq!(kinds("select pg_advisory_xact_lock(1)")[0], Kind::Other);
+    }
+
+    #[test]
+    fn prepared_statements_at_sql_level() {
+        let sql = "PREPARE \"Q1\" (int) AS SELECT $1; execute q2(3); deallocate prepare q3; DEALLOCATE ALL";
+        let k = kinds(sql);
+        assert_eq!(
+            k[0],
+            Kind::Prepare {
+                name: "Q1".into(),
+                at: 8..12
+            }
+        );
+        assert!(matches!(&k[1], Kind::Execute { name, .. } if name == "q2"));
+        assert!(matches!(&k[2], Kind::Deallocate { name: Some((n, _)) } if n == "q3"));
+        assert_eq!(k[3], Kind::Deallocate { name: None });
+        assert_eq!(kinds("PREPARE TRANSACTION 'x'")[0], Kind::Other);
+    }
+}
