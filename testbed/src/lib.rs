@@ -120,7 +120,10 @@ impl Cluster {
         for _ in 0..5 {
             let port = free_port()?;
             match pg_ctl_start(dir.path(), port) {
-                Ok(()) => return Ok(Cluster { dir, port }),
+                Ok(()) => {
+                    spawn_reaper(dir.path());
+                    return Ok(Cluster { dir, port });
+                }
                 Err(e) => last_error = Some(e),
             }
         }
@@ -216,6 +219,33 @@ impl Cluster {
     }
 }
 
+/// Stops the cluster and deletes its directory once this process is gone, however it ended (a panic in a
+/// test, a killed test run, a cluster kept in a `static` whose Drop never runs).
+fn spawn_reaper(dir: &Path) {
+    let pg_ctl = pg_bin_dir().join("pg_ctl");
+    let stop = if is_root() {
+        format!(
+            "setpriv --reuid=postgres --regid=postgres --init-groups -- {}",
+            pg_ctl.display()
+        )
+    } else {
+        pg_ctl.display().to_string()
+    };
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+         {stop} -D '{dir}/data' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
+        pid = std::process::id(),
+        dir = dir.display()
+    );
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
+
 fn pg_ctl_start(dir: &Path, port: u16) -> Result<()> {
     let log = dir.join("postgres.log");
     run_checked(
@@ -255,8 +285,7 @@ impl Drop for Cluster {
 /// A command for a PostgreSQL server binary, run as the `postgres` user when we are root.
 pub fn pg_command(program: &str) -> Command {
     let path = pg_bin_dir().join(program);
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if is_root() {
         let mut command = Command::new("setpriv");
         command
             .args([
@@ -273,14 +302,18 @@ pub fn pg_command(program: &str) -> Command {
 }
 
 fn give_to_postgres_user(path: &Path) -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if is_root() {
         run_checked(
             Command::new("chown").arg("postgres:postgres").arg(path),
             "chown",
         )?;
     }
     Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 fn append(path: &Path, text: &str) -> Result<()> {

@@ -1,0 +1,337 @@
+#!/usr/bin/env bash
+# pgbench against PostgreSQL 15 directly, PgBouncer and regiongate, interleaved in one run.
+#
+#   bash benches/pgbench.sh
+#   POOL=16 DURATION=15 ROUNDS=2 SCALE=10 WORKLOADS="S1 S16" bash benches/pgbench.sh
+#
+# Starts a throwaway PostgreSQL 15 cluster, both proxies in front of it, runs every workload ROUNDS times
+# against each target in turn, prints a markdown table of the medians and writes it into benches/README.md
+# between the pgbench markers. Everything it starts is stopped on exit.
+set -euo pipefail
+
+POOL=${POOL:-16}
+DURATION=${DURATION:-15}
+ROUNDS=${ROUNDS:-2}
+SCALE=${SCALE:-10}
+ALL_WORKLOADS="S1 S16 S64 TPCB16 CONNECT16 PREPARED16"
+WORKLOADS=${WORKLOADS:-$ALL_WORKLOADS}
+
+# Clients and pgbench options of each workload. -M simple is pgbench's default, spelled out for the table.
+declare -A CLIENTS=([S1]=1 [S16]=16 [S64]=64 [TPCB16]=16 [CONNECT16]=16 [PREPARED16]=16)
+declare -A OPTIONS=(
+    [S1]="-S -M simple"
+    [S16]="-S -M simple"
+    [S64]="-S -M simple"
+    [TPCB16]="-M simple"
+    [CONNECT16]="-S -C -M simple"
+    [PREPARED16]="-S -M prepared"
+)
+TARGETS=(postgres pgbouncer regiongate)
+
+for workload in $WORKLOADS; do
+    if [[ -z ${CLIENTS[$workload]:-} ]]; then
+        echo "unknown workload $workload; choose from: $ALL_WORKLOADS" >&2
+        exit 2
+    fi
+done
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+README=$ROOT/benches/README.md
+PGBIN=/usr/lib/postgresql/15/bin
+CLK_TCK=$(getconf CLK_TCK)
+# Debian installs pgbouncer in /usr/sbin, which a non-root PATH may lack.
+PATH=$PATH:/usr/sbin
+
+log() { echo "== $*" >&2; }
+
+# PostgreSQL and PgBouncer refuse to run as root: run them as the postgres OS user then, like the testbed.
+as_server_user() {
+    if [[ $EUID -eq 0 ]]; then
+        setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"
+    else
+        "$@"
+    fi
+}
+
+# A loopback port nobody listens on, below the usual ephemeral range so outgoing connections cannot take it.
+free_port() {
+    local port
+    while true; do
+        port=$((20000 + RANDOM % 12000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return
+        fi
+    done
+}
+
+# Waits until PID listens on PORT; shows LOGFILE and fails if the process dies or 30 s pass.
+wait_listening() {
+    local pid=$1 port=$2 logfile=$3
+    for _ in $(seq 300); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return
+        fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            break
+        fi
+        sleep 0.1
+    done
+    echo "process $pid is not listening on port $port; its log:" >&2
+    tail -n 30 "$logfile" >&2
+    exit 1
+}
+
+# utime + stime of a process (all its threads), in clock ticks.
+cpu_ticks() {
+    local stat fields
+    stat=$(<"/proc/$1/stat")
+    # Fields after "(comm) ": state is [0], so utime (field 14) is [11] and stime (field 15) is [12].
+    read -ra fields <<<"${stat##*) }"
+    echo $((fields[11] + fields[12]))
+}
+
+# ---------------------------------------------------------------- PgBouncer and regiongate binaries
+
+if ! command -v pgbouncer >/dev/null; then
+    log "installing pgbouncer"
+    if [[ -z $(apt-cache policy pgbouncer 2>/dev/null | grep 'Candidate: [0-9]') ]]; then
+        apt-get update
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer
+fi
+PGBOUNCER_VERSION=$(pgbouncer --version | head -n 1)
+
+log "building regiongate"
+(cd "$ROOT" && flock /tmp/regiongate-cargo.lock cargo build --release -p regiongate)
+REGIONGATE=$ROOT/target/release/regiongate
+
+# ---------------------------------------------------------------- processes, cleaned up on exit
+
+WORK=$(mktemp -d /tmp/regiongate-pgbench.XXXXXX)
+PGBOUNCER_PID=
+REGIONGATE_PID=
+cleanup() {
+    local pid
+    for pid in $PGBOUNCER_PID $REGIONGATE_PID; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ -f $WORK/data/postmaster.pid ]]; then
+        as_server_user "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate -w stop >/dev/null 2>&1 || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+if [[ $EUID -eq 0 ]]; then
+    chown postgres:postgres "$WORK"
+fi
+
+# Every client connection below logs in as bench/bench with SCRAM; no TLS anywhere, so none is negotiated.
+export PGPASSWORD=bench PGSSLMODE=disable
+
+# ---------------------------------------------------------------- PostgreSQL
+
+log "starting PostgreSQL 15"
+PG_PORT=$(free_port)
+as_server_user "$PGBIN/initdb" -D "$WORK/data" -U postgres -E UTF8 --locale=C --no-sync \
+    --auth-local=trust --auth-host=scram-sha-256 >"$WORK/initdb.log"
+# fsync is off to keep the disk out of the numbers; synchronous_commit stays on (the default).
+cat >>"$WORK/data/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$WORK'
+max_connections = 300
+shared_buffers = 128MB
+fsync = off
+synchronous_commit = on
+logging_collector = off
+EOF
+as_server_user "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/postgres.log" -w -t 60 start >/dev/null
+# The superuser connects over the Unix socket (trust); bench's password is stored as SCRAM, the default.
+"$PGBIN/psql" -X -q -h "$WORK" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
+    -c "CREATE ROLE bench LOGIN PASSWORD 'bench'" -c "CREATE DATABASE bench OWNER bench"
+log "pgbench -i -s $SCALE"
+"$PGBIN/pgbench" -i -s "$SCALE" -q -h 127.0.0.1 -p "$PG_PORT" -U bench bench >"$WORK/pgbench-init.log" 2>&1
+
+# ---------------------------------------------------------------- PgBouncer
+
+log "starting $PGBOUNCER_VERSION"
+PGBOUNCER_PORT=$(free_port)
+echo '"bench" "bench"' >"$WORK/userlist.txt"
+cat >"$WORK/pgbouncer.ini" <<EOF
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGBOUNCER_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+max_client_conn = 2000
+log_connections = 0
+log_disconnections = 0
+log_stats = 0
+EOF
+as_server_user pgbouncer "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
+PGBOUNCER_PID=$!
+wait_listening "$PGBOUNCER_PID" "$PGBOUNCER_PORT" "$WORK/pgbouncer.log"
+
+# ---------------------------------------------------------------- regiongate
+
+log "starting regiongate"
+REGIONGATE_PORT=$(free_port)
+cat >"$WORK/regiongate.yaml" <<EOF
+listen: 127.0.0.1:$REGIONGATE_PORT
+primary: postgres://127.0.0.1:$PG_PORT/bench
+pool: { mode: transaction, size: $POOL }
+auth: { method: scram-sha-256, users: [ { name: bench, password: bench } ] }
+EOF
+RUST_LOG=warn "$REGIONGATE" --config "$WORK/regiongate.yaml" >"$WORK/regiongate.log" 2>&1 &
+REGIONGATE_PID=$!
+wait_listening "$REGIONGATE_PID" "$REGIONGATE_PORT" "$WORK/regiongate.log"
+
+declare -A PORT=([postgres]=$PG_PORT [pgbouncer]=$PGBOUNCER_PORT [regiongate]=$REGIONGATE_PORT)
+declare -A PROXY_PID=([pgbouncer]=$PGBOUNCER_PID [regiongate]=$REGIONGATE_PID)
+
+for target in "${TARGETS[@]}"; do
+    "$PGBIN/psql" -X -q -At -h 127.0.0.1 -p "${PORT[$target]}" -U bench -d bench -c 'SELECT 1' >/dev/null
+done
+
+# ---------------------------------------------------------------- runs
+
+# One pgbench run; appends a tab-separated line to $WORK/results:
+#   workload target round status tps latency_ms failed_tx transactions proxy_cpu_ticks first_error
+run_pgbench() {
+    local workload=$1 target=$2 round=$3
+    local clients=${CLIENTS[$workload]} options cpu_before=0 cpu_after=0 pid=${PROXY_PID[$target]:-}
+    read -ra options <<<"${OPTIONS[$workload]}"
+    local out=$WORK/run-$workload-$target-$round.log
+    if [[ -n $pid ]]; then cpu_before=$(cpu_ticks "$pid"); fi
+    local status=ok
+    "$PGBIN/pgbench" -h 127.0.0.1 -p "${PORT[$target]}" -U bench -n -T "$DURATION" \
+        -c "$clients" -j $((clients < 2 ? clients : 2)) "${options[@]}" bench >"$out" 2>&1 || status=fails
+    if [[ -n $pid ]]; then cpu_after=$(cpu_ticks "$pid"); fi
+
+    local tps latency failed transactions error=
+    tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$out")
+    latency=$(sed -n 's/^latency average = \([0-9.]*\) ms$/\1/p' "$out")
+    failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")
+    transactions=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
+    if [[ -z $tps || -z $transactions || $transactions -eq 0 ]]; then status=fails; fi
+    if [[ $status == fails ]]; then
+        error=$(grep -m 1 -iE 'error|fatal' "$out" || tail -n 1 "$out")
+        error=$(tr -s ' \t' ' ' <<<"$error")
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$workload" "$target" "$round" "$status" \
+        "${tps:-0}" "${latency:-0}" "${failed:-0}" "${transactions:-0}" $((cpu_after - cpu_before)) \
+        "$error" >>"$WORK/results"
+    log "$workload $target round $round: $status ${tps:+tps $tps} $error"
+}
+
+: >"$WORK/results"
+for workload in $WORKLOADS; do
+    for round in $(seq "$ROUNDS"); do
+        # Rotate which target goes first each round, so none always runs on the warmest (or most bloated) tables.
+        for i in "${!TARGETS[@]}"; do
+            run_pgbench "$workload" "${TARGETS[(i + round - 1) % ${#TARGETS[@]}]}" "$round"
+        done
+    done
+done
+
+# ---------------------------------------------------------------- report
+
+# Median of the numbers on stdin.
+median() {
+    sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'
+}
+
+# The values of column N of the results of WORKLOAD against TARGET, one a line.
+results_column() {
+    awk -F '\t' -v w="$1" -v t="$2" -v n="$3" '$1 == w && $2 == t { print $n }' "$WORK/results"
+}
+
+# The workload's median TPS against TARGET, or nothing if any round failed.
+median_tps() {
+    if results_column "$1" "$2" 4 | grep -q fails; then return; fi
+    results_column "$1" "$2" 5 | median
+}
+
+table() {
+    echo "| workload | target | TPS | mean latency ms | failed tx | proxy CPU ms / 1k tx | TPS vs PgBouncer |"
+    echo "|---|---|---:|---:|---:|---:|---:|"
+    local workload target tps bouncer_tps latency failed cpu ratio error
+    for workload in $WORKLOADS; do
+        bouncer_tps=$(median_tps "$workload" pgbouncer)
+        for target in "${TARGETS[@]}"; do
+            tps=$(median_tps "$workload" "$target")
+            if [[ -z $tps ]]; then
+                error=$(awk -F '\t' -v w="$workload" -v t="$target" \
+                    '$1 == w && $2 == t && $4 == "fails" { print $10; exit }' "$WORK/results")
+                printf '| %s `-c %s %s` | %s | fails: %s | | | | |\n' "$workload" "${CLIENTS[$workload]}" \
+                    "${OPTIONS[$workload]}" "$target" "${error//|/\\|}"
+                continue
+            fi
+            latency=$(results_column "$workload" "$target" 6 | median)
+            failed=$(results_column "$workload" "$target" 7 | awk '{ s += $1 } END { print s }')
+            cpu=-
+            if [[ -n ${PROXY_PID[$target]:-} ]]; then
+                # ticks / CLK_TCK seconds per run, as ms per 1000 transactions; the median over rounds.
+                cpu=$(awk -F '\t' -v w="$workload" -v t="$target" -v hz="$CLK_TCK" \
+                    '$1 == w && $2 == t { print $9 / hz * 1000 / $8 * 1000 }' "$WORK/results" | median)
+                cpu=$(printf '%.1f' "$cpu")
+            fi
+            ratio=n/a
+            if [[ -n $bouncer_tps ]]; then ratio=$(awk -v a="$tps" -v b="$bouncer_tps" 'BEGIN { printf "%.2f", a / b }'); fi
+            printf '| %s `-c %s %s` | %s | %.0f | %.3f | %s | %s | %s |\n' "$workload" "${CLIENTS[$workload]}" \
+                "${OPTIONS[$workload]}" "$target" "$tps" "$latency" "$failed" "$cpu" "$ratio"
+        done
+    done
+}
+
+BLOCK=$WORK/block.md
+{
+    echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores, Linux $(uname -r), $PGBOUNCER_VERSION," \
+        "PostgreSQL $("$PGBIN/postgres" --version | awk '{ print $3 }'); POOL=$POOL DURATION=$DURATION" \
+        "ROUNDS=$ROUNDS SCALE=$SCALE. Medians over rounds; pgbench \`-n -T $DURATION -j min(clients, 2)\`."
+    echo
+    table
+} >"$BLOCK"
+
+echo
+cat "$BLOCK"
+
+BEGIN_MARK='<!-- pgbench:begin -->'
+END_MARK='<!-- pgbench:end -->'
+if [[ -f $README ]] && grep -qx "$BEGIN_MARK" "$README" && grep -qx "$END_MARK" "$README"; then
+    # Keep everything outside the markers; put the new block between them.
+    awk -v begin="$BEGIN_MARK" -v end="$END_MARK" -v block="$BLOCK" '
+        $0 == begin { print; while ((getline line < block) > 0) print line; skipping = 1; next }
+        $0 == end { skipping = 0 }
+        !skipping { print }
+    ' "$README" >"$WORK/README.md"
+    cat "$WORK/README.md" >"$README"
+else
+    # No markers yet: add the section (creating the file if there is none).
+    {
+        echo "# Benchmarks"
+        echo
+        echo "## pgbench: PostgreSQL direct vs PgBouncer vs regiongate"
+        echo
+        echo "pgbench against a throwaway PostgreSQL 15 (fsync off), PgBouncer and regiongate in front of it"
+        echo "(both in transaction pooling mode with pool size POOL, clients authenticating with SCRAM),"
+        echo "the three targets interleaved in one run. Proxy CPU is the proxy process's user + system time"
+        echo "during the run. Reproduce with:"
+        echo
+        echo '    bash benches/pgbench.sh'
+        echo
+        echo "$BEGIN_MARK"
+        cat "$BLOCK"
+        echo "$END_MARK"
+    } >>"$README"
+fi
+log "table written to $README"

@@ -1,0 +1,153 @@
+//! Test harness: one real PostgreSQL 15 cluster per test binary (each test gets its own database in it) and
+//! an in-process gateway per test, configured from YAML like a user would.
+#![allow(dead_code)]
+
+use regiongate::config::Config;
+use regiongate::{Gateway, Shared};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use testbed::{Cluster, ClusterOptions};
+use tokio_postgres::{Client, NoTls};
+
+/// The password every test user has, on the server and at the gateway.
+pub const PASSWORD: &str = "secret";
+
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER
+        .get_or_init(|| Cluster::start(&ClusterOptions::default()).expect("starting PostgreSQL 15"))
+}
+
+/// A fresh database and login role (both named `name`) in the shared cluster.
+pub fn fresh_database(prefix: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let name = format!("{prefix}_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    cluster()
+        .create_user_and_db(&name, PASSWORD, &name)
+        .expect("creating a test database");
+    name
+}
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    pub database: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts a gateway in front of a fresh database. `extra` is YAML appended to the config (pool, limits, ...).
+pub async fn gateway(prefix: &str, extra: &str) -> TestGateway {
+    let database = fresh_database(prefix);
+    gateway_for(&database, &format!("auth:\n  method: scram-sha-256\n  users: [ {{ name: {database}, password: {PASSWORD} }} ]\n{extra}")).await
+}
+
+/// Starts a gateway for an existing database with the given auth/pool YAML.
+pub async fn gateway_for(database: &str, yaml: &str) -> TestGateway {
+    let text = format!(
+        "listen: 127.0.0.1:0\nprimary: postgres://127.0.0.1:{}/{database}\n{yaml}",
+        cluster().port()
+    );
+    let config = Config::parse(&text, "test").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let gateway = Gateway::bind(config).await.expect("binding the gateway");
+    let addr = gateway.local_addr();
+    let shared = gateway.shared.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gateway.run(async {
+        let _ = stopped.await;
+    }));
+    TestGateway {
+        addr,
+        shared,
+        database: database.to_string(),
+        stop: Some(stop),
+    }
+}
+
+impl TestGateway {
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://{db}:{PASSWORD}@{}:{}/{db}",
+            self.addr.ip(),
+            self.addr.port(),
+            db = self.database
+        )
+    }
+
+    pub fn config(&self) -> String {
+        format!(
+            "host={} port={} user={db} password={PASSWORD} dbname={db}",
+            self.addr.ip(),
+            self.addr.port(),
+            db = self.database
+        )
+    }
+
+    /// A tokio-postgres client through the gateway.
+    pub async fn connect(&self) -> Client {
+        connect(&self.config()).await
+    }
+
+    /// Server connections the gateway has open now, across its pools.
+    pub fn open_server_connections(&self) -> u64 {
+        self.shared
+            .pools()
+            .iter()
+            .map(|p| p.open_connections())
+            .sum()
+    }
+}
+
+pub async fn connect(config: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(config, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting with {config}: {e}"));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// A superuser client straight to PostgreSQL, for checking what the gateway did.
+pub async fn direct(database: &str) -> Client {
+    connect(&format!(
+        "host=127.0.0.1 port={} user=postgres password={} dbname={database}",
+        cluster().port(),
+        testbed::SUPERUSER_PASSWORD
+    ))
+    .await
+}
+
+/// Polls an async condition until it holds or the deadline passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn sqlstate(error: &tokio_postgres::Error) -> String {
+    error
+        .code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no SQLSTATE: {error}"))
+}
