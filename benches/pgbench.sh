@@ -45,13 +45,12 @@ PATH=$PATH:/usr/sbin
 log() { echo "== $*" >&2; }
 
 # PostgreSQL and PgBouncer refuse to run as root: run them as the postgres OS user then, like the testbed.
-as_server_user() {
-    if [[ $EUID -eq 0 ]]; then
-        setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"
-    else
-        "$@"
-    fi
-}
+# A command prefix rather than a function, so that a background PgBouncer's $! is PgBouncer itself (setpriv
+# execs it), whose CPU time we read and which we kill.
+AS_SERVER_USER=()
+if [[ $EUID -eq 0 ]]; then
+    AS_SERVER_USER=(setpriv --reuid=postgres --regid=postgres --init-groups --)
+fi
 
 # A loopback port nobody listens on, below the usual ephemeral range so outgoing connections cannot take it.
 free_port() {
@@ -118,7 +117,7 @@ cleanup() {
         wait "$pid" 2>/dev/null || true
     done
     if [[ -f $WORK/data/postmaster.pid ]]; then
-        as_server_user "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate -w stop >/dev/null 2>&1 || true
+        "${AS_SERVER_USER[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate -w stop >/dev/null 2>&1 || true
     fi
     rm -rf "$WORK"
 }
@@ -135,7 +134,7 @@ export PGPASSWORD=bench PGSSLMODE=disable
 
 log "starting PostgreSQL 15"
 PG_PORT=$(free_port)
-as_server_user "$PGBIN/initdb" -D "$WORK/data" -U postgres -E UTF8 --locale=C --no-sync \
+"${AS_SERVER_USER[@]}" "$PGBIN/initdb" -D "$WORK/data" -U postgres -E UTF8 --locale=C --no-sync \
     --auth-local=trust --auth-host=scram-sha-256 >"$WORK/initdb.log"
 # fsync is off to keep the disk out of the numbers; synchronous_commit stays on (the default).
 cat >>"$WORK/data/postgresql.conf" <<EOF
@@ -148,7 +147,7 @@ fsync = off
 synchronous_commit = on
 logging_collector = off
 EOF
-as_server_user "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/postgres.log" -w -t 60 start >/dev/null
+"${AS_SERVER_USER[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/postgres.log" -w -t 60 start >/dev/null
 # The superuser connects over the Unix socket (trust); bench's password is stored as SCRAM, the default.
 "$PGBIN/psql" -X -q -h "$WORK" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
     -c "CREATE ROLE bench LOGIN PASSWORD 'bench'" -c "CREATE DATABASE bench OWNER bench"
@@ -177,7 +176,7 @@ log_connections = 0
 log_disconnections = 0
 log_stats = 0
 EOF
-as_server_user pgbouncer "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
+"${AS_SERVER_USER[@]}" pgbouncer "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
 PGBOUNCER_PID=$!
 wait_listening "$PGBOUNCER_PID" "$PGBOUNCER_PORT" "$WORK/pgbouncer.log"
 
@@ -218,7 +217,8 @@ run_pgbench() {
     if [[ -n $pid ]]; then cpu_after=$(cpu_ticks "$pid"); fi
 
     local tps latency failed transactions error=
-    tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$out")
+    # With -C pgbench 15 prints only the TPS including connection times, the point of that workload.
+    tps=$(sed -n 's/^tps = \([0-9.]*\) (\(without initial connection\|including reconnection\) times\?)$/\1/p' "$out")
     latency=$(sed -n 's/^latency average = \([0-9.]*\) ms$/\1/p' "$out")
     failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")
     transactions=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
@@ -324,8 +324,10 @@ else
         echo
         echo "pgbench against a throwaway PostgreSQL 15 (fsync off), PgBouncer and regiongate in front of it"
         echo "(both in transaction pooling mode with pool size POOL, clients authenticating with SCRAM),"
-        echo "the three targets interleaved in one run. Proxy CPU is the proxy process's user + system time"
-        echo "during the run. Reproduce with:"
+        echo "the three targets interleaved in one run. TPS excludes the initial connection time, except with"
+        echo "\`-C\` (a new connection per transaction), where it includes the connections. Proxy CPU is the proxy"
+        echo "process's user + system time during the run. A target that makes pgbench fail shows its first error."
+        echo "Reproduce with:"
         echo
         echo '    bash benches/pgbench.sh'
         echo
