@@ -290,10 +290,10 @@ fn parse_options(text: &str) -> Vec<(String, String)> {
     while let Some(word) = iter.next() {
         let pair = if word == "-c" {
             iter.next()
-        } else if let Some(rest) = word.strip_prefix("--").or_else(|| word.strip_prefix("-c")) {
-            Some(rest.to_string())
         } else {
-            None
+            word.strip_prefix("--")
+                .or_else(|| word.strip_prefix("-c"))
+                .map(str::to_string)
         };
         if let Some((name, value)) = pair.as_deref().and_then(|p| p.split_once('=')) {
             settings.push((name.replace('-', "_"), value.to_string()));

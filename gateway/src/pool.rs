@@ -86,6 +86,9 @@ impl ServerConn {
     }
 }
 
+/// ParameterStatus name/value pairs a server sent at login.
+pub type ServerParameters = Arc<Vec<(String, String)>>;
+
 /// Which pool: server, database and the client's user (whose credentials the server connections use).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -110,7 +113,7 @@ pub struct Pool {
     idle: Mutex<Vec<ServerConn>>,
     permits: Arc<Semaphore>,
     /// ParameterStatus values of the first server connection, reported to clients at login.
-    server_parameters: Mutex<Option<Arc<Vec<(String, String)>>>>,
+    server_parameters: Mutex<Option<ServerParameters>>,
     /// Server connections open right now (idle or leased).
     open: AtomicU64,
 }
