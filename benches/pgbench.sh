@@ -94,7 +94,7 @@ cpu_ticks() {
 
 if ! command -v pgbouncer >/dev/null; then
     log "installing pgbouncer"
-    if [[ -z $(apt-cache policy pgbouncer 2>/dev/null | grep 'Candidate: [0-9]') ]]; then
+    if ! apt-cache policy pgbouncer 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; then
         apt-get update
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer
@@ -158,7 +158,12 @@ log "pgbench -i -s $SCALE"
 
 log "starting $PGBOUNCER_VERSION"
 PGBOUNCER_PORT=$(free_port)
-echo '"bench" "bench"' >"$WORK/userlist.txt"
+# The stored SCRAM verifier, as in pg_authid: PgBouncer then checks client proofs with stored keys (as
+# regiongate does with the verifier it derives once at startup) instead of running PBKDF2 for every login,
+# and passes the client's keys on to the server.
+VERIFIER=$("$PGBIN/psql" -X -q -A -t -h "$WORK" -p "$PG_PORT" -U postgres -d postgres \
+    -c "SELECT rolpassword FROM pg_authid WHERE rolname = 'bench'")
+echo "\"bench\" \"$VERIFIER\"" >"$WORK/userlist.txt"
 cat >"$WORK/pgbouncer.ini" <<EOF
 [databases]
 bench = host=127.0.0.1 port=$PG_PORT dbname=bench
@@ -218,7 +223,8 @@ run_pgbench() {
 
     local tps latency failed transactions error=
     # With -C pgbench 15 prints only the TPS including connection times, the point of that workload.
-    tps=$(sed -n 's/^tps = \([0-9.]*\) (\(without initial connection\|including reconnection\) times\?)$/\1/p' "$out")
+    tps=$(sed -n 's/^tps = \([0-9.]*\) (\(without initial connection\|including reconnection\) times\?)$/\1/p' \
+        "$out")
     latency=$(sed -n 's/^latency average = \([0-9.]*\) ms$/\1/p' "$out")
     failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")
     transactions=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
@@ -261,6 +267,8 @@ median_tps() {
     results_column "$1" "$2" 5 | median
 }
 
+# The backquotes in the printf formats are markdown code spans, not command substitutions.
+# shellcheck disable=SC2016
 table() {
     echo "| workload | target | TPS | mean latency ms | failed tx | proxy CPU ms / 1k tx | TPS vs PgBouncer |"
     echo "|---|---|---:|---:|---:|---:|---:|"
@@ -286,7 +294,9 @@ table() {
                 cpu=$(printf '%.1f' "$cpu")
             fi
             ratio=n/a
-            if [[ -n $bouncer_tps ]]; then ratio=$(awk -v a="$tps" -v b="$bouncer_tps" 'BEGIN { printf "%.2f", a / b }'); fi
+            if [[ -n $bouncer_tps ]]; then
+                ratio=$(awk -v a="$tps" -v b="$bouncer_tps" 'BEGIN { printf "%.2f", a / b }')
+            fi
             printf '| %s `-c %s %s` | %s | %.0f | %.3f | %s | %s | %s |\n' "$workload" "${CLIENTS[$workload]}" \
                 "${OPTIONS[$workload]}" "$target" "$tps" "$latency" "$failed" "$cpu" "$ratio"
         done
@@ -297,7 +307,8 @@ BLOCK=$WORK/block.md
 {
     echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores, Linux $(uname -r), $PGBOUNCER_VERSION," \
         "PostgreSQL $("$PGBIN/postgres" --version | awk '{ print $3 }'); POOL=$POOL DURATION=$DURATION" \
-        "ROUNDS=$ROUNDS SCALE=$SCALE. Medians over rounds; pgbench \`-n -T $DURATION -j min(clients, 2)\`."
+        "ROUNDS=$ROUNDS SCALE=$SCALE. Medians over rounds (failed tx: the sum); pgbench" \
+        "\`-n -T $DURATION -j min(clients, 2)\`."
     echo
     table
 } >"$BLOCK"
@@ -316,10 +327,9 @@ if [[ -f $README ]] && grep -qx "$BEGIN_MARK" "$README" && grep -qx "$END_MARK" 
     ' "$README" >"$WORK/README.md"
     cat "$WORK/README.md" >"$README"
 else
-    # No markers yet: add the section (creating the file if there is none).
+    # No markers yet: add the section, to a new file (which gets a title) or after what is there.
+    if [[ ! -f $README ]]; then printf '# Benchmarks\n\n' >"$README"; fi
     {
-        echo "# Benchmarks"
-        echo
         echo "## pgbench: PostgreSQL direct vs PgBouncer vs regiongate"
         echo
         echo "pgbench against a throwaway PostgreSQL 15 (fsync off), PgBouncer and regiongate in front of it"
