@@ -4,6 +4,8 @@
 //! line instead of a setting silently ignored. Durations are human strings ("250ms", "5s", "10m"); sizes are
 //! bytes or strings with a unit ("64MiB").
 
+pub use regions::config::{duration, Region, Routing, ServerSpec, WhenNoReplicaFits};
+pub use regions::ServerUrl;
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,6 +30,17 @@ pub struct Config {
     /// Tokio worker threads; 0 means one per core.
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// This gateway's name: its row in the heartbeat table, and in logs. Defaults to `regiongate@<listen>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The region this gateway runs in: its replicas are tried first.
+    #[serde(default)]
+    pub home_region: Option<String>,
+    /// Regions and their read replicas.
+    #[serde(default)]
+    pub regions: Vec<Region>,
+    #[serde(default)]
+    pub routing: Routing,
 }
 
 fn default_listen() -> SocketAddr {
@@ -36,97 +49,6 @@ fn default_listen() -> SocketAddr {
 
 fn default_workers() -> usize {
     1
-}
-
-/// A PostgreSQL server: a URL string, or a map with the URL and (for routing) its region.
-#[derive(Debug, Clone)]
-pub struct ServerSpec {
-    pub url: ServerUrl,
-    pub region: Option<String>,
-}
-
-impl<'de> Deserialize<'de> for ServerSpec {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Form {
-            Url(String),
-            Map(ServerMap),
-        }
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct ServerMap {
-            url: String,
-            region: Option<String>,
-        }
-        let (url, region) = match Form::deserialize(deserializer)? {
-            Form::Url(url) => (url, None),
-            Form::Map(map) => (map.url, map.region),
-        };
-        let url = ServerUrl::parse(&url).map_err(serde::de::Error::custom)?;
-        Ok(ServerSpec { url, region })
-    }
-}
-
-/// The parts of a `postgres://user:password@host:port/database` URL that a server connection needs.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct ServerUrl {
-    pub host: String,
-    pub port: u16,
-    pub database: Option<String>,
-    pub user: Option<String>,
-    pub password: Option<String>,
-}
-
-impl std::fmt::Debug for ServerUrl {
-    // Never print the password.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self)
-    }
-}
-
-impl std::fmt::Display for ServerUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
-    }
-}
-
-impl ServerUrl {
-    pub fn parse(text: &str) -> Result<ServerUrl, String> {
-        let url = url::Url::parse(text).map_err(|e| format!("invalid server URL: {e}"))?;
-        if url.scheme() != "postgres" && url.scheme() != "postgresql" {
-            return Err(format!(
-                "invalid server URL: scheme must be postgres://, not {}://",
-                url.scheme()
-            ));
-        }
-        let host = url
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or("invalid server URL: no host")?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let decode = |s: &str| {
-            url::form_urlencoded::parse(s.as_bytes())
-                .map(|(k, v)| {
-                    if v.is_empty() {
-                        k
-                    } else {
-                        format!("{k}={v}").into()
-                    }
-                })
-                .collect::<String>()
-        };
-        let database = url.path().trim_start_matches('/');
-        Ok(ServerUrl {
-            host,
-            port: url.port().unwrap_or(5432),
-            database: (!database.is_empty()).then(|| decode(database)),
-            user: (!url.username().is_empty()).then(|| decode(url.username())),
-            password: url.password().map(decode),
-        })
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -377,6 +299,45 @@ impl Config {
                 ));
             }
         }
+        let mut region_names = std::collections::HashSet::new();
+        for region in &self.regions {
+            if !region_names.insert(region.name.as_str()) {
+                return Err((
+                    "regions",
+                    format!("region {:?} is listed twice", region.name),
+                ));
+            }
+            if region.replicas.contains(&self.primary.url) {
+                return Err((
+                    "regions",
+                    format!("region {:?} lists the primary as a replica", region.name),
+                ));
+            }
+        }
+        if let Some(home) = &self.home_region {
+            let known = region_names.contains(home.as_str())
+                || self.primary.region.as_deref() == Some(home.as_str());
+            if !known {
+                return Err((
+                    "home_region",
+                    format!("{home:?} is not a region in `regions` nor the primary's"),
+                ));
+            }
+        }
+        if let Some(unknown) = self
+            .routing
+            .region_order
+            .iter()
+            .find(|r| !region_names.contains(r.as_str()))
+        {
+            return Err((
+                "routing.region_order",
+                format!("{unknown:?} is not a region in `regions`"),
+            ));
+        }
+        if self.routing.monitor_interval < std::time::Duration::from_millis(10) {
+            return Err(("routing.monitor_interval", "must be at least 10ms".into()));
+        }
         if self.auth.method != AuthMethod::Trust && self.auth.users.is_empty() {
             return Err((
                 "auth.users",
@@ -384,6 +345,13 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// This gateway's name (heartbeat row, logs).
+    pub fn gateway_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("regiongate@{}", self.listen))
     }
 
     /// The user entry for a login name.
@@ -402,21 +370,6 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
                 || line.contains(&format!("{last}:"))
         })
         .map(|i| i + 1)
-}
-
-/// Human durations: "250ms", "5s", "1m 30s".
-pub mod duration {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid duration {text:?} ({e}); write e.g. \"250ms\" or \"5s\""
-            ))
-        })
-    }
 }
 
 /// Sizes: a number of bytes, or a string with a unit (B, kB, KiB, MB, MiB, GB, GiB).
@@ -509,14 +462,21 @@ mod tests {
     }
 
     #[test]
-    fn server_url_forms() {
-        let url = ServerUrl::parse("postgres://u:p%40ss@db.example:6000/app").unwrap();
-        assert_eq!(url.host, "db.example");
-        assert_eq!(url.port, 6000);
-        assert_eq!(url.user.as_deref(), Some("u"));
-        assert_eq!(url.password.as_deref(), Some("p@ss"));
-        assert_eq!(format!("{url:?}"), "db.example:6000");
-        assert!(ServerUrl::parse("mysql://h/x").is_err());
+    fn regions_and_routing() {
+        let text = "primary: { url: 'postgres://p/app', region: us-east }\nhome_region: eu-west\nauth: { method: trust }\n\
+                    regions:\n  - { name: eu-west, replicas: [ 'postgres://r1/app' ] }\nrouting: { max_lag: 5s, when_no_replica_fits: error }\n";
+        let config = Config::parse(text, "f").unwrap();
+        assert_eq!(config.routing.max_lag, std::time::Duration::from_secs(5));
+        assert_eq!(
+            config.routing.when_no_replica_fits,
+            WhenNoReplicaFits::Error
+        );
+        let bad = text.replace("home_region: eu-west", "home_region: mars");
+        let error = Config::parse(&bad, "f").unwrap_err().to_string();
+        assert!(
+            error.contains("home_region") && error.contains("line 2"),
+            "{error}"
+        );
         let text =
             "primary: { url: 'postgres://h:1/app', region: us-east }\nauth: { method: trust }\n";
         let config = Config::parse(text, "f").unwrap();

@@ -7,18 +7,22 @@ pub mod config;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
+pub mod route;
 pub mod session;
 pub mod sql;
 
 use crate::auth::{Credentials, Startup};
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
+use crate::config::ServerUrl;
 use crate::metrics::METRICS;
 use crate::pool::{Pool, PoolKey, ServerCredentials};
 use crate::protocol::PgError;
+use crate::route::Classifier;
 use crate::session::StatementNames;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
+use regions::{Regions, SideLogin};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,11 +39,23 @@ pub struct Shared {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     pub cancels: Arc<CancelRegistry>,
     pub statement_names: StatementNames,
+    pub regions: Arc<Regions>,
+    pub classifier: Arc<Classifier>,
 }
 
 impl Shared {
     pub fn new(config: Config) -> Arc<Shared> {
+        let regions = Regions::new(
+            &config.primary,
+            config.home_region.as_deref(),
+            &config.regions,
+            &config.routing,
+            &config.gateway_name(),
+            side_login(&config),
+        );
         Arc::new(Shared {
+            regions,
+            classifier: Classifier::new(&config.routing.side_effect_functions),
             credentials: ArcSwap::from_pointee(Credentials::new(&config)),
             config: ArcSwap::from_pointee(config),
             pools: Mutex::new(HashMap::new()),
@@ -48,30 +64,36 @@ impl Shared {
         })
     }
 
-    /// The pool for a client's database and user on the primary, created on first use.
+    /// The primary's pool for a client's database and user.
     pub fn pool_for(&self, startup: &Startup) -> Arc<Pool> {
-        let config = self.config.load();
-        let server = config.primary.url.clone();
+        let primary = self.config.load().primary.url.clone();
+        self.pool(&primary, &startup.user, &startup.database)
+    }
+
+    /// The pool for a server, database and (client) user, created on first use.
+    pub fn pool(&self, server: &ServerUrl, user: &str, database: &str) -> Arc<Pool> {
         let key = PoolKey {
-            server,
-            database: startup.database.clone(),
-            user: startup.user.clone(),
+            server: server.clone(),
+            database: database.to_string(),
+            user: user.to_string(),
         };
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(pool) = pools.get(&key) {
             return pool.clone();
         }
-        let user = config.user(&startup.user);
+        let config = self.config.load();
+        let entry = config.user(user);
         let credentials = ServerCredentials {
-            user: user
+            user: entry
                 .and_then(|u| u.server_user.clone())
-                .unwrap_or_else(|| startup.user.clone()),
-            password: user
+                .unwrap_or_else(|| user.to_string()),
+            password: entry
                 .and_then(|u| {
                     u.server_password
                         .clone()
                         .or_else(|| u.plain_password().map(str::to_string))
                 })
+                .or_else(|| server.password.clone())
                 .or_else(|| config.primary.url.password.clone()),
         };
         let pool = Pool::new(key.clone(), credentials, config.pool.clone());
@@ -91,6 +113,33 @@ impl Shared {
     }
 }
 
+/// How the gateway logs in for its own work (replica monitors, heartbeat): the primary URL's user and
+/// password, else the first configured user's server credentials.
+fn side_login(config: &Config) -> SideLogin {
+    let url = &config.primary.url;
+    let first = config.auth.users.first();
+    let user = url
+        .user
+        .clone()
+        .or_else(|| first.map(|u| u.server_user.clone().unwrap_or_else(|| u.name.clone())))
+        .unwrap_or_else(|| "postgres".to_string());
+    let password = url.password.clone().or_else(|| {
+        first.and_then(|u| {
+            u.server_password
+                .clone()
+                .or_else(|| u.plain_password().map(str::to_string))
+        })
+    });
+    SideLogin {
+        user,
+        password,
+        database: url
+            .database
+            .clone()
+            .unwrap_or_else(|| "postgres".to_string()),
+    }
+}
+
 /// A bound gateway, ready to serve.
 pub struct Gateway {
     pub shared: Arc<Shared>,
@@ -100,10 +149,9 @@ pub struct Gateway {
 impl Gateway {
     pub async fn bind(config: Config) -> std::io::Result<Gateway> {
         let listener = TcpListener::bind(config.listen).await?;
-        Ok(Gateway {
-            shared: Shared::new(config),
-            listener,
-        })
+        let shared = Shared::new(config);
+        shared.regions.spawn_monitors();
+        Ok(Gateway { shared, listener })
     }
 
     pub fn local_addr(&self) -> SocketAddr {

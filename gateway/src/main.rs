@@ -105,22 +105,42 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// A local PostgreSQL 15 cluster (from the testbed) with a demo user, and the gateway in front of it.
+/// A multi-region topology on this machine (from the testbed): a primary in us-east, replicas in eu-west and
+/// ap-south, each behind a latency relay, and the gateway in front of them with eu-west as its home region.
 fn demo(listen: &str) -> Result<()> {
-    let cluster = testbed::Cluster::start(&testbed::ClusterOptions::default())?;
-    cluster.create_user_and_db("app", "app", "app")?;
+    use std::time::Duration;
+    use testbed::{RegionSpec, Topology};
+    println!("Starting PostgreSQL 15: a primary and three streaming replicas...");
+    let topology = Topology::start(
+        "us-east",
+        Duration::from_millis(40),
+        &[
+            RegionSpec::new("eu-west", 1, Duration::from_millis(1)),
+            RegionSpec::new("ap-south", 2, Duration::from_millis(60)),
+        ],
+    )?;
+    topology
+        .primary
+        .cluster
+        .create_user_and_db("app", "app", "app")?;
     let yaml = format!(
-        "listen: {listen}\nprimary: postgres://127.0.0.1:{}/app\nauth:\n  method: scram-sha-256\n  users:\n    - {{ name: app, password: app }}\n",
-        cluster.port()
+        "listen: {listen}\nhome_region: eu-west\n{}auth:\n  method: scram-sha-256\n  users:\n    - {{ name: app, password: app }}\n",
+        topology.gateway_yaml("app")
     );
     let config = Config::parse(&yaml, "demo")?;
+    println!("\nTopology (one-way latency from this gateway):");
+    println!("  primary   us-east   {}  40 ms", topology.primary.addr());
+    for (region, node) in topology.replicas() {
+        let delay = if region == "eu-west" { "1 ms" } else { "60 ms" };
+        println!("  replica   {region:<9} {}  {delay}", node.addr());
+    }
     println!(
-        "PostgreSQL 15 is running on 127.0.0.1:{} (data in {}).",
-        cluster.port(),
-        cluster.data_dir().display()
+        "\nregiongate listens on {listen} (home region eu-west). Try:\n\n    \
+         psql 'postgres://app:app@{listen}/app' -c 'SELECT inet_server_port(), pg_is_in_recovery()'\n    \
+         psql 'postgres://app:app@{listen}/app' -c 'CREATE TABLE t (x int); INSERT INTO t VALUES (1)'\n\n\
+         Reads go to eu-west, writes to us-east. Ctrl-C stops everything."
     );
-    println!("regiongate listens on {listen}. Try:\n\n    psql 'postgres://app:app@{listen}/app'\n\nCtrl-C stops both.");
     let result = serve(config);
-    drop(cluster);
+    drop(topology);
     result
 }

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub server_lost: IntCounter,
     pub errors_sent: IntCounterVec,
     pub cancels: IntCounterVec,
+    pub routed: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -59,6 +60,9 @@ impl Metrics {
         registry
             .register(Box::new(pool_wait_seconds.clone()))
             .expect("unique metric");
+        for collector in regions::metrics::collectors() {
+            registry.register(collector).expect("unique metric");
+        }
         Metrics {
             client_connections: gauge(
                 "regiongate_client_connections",
@@ -103,6 +107,11 @@ impl Metrics {
                 "regiongate_cancel_requests_total",
                 "Cancel requests, by outcome",
                 &["outcome"],
+            ),
+            routed: counter_vec(
+                "regiongate_routed_total",
+                "Routing decisions, by region and role of the server chosen and the reason",
+                &["region", "role", "reason"],
             ),
             registry,
         }

@@ -23,6 +23,9 @@ use crate::pool::{Lease, Pool, ServerConn, Settings};
 use crate::protocol::{self, PgError};
 use crate::sql::{self, Kind};
 use crate::Shared;
+use routing::{Reads, Route};
+
+mod routing;
 use bytes::{Buf, Bytes, BytesMut};
 use pgwire::messages::startup::Authentication;
 use pgwire::messages::Message;
@@ -79,6 +82,8 @@ struct Statement {
     parse_rest: Bytes,
     /// What running it does to the session.
     effect: StatementEffect,
+    /// Where it may run (when read routing is on).
+    class: Option<crate::route::Class>,
 }
 
 /// What running a protocol-level statement does to the session.
@@ -119,6 +124,8 @@ enum Pending {
         simple: bool,
         effects: Vec<Effect>,
         failed: bool,
+        /// The gateway's own WAL-position query: its DataRow is read, not relayed.
+        capture: bool,
     },
 }
 
@@ -147,8 +154,11 @@ struct Session {
     from_client: BytesMut,
     to_client: BytesMut,
     to_server: BytesMut,
+    /// The primary's pool for this client's database and user.
     pool: Arc<Pool>,
     lease: Option<Lease>,
+    route: Option<Route>,
+    reads: Reads,
     cancel: CancelKey,
     max_message_size: usize,
 
@@ -170,6 +180,8 @@ struct Session {
     server_skip: usize,
     /// After a failed checkout: drop extended-protocol messages up to the next Sync, then answer it.
     discard_until_sync: bool,
+    /// The server sent FATAL: the connection is ending, so nothing more is sent on it.
+    server_fatal: bool,
 
     statements: HashMap<Bytes, Arc<Statement>>,
     unnamed: Option<Arc<Statement>>,
@@ -261,8 +273,13 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
         to_client: BytesMut::with_capacity(16 * 1024),
         to_server: BytesMut::with_capacity(8 * 1024),
         pinned: (pool.config().mode == PoolMode::Session).then_some("session pool mode"),
+        reads: Reads {
+            budget: config.routing.budget_for(&startup.user, &startup.database),
+            ..Reads::default()
+        },
         pool,
         lease: None,
+        route: None,
         cancel,
         max_message_size: config.limits.max_message_size,
         pending: VecDeque::new(),
@@ -275,6 +292,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
         client_skip_forward: false,
         server_skip: 0,
         discard_until_sync: false,
+        server_fatal: false,
         statements: HashMap::new(),
         unnamed: None,
         sql_prepared: HashMap::new(),
@@ -363,11 +381,17 @@ impl Session {
             if let Err(end) = self.flush_eagerly() {
                 return end;
             }
-            self.maybe_release();
+            if self.maybe_release() && self.has_complete_message() {
+                continue; // a message waited for this release (a write behind replica reads)
+            }
             if let Err(end) = self.wait_io().await {
                 return end;
             }
         }
+    }
+
+    fn has_complete_message(&self) -> bool {
+        matches!(protocol::peek_header(&self.from_client), Some(Ok((_, len))) if self.from_client.len() >= len)
     }
 
     fn conn(&mut self) -> &mut ServerConn {
@@ -394,7 +418,7 @@ impl Session {
                 self.client_skip -= n;
                 continue;
             }
-            if self.to_server.len() >= HIGH_WATER {
+            if self.to_server.len() >= HIGH_WATER || self.reads.draining {
                 return Ok(Progress::Idle);
             }
             let (tag, len) = match protocol::peek_header(&self.from_client) {
@@ -448,9 +472,16 @@ impl Session {
                     self.from_client.advance(len);
                     continue;
                 }
+                if tag == b'Q' && self.defer_begin(len) {
+                    continue;
+                }
                 return Ok(Progress::NeedServer);
             }
+            if !self.admit(tag, len) {
+                return Ok(Progress::Idle);
+            }
             let message = self.from_client.split_to(len).freeze();
+            self.remember_for_retry(&message);
             self.handle_message(tag, message)?;
         }
     }
@@ -473,6 +504,7 @@ impl Session {
                     simple: false,
                     effects,
                     failed: false,
+                    capture: false,
                 });
                 self.in_exchange = false;
             }
@@ -483,6 +515,7 @@ impl Session {
                     simple: true,
                     effects: Vec::new(),
                     failed: false,
+                    capture: false,
                 });
             }
             b'd' | b'c' | b'f' => self.to_server.extend_from_slice(&message),
@@ -567,6 +600,7 @@ impl Session {
             simple: true,
             effects,
             failed: false,
+            capture: false,
         });
         Ok(())
     }
@@ -580,6 +614,7 @@ impl Session {
                 simple: true,
                 effects: Vec::new(),
                 failed: false,
+                capture: false,
             });
         }
     }
@@ -599,6 +634,9 @@ impl Session {
             protocol::cstr(body).ok_or_else(|| PgError::fatal("08P01", "invalid Parse message"))?;
         let text = protocol::cstr(rest).map(|(t, _)| t).unwrap_or_default();
         let effect = statement_effect(text);
+        let class = self
+            .routing_enabled()
+            .then(|| self.shared.classifier.classify(text));
         let parse_rest = message.slice_ref(rest);
         self.in_exchange = true;
         if name.is_empty() {
@@ -606,6 +644,7 @@ impl Session {
                 server_name: Arc::from(""),
                 parse_rest,
                 effect,
+                class,
             }));
             self.conn().unnamed_valid = true;
             self.to_server.extend_from_slice(&message);
@@ -620,6 +659,7 @@ impl Session {
             server_name: server_name.clone(),
             parse_rest,
             effect,
+            class,
         });
         self.statements.insert(message.slice_ref(name), statement);
         let conn = self.conn();
@@ -760,15 +800,35 @@ impl Session {
 
     // ---- server connection lifecycle -------------------------------------------------------------------
 
-    /// Checks out a server connection for the next message; on failure answers that request with the error.
+    /// Routes the client's next exchange and checks out a server connection for it; on failure answers that
+    /// request with the error. A replica that cannot give a connection is banned and the choice made again.
     async fn attach(&mut self) {
         // Let the client see answers already due before it waits for a connection.
         if !self.to_client.is_empty() {
             let _ = self.client.write_all(&self.to_client).await;
             self.to_client.clear();
         }
-        match self.pool.clone().checkout().await {
-            Ok(mut lease) => {
+        let mut attempts = 0;
+        let result = loop {
+            attempts += 1;
+            let decision = match self.decide() {
+                Ok(decision) => decision,
+                Err(error) => break Err(error),
+            };
+            self.record(&decision);
+            let (pool, route) = self.target_pool(&decision);
+            match pool.checkout().await {
+                Ok(lease) => break Ok((lease, route)),
+                Err(error) => match route {
+                    Route::Replica { id, .. } if attempts <= 3 => {
+                        self.shared.regions.ban(id, &error.message);
+                    }
+                    _ => break Err(error),
+                },
+            }
+        };
+        match result {
+            Ok((mut lease, route)) => {
                 let conn = lease.conn();
                 if !Arc::ptr_eq(&conn.settings, &self.settings) && *conn.settings != *self.settings
                 {
@@ -779,6 +839,7 @@ impl Session {
                         simple: true,
                         effects: Vec::new(),
                         failed: false,
+                        capture: false,
                     });
                 }
                 conn.settings = self.settings.clone();
@@ -787,7 +848,12 @@ impl Session {
                     pid: conn.pid,
                     secret: conn.secret,
                 }));
+                if matches!(route, Route::Replica { .. }) {
+                    self.reads.retry_input = Some(BytesMut::new());
+                }
+                self.route = Some(route);
                 self.lease = Some(lease);
+                self.send_deferred_begin();
                 METRICS.transactions.inc();
             }
             Err(error) => {
@@ -796,7 +862,7 @@ impl Session {
                 match protocol::peek_header(&self.from_client) {
                     Some(Ok((b'Q' | b'F', len))) => {
                         self.from_client.advance(len);
-                        protocol::ready_for_query(&mut self.to_client, b'I');
+                        protocol::ready_for_query(&mut self.to_client, self.status);
                     }
                     _ => self.discard_until_sync = true,
                 }
@@ -804,10 +870,11 @@ impl Session {
         }
     }
 
-    /// Returns the server connection to the pool once the client is idle between transactions.
-    fn maybe_release(&mut self) {
+    /// Returns the server connection to the pool once the client is idle between transactions. True when it
+    /// did.
+    fn maybe_release(&mut self) -> bool {
         let Some(lease) = self.lease.as_mut() else {
-            return;
+            return false;
         };
         if self.pinned.is_some()
             || self.status != b'I'
@@ -817,20 +884,24 @@ impl Session {
             || (self.client_skip > 0 && self.client_skip_forward)
             || !self.to_server.is_empty()
         {
-            return;
+            return false;
         }
-        let conn = lease.conn();
-        if !conn.read_buf.is_empty() {
-            return;
+        if !lease.conn().read_buf.is_empty() || self.capture_write_position() {
+            return false;
         }
-        let discard = conn.discard;
+        let discard = self.conn().discard;
         self.cancel.slot.set(None);
+        self.route = None;
+        self.reads.draining = false;
+        self.reads.retry_input = None;
+        self.reads.exclude = None;
         let lease = self.lease.take().expect("checked above");
         if discard {
             drop(lease);
         } else {
             lease.release();
         }
+        true
     }
 
     /// The server connection broke. Clients outside a transaction get an error for each request in flight
@@ -844,10 +915,17 @@ impl Session {
             .map(|l| l.conn().addr.to_string())
             .unwrap_or_default();
         tracing::warn!(%server, reason, status = %(self.status as char), "server connection lost");
+        let retried = self.status == b'I' && self.retry_elsewhere(reason);
         self.lease = None;
+        self.route = None;
+        self.reads.draining = false;
         self.cancel.slot.set(None);
         self.server_skip = 0;
         self.to_server.clear();
+        if retried {
+            return Ok(());
+        }
+        self.reads.retry_input = None;
         if self.status != b'I' || self.pinned.is_some() {
             return Err(End::Fatal(PgError::fatal(
                 "08006",
@@ -985,10 +1063,18 @@ impl Session {
                     run_start = i;
                 }
             }
+            if std::mem::take(&mut self.server_fatal) {
+                // Do not wait for the close: a request sent meanwhile would be lost with the connection.
+                lost = Some("the server ended the connection".to_string());
+                break;
+            }
         }
         self.to_client.extend_from_slice(&buf[run_start..i]);
         buf.advance(i);
         self.conn().read_buf = buf;
+        if self.reads.retry_input.is_some() && !self.to_client.is_empty() {
+            self.answered();
+        }
         match lost {
             Some(reason) => self.server_lost(&reason),
             None => Ok(()),
@@ -1050,6 +1136,14 @@ impl Session {
             }
             // Notifications are asynchronous and always the client's.
             b'A' => Action::Forward,
+            b'D' if matches!(
+                self.pending.front(),
+                Some(Pending::Ready { capture: true, .. })
+            ) =>
+            {
+                self.captured(message);
+                Action::Drop
+            }
             _ => self.forward_unless_swallowing(),
         }
     }
@@ -1090,6 +1184,7 @@ impl Session {
         }
         if fatal {
             self.conn().discard = true;
+            self.server_fatal = true;
         }
         if swallowed {
             let (code, text) = protocol::error_fields(body);
@@ -1139,6 +1234,7 @@ impl Session {
         if let Some(lease) = self.lease.as_mut() {
             lease.conn().settings = self.settings.clone();
         }
+        self.session_budget_changed();
     }
 
     // ---- I/O ---------------------------------------------------------------------------------------------

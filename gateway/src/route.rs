@@ -1,0 +1,380 @@
+//! Which statements may run on a replica.
+//!
+//! sqlparser (PostgreSQL dialect) parses each statement text once; the result is cached by text (moka) and,
+//! for prepared statements, kept with the statement. A read is a SELECT/VALUES/SHOW/TABLE/EXPLAIN (or a
+//! WITH query) with no data-modifying CTE, no FOR UPDATE/SHARE, no SELECT INTO and no call to a function with
+//! side effects; session statements (SET, RESET, DISCARD, DEALLOCATE) run anywhere; BEGIN READ ONLY opens a
+//! transaction a replica can serve. Everything else, and anything that does not parse, is a write.
+
+use self::hint::Hint;
+use bytes::Bytes;
+use sqlparser::ast::{
+    Expr, ObjectNamePart, Query, SetExpr, Statement, TransactionAccessMode, TransactionMode, Visit,
+    Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Statements longer than this are not parsed (they go to the primary): parsing is linear but not free.
+const MAX_PARSED_LEN: usize = 64 * 1024;
+
+/// Functions whose calls change something, wherever they appear in a statement.
+const SIDE_EFFECT_FUNCTIONS: &[&str] = &[
+    "nextval",
+    "setval",
+    "set_config",
+    "txid_current",
+    "pg_current_xact_id",
+    "pg_notify",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+    "pg_switch_wal",
+    "pg_create_restore_point",
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_reload_conf",
+];
+
+/// Where a statement (or a whole Query message) may run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// A replica may serve it.
+    Read,
+    /// It needs the primary.
+    Write,
+    /// A session statement (SET, SHOW of a setting, DISCARD): anywhere, it decides nothing.
+    Any,
+}
+
+impl Access {
+    /// The access of statements run together: a write anywhere makes the whole a write.
+    pub fn and(self, other: Access) -> Access {
+        match (self, other) {
+            (Access::Write, _) | (_, Access::Write) => Access::Write,
+            (Access::Read, _) | (_, Access::Read) => Access::Read,
+            _ => Access::Any,
+        }
+    }
+}
+
+/// What routing needs to know about a statement text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Class {
+    pub access: Access,
+    /// A `/* regiongate: ... */` comment at its start.
+    pub hint: Option<Hint>,
+    /// It is exactly `BEGIN`/`START TRANSACTION` with no modes: the transaction's first statement decides.
+    pub bare_begin: bool,
+    /// It makes the transaction read only (`BEGIN READ ONLY`, `SET TRANSACTION READ ONLY`).
+    pub read_only_transaction: bool,
+}
+
+/// Classifies statement texts, with a cache.
+pub struct Classifier {
+    side_effects: HashSet<String>,
+    cache: moka::sync::Cache<Bytes, Class>,
+}
+
+impl Classifier {
+    pub fn new(extra_side_effect_functions: &[String]) -> Arc<Classifier> {
+        let side_effects = SIDE_EFFECT_FUNCTIONS
+            .iter()
+            .map(|f| f.to_string())
+            .chain(
+                extra_side_effect_functions
+                    .iter()
+                    .map(|f| f.to_ascii_lowercase()),
+            )
+            .collect();
+        Arc::new(Classifier {
+            side_effects,
+            cache: moka::sync::Cache::new(20_000),
+        })
+    }
+
+    /// The class of a statement text (one or more statements), from the cache when seen before.
+    pub fn classify(&self, text: &[u8]) -> Class {
+        if let Some(class) = self.cache.get(text) {
+            return class;
+        }
+        let class = self.classify_uncached(text);
+        self.cache.insert(Bytes::copy_from_slice(text), class);
+        class
+    }
+
+    fn classify_uncached(&self, text: &[u8]) -> Class {
+        let hint = hint::parse(text);
+        let write = Class {
+            access: Access::Write,
+            hint,
+            bare_begin: false,
+            read_only_transaction: false,
+        };
+        if text.len() > MAX_PARSED_LEN {
+            return write;
+        }
+        let Ok(sql) = std::str::from_utf8(text) else {
+            return write;
+        };
+        let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
+            return write;
+        };
+        let bare_begin = statements.len() == 1
+            && matches!(&statements[0], Statement::StartTransaction { modes, .. } if modes.is_empty());
+        let access = statements
+            .iter()
+            .map(|s| self.statement_access(s))
+            .fold(Access::Any, Access::and);
+        let read_only = TransactionMode::AccessMode(TransactionAccessMode::ReadOnly);
+        let read_only_transaction = statements.iter().any(|s| match s {
+            Statement::StartTransaction { modes, .. } => modes.contains(&read_only),
+            Statement::Set(sqlparser::ast::Set::SetTransaction { modes, .. }) => {
+                modes.contains(&read_only)
+            }
+            _ => false,
+        });
+        Class {
+            access,
+            hint,
+            bare_begin,
+            read_only_transaction,
+        }
+    }
+
+    fn statement_access(&self, statement: &Statement) -> Access {
+        match statement {
+            Statement::Query(query) => self.query_access(query),
+            Statement::Explain {
+                statement, analyze, ..
+            } => {
+                let inner = self.statement_access(statement);
+                if *analyze {
+                    inner
+                } else {
+                    Access::Read
+                }
+            }
+            Statement::StartTransaction { modes, .. } => {
+                if modes.contains(&TransactionMode::AccessMode(
+                    TransactionAccessMode::ReadOnly,
+                )) {
+                    Access::Read
+                } else {
+                    Access::Write
+                }
+            }
+            Statement::Set(sqlparser::ast::Set::SetTransaction { modes, .. })
+                if modes.contains(&TransactionMode::AccessMode(
+                    TransactionAccessMode::ReadOnly,
+                )) =>
+            {
+                Access::Read
+            }
+            Statement::Set(sqlparser::ast::Set::SetTransaction { .. }) => Access::Write,
+            Statement::Set(_)
+            | Statement::Reset(_)
+            | Statement::Discard { .. }
+            | Statement::Deallocate { .. } => Access::Any,
+            Statement::ShowVariable { .. } | Statement::ShowVariables { .. } => Access::Any,
+            Statement::Commit { .. } | Statement::Rollback { .. } => Access::Any,
+            _ => Access::Write,
+        }
+    }
+
+    fn query_access(&self, query: &Query) -> Access {
+        struct Finder<'a> {
+            side_effects: &'a HashSet<String>,
+        }
+        impl Visitor for Finder<'_> {
+            type Break = ();
+            fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+                if !query.locks.is_empty() {
+                    return ControlFlow::Break(()); // FOR UPDATE / FOR SHARE take row locks
+                }
+                if let SetExpr::Select(select) = query.body.as_ref() {
+                    if select.into.is_some() {
+                        return ControlFlow::Break(()); // SELECT INTO creates a table
+                    }
+                }
+                ControlFlow::Continue(())
+            }
+            fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
+                // Reached only for statements nested in the query: data-modifying CTEs.
+                match statement {
+                    Statement::Query(_) => ControlFlow::Continue(()),
+                    _ => ControlFlow::Break(()),
+                }
+            }
+            fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+                if let Expr::Function(function) = expr {
+                    if let Some(ObjectNamePart::Identifier(name)) = function.name.0.last() {
+                        let name = name.value.to_ascii_lowercase();
+                        if self.side_effects.contains(&name) || name.starts_with("lo_") {
+                            return ControlFlow::Break(());
+                        }
+                    }
+                }
+                ControlFlow::Continue(())
+            }
+        }
+        let mut finder = Finder {
+            side_effects: &self.side_effects,
+        };
+        match query.visit(&mut finder) {
+            ControlFlow::Break(()) => Access::Write,
+            ControlFlow::Continue(()) => Access::Read,
+        }
+    }
+}
+
+/// Routing hints in a leading comment: `/* regiongate: primary */`, `/* regiongate: max_lag=5s */`.
+pub mod hint {
+    use super::Duration;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Hint {
+        Primary,
+        MaxLag(Duration),
+    }
+
+    /// The hint in the comments at the start of `text`, if any.
+    pub fn parse(text: &[u8]) -> Option<Hint> {
+        let mut rest = text;
+        loop {
+            rest = trim_start(rest);
+            let comment = rest.strip_prefix(b"/*")?;
+            let end = memchr::memmem::find(comment, b"*/")?;
+            let inner = std::str::from_utf8(&comment[..end]).ok()?.trim();
+            if let Some(directive) = inner.strip_prefix("regiongate:") {
+                return parse_directive(directive.trim());
+            }
+            rest = &comment[end + 2..];
+        }
+    }
+
+    fn parse_directive(directive: &str) -> Option<Hint> {
+        if directive.eq_ignore_ascii_case("primary") {
+            return Some(Hint::Primary);
+        }
+        let (key, value) = directive.split_once('=')?;
+        if key.trim().eq_ignore_ascii_case("max_lag") {
+            return humantime::parse_duration(value.trim())
+                .ok()
+                .map(Hint::MaxLag);
+        }
+        None
+    }
+
+    fn trim_start(text: &[u8]) -> &[u8] {
+        let start = text
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(text.len());
+        &text[start..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(sql: &str) -> Access {
+        Classifier::new(&["audit_log".to_string()])
+            .classify(sql.as_bytes())
+            .access
+    }
+
+    #[test]
+    fn reads() {
+        for sql in [
+            "SELECT 1",
+            "select * from t where id = $1",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+            "VALUES (1), (2)",
+            "SELECT a FROM t UNION SELECT b FROM u",
+            "EXPLAIN SELECT 1",
+            "BEGIN READ ONLY",
+            "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+            "SET TRANSACTION READ ONLY",
+            "SELECT now(), pg_sleep(0)",
+        ] {
+            assert_eq!(access(sql), Access::Read, "{sql}");
+        }
+    }
+
+    #[test]
+    fn writes() {
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            "UPDATE t SET a = 1",
+            "DELETE FROM t",
+            "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+            "SELECT * FROM t FOR UPDATE",
+            "SELECT * FROM t FOR SHARE SKIP LOCKED",
+            "SELECT nextval('s')",
+            "SELECT pg_catalog.setval('s', 1)",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT set_config('a.b', 'c', false)",
+            "SELECT txid_current()",
+            "SELECT lo_create(0)",
+            "SELECT audit_log('x')",
+            "SELECT * INTO new_table FROM t",
+            "BEGIN",
+            "CREATE TABLE t (a int)",
+            "LISTEN chan",
+            "EXPLAIN ANALYZE DELETE FROM t",
+            "SELECT 1; INSERT INTO t VALUES (1)",
+            "this is not sql",
+            "SELECT (SELECT nextval('s'))",
+        ] {
+            assert_eq!(access(sql), Access::Write, "{sql}");
+        }
+    }
+
+    #[test]
+    fn session_statements_go_anywhere() {
+        assert_eq!(access("SET search_path = a"), Access::Any);
+        assert_eq!(access("RESET regiongate.max_lag"), Access::Any);
+        assert_eq!(access("RESET ALL"), Access::Any);
+        assert_eq!(access("SHOW work_mem"), Access::Any);
+        assert_eq!(access("DISCARD ALL"), Access::Any);
+        assert_eq!(access("SET x = 1; SELECT 1"), Access::Read);
+    }
+
+    #[test]
+    fn bare_begin_is_recognised() {
+        let classifier = Classifier::new(&[]);
+        assert!(classifier.classify(b"BEGIN").bare_begin);
+        assert!(classifier.classify(b"start transaction").bare_begin);
+        assert!(!classifier.classify(b"BEGIN READ ONLY").bare_begin);
+        assert!(!classifier.classify(b"BEGIN; SELECT 1").bare_begin);
+    }
+
+    #[test]
+    fn hints() {
+        use super::hint::{parse, Hint};
+        assert_eq!(
+            parse(b"/* regiongate: primary */ SELECT 1"),
+            Some(Hint::Primary)
+        );
+        assert_eq!(
+            parse(b"  /* app */ /* regiongate: max_lag=5s */ SELECT 1"),
+            Some(Hint::MaxLag(Duration::from_secs(5)))
+        );
+        assert_eq!(parse(b"SELECT 1 /* regiongate: primary */"), None);
+        assert_eq!(parse(b"/* regiongate: nonsense */ SELECT 1"), None);
+    }
+}

@@ -1,0 +1,371 @@
+//! Read routing inside a session: which server the next exchange goes to, and the session state routing
+//! needs (budget, read-your-writes position, a retry of a read whose replica failed, a deferred BEGIN).
+//!
+//! The decision is made when an idle client's next exchange needs a server connection: every complete message
+//! up to the exchange's end (Sync, or the Query) is classified, and a write anywhere sends the whole exchange
+//! to the primary. A transaction stays on the server it started on, because the lease is held until the
+//! client is idle again. A write pipelined behind reads that went to a replica waits until the replica has
+//! answered them, then goes to the primary.
+
+use super::*;
+use crate::route::{hint::Hint, Access, Class};
+use regions::{Decision, Lsn, ReadRequest, Reason, ReplicaId, Target};
+
+/// Where the attached server connection is.
+pub(super) enum Route {
+    Primary,
+    Replica {
+        id: ReplicaId,
+        _in_flight: regions::InFlight,
+    },
+}
+
+/// Routing state of one session.
+#[derive(Default)]
+pub(super) struct Reads {
+    /// The staleness budget from the configuration for this user and database.
+    pub budget: Duration,
+    /// `SET regiongate.max_lag`, overriding the budget.
+    pub session_max_lag: Option<Duration>,
+    /// Read your writes: the WAL position after the session's last write.
+    pub min_lsn: Option<Lsn>,
+    /// The current primary exchange wrote: capture the WAL position before releasing.
+    pub wrote: bool,
+    /// The client bytes of the exchange running on a replica, kept until the first answer reaches the
+    /// client, so that it can run elsewhere if the replica fails first.
+    pub retry_input: Option<BytesMut>,
+    /// The replica that just failed a read, not to be chosen for its retry.
+    pub exclude: Option<ReplicaId>,
+    /// `BEGIN` answered by the gateway; sent (swallowed) ahead of the transaction's first statement.
+    pub deferred_begin: Option<Bytes>,
+    /// A write waits for a replica's answers before the session moves to the primary.
+    pub draining: bool,
+}
+
+impl Session {
+    pub(super) fn routing_enabled(&self) -> bool {
+        self.shared.regions.has_replicas() && self.pinned.is_none()
+    }
+
+    /// The class of one client message, if it carries a statement.
+    pub(super) fn message_class(&self, tag: u8, message: &[u8]) -> Option<Class> {
+        let body = protocol::body(message);
+        match tag {
+            b'Q' => protocol::query_text(body).map(|text| self.shared.classifier.classify(text)),
+            b'P' => {
+                let (_, rest) = protocol::cstr(body)?;
+                let (text, _) = protocol::cstr(rest)?;
+                Some(self.shared.classifier.classify(text))
+            }
+            b'B' => {
+                let (_, rest) = protocol::cstr(body)?;
+                let (name, _) = protocol::cstr(rest)?;
+                let statement = if name.is_empty() {
+                    self.unnamed.as_ref()
+                } else {
+                    self.statements.get(name)
+                };
+                statement.and_then(|s| s.class)
+            }
+            b'F' => Some(Class {
+                access: Access::Write,
+                hint: None,
+                bare_begin: false,
+                read_only_transaction: false,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The combined class of the client's next exchange: its complete messages up to a Sync or Query.
+    fn next_exchange_class(&self) -> Class {
+        let mut combined = Class {
+            access: Access::Any,
+            hint: None,
+            bare_begin: false,
+            read_only_transaction: false,
+        };
+        let mut at = 0;
+        while let Some(Ok((tag, len))) = protocol::peek_header(&self.from_client[at..]) {
+            if self.from_client.len() - at < len {
+                break;
+            }
+            if let Some(class) = self.message_class(tag, &self.from_client[at..at + len]) {
+                combined.access = combined.access.and(class.access);
+                combined.hint = combined.hint.or(class.hint);
+                combined.read_only_transaction |= class.read_only_transaction;
+            }
+            at += len;
+            if matches!(tag, b'S' | b'Q' | b'F') {
+                break;
+            }
+        }
+        combined
+    }
+
+    /// Where the next exchange goes.
+    pub(super) fn decide(&mut self) -> Result<Decision, PgError> {
+        let write = |reason| Decision {
+            target: Target::Primary,
+            reason,
+            region: self.shared.regions.primary_region.clone(),
+        };
+        if !self.routing_enabled() {
+            return Ok(write(if self.pinned.is_some() {
+                Reason::Write
+            } else {
+                Reason::NoReplicas
+            }));
+        }
+        let class = self.next_exchange_class();
+        // An explicit transaction goes to the primary unless it is read only.
+        let in_transaction = self.reads.deferred_begin.is_some();
+        if class.hint == Some(Hint::Primary) {
+            return Ok(write(Reason::Hint));
+        }
+        if class.access == Access::Write {
+            self.reads.wrote = true;
+            return Ok(write(Reason::Write));
+        }
+        if in_transaction && !class.read_only_transaction {
+            // Writes later in the transaction are noted as they pass (see `admit`).
+            return Ok(write(Reason::Write));
+        }
+        let max_lag = match class.hint {
+            Some(Hint::MaxLag(lag)) => lag,
+            _ => self.reads.session_max_lag.unwrap_or(self.reads.budget),
+        };
+        let regions = &self.shared.regions;
+        let request = ReadRequest {
+            max_lag,
+            min_lsn: if regions.routing.read_your_writes {
+                self.reads.min_lsn
+            } else {
+                None
+            },
+            exclude: self.reads.exclude,
+        };
+        regions
+            .choose(&request)
+            .map_err(|no_fit| PgError::error("57P03", format!("regiongate: {no_fit}")))
+    }
+
+    /// Counts and logs a routing decision.
+    pub(super) fn record(&self, decision: &Decision) {
+        let role = match decision.target {
+            Target::Primary => "primary",
+            Target::Replica(_) => "replica",
+        };
+        let region = decision.region.as_deref().unwrap_or("unknown");
+        METRICS
+            .routed
+            .with_label_values(&[region, role, decision.reason.label()])
+            .inc();
+        let server = match decision.target {
+            Target::Primary => self.shared.regions.primary_url.to_string(),
+            Target::Replica(id) => self.shared.regions.replica_urls[id].to_string(),
+        };
+        tracing::debug!(%server, region, role, reason = decision.reason.label(), "routed");
+    }
+
+    /// The pool and route for a decision.
+    pub(super) fn target_pool(&self, decision: &Decision) -> (Arc<Pool>, Route) {
+        let regions = &self.shared.regions;
+        match decision.target {
+            Target::Primary => (self.pool.clone(), Route::Primary),
+            Target::Replica(id) => (
+                self.shared.pool(
+                    &regions.replica_urls[id],
+                    &self.pool.key.user,
+                    &self.pool.key.database,
+                ),
+                Route::Replica {
+                    id,
+                    _in_flight: regions.start_query(id),
+                },
+            ),
+        }
+    }
+
+    /// Called for each client message about to be forwarded. Returns false when the message must wait: it
+    /// needs the primary, the session is on a replica between transactions, so it waits for the replica's
+    /// answers and a release.
+    pub(super) fn admit(&mut self, tag: u8, len: usize) -> bool {
+        if !self.routing_enabled() || !matches!(tag, b'Q' | b'P' | b'B' | b'F') {
+            return true;
+        }
+        let Some(class) = self.message_class(tag, &self.from_client[..len]) else {
+            return true;
+        };
+        let needs_primary = class.access == Access::Write || class.hint == Some(Hint::Primary);
+        match self.route {
+            Some(Route::Replica { .. })
+                if needs_primary && self.status == b'I' && !self.in_exchange =>
+            {
+                self.reads.draining = true;
+                false
+            }
+            Some(Route::Primary) if class.access == Access::Write => {
+                self.reads.wrote = true;
+                true
+            }
+            _ => true,
+        }
+    }
+
+    /// Keeps a copy of what the client sent while a replica has not answered yet.
+    pub(super) fn remember_for_retry(&mut self, message: &[u8]) {
+        if let Some(input) = self.reads.retry_input.as_mut() {
+            input.extend_from_slice(message);
+        }
+    }
+
+    /// The replica failed before the client saw any answer: ban it and put the client's bytes back, so the
+    /// exchange runs elsewhere. True when it did.
+    pub(super) fn retry_elsewhere(&mut self, reason: &str) -> bool {
+        let Some(Route::Replica { id, .. }) = self.route else {
+            return false;
+        };
+        self.shared.regions.ban(id, reason);
+        let Some(input) = self.reads.retry_input.take() else {
+            return false;
+        };
+        if input.is_empty() || self.reads.exclude.is_some() {
+            return false; // one retry per exchange
+        }
+        tracing::info!(replica = %self.shared.regions.replica_urls[id], reason, "retrying a read elsewhere");
+        let mut requeued = input;
+        requeued.extend_from_slice(&self.from_client);
+        self.from_client = requeued;
+        self.reads.exclude = Some(id);
+        self.pending.clear();
+        self.in_exchange = false;
+        self.segment_effects.clear();
+        true
+    }
+
+    /// The client got an answer from a replica: no retry any more; the replica is healthy.
+    pub(super) fn answered(&mut self) {
+        if self.reads.retry_input.take().is_some() {
+            if let Some(Route::Replica { id, .. }) = self.route {
+                self.shared.regions.served(id);
+            }
+        }
+        self.reads.exclude = None;
+    }
+
+    /// Before a primary connection that wrote is released: ask for the WAL position (read your writes).
+    /// True when it asked (the release waits for the answer).
+    pub(super) fn capture_write_position(&mut self) -> bool {
+        if !self.reads.wrote || !matches!(self.route, Some(Route::Primary)) {
+            return false;
+        }
+        self.reads.wrote = false;
+        if !self.shared.regions.routing.read_your_writes {
+            return false;
+        }
+        protocol::query(
+            &mut self.to_server,
+            "SELECT pg_catalog.pg_current_wal_lsn()",
+        );
+        self.pending.push_back(Pending::Ready {
+            swallow: true,
+            simple: true,
+            effects: Vec::new(),
+            failed: false,
+            capture: true,
+        });
+        true
+    }
+
+    /// The DataRow answering [`capture_write_position`].
+    pub(super) fn captured(&mut self, message: &[u8]) {
+        let body = protocol::body(message);
+        // int16 column count, int32 length, text.
+        if body.len() < 6 {
+            return;
+        }
+        let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
+        let Some(text) = usize::try_from(len).ok().and_then(|l| body.get(6..6 + l)) else {
+            return;
+        };
+        if let Some(lsn) = std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| t.parse::<Lsn>().ok())
+        {
+            self.reads.min_lsn = Some(self.reads.min_lsn.map_or(lsn, |old| old.max(lsn)));
+        }
+    }
+
+    /// A bare `BEGIN` from an idle client is answered here: whether the transaction may read from a replica
+    /// depends on its next statement (`SET TRANSACTION READ ONLY`). True when it took the message.
+    pub(super) fn defer_begin(&mut self, len: usize) -> bool {
+        if !self.routing_enabled() || self.status != b'I' || self.reads.deferred_begin.is_some() {
+            return false;
+        }
+        let is_bare_begin = self
+            .message_class(b'Q', &self.from_client[..len])
+            .is_some_and(|c| c.bare_begin);
+        if !is_bare_begin {
+            return false;
+        }
+        let message = self.from_client.split_to(len).freeze();
+        self.reads.deferred_begin = Some(message);
+        self.status = b'T';
+        self.to_client.extend_from_slice(b"C\0\0\0\x0aBEGIN\0");
+        protocol::ready_for_query(&mut self.to_client, b'T');
+        true
+    }
+
+    /// Sends a deferred BEGIN ahead of the transaction's first statement, its answers swallowed.
+    pub(super) fn send_deferred_begin(&mut self) {
+        if let Some(begin) = self.reads.deferred_begin.take() {
+            self.to_server.extend_from_slice(&begin);
+            self.pending.push_back(Pending::Ready {
+                swallow: true,
+                simple: true,
+                effects: Vec::new(),
+                failed: false,
+                capture: false,
+            });
+        }
+    }
+
+    /// `SET regiongate.max_lag = '5s'` and its RESET.
+    pub(super) fn session_budget_changed(&mut self) {
+        self.reads.session_max_lag = self
+            .settings
+            .get("regiongate.max_lag")
+            .and_then(|statement| setting_value(statement))
+            .and_then(|value| humantime::parse_duration(&value).ok());
+    }
+}
+
+/// The value in `SET name = value` / `SET name TO value`, unquoted.
+fn setting_value(statement: &str) -> Option<String> {
+    let lower = statement.to_ascii_lowercase();
+    let at = lower
+        .find('=')
+        .map(|i| i + 1)
+        .or_else(|| lower.find(" to ").map(|i| i + 4))?;
+    let value = statement[at..].trim().trim_end_matches(';').trim();
+    Some(value.trim_matches('\'').trim_matches('"').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::setting_value;
+
+    #[test]
+    fn set_values() {
+        assert_eq!(
+            setting_value("SET regiongate.max_lag = '5s'").as_deref(),
+            Some("5s")
+        );
+        assert_eq!(
+            setting_value("set regiongate.max_lag to 250ms").as_deref(),
+            Some("250ms")
+        );
+        assert_eq!(setting_value("SET x").as_deref(), None);
+    }
+}

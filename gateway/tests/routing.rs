@@ -1,0 +1,339 @@
+//! Read routing against real streaming replication: a primary and replicas in two regions, each behind a
+//! latency relay, and a gateway whose home region is eu-west.
+
+mod common;
+
+use regiongate::config::Config;
+use regiongate::{Gateway, Shared};
+use std::sync::Arc;
+use std::time::Duration;
+use testbed::{RegionSpec, Topology};
+use tokio_postgres::Client;
+
+struct Env {
+    topology: Topology,
+    shared: Arc<Shared>,
+    addr: std::net::SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+const APP_PASSWORD: &str = "secret";
+
+/// us-east primary 20 ms away, eu-west (home) replica 1 ms away, ap-south replica 40 ms away.
+async fn start(routing: &str) -> Env {
+    start_with(Duration::from_millis(20), routing).await
+}
+
+async fn start_with(primary_one_way: Duration, routing: &str) -> Env {
+    let topology = tokio::task::spawn_blocking(move || {
+        let topology = Topology::start(
+            "us-east",
+            primary_one_way,
+            &[
+                RegionSpec::new("eu-west", 1, Duration::from_millis(1)),
+                RegionSpec::new("ap-south", 1, Duration::from_millis(40)),
+            ],
+        )
+        .expect("starting the topology");
+        topology
+            .primary
+            .cluster
+            .create_user_and_db("app", APP_PASSWORD, "app")
+            .expect("creating the app database");
+        topology
+    })
+    .await
+    .unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nhome_region: eu-west\n{}auth: {{ method: scram-sha-256, users: [ {{ name: app, password: {APP_PASSWORD} }} ] }}\npool: {{ size: 4 }}\nrouting: {{ monitor_interval: 50ms, {routing} }}\n",
+        topology.gateway_yaml("app")
+    );
+    let config = Config::parse(&yaml, "test").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let gateway = Gateway::bind(config).await.unwrap();
+    let addr = gateway.local_addr();
+    let shared = gateway.shared.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gateway.run(async {
+        let _ = stopped.await;
+    }));
+    let env = Env {
+        topology,
+        shared,
+        addr,
+        _stop: stop,
+    };
+    // Wait for the monitors' first picture: every replica up and fresh.
+    let ready = common::eventually(Duration::from_secs(20), || async {
+        let picture = env.shared.regions.picture();
+        picture.replicas.iter().all(|r| r.up && r.lag.is_some())
+    })
+    .await;
+    assert!(
+        ready,
+        "replicas never looked healthy: {:?}",
+        env.shared.regions.picture()
+    );
+    env
+}
+
+impl Env {
+    async fn client(&self) -> Client {
+        common::connect(&format!(
+            "host=127.0.0.1 port={} user=app password={APP_PASSWORD} dbname=app",
+            self.addr.port()
+        ))
+        .await
+    }
+
+    fn port_of(&self, region: &str) -> u16 {
+        self.topology
+            .replicas()
+            .find(|(r, _)| *r == region)
+            .map(|(_, n)| n.cluster.port())
+            .unwrap()
+    }
+
+    fn primary_port(&self) -> u16 {
+        self.topology.primary.cluster.port()
+    }
+
+    fn eu_west(&self) -> &testbed::Cluster {
+        &self.topology.regions[0].replicas[0].cluster
+    }
+
+    /// Waits until the monitors see the eu-west replica's lag beyond `lag`.
+    async fn wait_eu_west_lag_over(&self, lag: Duration) {
+        let lagging = common::eventually(Duration::from_secs(20), || async {
+            let picture = self.shared.regions.picture();
+            picture.replicas[0].lag.is_some_and(|l| l > lag)
+        })
+        .await;
+        assert!(
+            lagging,
+            "eu-west never lagged: {:?}",
+            self.shared.regions.picture().replicas[0]
+        );
+    }
+}
+
+/// The port of the server that ran a query (each server listens on its own port).
+async fn server_port(client: &Client, sql_prefix: &str) -> u16 {
+    let row = client
+        .query_one(&format!("{sql_prefix}SELECT inet_server_port()"), &[])
+        .await
+        .unwrap();
+    row.get::<_, i32>(0) as u16
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_the_nearest_replica_and_writes_to_the_primary() {
+    let env = start("max_lag: 2s").await;
+    let client = env.client().await;
+    client
+        .batch_execute("CREATE TABLE items (id int PRIMARY KEY); CREATE SEQUENCE ids")
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        assert_eq!(server_port(&client, "").await, env.port_of("eu-west"));
+    }
+    // Writes, sequence calls and locking reads would fail on a replica ("read-only transaction"): they must
+    // all reach the primary.
+    for i in 0..20 {
+        client
+            .execute("INSERT INTO items VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+        let _: i64 = client
+            .query_one("SELECT nextval('ids')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        client
+            .query("SELECT * FROM items WHERE id = $1 FOR UPDATE", &[&i])
+            .await
+            .unwrap();
+    }
+    // A transaction stays on one server: the primary for a plain BEGIN... (a new session: this one wrote, and
+    // reads its writes from the primary until the replicas are measured to have replayed them)
+    let client = env.client().await;
+    client.batch_execute("BEGIN").await.unwrap();
+    let ports: Vec<u16> = vec![
+        server_port(&client, "").await,
+        server_port(&client, "").await,
+    ];
+    client.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(ports, vec![env.primary_port(); 2]);
+    // ...a replica when it is read only, either way it is said.
+    client.batch_execute("BEGIN READ ONLY").await.unwrap();
+    assert_eq!(server_port(&client, "").await, env.port_of("eu-west"));
+    client.batch_execute("COMMIT").await.unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .batch_execute("SET TRANSACTION READ ONLY")
+        .await
+        .unwrap();
+    let in_tx = server_port(&client, "").await;
+    let read_only: String = client
+        .query_one("SHOW transaction_read_only", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client.batch_execute("COMMIT").await.unwrap();
+    assert_eq!((in_tx, read_only.as_str()), (env.port_of("eu-west"), "on"));
+    // The decisions are counted.
+    let metrics = regiongate::metrics::METRICS.render();
+    assert!(
+        metrics.contains(
+            "regiongate_routed_total{reason=\"within-budget\",region=\"eu-west\",role=\"replica\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("reason=\"write\""), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_over_budget_is_skipped_until_it_catches_up() {
+    // A budget that a healthy far replica meets even on a loaded machine (its measured staleness includes the
+    // probe's round trip and the heartbeat's).
+    let env = start("max_lag: 2s").await;
+    let client = env.client().await;
+    assert_eq!(
+        server_port(&client, "").await,
+        env.port_of("eu-west"),
+        "primary {} ap-south {} picture {:#?}",
+        env.primary_port(),
+        env.port_of("ap-south"),
+        env.shared.regions.picture()
+    );
+    env.eu_west().pause_replay().unwrap();
+    env.wait_eu_west_lag_over(Duration::from_millis(2500)).await;
+    for _ in 0..10 {
+        assert_eq!(server_port(&client, "").await, env.port_of("ap-south"));
+    }
+    // Budgets can be raised per statement and per session.
+    assert_eq!(
+        server_port(&client, "/* regiongate: max_lag=1h */ ").await,
+        env.port_of("eu-west")
+    );
+    client
+        .batch_execute("SET regiongate.max_lag = '1h'")
+        .await
+        .unwrap();
+    assert_eq!(server_port(&client, "").await, env.port_of("eu-west"));
+    client
+        .batch_execute("RESET regiongate.max_lag")
+        .await
+        .unwrap();
+    assert_eq!(
+        server_port(&client, "").await,
+        env.port_of("ap-south"),
+        "primary {} eu-west {} picture {:#?}",
+        env.primary_port(),
+        env.port_of("eu-west"),
+        env.shared.regions.picture()
+    );
+    assert_eq!(
+        server_port(&client, "/* regiongate: primary */ ").await,
+        env.primary_port()
+    );
+    env.eu_west().resume_replay().unwrap();
+    let back = common::eventually(Duration::from_secs(10), || async {
+        server_port(&client, "").await == env.port_of("eu-west")
+    })
+    .await;
+    assert!(back, "reads never came back to eu-west");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_fitting_replica_is_an_error_when_configured() {
+    let env = start("max_lag: 300ms, when_no_replica_fits: error").await;
+    let client = env.client().await;
+    for (_, node) in env.topology.replicas() {
+        node.cluster.pause_replay().unwrap();
+    }
+    env.wait_eu_west_lag_over(Duration::from_millis(400)).await;
+    let stale = common::eventually(Duration::from_secs(10), || async {
+        env.shared
+            .regions
+            .picture()
+            .replicas
+            .iter()
+            .all(|r| r.lag.is_some_and(|l| l > Duration::from_millis(400)))
+    })
+    .await;
+    assert!(stale);
+    let error = client.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(common::sqlstate(&error), "57P03");
+    let message = error.as_db_error().unwrap().message().to_string();
+    assert!(
+        message.contains("300ms") && message.contains("eu-west") && message.contains("ap-south"),
+        "{message}"
+    );
+    // Writes are unaffected.
+    client
+        .batch_execute("CREATE TABLE still_writable (x int)")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_always_sees_the_write() {
+    // eu-west is paused but within a generous budget: without read-your-writes every read there would miss.
+    // The primary is near here so that a thousand round trips stay quick.
+    let env = start_with(Duration::ZERO, "max_lag: 1h").await;
+    let client = env.client().await;
+    client
+        .batch_execute("CREATE TABLE notes (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    env.eu_west().pause_replay().unwrap();
+    for i in 0..1000 {
+        client
+            .execute("INSERT INTO notes VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+        let row = client
+            .query_one(
+                "SELECT count(*), inet_server_port() FROM notes WHERE id = $1",
+                &[&i],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i64>(0), 1, "write {i} not visible");
+        assert_ne!(row.get::<_, i32>(1) as u16, env.port_of("eu-west"));
+    }
+    // A new session has no write to wait for: it reads from the (paused, within budget) home replica.
+    let fresh = env.client().await;
+    assert_eq!(server_port(&fresh, "").await, env.port_of("eu-west"));
+    env.eu_west().resume_replay().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_is_banned_and_no_read_fails() {
+    let env = start("max_lag: 2s").await;
+    let clients: Vec<Client> = futures_util::future::join_all((0..4).map(|_| env.client())).await;
+    for client in &clients {
+        assert_eq!(server_port(client, "").await, env.port_of("eu-west"));
+    }
+    env.eu_west().stop_immediate().unwrap();
+    for round in 0..20 {
+        for client in &clients {
+            let port = server_port(client, "").await;
+            assert_ne!(port, env.port_of("eu-west"), "round {round}");
+        }
+    }
+    // It is marked down by the monitor as well.
+    let down = common::eventually(Duration::from_secs(10), || async {
+        !env.shared.regions.picture().replicas[0].up
+    })
+    .await;
+    assert!(down);
+    // Back up: it serves again once the monitor sees it healthy and the ban is over.
+    env.eu_west().restart().unwrap();
+    env.shared.regions.unban(0);
+    let back = common::eventually(Duration::from_secs(20), || async {
+        server_port(&clients[0], "").await == env.port_of("eu-west")
+    })
+    .await;
+    assert!(back, "the replica never came back");
+}

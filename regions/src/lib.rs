@@ -1,0 +1,168 @@
+//! Regions, replicas and where a read goes. This crate knows the topology from the configuration, measures
+//! replicas (health, round trip, replication lag) on its own side connections, and chooses a server for a
+//! read; it knows nothing of client sockets.
+
+pub mod config;
+pub mod lsn;
+pub mod metrics;
+pub mod monitor;
+pub mod picture;
+pub mod url;
+
+pub use crate::lsn::Lsn;
+pub use crate::monitor::SideLogin;
+pub use crate::picture::{
+    Decision, NoFit, Picture, ReadRequest, Reason, ReplicaId, ReplicaStatus, Target,
+};
+pub use crate::url::ServerUrl;
+
+use crate::config::{Region, Routing, ServerSpec};
+use crate::monitor::Heartbeats;
+use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The live state of the topology: what the monitors measured, bans, and queries in flight per replica.
+pub struct Regions {
+    pub routing: Routing,
+    pub primary_url: ServerUrl,
+    pub primary_region: Option<Arc<str>>,
+    pub home_region: Option<Arc<str>>,
+    /// Replica URLs by [`ReplicaId`].
+    pub replica_urls: Vec<ServerUrl>,
+    /// This gateway's row in the heartbeat table.
+    pub gateway_name: String,
+    login: SideLogin,
+    statuses: Mutex<Vec<ReplicaStatus>>,
+    picture: ArcSwap<Picture>,
+    heartbeats: Mutex<Heartbeats>,
+    outstanding: Vec<AtomicU32>,
+    /// Consecutive bans per replica, for the doubling ban time.
+    strikes: Vec<AtomicU32>,
+}
+
+impl Regions {
+    pub fn new(
+        primary: &ServerSpec,
+        home_region: Option<&str>,
+        regions: &[Region],
+        routing: &Routing,
+        gateway_name: &str,
+        login: SideLogin,
+    ) -> Arc<Regions> {
+        let mut statuses = Vec::new();
+        for region in regions {
+            let name: Arc<str> = region.name.as_str().into();
+            for url in &region.replicas {
+                statuses.push(ReplicaStatus::new(
+                    statuses.len(),
+                    name.clone(),
+                    url.clone(),
+                ));
+            }
+        }
+        let picture = Picture {
+            region_order: picture::region_order(&statuses, &routing.region_order, home_region),
+            replicas: statuses.clone(),
+            primary_region: primary.region.as_deref().map(Arc::from),
+        };
+        Arc::new(Regions {
+            routing: routing.clone(),
+            primary_url: primary.url.clone(),
+            primary_region: primary.region.as_deref().map(Arc::from),
+            home_region: home_region.map(Arc::from),
+            replica_urls: statuses.iter().map(|s| s.url.clone()).collect(),
+            gateway_name: gateway_name.to_string(),
+            login,
+            outstanding: statuses.iter().map(|_| AtomicU32::new(0)).collect(),
+            strikes: statuses.iter().map(|_| AtomicU32::new(0)).collect(),
+            statuses: Mutex::new(statuses),
+            picture: ArcSwap::from_pointee(picture),
+            heartbeats: Mutex::new(Heartbeats::default()),
+        })
+    }
+
+    pub fn has_replicas(&self) -> bool {
+        !self.replica_urls.is_empty()
+    }
+
+    /// Starts the heartbeat writer and one probe per replica; they run until the runtime stops.
+    pub fn spawn_monitors(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        if !self.has_replicas() {
+            return Vec::new();
+        }
+        let mut tasks = vec![tokio::spawn(monitor::heartbeat(self.clone()))];
+        for id in 0..self.replica_urls.len() {
+            tasks.push(tokio::spawn(monitor::probe(self.clone(), id)));
+        }
+        tasks
+    }
+
+    /// The current snapshot.
+    pub fn picture(&self) -> arc_swap::Guard<Arc<Picture>> {
+        self.picture.load()
+    }
+
+    /// Chooses a server for a read.
+    pub fn choose(&self, request: &ReadRequest) -> Result<Decision, NoFit> {
+        let fallback = self.routing.when_no_replica_fits == config::WhenNoReplicaFits::Primary;
+        self.picture.load().choose(
+            request,
+            Instant::now(),
+            |id| self.outstanding[id].load(Ordering::Relaxed),
+            fallback,
+        )
+    }
+
+    /// Counts a query in flight on a replica until the guard drops (load spreading within a region).
+    pub fn start_query(self: &Arc<Self>, id: ReplicaId) -> InFlight {
+        self.outstanding[id].fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            regions: self.clone(),
+            id,
+        }
+    }
+
+    /// A replica refused or dropped a connection: no reads for a while, longer each time in a row.
+    pub fn ban(&self, id: ReplicaId, reason: &str) {
+        let strikes = self.strikes[id].fetch_add(1, Ordering::Relaxed).min(6);
+        let duration = self.routing.ban_time * 2u32.pow(strikes);
+        self.update(id, |status| {
+            status.banned_until = Some(Instant::now() + duration);
+            tracing::warn!(replica = %status.url, region = %status.region, reason, ban = ?duration, "replica banned");
+        });
+    }
+
+    /// A replica served a read: it is healthy again, so its next ban starts short.
+    pub fn served(&self, id: ReplicaId) {
+        self.strikes[id].store(0, Ordering::Relaxed);
+    }
+
+    /// Lifts a ban now (the admin console's UNBAN).
+    pub fn unban(&self, id: ReplicaId) {
+        self.strikes[id].store(0, Ordering::Relaxed);
+        self.update(id, |status| status.banned_until = None);
+    }
+
+    pub fn side_login(&self) -> &SideLogin {
+        &self.login
+    }
+
+    /// The default time to wait for the monitors' first picture.
+    pub fn warmup(&self) -> Duration {
+        self.routing.monitor_interval * 4
+    }
+}
+
+/// A read in flight on a replica; see [`Regions::start_query`].
+pub struct InFlight {
+    regions: Arc<Regions>,
+    id: ReplicaId,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.regions.outstanding[self.id].fetch_sub(1, Ordering::Relaxed);
+    }
+}

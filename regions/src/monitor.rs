@@ -1,0 +1,329 @@
+//! Measuring replicas: the heartbeat on the primary and one probe task per replica, on the gateway's own side
+//! connections (tokio-postgres).
+//!
+//! Every interval the heartbeat writer bumps this gateway's row in `regiongate.heartbeat` and notes, for that
+//! heartbeat, the instant it was sent and the primary's WAL position. A probe asks a replica what it has
+//! replayed (WAL position and heartbeat). A replica that has replayed heartbeat N (or the WAL position noted
+//! with it) shows everything committed before N was sent; that instant is its `fresh_as_of`, so its lag stays
+//! right on an idle primary (the heartbeat keeps WAL moving) and is zero once replay catches up.
+
+use crate::lsn::Lsn;
+use crate::picture::{region_order, Picture, ReplicaId, ReplicaStatus};
+use crate::Regions;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, NoTls};
+
+/// Heartbeats remembered (two minutes at the default interval); an older one means "lag unknown".
+const HEARTBEATS_KEPT: usize = 512;
+
+/// The gateway's own tables on the primary; idempotent, also shipped as a migration.
+pub const SCHEMA_SQL: &str = "CREATE SCHEMA IF NOT EXISTS regiongate;
+CREATE TABLE IF NOT EXISTS regiongate.heartbeat (
+    gateway text PRIMARY KEY,
+    seq bigint NOT NULL,
+    written_at timestamptz NOT NULL
+);";
+
+/// How the gateway logs in for its own work (monitors, heartbeat).
+#[derive(Clone, Debug)]
+pub struct SideLogin {
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Heartbeat {
+    pub seq: i64,
+    pub lsn: Lsn,
+    pub sent: Instant,
+}
+
+/// Ring of recent heartbeats, oldest first.
+#[derive(Default)]
+pub(crate) struct Heartbeats(VecDeque<Heartbeat>);
+
+impl Heartbeats {
+    pub fn push(&mut self, heartbeat: Heartbeat) {
+        if self.0.len() == HEARTBEATS_KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back(heartbeat);
+    }
+
+    pub fn latest(&self) -> Option<Heartbeat> {
+        self.0.back().copied()
+    }
+
+    /// The newest instant before which everything is visible on a replica that replayed `lsn` and `seq`.
+    pub fn fresh_as_of(&self, lsn: Option<Lsn>, seq: Option<i64>) -> Option<Instant> {
+        self.0
+            .iter()
+            .rev()
+            .find(|h| lsn.is_some_and(|l| l >= h.lsn) || seq.is_some_and(|s| s >= h.seq))
+            .map(|h| h.sent)
+    }
+}
+
+fn connect_config(
+    url: &crate::ServerUrl,
+    login: &SideLogin,
+    timeout: Duration,
+) -> tokio_postgres::Config {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&url.host)
+        .port(url.port)
+        .user(&login.user)
+        .dbname(&login.database)
+        .application_name("regiongate monitor")
+        .connect_timeout(timeout);
+    if let Some(password) = &login.password {
+        config.password(password);
+    }
+    config
+}
+
+async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Writes the heartbeat every interval until the gateway stops.
+pub(crate) async fn heartbeat(regions: Arc<Regions>) {
+    let interval = regions.routing.monitor_interval;
+    let config = connect_config(
+        &regions.primary_url,
+        &regions.login,
+        interval.max(Duration::from_secs(2)),
+    );
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut client: Option<Client> = None;
+    loop {
+        ticker.tick().await;
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = match connect(&config).await {
+                Ok(c) => match setup(&c, &regions.gateway_name).await {
+                    Ok(()) => Some(c),
+                    Err(error) => {
+                        regions.primary_failed(&error.to_string());
+                        None
+                    }
+                },
+                Err(error) => {
+                    regions.primary_failed(&error.to_string());
+                    None
+                }
+            };
+        }
+        let Some(c) = &client else { continue };
+        let sent = Instant::now();
+        let statement = "UPDATE regiongate.heartbeat SET seq = seq + 1, written_at = now() \
+                         WHERE gateway = $1 RETURNING seq, pg_current_wal_lsn()::text";
+        match tokio::time::timeout(
+            interval * 8,
+            c.query_one(statement, &[&regions.gateway_name]),
+        )
+        .await
+        {
+            Ok(Ok(row)) => {
+                let lsn = row.get::<_, String>(1).parse().unwrap_or_default();
+                regions.heartbeat_written(Heartbeat {
+                    seq: row.get(0),
+                    lsn,
+                    sent,
+                });
+            }
+            Ok(Err(error)) => {
+                regions.primary_failed(&error.to_string());
+                client = None;
+            }
+            Err(_) => {
+                regions.primary_failed("heartbeat timed out");
+                client = None;
+            }
+        }
+    }
+}
+
+async fn setup(client: &Client, gateway: &str) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute(SCHEMA_SQL).await?;
+    client
+        .execute(
+            "INSERT INTO regiongate.heartbeat (gateway, seq, written_at) VALUES ($1, 0, now()) ON CONFLICT DO NOTHING",
+            &[&gateway],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Probes one replica every interval, reconnecting with backoff while it is down.
+pub(crate) async fn probe(regions: Arc<Regions>, id: ReplicaId) {
+    let interval = regions.routing.monitor_interval;
+    let url = regions.replica_urls[id].clone();
+    let config = connect_config(&url, &regions.login, interval.max(Duration::from_secs(1)));
+    let mut client: Option<Client> = None;
+    let mut backoff = interval;
+    loop {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            match connect(&config).await {
+                Ok(c) => {
+                    client = Some(c);
+                    backoff = interval;
+                }
+                Err(error) => {
+                    regions.replica_failed(id, &error.to_string());
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
+        let c = client.as_ref().expect("connected above");
+        let started = Instant::now();
+        let statement = "SELECT pg_last_wal_replay_lsn()::text, \
+                         (SELECT seq FROM regiongate.heartbeat WHERE gateway = $1)";
+        let timeout = (interval * 4).max(Duration::from_secs(1));
+        match tokio::time::timeout(timeout, c.query_one(statement, &[&regions.gateway_name])).await
+        {
+            Ok(Ok(row)) => {
+                let rtt = started.elapsed();
+                let lsn = row.get::<_, Option<String>>(0).and_then(|l| l.parse().ok());
+                let seq = row.get::<_, Option<i64>>(1);
+                regions.replica_measured(id, started, rtt, lsn, seq);
+            }
+            Ok(Err(error)) => {
+                regions.replica_failed(id, &error.to_string());
+                client = None;
+            }
+            Err(_) => {
+                regions.replica_failed(id, &format!("probe timed out after {timeout:?}"));
+                client = None;
+            }
+        }
+        tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
+    }
+}
+
+impl Regions {
+    fn heartbeat_written(&self, heartbeat: Heartbeat) {
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(heartbeat);
+        crate::metrics::PRIMARY_UP.set(1);
+    }
+
+    fn primary_failed(&self, error: &str) {
+        crate::metrics::PRIMARY_UP.set(0);
+        tracing::warn!(primary = %self.primary_url, error, "heartbeat on the primary failed");
+    }
+
+    fn replica_measured(
+        &self,
+        id: ReplicaId,
+        at: Instant,
+        rtt: Duration,
+        lsn: Option<Lsn>,
+        seq: Option<i64>,
+    ) {
+        let (fresh_as_of, latest) = {
+            let heartbeats = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+            (heartbeats.fresh_as_of(lsn, seq), heartbeats.latest())
+        };
+        self.update(id, |status| {
+            let was_down = !status.up;
+            status.up = lsn.is_some();
+            status.error = if lsn.is_some() {
+                None
+            } else {
+                Some("not in recovery: this server is not a replica".into())
+            };
+            // Smoothed like TCP's SRTT, so one slow probe does not reorder regions.
+            status.rtt = Some(match status.rtt {
+                Some(previous) => previous.mul_f64(0.8) + rtt.mul_f64(0.2),
+                None => rtt,
+            });
+            status.replay_lsn = lsn;
+            status.fresh_as_of = fresh_as_of;
+            let caught_up = matches!((lsn, latest), (Some(l), Some(h)) if l >= h.lsn);
+            status.lag = if caught_up {
+                Some(Duration::ZERO)
+            } else {
+                fresh_as_of.map(|t| at.saturating_duration_since(t))
+            };
+            status.lag_bytes = match (lsn, latest) {
+                (Some(l), Some(h)) => Some(l.bytes_until(h.lsn)),
+                _ => None,
+            };
+            if was_down && status.up {
+                tracing::info!(replica = %status.url, region = %status.region, "replica is up");
+            }
+        });
+    }
+
+    fn replica_failed(&self, id: ReplicaId, error: &str) {
+        self.update(id, |status| {
+            if status.up || status.error.as_deref() == Some("not measured yet") {
+                tracing::warn!(replica = %status.url, region = %status.region, error, "replica is down");
+            }
+            status.up = false;
+            status.error = Some(error.to_string());
+        });
+    }
+
+    /// Changes one replica's status and publishes a new picture.
+    pub(crate) fn update(&self, id: ReplicaId, change: impl FnOnce(&mut ReplicaStatus)) {
+        let mut statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(status) = statuses.get_mut(id) {
+            change(status);
+            crate::metrics::observe(status);
+        }
+        let picture = Picture {
+            region_order: region_order(
+                &statuses,
+                &self.routing.region_order,
+                self.home_region.as_deref(),
+            ),
+            replicas: statuses.clone(),
+            primary_region: self.primary_region.clone(),
+        };
+        self.picture.store(Arc::new(picture));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freshness_from_replayed_position_or_heartbeat() {
+        let base = Instant::now();
+        let mut ring = Heartbeats::default();
+        for i in 0..5 {
+            ring.push(Heartbeat {
+                seq: i,
+                lsn: Lsn(100 * i as u64),
+                sent: base + Duration::from_millis(250 * i as u64),
+            });
+        }
+        // Replayed up to LSN 250: heartbeats 0..=2 are visible, so fresh as of heartbeat 2.
+        assert_eq!(
+            ring.fresh_as_of(Some(Lsn(250)), None),
+            Some(base + Duration::from_millis(500))
+        );
+        // The heartbeat row itself says 3.
+        assert_eq!(
+            ring.fresh_as_of(Some(Lsn(250)), Some(3)),
+            Some(base + Duration::from_millis(750))
+        );
+        // Nothing replayed that we remember.
+        assert_eq!(ring.fresh_as_of(None, Some(-1)), None);
+    }
+}

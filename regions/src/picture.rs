@@ -1,0 +1,461 @@
+//! The live picture of the replicas (health, distance, freshness) and the choice of where a read goes.
+//!
+//! A [`Picture`] is an immutable snapshot: the monitors publish a new one after each measurement, readers load
+//! it without locking. [`Picture::choose`] is a pure function of the snapshot, the request and the time, so it
+//! is tested without sockets.
+
+use crate::lsn::Lsn;
+use crate::url::ServerUrl;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Index of a replica in the configuration (regions in order, replicas in order).
+pub type ReplicaId = usize;
+
+/// What the monitor last learned about one replica.
+#[derive(Clone, Debug)]
+pub struct ReplicaStatus {
+    pub id: ReplicaId,
+    pub region: Arc<str>,
+    pub url: ServerUrl,
+    /// Answered its last probe.
+    pub up: bool,
+    /// No reads until then (it refused or dropped a connection).
+    pub banned_until: Option<Instant>,
+    /// Smoothed round-trip time of the probes.
+    pub rtt: Option<Duration>,
+    /// Every transaction that committed on the primary before this instant is visible on the replica.
+    pub fresh_as_of: Option<Instant>,
+    pub replay_lsn: Option<Lsn>,
+    /// Replication lag as reported: 0 when replay has caught up with the primary, else the age of the newest
+    /// heartbeat the replica has replayed.
+    pub lag: Option<Duration>,
+    /// WAL bytes the replica has yet to replay.
+    pub lag_bytes: Option<u64>,
+    /// Why it is down, for the console and errors.
+    pub error: Option<String>,
+}
+
+impl ReplicaStatus {
+    pub fn new(id: ReplicaId, region: Arc<str>, url: ServerUrl) -> ReplicaStatus {
+        ReplicaStatus {
+            id,
+            region,
+            url,
+            up: false,
+            banned_until: None,
+            rtt: None,
+            fresh_as_of: None,
+            replay_lsn: None,
+            lag: None,
+            lag_bytes: None,
+            error: Some("not measured yet".into()),
+        }
+    }
+
+    /// The most stale the replica's data can be at `now`.
+    pub fn staleness(&self, now: Instant) -> Option<Duration> {
+        self.fresh_as_of.map(|t| now.saturating_duration_since(t))
+    }
+
+    pub fn banned(&self, now: Instant) -> bool {
+        self.banned_until.is_some_and(|until| until > now)
+    }
+}
+
+/// A snapshot of every replica, and the order in which regions are tried.
+#[derive(Clone, Debug, Default)]
+pub struct Picture {
+    pub replicas: Vec<ReplicaStatus>,
+    /// Nearest region first.
+    pub region_order: Vec<Arc<str>>,
+    pub primary_region: Option<Arc<str>>,
+}
+
+/// What a read needs from a replica.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadRequest {
+    /// The oldest data it accepts.
+    pub max_lag: Duration,
+    /// Read your writes: the replica must have replayed this position.
+    pub min_lsn: Option<Lsn>,
+    /// A replica that just failed this very read.
+    pub exclude: Option<ReplicaId>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Primary,
+    Replica(ReplicaId),
+}
+
+/// Why a statement went where it went; a metric label, so the set is fixed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A write, or a transaction that may write.
+    Write,
+    /// A `/* regiongate: primary */` hint.
+    Hint,
+    /// The nearest region had a replica within budget.
+    WithinBudget,
+    /// A nearer replica was over the budget.
+    OverBudget,
+    /// A nearer replica was down or banned.
+    Down,
+    /// A nearer replica had not replayed the session's last write.
+    ReadYourWrites,
+    /// No replicas are configured.
+    NoReplicas,
+}
+
+impl Reason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Write => "write",
+            Reason::Hint => "hint",
+            Reason::WithinBudget => "within-budget",
+            Reason::OverBudget => "over-budget",
+            Reason::Down => "down",
+            Reason::ReadYourWrites => "read-your-writes",
+            Reason::NoReplicas => "no-replicas",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub target: Target,
+    pub reason: Reason,
+    /// The region of the chosen server, if known.
+    pub region: Option<Arc<str>>,
+}
+
+/// No replica fits and the configuration says to refuse: why, per candidate.
+#[derive(Clone, Debug)]
+pub struct NoFit {
+    pub budget: Duration,
+    pub candidates: Vec<String>,
+}
+
+impl std::fmt::Display for NoFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no replica within the staleness budget of {:?}",
+            self.budget
+        )?;
+        if self.candidates.is_empty() {
+            write!(f, " (no replicas configured)")
+        } else {
+            write!(f, ": {}", self.candidates.join("; "))
+        }
+    }
+}
+
+impl Picture {
+    /// Where a read goes: the nearest region with a healthy replica fresh enough for the request (within a
+    /// region, the one with the fewest queries in flight, then the nearest), else the primary, or `NoFit`
+    /// when `fallback_to_primary` is false.
+    pub fn choose(
+        &self,
+        request: &ReadRequest,
+        now: Instant,
+        outstanding: impl Fn(ReplicaId) -> u32,
+        fallback_to_primary: bool,
+    ) -> Result<Decision, NoFit> {
+        let mut first_skip: Option<Reason> = None;
+        for region in &self.region_order {
+            let mut best: Option<(&ReplicaStatus, u32)> = None;
+            let mut region_skip = None;
+            for replica in self.replicas.iter().filter(|r| &r.region == region) {
+                match self.unfit(replica, request, now) {
+                    Some(why) => {
+                        region_skip.get_or_insert(why);
+                    }
+                    None => {
+                        let load = outstanding(replica.id);
+                        let better = match best {
+                            None => true,
+                            Some((b, b_load)) => (load, replica.rtt) < (b_load, b.rtt),
+                        };
+                        if better {
+                            best = Some((replica, load));
+                        }
+                    }
+                }
+            }
+            if let Some((replica, _)) = best {
+                return Ok(Decision {
+                    target: Target::Replica(replica.id),
+                    reason: first_skip.unwrap_or(Reason::WithinBudget),
+                    region: Some(region.clone()),
+                });
+            }
+            if let Some(why) = region_skip {
+                first_skip.get_or_insert(why);
+            }
+        }
+        if fallback_to_primary {
+            return Ok(Decision {
+                target: Target::Primary,
+                reason: first_skip.unwrap_or(Reason::NoReplicas),
+                region: self.primary_region.clone(),
+            });
+        }
+        Err(NoFit {
+            budget: request.max_lag,
+            candidates: self
+                .replicas
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} in {}: {}",
+                        r.url,
+                        r.region,
+                        self.describe(r, request, now)
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    fn unfit(
+        &self,
+        replica: &ReplicaStatus,
+        request: &ReadRequest,
+        now: Instant,
+    ) -> Option<Reason> {
+        if !replica.up || replica.banned(now) || request.exclude == Some(replica.id) {
+            return Some(Reason::Down);
+        }
+        match replica.staleness(now) {
+            Some(staleness) if staleness <= request.max_lag => {}
+            _ => return Some(Reason::OverBudget),
+        }
+        if let Some(min) = request.min_lsn {
+            if replica.replay_lsn.is_none_or(|replayed| replayed < min) {
+                return Some(Reason::ReadYourWrites);
+            }
+        }
+        None
+    }
+
+    fn describe(&self, replica: &ReplicaStatus, request: &ReadRequest, now: Instant) -> String {
+        match self.unfit(replica, request, now) {
+            Some(Reason::Down) => format!(
+                "down ({})",
+                replica.error.as_deref().unwrap_or(if replica.banned(now) {
+                    "banned"
+                } else {
+                    "excluded"
+                })
+            ),
+            Some(Reason::OverBudget) => match replica.staleness(now) {
+                Some(s) => format!("lag {:.3}s", s.as_secs_f64()),
+                None => "lag unknown".to_string(),
+            },
+            Some(Reason::ReadYourWrites) => {
+                "has not replayed this session's last write".to_string()
+            }
+            _ => "fits".to_string(),
+        }
+    }
+
+    pub fn replica(&self, id: ReplicaId) -> Option<&ReplicaStatus> {
+        self.replicas.get(id)
+    }
+}
+
+/// Regions nearest first: a static order when configured (regions it omits follow), else the home region,
+/// then the others by their best measured round trip (unmeasured last).
+pub fn region_order(
+    replicas: &[ReplicaStatus],
+    static_order: &[String],
+    home: Option<&str>,
+) -> Vec<Arc<str>> {
+    let mut regions: Vec<Arc<str>> = Vec::new();
+    for r in replicas {
+        if !regions.contains(&r.region) {
+            regions.push(r.region.clone());
+        }
+    }
+    let best_rtt = |region: &Arc<str>| {
+        replicas
+            .iter()
+            .filter(|r| &r.region == region && r.up)
+            .filter_map(|r| r.rtt)
+            .min()
+            .unwrap_or(Duration::MAX)
+    };
+    let rank = |region: &Arc<str>| {
+        let fixed = static_order
+            .iter()
+            .position(|s| **s == **region)
+            .unwrap_or(usize::MAX);
+        let is_home = home == Some(&**region);
+        let by_distance = if static_order.is_empty() {
+            best_rtt(region)
+        } else {
+            Duration::MAX
+        };
+        (fixed, !is_home, by_distance)
+    };
+    regions.sort_by_key(|r| rank(r));
+    regions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(id: usize, region: &str, rtt_ms: u64, stale_ms: u64, now: Instant) -> ReplicaStatus {
+        let mut r = ReplicaStatus::new(
+            id,
+            region.into(),
+            ServerUrl::parse(&format!("postgres://r{id}/app")).unwrap(),
+        );
+        r.up = true;
+        r.error = None;
+        r.rtt = Some(Duration::from_millis(rtt_ms));
+        r.fresh_as_of = Some(now - Duration::from_millis(stale_ms));
+        r.replay_lsn = Some(Lsn(1000));
+        r
+    }
+
+    fn picture(now: Instant) -> Picture {
+        let replicas = vec![
+            replica(0, "eu-west", 1, 100, now),
+            replica(1, "ap-south", 120, 100, now),
+            replica(2, "ap-south", 121, 100, now),
+        ];
+        Picture {
+            region_order: region_order(&replicas, &[], Some("eu-west")),
+            replicas,
+            primary_region: Some("us-east".into()),
+        }
+    }
+
+    fn request(max_lag_ms: u64) -> ReadRequest {
+        ReadRequest {
+            max_lag: Duration::from_millis(max_lag_ms),
+            min_lsn: None,
+            exclude: None,
+        }
+    }
+
+    #[test]
+    fn nearest_region_within_budget_wins() {
+        let now = Instant::now();
+        let d = picture(now)
+            .choose(&request(1000), now, |_| 0, true)
+            .unwrap();
+        assert_eq!(
+            (d.target, d.reason),
+            (Target::Replica(0), Reason::WithinBudget)
+        );
+    }
+
+    #[test]
+    fn over_budget_falls_to_the_next_region_then_the_primary() {
+        let now = Instant::now();
+        let mut p = picture(now);
+        p.replicas[0].fresh_as_of = Some(now - Duration::from_secs(5));
+        let d = p.choose(&request(1000), now, |_| 0, true).unwrap();
+        assert_eq!(
+            (d.region.as_deref(), d.reason),
+            (Some("ap-south"), Reason::OverBudget)
+        );
+        // Least outstanding within the region.
+        let d = p
+            .choose(&request(1000), now, |id| if id == 1 { 3 } else { 0 }, true)
+            .unwrap();
+        assert_eq!(d.target, Target::Replica(2));
+        for r in &mut p.replicas {
+            r.fresh_as_of = Some(now - Duration::from_secs(5));
+        }
+        let d = p.choose(&request(1000), now, |_| 0, true).unwrap();
+        assert_eq!((d.target, d.reason), (Target::Primary, Reason::OverBudget));
+        let error = p.choose(&request(1000), now, |_| 0, false).unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains("1s") && text.contains("lag 5.000s") && text.contains("ap-south"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn staleness_grows_with_the_age_of_the_measurement() {
+        let now = Instant::now();
+        let p = picture(now);
+        // Fresh as of 100 ms ago; 950 ms later it may be 1.05 s stale.
+        let later = now + Duration::from_millis(950);
+        let d = p.choose(&request(1000), later, |_| 0, true).unwrap();
+        assert_eq!(d.target, Target::Primary);
+    }
+
+    #[test]
+    fn down_banned_and_excluded_replicas_are_skipped() {
+        let now = Instant::now();
+        let mut p = picture(now);
+        p.replicas[0].up = false;
+        let d = p.choose(&request(1000), now, |_| 0, true).unwrap();
+        assert_eq!(
+            (d.region.as_deref(), d.reason),
+            (Some("ap-south"), Reason::Down)
+        );
+        p.replicas[0].up = true;
+        p.replicas[0].banned_until = Some(now + Duration::from_secs(1));
+        assert_eq!(
+            p.choose(&request(1000), now, |_| 0, true).unwrap().reason,
+            Reason::Down
+        );
+        p.replicas[0].banned_until = None;
+        let excluded = ReadRequest {
+            exclude: Some(0),
+            ..request(1000)
+        };
+        assert_ne!(
+            p.choose(&excluded, now, |_| 0, true).unwrap().target,
+            Target::Replica(0)
+        );
+    }
+
+    #[test]
+    fn read_your_writes_needs_the_replayed_position() {
+        let now = Instant::now();
+        let mut p = picture(now);
+        p.replicas[0].replay_lsn = Some(Lsn(10));
+        let ryw = ReadRequest {
+            min_lsn: Some(Lsn(500)),
+            ..request(1000)
+        };
+        let d = p.choose(&ryw, now, |_| 0, true).unwrap();
+        assert_eq!(
+            (d.region.as_deref(), d.reason),
+            (Some("ap-south"), Reason::ReadYourWrites)
+        );
+    }
+
+    #[test]
+    fn region_order_is_home_then_nearest_or_static() {
+        let now = Instant::now();
+        let replicas = vec![
+            replica(0, "far", 200, 0, now),
+            replica(1, "near", 10, 0, now),
+            replica(2, "home", 50, 0, now),
+        ];
+        let names = |v: Vec<Arc<str>>| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            names(region_order(&replicas, &[], Some("home"))),
+            ["home", "near", "far"]
+        );
+        assert_eq!(
+            names(region_order(&replicas, &[], None)),
+            ["near", "home", "far"]
+        );
+        assert_eq!(
+            names(region_order(&replicas, &["far".to_string()], Some("home"))),
+            ["far", "home", "near"]
+        );
+    }
+}
