@@ -41,6 +41,46 @@ pub struct Config {
     pub regions: Vec<Region>,
     #[serde(default)]
     pub routing: Routing,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Who may open the admin console (database `regiongate`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Users (from `auth.users`) allowed in; others are refused with 42501.
+    #[serde(default)]
+    pub users: Vec<String>,
+}
+
+/// The Prometheus listener.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serves `/metrics`, `/healthz` and `/readyz` over HTTP; off when absent.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Requests that take longer are logged at warn, with their statement.
+    #[serde(with = "duration")]
+    pub slow_statement: std::time::Duration,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            slow_statement: std::time::Duration::from_secs(1),
+        }
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -60,7 +100,7 @@ pub enum PoolMode {
     Session,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     pub mode: PoolMode,
@@ -337,6 +377,9 @@ impl Config {
         }
         if self.routing.monitor_interval < std::time::Duration::from_millis(10) {
             return Err(("routing.monitor_interval", "must be at least 10ms".into()));
+        }
+        if let Some(unknown) = self.admin.users.iter().find(|a| self.user(a).is_none()) {
+            return Err(("admin.users", format!("{unknown:?} is not in auth.users")));
         }
         if self.auth.method != AuthMethod::Trust && self.auth.users.is_empty() {
             return Err((

@@ -1,9 +1,11 @@
 //! regiongate: a PostgreSQL gateway. This crate is the binary's library: the client↔server path (protocol,
 //! pooling, sessions), configuration and metrics. `main.rs` is only the command line.
 
+pub mod admin;
 pub mod auth;
-pub mod cancel;
+pub mod clients;
 pub mod config;
+pub mod http;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
@@ -12,7 +14,7 @@ pub mod session;
 pub mod sql;
 
 use crate::auth::{Credentials, Startup};
-use crate::cancel::CancelRegistry;
+use crate::clients::Clients;
 use crate::config::Config;
 use crate::config::ServerUrl;
 use crate::metrics::METRICS;
@@ -32,36 +34,139 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-/// What every session shares: the current configuration, pools, cancel keys, statement names.
+/// What every session shares: the configuration in force, pools, clients, statement names, the regions.
+/// Everything a reload changes is an immutable snapshot swapped whole.
 pub struct Shared {
     pub config: ArcSwap<Config>,
     pub credentials: ArcSwap<Credentials>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
-    pub cancels: Arc<CancelRegistry>,
+    pub clients: Arc<Clients>,
     pub statement_names: StatementNames,
-    pub regions: Arc<Regions>,
-    pub classifier: Arc<Classifier>,
+    regions: ArcSwap<Regions>,
+    monitors: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pub classifier: ArcSwap<Classifier>,
+    /// The file the configuration came from, for RELOAD and SIGHUP.
+    pub config_path: Option<std::path::PathBuf>,
+    /// Serializes reloads.
+    reloading: Mutex<()>,
+    /// PAUSE: new transactions wait while this is true.
+    paused: tokio::sync::watch::Sender<bool>,
+    /// Bumped by every reload that took effect, so sessions know to look their pools up again.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+fn new_regions(config: &Config) -> Arc<Regions> {
+    Regions::new(
+        &config.primary,
+        config.home_region.as_deref(),
+        &config.regions,
+        &config.routing,
+        &config.gateway_name(),
+        side_login(config),
+    )
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Arc<Shared> {
-        let regions = Regions::new(
-            &config.primary,
-            config.home_region.as_deref(),
-            &config.regions,
-            &config.routing,
-            &config.gateway_name(),
-            side_login(&config),
-        );
+    pub fn new(config: Config, config_path: Option<std::path::PathBuf>) -> Arc<Shared> {
         Arc::new(Shared {
-            regions,
-            classifier: Classifier::new(&config.routing.side_effect_functions),
+            regions: ArcSwap::new(new_regions(&config)),
+            monitors: Mutex::new(Vec::new()),
+            classifier: ArcSwap::new(Classifier::new(&config.routing.side_effect_functions)),
             credentials: ArcSwap::from_pointee(Credentials::new(&config)),
             config: ArcSwap::from_pointee(config),
             pools: Mutex::new(HashMap::new()),
-            cancels: Arc::default(),
+            clients: Arc::default(),
             statement_names: StatementNames::default(),
+            config_path,
+            reloading: Mutex::new(()),
+            paused: tokio::sync::watch::channel(false).0,
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// The regions in force (replaced whole by a reload).
+    pub fn regions(&self) -> Arc<Regions> {
+        self.regions.load_full()
+    }
+
+    /// Whether any replica is configured; cheap enough for every message.
+    pub fn has_replicas(&self) -> bool {
+        self.regions.load().has_replicas()
+    }
+
+    fn start_monitors(&self) {
+        let tasks = self.regions.load().spawn_monitors();
+        let old = std::mem::replace(
+            &mut *self.monitors.lock().unwrap_or_else(|p| p.into_inner()),
+            tasks,
+        );
+        for task in old {
+            task.abort();
+        }
+    }
+
+    /// Re-reads the configuration file and swaps it in: credentials, budgets, regions and replicas (with new
+    /// monitors), pool settings. Pools whose server left the configuration, or whose settings changed, are
+    /// dropped from the map: sessions pick up fresh pools at their next transaction, and the old pools close
+    /// their connections as they come back. An invalid file changes nothing.
+    pub fn reload(&self) -> Result<(), String> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self
+            .config_path
+            .as_ref()
+            .ok_or("this gateway was not started from a file")?;
+        let new = Config::load(path).map_err(|e| {
+            tracing::error!(error = %e, "configuration reload refused; the old configuration stays");
+            e.to_string()
+        })?;
+        let old = self.config.load_full();
+        let servers: Vec<ServerUrl> = std::iter::once(new.primary.url.clone())
+            .chain(new.regions.iter().flat_map(|r| r.replicas.iter().cloned()))
+            .collect();
+        self.pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|key, pool| servers.contains(&key.server) && pool.config() == &new.pool);
+        let topology_changed = format!(
+            "{:?}{:?}{:?}{:?}{:?}",
+            old.primary, old.home_region, old.regions, old.routing, old.name
+        ) != format!(
+            "{:?}{:?}{:?}{:?}{:?}",
+            new.primary, new.home_region, new.regions, new.routing, new.name
+        );
+        self.credentials.store(Arc::new(Credentials::new(&new)));
+        self.classifier
+            .store(Classifier::new(&new.routing.side_effect_functions));
+        if topology_changed {
+            self.regions.store(new_regions(&new));
+            self.start_monitors();
+        }
+        self.config.store(Arc::new(new));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        tracing::info!(topology_changed, "configuration reloaded");
+        METRICS.reloads.inc();
+        Ok(())
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// PAUSE (true) holds new transactions; RESUME (false) releases them.
+    pub fn pause(&self, paused: bool) {
+        self.paused.send_replace(paused);
+        tracing::info!(paused, "pause state changed");
+    }
+
+    /// Waits while the gateway is paused.
+    pub async fn wait_unpaused(&self) {
+        let mut receiver = self.paused.subscribe();
+        let _ = receiver.wait_for(|paused| !paused).await;
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
     }
 
     /// The primary's pool for a client's database and user.
@@ -148,9 +253,23 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn bind(config: Config) -> std::io::Result<Gateway> {
+        Gateway::bind_from(config, None).await
+    }
+
+    /// Binds with the file the configuration came from (for RELOAD and SIGHUP), and starts the monitors and
+    /// the metrics listener.
+    pub async fn bind_from(
+        config: Config,
+        path: Option<std::path::PathBuf>,
+    ) -> std::io::Result<Gateway> {
         let listener = TcpListener::bind(config.listen).await?;
-        let shared = Shared::new(config);
-        shared.regions.spawn_monitors();
+        let metrics_listen = config.metrics.listen;
+        let shared = Shared::new(config, path);
+        shared.start_monitors();
+        if let Some(addr) = metrics_listen {
+            let listener = TcpListener::bind(addr).await?;
+            tokio::spawn(http::serve(shared.clone(), listener));
+        }
         Ok(Gateway { shared, listener })
     }
 

@@ -52,7 +52,7 @@ fn main() -> Result<()> {
                 "no configuration: run `regiongate --config FILE`, or `regiongate demo`",
             )?;
             let config = Config::load(&file)?;
-            serve(config)
+            serve(config, Some(file))
         }
     }
 }
@@ -85,11 +85,22 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
     Ok(runtime)
 }
 
-fn serve(config: Config) -> Result<()> {
+fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     runtime(config.workers)?.block_on(async move {
-        let gateway = Gateway::bind(config.clone())
+        let gateway = Gateway::bind_from(config.clone(), path)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let shared = gateway.shared.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let _ = shared.reload();
+            }
+        });
         gateway.run(shutdown_signal()).await;
         Ok(())
     })
@@ -140,7 +151,7 @@ fn demo(listen: &str) -> Result<()> {
          psql 'postgres://app:app@{listen}/app' -c 'CREATE TABLE t (x int); INSERT INTO t VALUES (1)'\n\n\
          Reads go to eu-west, writes to us-east. Ctrl-C stops everything."
     );
-    let result = serve(config);
+    let result = serve(config, None);
     drop(topology);
     result
 }

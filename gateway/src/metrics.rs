@@ -19,6 +19,12 @@ pub struct Metrics {
     pub errors_sent: IntCounterVec,
     pub cancels: IntCounterVec,
     pub routed: IntCounterVec,
+    pub reloads: IntCounter,
+    pub slow_statements: IntCounter,
+    /// `regiongate_request_seconds` for requests on the primary and on replicas (kept as children so that
+    /// observing one needs no label lookup).
+    pub request_primary: Histogram,
+    pub request_replica: Histogram,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -59,6 +65,18 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(pool_wait_seconds.clone()))
+            .expect("unique metric");
+        let request_seconds = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "regiongate_request_seconds",
+                "Time from a client's request (Query or Sync) to its ReadyForQuery, by the role of the server",
+            )
+            .buckets(vec![0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+            &["role"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(request_seconds.clone()))
             .expect("unique metric");
         for collector in regions::metrics::collectors() {
             registry.register(collector).expect("unique metric");
@@ -108,6 +126,16 @@ impl Metrics {
                 "Cancel requests, by outcome",
                 &["outcome"],
             ),
+            reloads: counter(
+                "regiongate_config_reloads_total",
+                "Configuration reloads that took effect",
+            ),
+            slow_statements: counter(
+                "regiongate_slow_statements_total",
+                "Requests slower than log.slow_statement",
+            ),
+            request_primary: request_seconds.with_label_values(&["primary"]),
+            request_replica: request_seconds.with_label_values(&["replica"]),
             routed: counter_vec(
                 "regiongate_routed_total",
                 "Routing decisions, by region and role of the server chosen and the reason",

@@ -116,6 +116,8 @@ pub struct Pool {
     server_parameters: Mutex<Option<ServerParameters>>,
     /// Server connections open right now (idle or leased).
     open: AtomicU64,
+    /// Clients waiting for a connection right now.
+    waiting: AtomicU64,
 }
 
 impl Pool {
@@ -130,6 +132,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             server_parameters: Mutex::new(None),
             open: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
         })
     }
 
@@ -143,12 +146,7 @@ impl Pool {
         let started = Instant::now();
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
-            Err(_) => match tokio::time::timeout(
-                self.config.checkout_timeout,
-                self.permits.clone().acquire_owned(),
-            )
-            .await
-            {
+            Err(_) => match self.wait_for_permit().await {
                 Ok(Ok(permit)) => permit,
                 _ => {
                     METRICS.pool_timeouts.inc();
@@ -183,6 +181,21 @@ impl Pool {
             pool: self.clone(),
             _permit: permit,
         })
+    }
+
+    /// Waits up to the checkout timeout for a slot, counted as waiting meanwhile.
+    async fn wait_for_permit(
+        &self,
+    ) -> Result<Result<OwnedSemaphorePermit, tokio::sync::AcquireError>, tokio::time::error::Elapsed>
+    {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let waited = tokio::time::timeout(
+            self.config.checkout_timeout,
+            self.permits.clone().acquire_owned(),
+        )
+        .await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        waited
     }
 
     async fn open_connection(&self) -> Result<ServerConn, PgError> {
@@ -322,6 +335,20 @@ impl Pool {
 
     pub fn open_connections(&self) -> u64 {
         self.open.load(Ordering::Relaxed)
+    }
+
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Backend pid and idle time of each idle connection, for the console.
+    pub fn idle_list(&self) -> Vec<(i32, Duration)> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|c| (c.pid, c.idle_since.elapsed()))
+            .collect()
     }
 
     pub fn idle_connections(&self) -> usize {

@@ -41,29 +41,40 @@ pub enum Kind {
     DiscardAll,
 }
 
-/// The byte ranges of the statements in `sql`, split at top-level semicolons; empty statements are dropped.
-pub fn split(sql: &[u8]) -> Vec<Range<usize>> {
-    let s = sql;
-    let mut statements = Vec::new();
-    let mut start = 0;
-    let mut i = 0;
-    while i < s.len() {
-        match s[i] {
-            b';' => {
-                push_statement(sql, start..i, &mut statements);
-                start = i + 1;
-                i += 1;
-            }
-            _ => i = skip_token(s, i),
-        }
-    }
-    push_statement(sql, start..s.len(), &mut statements);
-    statements
+/// The byte ranges of the statements in `sql`, split at top-level semicolons; empty statements are skipped.
+/// Lazy and allocation-free: every Query on the hot path goes through it.
+pub fn split(sql: &[u8]) -> Statements<'_> {
+    Statements { sql, at: 0 }
 }
 
-fn push_statement(sql: &[u8], range: Range<usize>, out: &mut Vec<Range<usize>>) {
-    if skip_space(sql, range.start) < range.end {
-        out.push(range);
+pub struct Statements<'a> {
+    sql: &'a [u8],
+    at: usize,
+}
+
+impl Iterator for Statements<'_> {
+    type Item = Range<usize>;
+
+    fn next(&mut self) -> Option<Range<usize>> {
+        let s = self.sql;
+        while self.at < s.len() {
+            let start = self.at;
+            // No semicolon at all (the common case): one statement, no need to lex for quotes.
+            if memchr::memchr(b';', &s[start..]).is_none() {
+                self.at = s.len();
+                return (skip_space(s, start) < s.len()).then_some(start..s.len());
+            }
+            let mut i = start;
+            while i < s.len() && s[i] != b';' {
+                i = skip_token(s, i);
+            }
+            let end = i.min(s.len());
+            self.at = end + 1;
+            if skip_space(s, start) < end {
+                return Some(start..end);
+            }
+        }
+        None
     }
 }
 
@@ -208,6 +219,32 @@ impl Words<'_> {
 /// Classifies one statement (a range from [`split`]); ranges in the result are relative to `sql`.
 pub fn classify(sql: &[u8], range: Range<usize>) -> Kind {
     let text = &sql[..range.end];
+    // Session advisory locks can hide anywhere in an expression; the transaction-scoped ones do not match.
+    if mentions_advisory_lock(&text[range.start..]) {
+        return Kind::Pin("session advisory lock");
+    }
+    // Most statements are not about the session: tell from the first word, without allocating.
+    let start = skip_space(text, range.start);
+    let head_end = (start..text.len())
+        .find(|&i| !text[i].is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    const SESSION_HEADS: [&[u8]; 9] = [
+        b"set",
+        b"reset",
+        b"listen",
+        b"create",
+        b"declare",
+        b"prepare",
+        b"execute",
+        b"deallocate",
+        b"discard",
+    ];
+    if !SESSION_HEADS
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(&text[start..head_end]))
+    {
+        return Kind::Other;
+    }
     let mut words = Words {
         sql: text,
         at: range.start,
@@ -215,10 +252,6 @@ pub fn classify(sql: &[u8], range: Range<usize>) -> Kind {
     let Some((head, _)) = words.next() else {
         return Kind::Other;
     };
-    // Session advisory locks can hide anywhere in an expression; the transaction-scoped ones do not match.
-    if contains_ignore_case(&text[range.start..], b"advisory_lock") {
-        return Kind::Pin("session advisory lock");
-    }
     match head.as_str() {
         "set" => classify_set(&mut words),
         "reset" => match words.next() {
@@ -333,11 +366,18 @@ fn setting_name(first: &str, words: &mut Words<'_>) -> String {
     }
 }
 
-pub fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.len() >= needle.len()
-        && haystack
-            .windows(needle.len())
-            .any(|w| w.eq_ignore_ascii_case(needle))
+/// Whether `text` mentions a session advisory lock function (`pg_advisory_lock`, `pg_try_advisory_lock`,
+/// their `_shared` forms) in any letter case. Runs on every Query: it only looks around underscores, which
+/// memchr finds quickly, instead of comparing at every byte.
+fn mentions_advisory_lock(text: &[u8]) -> bool {
+    const NEEDLE: &[u8] = b"advisory_lock";
+    const UNDERSCORE_AT: usize = 8;
+    memchr::memchr_iter(b'_', text).any(|p| {
+        p >= UNDERSCORE_AT
+            && text.len() >= p - UNDERSCORE_AT + NEEDLE.len()
+            && text[p - UNDERSCORE_AT..p - UNDERSCORE_AT + NEEDLE.len()]
+                .eq_ignore_ascii_case(NEEDLE)
+    })
 }
 
 #[cfg(test)]
@@ -346,16 +386,13 @@ mod tests {
 
     fn kinds(sql: &str) -> Vec<Kind> {
         let sql = sql.as_bytes();
-        split(sql).into_iter().map(|r| classify(sql, r)).collect()
+        split(sql).map(|r| classify(sql, r)).collect()
     }
 
     #[test]
     fn splits_at_top_level_semicolons_only() {
         let sql = "select ';' ; select $$a;b$$; select $x$ ; $x$ -- c;\n; select \"a;\" /* ; /* ; */ */; ;";
-        let parts: Vec<&str> = split(sql.as_bytes())
-            .into_iter()
-            .map(|r| sql[r].trim())
-            .collect();
+        let parts: Vec<&str> = split(sql.as_bytes()).map(|r| sql[r].trim()).collect();
         assert_eq!(
             parts,
             vec![
@@ -369,10 +406,10 @@ mod tests {
 
     #[test]
     fn escape_strings_and_parameters() {
-        assert_eq!(split(br"select E'\';' ; select 1").len(), 2);
-        assert_eq!(split(b"select $1; select $2").len(), 2);
-        assert_eq!(split(b"select 'it''s;'").len(), 1);
-        assert_eq!(split(b"select '\xff;'; select 2").len(), 2);
+        assert_eq!(split(br"select E'\';' ; select 1").count(), 2);
+        assert_eq!(split(b"select $1; select $2").count(), 2);
+        assert_eq!(split(b"select 'it''s;'").count(), 1);
+        assert_eq!(split(b"select '\xff;'; select 2").count(), 2);
     }
 
     #[test]

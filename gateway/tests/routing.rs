@@ -45,7 +45,7 @@ async fn start_with(primary_one_way: Duration, routing: &str) -> Env {
     .await
     .unwrap();
     let yaml = format!(
-        "listen: 127.0.0.1:0\nhome_region: eu-west\n{}auth: {{ method: scram-sha-256, users: [ {{ name: app, password: {APP_PASSWORD} }} ] }}\npool: {{ size: 4 }}\nrouting: {{ monitor_interval: 50ms, {routing} }}\n",
+        "listen: 127.0.0.1:0\nhome_region: eu-west\n{}auth: {{ method: scram-sha-256, users: [ {{ name: app, password: {APP_PASSWORD} }} ] }}\nadmin: {{ users: [ app ] }}\npool: {{ size: 4 }}\nrouting: {{ monitor_interval: 50ms, {routing} }}\n",
         topology.gateway_yaml("app")
     );
     let config = Config::parse(&yaml, "test").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
@@ -64,14 +64,14 @@ async fn start_with(primary_one_way: Duration, routing: &str) -> Env {
     };
     // Wait for the monitors' first picture: every replica up and fresh.
     let ready = common::eventually(Duration::from_secs(20), || async {
-        let picture = env.shared.regions.picture();
+        let picture = env.shared.regions().picture();
         picture.replicas.iter().all(|r| r.up && r.lag.is_some())
     })
     .await;
     assert!(
         ready,
         "replicas never looked healthy: {:?}",
-        env.shared.regions.picture()
+        env.shared.regions().picture()
     );
     env
 }
@@ -104,14 +104,14 @@ impl Env {
     /// Waits until the monitors see the eu-west replica's lag beyond `lag`.
     async fn wait_eu_west_lag_over(&self, lag: Duration) {
         let lagging = common::eventually(Duration::from_secs(20), || async {
-            let picture = self.shared.regions.picture();
+            let picture = self.shared.regions().picture();
             picture.replicas[0].lag.is_some_and(|l| l > lag)
         })
         .await;
         assert!(
             lagging,
             "eu-west never lagged: {:?}",
-            self.shared.regions.picture().replicas[0]
+            self.shared.regions().picture().replicas[0]
         );
     }
 }
@@ -180,6 +180,29 @@ async fn reads_go_to_the_nearest_replica_and_writes_to_the_primary() {
         .get(0);
     client.batch_execute("COMMIT").await.unwrap();
     assert_eq!((in_tx, read_only.as_str()), (env.port_of("eu-west"), "on"));
+    // An operator bans the home replica from the console: reads move on; UNBAN brings them back.
+    let eu_west = env.topology.regions[0].replicas[0].addr().to_string();
+    let console = format!(
+        "host=127.0.0.1 port={} user=app password={APP_PASSWORD} dbname=regiongate",
+        env.addr.port()
+    );
+    let admin = common::connect(&console).await;
+    admin.simple_query(&format!("BAN {eu_west}")).await.unwrap();
+    let replicas = admin.simple_query("SHOW REPLICAS").await.unwrap();
+    let banned = replicas.iter().any(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => {
+            r.get("server") == Some(eu_west.as_str()) && r.get("state") == Some("banned")
+        }
+        _ => false,
+    });
+    assert!(banned, "SHOW REPLICAS does not show the ban");
+    let fresh = env.client().await;
+    assert_eq!(server_port(&fresh, "").await, env.port_of("ap-south"));
+    admin
+        .simple_query(&format!("UNBAN {eu_west}"))
+        .await
+        .unwrap();
+    assert_eq!(server_port(&fresh, "").await, env.port_of("eu-west"));
     // The decisions are counted.
     let metrics = regiongate::metrics::METRICS.render();
     assert!(
@@ -203,7 +226,7 @@ async fn a_replica_over_budget_is_skipped_until_it_catches_up() {
         "primary {} ap-south {} picture {:#?}",
         env.primary_port(),
         env.port_of("ap-south"),
-        env.shared.regions.picture()
+        env.shared.regions().picture()
     );
     env.eu_west().pause_replay().unwrap();
     env.wait_eu_west_lag_over(Duration::from_millis(2500)).await;
@@ -230,7 +253,7 @@ async fn a_replica_over_budget_is_skipped_until_it_catches_up() {
         "primary {} eu-west {} picture {:#?}",
         env.primary_port(),
         env.port_of("eu-west"),
-        env.shared.regions.picture()
+        env.shared.regions().picture()
     );
     assert_eq!(
         server_port(&client, "/* regiongate: primary */ ").await,
@@ -254,7 +277,7 @@ async fn no_fitting_replica_is_an_error_when_configured() {
     env.wait_eu_west_lag_over(Duration::from_millis(400)).await;
     let stale = common::eventually(Duration::from_secs(10), || async {
         env.shared
-            .regions
+            .regions()
             .picture()
             .replicas
             .iter()
@@ -324,13 +347,13 @@ async fn a_killed_replica_is_banned_and_no_read_fails() {
     }
     // It is marked down by the monitor as well.
     let down = common::eventually(Duration::from_secs(10), || async {
-        !env.shared.regions.picture().replicas[0].up
+        !env.shared.regions().picture().replicas[0].up
     })
     .await;
     assert!(down);
     // Back up: it serves again once the monitor sees it healthy and the ban is over.
     env.eu_west().restart().unwrap();
-    env.shared.regions.unban(0);
+    env.shared.regions().unban(0);
     let back = common::eventually(Duration::from_secs(20), || async {
         server_port(&clients[0], "").await == env.port_of("eu-west")
     })

@@ -134,6 +134,19 @@ impl Regions {
         });
     }
 
+    /// BAN from the admin console: no reads until UNBAN.
+    pub fn ban_until_unbanned(&self, id: ReplicaId) {
+        self.update(id, |status| {
+            status.banned_until = Some(Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600));
+            tracing::warn!(replica = %status.url, region = %status.region, "replica banned by an operator");
+        });
+    }
+
+    /// Reads in flight on a replica now.
+    pub fn in_flight(&self, id: ReplicaId) -> u32 {
+        self.outstanding[id].load(Ordering::Relaxed)
+    }
+
     /// A replica served a read: it is healthy again, so its next ban starts short.
     pub fn served(&self, id: ReplicaId) {
         self.strikes[id].store(0, Ordering::Relaxed);
@@ -159,6 +172,17 @@ impl Regions {
 pub struct InFlight {
     regions: Arc<Regions>,
     id: ReplicaId,
+}
+
+impl InFlight {
+    /// The regions this replica belongs to (a reload may have replaced the current ones since).
+    pub fn regions(&self) -> &Arc<Regions> {
+        &self.regions
+    }
+
+    pub fn id(&self) -> ReplicaId {
+        self.id
+    }
 }
 
 impl Drop for InFlight {

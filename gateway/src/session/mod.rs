@@ -16,7 +16,7 @@
 //! (ParseComplete, ReadyForQuery), so every answer from the server is attributed to the right request.
 
 use crate::auth::{authenticate_client, read_first_packet, FirstPacket, Startup, StartupError};
-use crate::cancel::{CancelKey, ServerTarget};
+use crate::clients::{ClientHandle, ClientInfo, ServerTarget};
 use crate::config::PoolMode;
 use crate::metrics::METRICS;
 use crate::pool::{Lease, Pool, ServerConn, Settings};
@@ -156,10 +156,13 @@ struct Session {
     to_server: BytesMut,
     /// The primary's pool for this client's database and user.
     pool: Arc<Pool>,
+    /// The reload generation `pool` was looked up in.
+    pool_generation: u64,
     lease: Option<Lease>,
     route: Option<Route>,
     reads: Reads,
-    cancel: CancelKey,
+    /// This client's registration: cancel key, and what the console shows.
+    handle: ClientHandle,
     max_message_size: usize,
 
     pending: VecDeque<Pending>,
@@ -182,6 +185,11 @@ struct Session {
     discard_until_sync: bool,
     /// The server sent FATAL: the connection is ending, so nothing more is sent on it.
     server_fatal: bool,
+    /// When the oldest unanswered request (Query, Sync, FunctionCall) was sent, for the latency histogram
+    /// and slow-statement log.
+    request_started: Option<std::time::Instant>,
+    /// The statement text of the last Query or Bind, for the slow-statement log.
+    last_statement: Option<Bytes>,
 
     statements: HashMap<Bytes, Arc<Statement>>,
     unnamed: Option<Arc<Statement>>,
@@ -203,7 +211,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
     let startup = match first {
         Ok(FirstPacket::Startup(startup)) => startup,
         Ok(FirstPacket::Cancel { pid, secret }) => {
-            shared.cancels.cancel(pid, secret).await;
+            shared.clients.cancel(pid, secret).await;
             return;
         }
         Err(error) => return refuse(client, error).await,
@@ -226,6 +234,9 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
             .await
         }
     }
+    if startup.database == crate::admin::DATABASE {
+        return admin_session(shared, client, peer, &startup).await;
+    }
     let pool = shared.pool_for(&startup);
     let parameters = match pool.server_parameters().await {
         Ok(parameters) => parameters,
@@ -234,7 +245,17 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
             return refuse(client, StartupError::Refused(error)).await;
         }
     };
-    let cancel = shared.cancels.register();
+    let handle = shared.clients.register(ClientInfo {
+        addr: peer,
+        user: startup.user.clone(),
+        database: startup.database.clone(),
+        application_name: startup
+            .parameters
+            .iter()
+            .find(|(k, _)| k == "application_name")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default(),
+    });
     let mut hello = BytesMut::new();
     let _ = Authentication::Ok.encode(&mut hello);
     let client_values: HashMap<String, &str> = startup
@@ -255,7 +276,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
             protocol::parameter_status_message(&mut hello, b"application_name", app.as_bytes());
         }
     }
-    protocol::backend_key_data(&mut hello, cancel.pid, cancel.secret);
+    protocol::backend_key_data(&mut hello, handle.pid, handle.secret);
     protocol::ready_for_query(&mut hello, b'I');
     if client.write_all(&hello).await.is_err() {
         return;
@@ -277,10 +298,11 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
             budget: config.routing.budget_for(&startup.user, &startup.database),
             ..Reads::default()
         },
+        pool_generation: shared.generation(),
         pool,
         lease: None,
         route: None,
-        cancel,
+        handle,
         max_message_size: config.limits.max_message_size,
         pending: VecDeque::new(),
         in_exchange: false,
@@ -293,6 +315,8 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
         server_skip: 0,
         discard_until_sync: false,
         server_fatal: false,
+        request_started: None,
+        last_statement: None,
         statements: HashMap::new(),
         unnamed: None,
         sql_prepared: HashMap::new(),
@@ -312,6 +336,45 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
         }
     }
     session.finish();
+}
+
+/// An authenticated client asked for the admin console: admins get it, others a clear refusal.
+async fn admin_session(
+    shared: Arc<Shared>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    startup: &Startup,
+) {
+    let config = shared.config.load_full();
+    if !config.admin.users.contains(&startup.user) {
+        tracing::warn!(client = %peer, user = %startup.user, "admin console refused");
+        let error = PgError::fatal(
+            "42501",
+            format!(
+                "permission denied: user \"{}\" is not an admin of this gateway (admin.users)",
+                startup.user
+            ),
+        );
+        return refuse(client, StartupError::Refused(error)).await;
+    }
+    let mut hello = BytesMut::new();
+    let _ = Authentication::Ok.encode(&mut hello);
+    for (name, value) in [
+        ("server_version", "15.0 (regiongate admin console)"),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+    ] {
+        protocol::parameter_status_message(&mut hello, name.as_bytes(), value.as_bytes());
+    }
+    protocol::backend_key_data(&mut hello, 0, 0);
+    protocol::ready_for_query(&mut hello, b'I');
+    if client.write_all(&hello).await.is_ok() {
+        tracing::info!(client = %peer, user = %startup.user, "admin console opened");
+        crate::admin::serve(shared, client, peer).await;
+    }
 }
 
 async fn refuse(mut client: TcpStream, error: StartupError) {
@@ -487,8 +550,15 @@ impl Session {
     }
 
     fn handle_message(&mut self, tag: u8, message: Bytes) -> Result<(), PgError> {
+        if matches!(tag, b'Q' | b'S' | b'F') && self.request_started.is_none() {
+            self.request_started = Some(std::time::Instant::now());
+        }
         match tag {
-            b'Q' => self.on_query(message)?,
+            b'Q' => {
+                self.last_statement =
+                    protocol::query_text(protocol::body(&message)).map(|t| message.slice_ref(t));
+                self.on_query(message)?
+            }
             b'P' => self.on_parse(message)?,
             b'B' | b'D' => self.on_statement_use(tag, message)?,
             b'C' => self.on_close(message)?,
@@ -636,7 +706,7 @@ impl Session {
         let effect = statement_effect(text);
         let class = self
             .routing_enabled()
-            .then(|| self.shared.classifier.classify(text));
+            .then(|| self.shared.classifier.load().classify(text));
         let parse_rest = message.slice_ref(rest);
         self.in_exchange = true;
         if name.is_empty() {
@@ -747,6 +817,8 @@ impl Session {
         }
         if tag == b'B' {
             self.statement_effects(&statement.effect);
+            self.last_statement = protocol::cstr(&statement.parse_rest)
+                .map(|(t, _)| statement.parse_rest.slice_ref(t));
         }
         protocol::renamed(
             &mut self.to_server,
@@ -808,20 +880,31 @@ impl Session {
             let _ = self.client.write_all(&self.to_client).await;
             self.to_client.clear();
         }
+        if self.shared.is_paused() {
+            self.shared.wait_unpaused().await;
+        }
+        if self.pool_generation != self.shared.generation() {
+            // A reload may have replaced the primary's pool (new settings or a new primary).
+            self.pool_generation = self.shared.generation();
+            let (user, database) = (self.pool.key.user.clone(), self.pool.key.database.clone());
+            let primary = self.shared.config.load().primary.url.clone();
+            self.pool = self.shared.pool(&primary, &user, &database);
+        }
+        let regions = self.shared.regions();
         let mut attempts = 0;
         let result = loop {
             attempts += 1;
-            let decision = match self.decide() {
+            let decision = match self.decide(&regions) {
                 Ok(decision) => decision,
                 Err(error) => break Err(error),
             };
-            self.record(&decision);
-            let (pool, route) = self.target_pool(&decision);
+            self.record(&decision, &regions);
+            let (pool, route) = self.target_pool(&decision, &regions);
             match pool.checkout().await {
                 Ok(lease) => break Ok((lease, route)),
                 Err(error) => match route {
-                    Route::Replica { id, .. } if attempts <= 3 => {
-                        self.shared.regions.ban(id, &error.message);
+                    Route::Replica(in_flight) if attempts <= 3 => {
+                        regions.ban(in_flight.id(), &error.message);
                     }
                     _ => break Err(error),
                 },
@@ -843,12 +926,12 @@ impl Session {
                     });
                 }
                 conn.settings = self.settings.clone();
-                self.cancel.slot.set(Some(ServerTarget {
+                self.handle.entry.set_server(Some(ServerTarget {
                     addr: conn.addr,
                     pid: conn.pid,
                     secret: conn.secret,
                 }));
-                if matches!(route, Route::Replica { .. }) {
+                if matches!(route, Route::Replica(_)) {
                     self.reads.retry_input = Some(BytesMut::new());
                 }
                 self.route = Some(route);
@@ -890,7 +973,7 @@ impl Session {
             return false;
         }
         let discard = self.conn().discard;
-        self.cancel.slot.set(None);
+        self.handle.entry.set_server(None);
         self.route = None;
         self.reads.draining = false;
         self.reads.retry_input = None;
@@ -919,7 +1002,7 @@ impl Session {
         self.lease = None;
         self.route = None;
         self.reads.draining = false;
-        self.cancel.slot.set(None);
+        self.handle.entry.set_server(None);
         self.server_skip = 0;
         self.to_server.clear();
         if retried {
@@ -969,7 +1052,7 @@ impl Session {
         let Some(mut lease) = self.lease.take() else {
             return;
         };
-        self.cancel.slot.set(None);
+        self.handle.entry.set_server(None);
         let busy = !self.pending.is_empty()
             || self.in_exchange
             || self.server_skip > 0
@@ -1125,6 +1208,7 @@ impl Session {
                 if swallow {
                     Action::Drop
                 } else {
+                    self.request_answered();
                     Action::Forward
                 }
             }
@@ -1145,6 +1229,48 @@ impl Session {
                 Action::Drop
             }
             _ => self.forward_unless_swallowing(),
+        }
+    }
+
+    /// A client request got its ReadyForQuery: time it, and log it if it was slow.
+    fn request_answered(&mut self) {
+        let Some(started) = self.request_started.take() else {
+            return;
+        };
+        let elapsed = started.elapsed();
+        let replica = matches!(self.route, Some(Route::Replica(_)));
+        if replica {
+            METRICS.request_replica.observe(elapsed.as_secs_f64());
+        } else {
+            METRICS.request_primary.observe(elapsed.as_secs_f64());
+        }
+        if elapsed >= self.shared.config.load().log.slow_statement {
+            METRICS.slow_statements.inc();
+            let statement = self
+                .last_statement
+                .as_deref()
+                .map(|s| String::from_utf8_lossy(&s[..s.len().min(500)]).into_owned())
+                .unwrap_or_default();
+            let server = self
+                .lease
+                .as_mut()
+                .map(|l| l.conn().addr.to_string())
+                .unwrap_or_default();
+            tracing::warn!(
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                %server,
+                role = if replica { "replica" } else { "primary" },
+                statement,
+                "slow statement"
+            );
+        }
+        // A pipelined request behind this one has been waiting since now at the latest.
+        if self
+            .pending
+            .iter()
+            .any(|p| matches!(p, Pending::Ready { swallow: false, .. }))
+        {
+            self.request_started = Some(std::time::Instant::now());
         }
     }
 
@@ -1286,15 +1412,18 @@ impl Session {
                     conn.read_buf.reserve(16 * 1024);
                 }
                 let (mut server_read, mut server_write) = conn.stream.split();
+                // Biased: no random branch order to draw; at most one or two are ready at a time anyway.
                 tokio::select! {
-                    r = client_read.read_buf(&mut self.from_client), if read_client => IoEvent::ClientRead(r),
+                    biased;
                     r = server_read.read_buf(&mut conn.read_buf), if read_server => IoEvent::ServerRead(r),
+                    r = client_read.read_buf(&mut self.from_client), if read_client => IoEvent::ClientRead(r),
                     r = server_write.write_buf(&mut self.to_server), if !self.to_server.is_empty() => IoEvent::ServerWrite(r),
                     r = client_write.write_buf(&mut self.to_client), if !self.to_client.is_empty() => IoEvent::ClientWrite(r),
                 }
             }
             None => {
                 tokio::select! {
+                    biased;
                     r = client_read.read_buf(&mut self.from_client) => IoEvent::ClientRead(r),
                     r = client_write.write_buf(&mut self.to_client), if !self.to_client.is_empty() => IoEvent::ClientWrite(r),
                 }
@@ -1357,7 +1486,7 @@ fn is_passthrough(tag: u8) -> bool {
 
 /// What a Parse's statement does to the session when run.
 fn statement_effect(text: &[u8]) -> StatementEffect {
-    let Some(range) = sql::split(text).into_iter().next() else {
+    let Some(range) = sql::split(text).next() else {
         return StatementEffect::None;
     };
     match sql::classify(text, range.clone()) {

@@ -14,10 +14,8 @@ use regions::{Decision, Lsn, ReadRequest, Reason, ReplicaId, Target};
 /// Where the attached server connection is.
 pub(super) enum Route {
     Primary,
-    Replica {
-        id: ReplicaId,
-        _in_flight: regions::InFlight,
-    },
+    /// The in-flight guard also names the regions the replica belongs to, which a reload may have replaced.
+    Replica(regions::InFlight),
 }
 
 /// Routing state of one session.
@@ -40,22 +38,30 @@ pub(super) struct Reads {
     pub deferred_begin: Option<Bytes>,
     /// A write waits for a replica's answers before the session moves to the primary.
     pub draining: bool,
+    /// `regiongate_routed_total` children this session used, so that a decision is counted without a
+    /// label lookup (one per transaction otherwise).
+    pub counters: Vec<(CounterKey, prometheus::IntCounter)>,
 }
+
+/// Labels of a routing counter: region (by name), primary or replica, reason.
+pub(super) type CounterKey = (Option<Arc<str>>, bool, Reason);
 
 impl Session {
     pub(super) fn routing_enabled(&self) -> bool {
-        self.shared.regions.has_replicas() && self.pinned.is_none()
+        self.shared.has_replicas() && self.pinned.is_none()
     }
 
     /// The class of one client message, if it carries a statement.
     pub(super) fn message_class(&self, tag: u8, message: &[u8]) -> Option<Class> {
         let body = protocol::body(message);
         match tag {
-            b'Q' => protocol::query_text(body).map(|text| self.shared.classifier.classify(text)),
+            b'Q' => {
+                protocol::query_text(body).map(|text| self.shared.classifier.load().classify(text))
+            }
             b'P' => {
                 let (_, rest) = protocol::cstr(body)?;
                 let (text, _) = protocol::cstr(rest)?;
-                Some(self.shared.classifier.classify(text))
+                Some(self.shared.classifier.load().classify(text))
             }
             b'B' => {
                 let (_, rest) = protocol::cstr(body)?;
@@ -104,11 +110,11 @@ impl Session {
     }
 
     /// Where the next exchange goes.
-    pub(super) fn decide(&mut self) -> Result<Decision, PgError> {
+    pub(super) fn decide(&mut self, regions: &regions::Regions) -> Result<Decision, PgError> {
         let write = |reason| Decision {
             target: Target::Primary,
             reason,
-            region: self.shared.regions.primary_region.clone(),
+            region: regions.primary_region.clone(),
         };
         if !self.routing_enabled() {
             return Ok(write(if self.pinned.is_some() {
@@ -135,7 +141,6 @@ impl Session {
             Some(Hint::MaxLag(lag)) => lag,
             _ => self.reads.session_max_lag.unwrap_or(self.reads.budget),
         };
-        let regions = &self.shared.regions;
         let request = ReadRequest {
             max_lag,
             min_lsn: if regions.routing.read_your_writes {
@@ -151,26 +156,37 @@ impl Session {
     }
 
     /// Counts and logs a routing decision.
-    pub(super) fn record(&self, decision: &Decision) {
+    pub(super) fn record(&mut self, decision: &Decision, regions: &regions::Regions) {
         let role = match decision.target {
             Target::Primary => "primary",
             Target::Replica(_) => "replica",
         };
         let region = decision.region.as_deref().unwrap_or("unknown");
-        METRICS
-            .routed
-            .with_label_values(&[region, role, decision.reason.label()])
-            .inc();
+        let key: CounterKey = (decision.region.clone(), role == "primary", decision.reason);
+        match self.reads.counters.iter().find(|(k, _)| *k == key) {
+            Some((_, counter)) => counter.inc(),
+            None => {
+                let counter =
+                    METRICS
+                        .routed
+                        .with_label_values(&[region, role, decision.reason.label()]);
+                counter.inc();
+                self.reads.counters.push((key, counter));
+            }
+        }
         let server = match decision.target {
-            Target::Primary => self.shared.regions.primary_url.to_string(),
-            Target::Replica(id) => self.shared.regions.replica_urls[id].to_string(),
+            Target::Primary => &regions.primary_url,
+            Target::Replica(id) => &regions.replica_urls[id],
         };
         tracing::debug!(%server, region, role, reason = decision.reason.label(), "routed");
     }
 
     /// The pool and route for a decision.
-    pub(super) fn target_pool(&self, decision: &Decision) -> (Arc<Pool>, Route) {
-        let regions = &self.shared.regions;
+    pub(super) fn target_pool(
+        &self,
+        decision: &Decision,
+        regions: &Arc<regions::Regions>,
+    ) -> (Arc<Pool>, Route) {
         match decision.target {
             Target::Primary => (self.pool.clone(), Route::Primary),
             Target::Replica(id) => (
@@ -179,10 +195,7 @@ impl Session {
                     &self.pool.key.user,
                     &self.pool.key.database,
                 ),
-                Route::Replica {
-                    id,
-                    _in_flight: regions.start_query(id),
-                },
+                Route::Replica(regions.start_query(id)),
             ),
         }
     }
@@ -199,7 +212,7 @@ impl Session {
         };
         let needs_primary = class.access == Access::Write || class.hint == Some(Hint::Primary);
         match self.route {
-            Some(Route::Replica { .. })
+            Some(Route::Replica(_))
                 if needs_primary && self.status == b'I' && !self.in_exchange =>
             {
                 self.reads.draining = true;
@@ -223,17 +236,18 @@ impl Session {
     /// The replica failed before the client saw any answer: ban it and put the client's bytes back, so the
     /// exchange runs elsewhere. True when it did.
     pub(super) fn retry_elsewhere(&mut self, reason: &str) -> bool {
-        let Some(Route::Replica { id, .. }) = self.route else {
+        let Some(Route::Replica(in_flight)) = &self.route else {
             return false;
         };
-        self.shared.regions.ban(id, reason);
+        let (regions, id) = (in_flight.regions().clone(), in_flight.id());
+        regions.ban(id, reason);
         let Some(input) = self.reads.retry_input.take() else {
             return false;
         };
         if input.is_empty() || self.reads.exclude.is_some() {
             return false; // one retry per exchange
         }
-        tracing::info!(replica = %self.shared.regions.replica_urls[id], reason, "retrying a read elsewhere");
+        tracing::info!(replica = %regions.replica_urls[id], reason, "retrying a read elsewhere");
         let mut requeued = input;
         requeued.extend_from_slice(&self.from_client);
         self.from_client = requeued;
@@ -247,8 +261,8 @@ impl Session {
     /// The client got an answer from a replica: no retry any more; the replica is healthy.
     pub(super) fn answered(&mut self) {
         if self.reads.retry_input.take().is_some() {
-            if let Some(Route::Replica { id, .. }) = self.route {
-                self.shared.regions.served(id);
+            if let Some(Route::Replica(in_flight)) = &self.route {
+                in_flight.regions().served(in_flight.id());
             }
         }
         self.reads.exclude = None;
@@ -261,7 +275,7 @@ impl Session {
             return false;
         }
         self.reads.wrote = false;
-        if !self.shared.regions.routing.read_your_writes {
+        if !self.shared.regions().routing.read_your_writes {
             return false;
         }
         protocol::query(

@@ -1,0 +1,572 @@
+//! The admin console: `psql -h GATEWAY -d regiongate -U <admin user>`, in the manner of PgBouncer's.
+//!
+//! The gateway authenticates the client as for any session, then hands the socket to pgwire's server API:
+//! pgwire frames the console's messages and runs the simple-query protocol; [`Console`] answers the commands.
+
+use crate::metrics::METRICS;
+use crate::Shared;
+use async_trait::async_trait;
+use futures_util::{stream, Sink};
+use pgwire::api::portal::Format;
+use pgwire::api::query::SimpleQueryHandler;
+use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::store::PortalStore;
+use pgwire::api::{
+    ClientInfo, ClientPortalStore, DefaultClient, NoopHandler, PgWireConnectionState, Type,
+};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::PgWireBackendMessage;
+use pgwire::tokio::server::{process_error, process_message, PgWireMessageServerCodec};
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+/// The database name that opens the console.
+pub const DATABASE: &str = "regiongate";
+
+const HELP: &[(&str, &str)] = &[
+    (
+        "SHOW POOLS",
+        "server connection pools: size, open, idle, in use, waiting clients",
+    ),
+    (
+        "SHOW CLIENTS",
+        "connected clients: address, user, database, application, state, server",
+    ),
+    (
+        "SHOW SERVERS",
+        "server connections: pool, backend pid, state, client",
+    ),
+    (
+        "SHOW REGIONS",
+        "regions nearest first, with their replicas' health",
+    ),
+    (
+        "SHOW REPLICAS",
+        "the primary and every replica: role, region, state, lag, round trip",
+    ),
+    (
+        "SHOW ROUTES",
+        "routing decisions by region, role and reason",
+    ),
+    ("SHOW STATS", "totals since start"),
+    ("SHOW CONFIG", "the configuration in force (no secrets)"),
+    (
+        "RELOAD",
+        "re-read the configuration file; an invalid file is refused and the old one stays",
+    ),
+    ("BAN host:port", "no reads to that replica until UNBAN"),
+    ("UNBAN host:port", "lift a ban"),
+    (
+        "PAUSE",
+        "hold new transactions and wait until no server connection is in use",
+    ),
+    ("RESUME", "let transactions run again"),
+];
+
+/// Serves the console on an authenticated connection until the client leaves.
+pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: std::net::SocketAddr) {
+    let mut framed = Framed::new(
+        stream,
+        PgWireMessageServerCodec::new(DefaultClient::new(peer, false)),
+    );
+    framed.set_state(PgWireConnectionState::ReadyForQuery);
+    let console = Arc::new(Console { shared });
+    let noop = Arc::new(NoopHandler);
+    use futures_util::StreamExt;
+    while let Some(Ok(message)) = framed.next().await {
+        if matches!(
+            message,
+            pgwire::messages::PgWireFrontendMessage::Terminate(_)
+        ) {
+            break;
+        }
+        let extended = message.is_extended_query();
+        let result = process_message(
+            message,
+            &mut framed,
+            noop.clone(),
+            console.clone(),
+            noop.clone(),
+            noop.clone(),
+            noop.clone(),
+        )
+        .await;
+        if let Err(error) = result {
+            if process_error(&mut framed, error, extended).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+struct Console {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Console {
+    async fn do_query<C>(&self, _client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let command = query.trim().trim_end_matches(';').trim();
+        let words: Vec<&str> = command.split_whitespace().collect();
+        let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+        let upper: Vec<&str> = upper.iter().map(String::as_str).collect();
+        tracing::info!(command, "admin console command");
+        let response = match upper.as_slice() {
+            ["SHOW", "HELP"] | ["HELP"] => table(
+                &["command", "description"],
+                HELP.iter()
+                    .map(|(c, d)| vec![c.to_string(), d.to_string()])
+                    .collect(),
+            ),
+            ["SHOW", "POOLS"] => self.pools(),
+            ["SHOW", "CLIENTS"] => self.clients(),
+            ["SHOW", "SERVERS"] => self.servers(),
+            ["SHOW", "REGIONS"] => self.regions(),
+            ["SHOW", "REPLICAS"] => self.replicas(),
+            ["SHOW", "ROUTES"] => routes(),
+            ["SHOW", "STATS"] => stats(),
+            ["SHOW", "CONFIG"] => self.config(),
+            ["RELOAD"] => match self.shared.reload() {
+                Ok(()) => Response::Execution(Tag::new("RELOAD")),
+                Err(message) => error("F0000", format!("configuration not reloaded: {message}")),
+            },
+            ["BAN", _] | ["UNBAN", _] => {
+                let regions = self.shared.regions();
+                match regions
+                    .replica_urls
+                    .iter()
+                    .position(|u| u.to_string() == words[1])
+                {
+                    Some(id) if upper[0] == "BAN" => {
+                        regions.ban_until_unbanned(id);
+                        Response::Execution(Tag::new("BAN"))
+                    }
+                    Some(id) => {
+                        regions.unban(id);
+                        Response::Execution(Tag::new("UNBAN"))
+                    }
+                    None => error(
+                        "42704",
+                        format!(
+                            "no replica {:?}; SHOW REPLICAS lists them as host:port",
+                            words[1]
+                        ),
+                    ),
+                }
+            }
+            ["PAUSE"] => {
+                self.shared.pause(true);
+                // Wait (bounded) until every transaction in flight has finished.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                while self
+                    .shared
+                    .clients
+                    .list()
+                    .iter()
+                    .any(|(_, c)| c.server().is_some())
+                {
+                    if tokio::time::Instant::now() > deadline {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Response::Execution(Tag::new("PAUSE"))
+            }
+            ["RESUME"] => {
+                self.shared.pause(false);
+                Response::Execution(Tag::new("RESUME"))
+            }
+            _ => error(
+                "42601",
+                format!("unknown admin command {command:?}; SHOW HELP lists the commands"),
+            ),
+        };
+        Ok(vec![response])
+    }
+}
+
+impl Console {
+    fn pools(&self) -> Response {
+        let mut rows: Vec<Vec<String>> = self
+            .shared
+            .pools()
+            .iter()
+            .map(|pool| {
+                let open = pool.open_connections();
+                let idle = pool.idle_connections() as u64;
+                vec![
+                    pool.key.database.clone(),
+                    pool.key.user.clone(),
+                    pool.key.server.to_string(),
+                    format!("{:?}", pool.config().mode).to_lowercase(),
+                    pool.config().size.to_string(),
+                    open.to_string(),
+                    idle.to_string(),
+                    open.saturating_sub(idle).to_string(),
+                    pool.waiting().to_string(),
+                ]
+            })
+            .collect();
+        rows.sort();
+        table(
+            &[
+                "database", "user", "server", "mode", "size", "open", "idle", "in_use", "waiting",
+            ],
+            rows,
+        )
+    }
+
+    fn clients(&self) -> Response {
+        let rows = self
+            .shared
+            .clients
+            .list()
+            .into_iter()
+            .map(|(pid, c)| {
+                let server = c.server();
+                vec![
+                    pid.to_string(),
+                    c.addr.to_string(),
+                    c.user.clone(),
+                    c.database.clone(),
+                    c.application_name.clone(),
+                    if server.is_some() { "active" } else { "idle" }.to_string(),
+                    server.map(|s| s.addr.to_string()).unwrap_or_default(),
+                    server.map(|s| s.pid.to_string()).unwrap_or_default(),
+                    c.pinned().unwrap_or("").to_string(),
+                    c.checkouts
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        .to_string(),
+                    age(c.connected_at),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "pid",
+                "address",
+                "user",
+                "database",
+                "application_name",
+                "state",
+                "server",
+                "server_pid",
+                "pinned",
+                "transactions",
+                "connected_for",
+            ],
+            rows,
+        )
+    }
+
+    fn servers(&self) -> Response {
+        let clients = self.shared.clients.list();
+        let mut rows = Vec::new();
+        for pool in self.shared.pools() {
+            for (pid, idle_for) in pool.idle_list() {
+                rows.push(vec![
+                    pool.name.clone(),
+                    pid.to_string(),
+                    "idle".to_string(),
+                    String::new(),
+                    format!("{:.1}s", idle_for.as_secs_f64()),
+                ]);
+            }
+        }
+        for (client_pid, client) in &clients {
+            if let Some(server) = client.server() {
+                let pool = format!("{}@{} on {}", client.user, client.database, server.addr);
+                rows.push(vec![
+                    pool,
+                    server.pid.to_string(),
+                    "active".to_string(),
+                    format!("{client_pid} ({})", client.addr),
+                    String::new(),
+                ]);
+            }
+        }
+        table(&["pool", "server_pid", "state", "client", "idle_for"], rows)
+    }
+
+    fn regions(&self) -> Response {
+        let regions = self.shared.regions();
+        let picture = regions.picture();
+        let rows = picture
+            .region_order
+            .iter()
+            .enumerate()
+            .map(|(rank, region)| {
+                let replicas: Vec<_> = picture
+                    .replicas
+                    .iter()
+                    .filter(|r| &r.region == region)
+                    .collect();
+                let up = replicas.iter().filter(|r| r.up).count();
+                let rtt = replicas.iter().filter(|r| r.up).filter_map(|r| r.rtt).min();
+                vec![
+                    (rank + 1).to_string(),
+                    region.to_string(),
+                    (regions.home_region.as_deref() == Some(&**region)).to_string(),
+                    replicas.len().to_string(),
+                    up.to_string(),
+                    rtt.map(|r| format!("{:.3}", r.as_secs_f64() * 1000.0))
+                        .unwrap_or_default(),
+                ]
+            })
+            .collect();
+        table(
+            &["order", "region", "home", "replicas", "up", "best_rtt_ms"],
+            rows,
+        )
+    }
+
+    fn replicas(&self) -> Response {
+        let regions = self.shared.regions();
+        let picture = regions.picture();
+        let now = std::time::Instant::now();
+        let mut rows = vec![vec![
+            "primary".to_string(),
+            regions.primary_region.as_deref().unwrap_or("").to_string(),
+            regions.primary_url.to_string(),
+            if regiongate_primary_up() {
+                "up"
+            } else {
+                "unknown"
+            }
+            .to_string(),
+            "0".to_string(),
+            "0".to_string(),
+            String::new(),
+            String::new(),
+            "0".to_string(),
+            String::new(),
+        ]];
+        for r in &picture.replicas {
+            let state = if r.banned(now) {
+                "banned"
+            } else if r.up {
+                "up"
+            } else {
+                "down"
+            };
+            rows.push(vec![
+                "replica".to_string(),
+                r.region.to_string(),
+                r.url.to_string(),
+                state.to_string(),
+                r.lag
+                    .map(|l| format!("{:.3}", l.as_secs_f64()))
+                    .unwrap_or_default(),
+                r.lag_bytes.map(|b| b.to_string()).unwrap_or_default(),
+                r.rtt
+                    .map(|t| format!("{:.3}", t.as_secs_f64() * 1000.0))
+                    .unwrap_or_default(),
+                r.replay_lsn.map(|l| l.to_string()).unwrap_or_default(),
+                regions.in_flight(r.id).to_string(),
+                r.error.clone().unwrap_or_default(),
+            ]);
+        }
+        table(
+            &[
+                "role",
+                "region",
+                "server",
+                "state",
+                "lag_seconds",
+                "lag_bytes",
+                "rtt_ms",
+                "replay_lsn",
+                "in_flight",
+                "error",
+            ],
+            rows,
+        )
+    }
+
+    fn config(&self) -> Response {
+        let config = self.shared.config.load();
+        let mut rows = vec![
+            ("listen", config.listen.to_string()),
+            ("name", config.gateway_name()),
+            ("workers", config.workers.to_string()),
+            ("primary", config.primary.url.to_string()),
+            (
+                "home_region",
+                config.home_region.clone().unwrap_or_default(),
+            ),
+            (
+                "pool.mode",
+                format!("{:?}", config.pool.mode).to_lowercase(),
+            ),
+            ("pool.size", config.pool.size.to_string()),
+            ("pool.min_idle", config.pool.min_idle.to_string()),
+            (
+                "pool.checkout_timeout",
+                format!("{:?}", config.pool.checkout_timeout),
+            ),
+            (
+                "pool.idle_timeout",
+                format!("{:?}", config.pool.idle_timeout),
+            ),
+            (
+                "pool.max_lifetime",
+                format!("{:?}", config.pool.max_lifetime),
+            ),
+            ("auth.method", format!("{:?}", config.auth.method)),
+            (
+                "auth.users",
+                config
+                    .auth
+                    .users
+                    .iter()
+                    .map(|u| u.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            ("admin.users", config.admin.users.join(", ")),
+            (
+                "limits.max_message_size",
+                config.limits.max_message_size.to_string(),
+            ),
+            ("limits.max_clients", config.limits.max_clients.to_string()),
+            ("routing.max_lag", format!("{:?}", config.routing.max_lag)),
+            (
+                "routing.read_your_writes",
+                config.routing.read_your_writes.to_string(),
+            ),
+            (
+                "routing.when_no_replica_fits",
+                format!("{:?}", config.routing.when_no_replica_fits).to_lowercase(),
+            ),
+            (
+                "routing.monitor_interval",
+                format!("{:?}", config.routing.monitor_interval),
+            ),
+            (
+                "log.slow_statement",
+                format!("{:?}", config.log.slow_statement),
+            ),
+            (
+                "metrics.listen",
+                config
+                    .metrics
+                    .listen
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            ),
+        ];
+        for region in &config.regions {
+            let replicas: Vec<String> = region.replicas.iter().map(|r| r.to_string()).collect();
+            rows.push((
+                "regions",
+                format!("{}: {}", region.name, replicas.join(", ")),
+            ));
+        }
+        table(
+            &["key", "value"],
+            rows.into_iter()
+                .map(|(k, v)| vec![k.to_string(), v])
+                .collect(),
+        )
+    }
+}
+
+fn regiongate_primary_up() -> bool {
+    regions::metrics::PRIMARY_UP.get() == 1
+}
+
+fn routes() -> Response {
+    use prometheus::core::Collector;
+    let mut rows = Vec::new();
+    for family in METRICS.routed.collect() {
+        for metric in family.get_metric() {
+            let label = |name: &str| {
+                metric
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == name)
+                    .map(|l| l.value().to_string())
+                    .unwrap_or_default()
+            };
+            rows.push(vec![
+                label("region"),
+                label("role"),
+                label("reason"),
+                (metric.get_counter().get_value() as u64).to_string(),
+            ]);
+        }
+    }
+    rows.sort();
+    table(&["region", "role", "reason", "count"], rows)
+}
+
+fn stats() -> Response {
+    let rows = vec![
+        ("clients_accepted", METRICS.clients_accepted.get()),
+        ("clients_connected", METRICS.client_connections.get() as u64),
+        (
+            "server_connections",
+            METRICS.server_connections.get() as u64,
+        ),
+        ("transactions", METRICS.transactions.get()),
+        ("pool_timeouts", METRICS.pool_timeouts.get()),
+        ("server_connect_errors", METRICS.server_connect_errors.get()),
+        ("server_connections_lost", METRICS.server_lost.get()),
+        ("slow_statements", METRICS.slow_statements.get()),
+    ];
+    table(
+        &["stat", "value"],
+        rows.into_iter()
+            .map(|(k, v)| vec![k.to_string(), v.to_string()])
+            .collect(),
+    )
+}
+
+fn age(since: SystemTime) -> String {
+    let secs = since.elapsed().unwrap_or_default().as_secs_f64();
+    format!("{secs:.1}s")
+}
+
+/// A result set of text columns.
+fn table(columns: &[&str], rows: Vec<Vec<String>>) -> Response {
+    let schema = Arc::new(
+        columns
+            .iter()
+            .map(|c| {
+                FieldInfo::new(
+                    c.to_string(),
+                    None,
+                    None,
+                    Type::TEXT,
+                    Format::UnifiedText.format_for(0),
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    let encoder_schema = schema.clone();
+    let rows = rows.into_iter().map(move |row| {
+        let mut encoder = DataRowEncoder::new(encoder_schema.clone());
+        for value in &row {
+            encoder.encode_field(value)?;
+        }
+        Ok(encoder.take_row())
+    });
+    Response::Query(QueryResponse::new(schema, stream::iter(rows)))
+}
+
+fn error(code: &str, message: String) -> Response {
+    Response::Error(Box::new(ErrorInfo::new(
+        "ERROR".to_string(),
+        code.to_string(),
+        message,
+    )))
+}

@@ -1,0 +1,166 @@
+//! The connected clients: their cancel keys, and what the admin console shows of them.
+//!
+//! Each client gets the gateway's own BackendKeyData. Its entry says which server connection runs its query
+//! right now (if any), so a CancelRequest, which arrives on a fresh connection, can be sent on to that server
+//! with the server's own key; unknown keys are ignored, as PostgreSQL does. The same entry is what
+//! `SHOW CLIENTS` and `SHOW SERVERS` read.
+
+use crate::metrics::METRICS;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::io::AsyncWriteExt;
+
+/// Where a client's current query runs.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerTarget {
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// One connected client.
+pub struct ClientEntry {
+    pub addr: SocketAddr,
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub connected_at: SystemTime,
+    /// Server connections checked out so far (one per transaction in transaction mode).
+    pub checkouts: AtomicU64,
+    target: Mutex<Option<ServerTarget>>,
+    pinned: Mutex<Option<&'static str>>,
+}
+
+impl ClientEntry {
+    /// The server connection the client holds now; updated on every checkout and release.
+    pub fn set_server(&self, target: Option<ServerTarget>) {
+        if target.is_some() {
+            self.checkouts.fetch_add(1, Ordering::Relaxed);
+        }
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = target;
+    }
+
+    pub fn server(&self) -> Option<ServerTarget> {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_pinned(&self, reason: &'static str) {
+        *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+
+    pub fn pinned(&self) -> Option<&'static str> {
+        *self.pinned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Who a client is, for its entry.
+pub struct ClientInfo {
+    pub addr: SocketAddr,
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+}
+
+#[derive(Default)]
+pub struct Clients {
+    by_key: Mutex<HashMap<(i32, i32), Arc<ClientEntry>>>,
+}
+
+/// A client's registration: its cancel key and entry, removed when the session ends.
+pub struct ClientHandle {
+    clients: Arc<Clients>,
+    pub pid: i32,
+    pub secret: i32,
+    pub entry: Arc<ClientEntry>,
+}
+
+impl Drop for ClientHandle {
+    fn drop(&mut self) {
+        self.clients
+            .by_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(self.pid, self.secret));
+    }
+}
+
+impl Clients {
+    /// Registers a new client under a fresh random cancel key.
+    pub fn register(self: &Arc<Self>, info: ClientInfo) -> ClientHandle {
+        let entry = Arc::new(ClientEntry {
+            addr: info.addr,
+            user: info.user,
+            database: info.database,
+            application_name: info.application_name,
+            connected_at: SystemTime::now(),
+            checkouts: AtomicU64::new(0),
+            target: Mutex::new(None),
+            pinned: Mutex::new(None),
+        });
+        let mut clients = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let pid = rand::random::<i32>() & i32::MAX;
+            let secret = rand::random::<i32>();
+            if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry((pid, secret)) {
+                slot.insert(entry.clone());
+                return ClientHandle {
+                    clients: self.clone(),
+                    pid,
+                    secret,
+                    entry,
+                };
+            }
+        }
+    }
+
+    /// Every connected client, with its gateway pid.
+    pub fn list(&self) -> Vec<(i32, Arc<ClientEntry>)> {
+        let mut list: Vec<_> = self
+            .by_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|((pid, _), entry)| (*pid, entry.clone()))
+            .collect();
+        list.sort_by_key(|(_, e)| e.connected_at);
+        list
+    }
+
+    /// Forwards a CancelRequest to the server running the client's query, if any.
+    pub async fn cancel(&self, pid: i32, secret: i32) {
+        let target = self
+            .by_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(pid, secret))
+            .and_then(|entry| entry.server());
+        let Some(target) = target else {
+            METRICS.cancels.with_label_values(&["no_query"]).inc();
+            tracing::debug!(pid, "cancel request for no running query");
+            return;
+        };
+        let mut packet = Vec::with_capacity(16);
+        packet.extend_from_slice(&16i32.to_be_bytes());
+        packet.extend_from_slice(&80877102i32.to_be_bytes());
+        packet.extend_from_slice(&target.pid.to_be_bytes());
+        packet.extend_from_slice(&target.secret.to_be_bytes());
+        let sent = async {
+            let mut stream = tokio::net::TcpStream::connect(target.addr).await?;
+            stream.write_all(&packet).await?;
+            stream.shutdown().await
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(5), sent).await {
+            Ok(Ok(())) => {
+                METRICS.cancels.with_label_values(&["forwarded"]).inc();
+                tracing::info!(server = %target.addr, server_pid = target.pid, "cancel request forwarded");
+            }
+            _ => {
+                METRICS.cancels.with_label_values(&["failed"]).inc();
+                tracing::warn!(server = %target.addr, "could not forward a cancel request");
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The operator's HTTP listener: `/metrics` (Prometheus text format), `/healthz` (the process serves) and
+//! `/readyz` (the configuration is loaded and the primary accepts connections). Three GET routes need no web
+//! framework: one request per connection, answered and closed.
+
+use crate::metrics::METRICS;
+use crate::Shared;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listener up");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer(shared, stream)).await;
+        });
+    }
+}
+
+async fn answer(shared: Arc<Shared>, mut stream: TcpStream) -> std::io::Result<()> {
+    let mut request = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    // The request line and headers; bodies are not read (GET only).
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&request);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, content_type, body) = match (method, path.split('?').next().unwrap_or("")) {
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", METRICS.render()),
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", "/readyz") => match primary_reachable(&shared).await {
+            Ok(()) => ("200 OK", "text/plain", "ready\n".to_string()),
+            Err(reason) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("not ready: {reason}\n"),
+            ),
+        },
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /healthz or /readyz\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Ready means a configuration is loaded (it always is once serving) and the primary accepts a TCP
+/// connection now.
+async fn primary_reachable(shared: &Shared) -> Result<(), String> {
+    let primary = shared.config.load().primary.url.clone();
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        TcpStream::connect((primary.host.as_str(), primary.port)),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("primary {primary}: {e}")),
+        Err(_) => Err(format!("primary {primary}: connect timed out")),
+    }
+}

@@ -1,0 +1,344 @@
+//! Operating the gateway: the admin console from psql, the metrics listener (checked by Prometheus's own
+//! parser), configuration reload under load, SIGHUP, PAUSE/RESUME, BAN/UNBAN.
+
+mod common;
+
+use common::PASSWORD;
+use std::io::{Read, Write};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+fn psql_as(port: u16, user: &str, database: &str, sql: &str) -> Output {
+    Command::new("psql")
+        .env("PGPASSWORD", PASSWORD)
+        .args([
+            "-X",
+            "-A",
+            "-F",
+            "|",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+        ])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-U",
+            user,
+            "-d",
+            database,
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("running psql")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "psql failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A config file for a fresh database with an admin user `ops` and a metrics listener.
+fn write_config(
+    dir: &std::path::Path,
+    database: &str,
+    extra: &str,
+) -> (std::path::PathBuf, u16, u16) {
+    let port = testbed::free_port().unwrap();
+    let metrics = testbed::free_port().unwrap();
+    let path = dir.join("regiongate.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen: 127.0.0.1:{port}\nprimary: postgres://127.0.0.1:{}/{database}\n\
+             auth:\n  method: scram-sha-256\n  users:\n    - {{ name: {database}, password: {PASSWORD} }}\n    - {{ name: ops, password: {PASSWORD}, server_user: {database} }}\n\
+             admin: {{ users: [ ops ] }}\nmetrics: {{ listen: '127.0.0.1:{metrics}' }}\n{extra}",
+            common::cluster().port()
+        ),
+    )
+    .unwrap();
+    (path, port, metrics)
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("regiongate-ops-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn start_from_file(path: &std::path::Path) -> std::sync::Arc<regiongate::Shared> {
+    let config = regiongate::config::Config::load(path).unwrap();
+    let gateway = regiongate::Gateway::bind_from(config, Some(path.to_path_buf()))
+        .await
+        .unwrap();
+    let shared = gateway.shared.clone();
+    tokio::spawn(gateway.run(std::future::pending()));
+    shared
+}
+
+fn http_get(port: u16, path: &str) -> (String, String) {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_console_answers_every_show_from_psql() {
+    let database = common::fresh_database("console");
+    let dir = temp_dir("console");
+    let (path, port, _) = write_config(&dir, &database, "");
+    let _shared = start_from_file(&path).await;
+    // A client with a transaction open, so that there is something to see.
+    let client = common::connect(&format!(
+        "host=127.0.0.1 port={port} user={database} password={PASSWORD} dbname={database} application_name=console-test"
+    ))
+    .await;
+    client.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let console = tokio::task::spawn_blocking(move || {
+        let show =
+            |what: &str| stdout(&psql_as(port, "ops", "regiongate", &format!("SHOW {what}")));
+        let pools = show("POOLS");
+        assert!(
+            pools.starts_with("database|user|server|mode|size|open|idle|in_use|waiting"),
+            "{pools}"
+        );
+        assert!(
+            pools.contains(&format!("{database}|{database}|")),
+            "{pools}"
+        );
+        let clients = show("CLIENTS");
+        assert!(
+            clients.contains("console-test") && clients.contains("active"),
+            "{clients}"
+        );
+        let servers = show("SERVERS");
+        assert!(servers.contains("active"), "{servers}");
+        let replicas = show("REPLICAS");
+        assert!(replicas.contains("primary|"), "{replicas}");
+        assert!(show("REGIONS").starts_with("order|region"));
+        let routes = show("ROUTES");
+        assert!(routes.contains("primary|no-replicas|"), "{routes}");
+        let stats = show("STATS");
+        assert!(stats.contains("transactions|"), "{stats}");
+        let config = show("CONFIG");
+        assert!(
+            config.contains("pool.size|20") && !config.contains(PASSWORD),
+            "{config}"
+        );
+        assert!(show("HELP").contains("RELOAD"));
+        // Unknown commands and non-admins get clear errors.
+        let unknown = psql_as(port, "ops", "regiongate", "SHOW NONSENSE");
+        assert!(!unknown.status.success());
+        assert!(String::from_utf8_lossy(&unknown.stderr).contains("SHOW HELP"));
+        let intruder = psql_as(port, &database, "regiongate", "SHOW POOLS");
+        assert!(!intruder.status.success());
+        assert!(
+            String::from_utf8_lossy(&intruder.stderr).contains("not an admin"),
+            "{intruder:?}"
+        );
+    });
+    console.await.unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_with_promtool_and_health_endpoints_answer() {
+    let database = common::fresh_database("metrics");
+    let dir = temp_dir("metrics");
+    let (path, port, metrics_port) = write_config(&dir, &database, "");
+    let _shared = start_from_file(&path).await;
+    let client = common::connect(&format!(
+        "host=127.0.0.1 port={port} user={database} password={PASSWORD} dbname={database}"
+    ))
+    .await;
+    for _ in 0..10 {
+        client.query_one("SELECT 1", &[]).await.unwrap();
+    }
+    let _ = client.batch_execute("SELECT 1/0").await;
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(metrics_port, "/metrics"))
+        .await
+        .unwrap();
+    assert!(status.contains("200"), "{status}");
+    for name in [
+        "regiongate_client_connections",
+        "regiongate_server_connections",
+        "regiongate_pool_wait_seconds_bucket",
+        "regiongate_request_seconds_bucket{role=\"primary\"",
+        "regiongate_routed_total",
+        "regiongate_transactions_total",
+    ] {
+        assert!(body.contains(name), "{name} missing:\n{body}");
+    }
+    // Prometheus's own parser and linter.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) must be installed");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let (health, _) = tokio::task::spawn_blocking(move || http_get(metrics_port, "/healthz"))
+        .await
+        .unwrap();
+    assert!(health.contains("200"));
+    let (ready, _) = tokio::task::spawn_blocking(move || http_get(metrics_port, "/readyz"))
+        .await
+        .unwrap();
+    assert!(ready.contains("200"), "{ready}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_pgbench_load_drops_no_client_and_refuses_a_bad_file() {
+    let database = common::fresh_database("reload");
+    let dir = temp_dir("reload");
+    let (path, port, _) = write_config(&dir, &database, "pool: { size: 4 }\n");
+    let shared = start_from_file(&path).await;
+    let bench = {
+        let database = database.clone();
+        move |args: &[&str]| {
+            Command::new("pgbench")
+                .env("PGPASSWORD", PASSWORD)
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", &database])
+                .args(args)
+                .arg(&database)
+                .output()
+                .unwrap()
+        }
+    };
+    let init = tokio::task::spawn_blocking({
+        let bench = bench.clone();
+        move || bench(&["-i", "-s", "1", "-q"])
+    })
+    .await
+    .unwrap();
+    assert!(init.status.success());
+    let load =
+        tokio::task::spawn_blocking(move || bench(&["-S", "-c", "8", "-j", "2", "-T", "6", "-n"]));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A valid change: bigger pool, new budget. Through the console...
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("size: 4", "size: 6");
+    std::fs::write(&path, text + "routing: { max_lag: 3s }\n").unwrap();
+    let reload = tokio::task::spawn_blocking(move || psql_as(port, "ops", "regiongate", "RELOAD"))
+        .await
+        .unwrap();
+    stdout(&reload);
+    assert_eq!(shared.config.load().pool.size, 6);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // ...an invalid file is refused, with its error, and the old configuration stays.
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, good.replace("size: 6", "size: lots")).unwrap();
+    let refused = tokio::task::spawn_blocking(move || psql_as(port, "ops", "regiongate", "RELOAD"))
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    let error = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(
+        error.contains("pool.size") && error.contains("not reloaded"),
+        "{error}"
+    );
+    assert_eq!(shared.config.load().pool.size, 6);
+    std::fs::write(&path, good).unwrap();
+    let output = load.await.unwrap();
+    let all = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{all}");
+    assert!(!all.contains("aborted") && !all.contains("error"), "{all}");
+    assert!(
+        all.contains("number of failed transactions: 0 ") || !all.contains("failed transactions"),
+        "{all}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_binary_and_pause_holds_transactions_until_resume() {
+    let database = common::fresh_database("sighup");
+    let dir = temp_dir("sighup");
+    let (path, port, _) = write_config(&dir, &database, "pool: { size: 3 }\n");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_regiongate"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let ready = common::eventually(Duration::from_secs(10), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    assert!(ready);
+    let config_line = move || stdout(&psql_as(port, "ops", "regiongate", "SHOW CONFIG"));
+    assert!(tokio::task::spawn_blocking(config_line)
+        .await
+        .unwrap()
+        .contains("pool.size|3"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("size: 3", "size: 5");
+    std::fs::write(&path, text).unwrap();
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let reloaded = common::eventually(Duration::from_secs(10), || async move {
+        tokio::task::spawn_blocking(config_line)
+            .await
+            .unwrap()
+            .contains("pool.size|5")
+    })
+    .await;
+    assert!(reloaded, "SIGHUP did not reload");
+
+    // PAUSE: a new transaction waits until RESUME.
+    stdout(
+        &tokio::task::spawn_blocking(move || psql_as(port, "ops", "regiongate", "PAUSE"))
+            .await
+            .unwrap(),
+    );
+    let client = common::connect(&format!(
+        "host=127.0.0.1 port={port} user={database} password={PASSWORD} dbname={database}"
+    ))
+    .await;
+    let query = tokio::spawn(async move {
+        client
+            .query_one("SELECT 42", &[])
+            .await
+            .map(|r| r.get::<_, i32>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!query.is_finished(), "a transaction ran while paused");
+    stdout(
+        &tokio::task::spawn_blocking(move || psql_as(port, "ops", "regiongate", "RESUME"))
+            .await
+            .unwrap(),
+    );
+    let value = tokio::time::timeout(Duration::from_secs(5), query)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(value, 42);
+    child.kill().unwrap();
+    let _ = child.wait();
+}
