@@ -49,8 +49,10 @@ pub struct Shared {
     pub config_path: Option<std::path::PathBuf>,
     /// Serializes reloads.
     reloading: Mutex<()>,
-    /// PAUSE: new transactions wait while this is true.
+    /// PAUSE: new transactions wait while this is true; the flag is what every checkout reads, the channel
+    /// what waiting sessions wake on.
     paused: tokio::sync::watch::Sender<bool>,
+    paused_flag: std::sync::atomic::AtomicBool,
     /// Bumped by every reload that took effect, so sessions know to look their pools up again.
     generation: std::sync::atomic::AtomicU64,
 }
@@ -80,6 +82,7 @@ impl Shared {
             config_path,
             reloading: Mutex::new(()),
             paused: tokio::sync::watch::channel(false).0,
+            paused_flag: std::sync::atomic::AtomicBool::new(false),
             generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -155,6 +158,8 @@ impl Shared {
 
     /// PAUSE (true) holds new transactions; RESUME (false) releases them.
     pub fn pause(&self, paused: bool) {
+        self.paused_flag
+            .store(paused, std::sync::atomic::Ordering::SeqCst);
         self.paused.send_replace(paused);
         tracing::info!(paused, "pause state changed");
     }
@@ -166,7 +171,7 @@ impl Shared {
     }
 
     pub fn is_paused(&self) -> bool {
-        *self.paused.borrow()
+        self.paused_flag.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The primary's pool for a client's database and user.

@@ -143,9 +143,12 @@ impl Pool {
     /// A connection for a client: waits up to the checkout timeout for a free slot, then reuses an idle
     /// connection or opens one.
     pub async fn checkout(self: &Arc<Self>) -> Result<Lease, PgError> {
-        let started = Instant::now();
         let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
+            Ok(permit) => {
+                // The common case, counted without reading the clock.
+                METRICS.pool_wait_seconds.observe(0.0);
+                permit
+            }
             Err(_) => match self.wait_for_permit().await {
                 Ok(Ok(permit)) => permit,
                 _ => {
@@ -164,18 +167,12 @@ impl Pool {
         let conn = loop {
             let candidate = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             match candidate {
-                Some(conn)
-                    if conn.created.elapsed() < self.config.max_lifetime && conn.looks_alive() =>
-                {
-                    break conn
-                }
+                // Lifetime is checked at checkin and by maintenance, so a checkout reads no clock.
+                Some(conn) if conn.looks_alive() => break conn,
                 Some(_) => self.closed_one(),
                 None => break self.open_connection().await?,
             }
         };
-        METRICS
-            .pool_wait_seconds
-            .observe(started.elapsed().as_secs_f64());
         Ok(Lease {
             conn: Some(conn),
             pool: self.clone(),
@@ -188,6 +185,7 @@ impl Pool {
         &self,
     ) -> Result<Result<OwnedSemaphorePermit, tokio::sync::AcquireError>, tokio::time::error::Elapsed>
     {
+        let started = Instant::now();
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let waited = tokio::time::timeout(
             self.config.checkout_timeout,
@@ -195,6 +193,9 @@ impl Pool {
         )
         .await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
+        METRICS
+            .pool_wait_seconds
+            .observe(started.elapsed().as_secs_f64());
         waited
     }
 
@@ -273,10 +274,15 @@ impl Pool {
     }
 
     fn checkin(&self, mut conn: ServerConn) {
-        conn.idle_since = Instant::now();
+        let now = Instant::now();
+        conn.idle_since = now;
         conn.unnamed_valid = false;
-        if conn.prepared.len() > self.config.max_prepared_statements {
-            self.closed_one(); // retire it rather than track which statements are still wanted
+        // Retire a connection past its lifetime, or holding too many statements (rather than track which are
+        // still wanted).
+        if now.duration_since(conn.created) >= self.config.max_lifetime
+            || conn.prepared.len() > self.config.max_prepared_statements
+        {
+            self.closed_one();
             return;
         }
         self.idle
