@@ -27,6 +27,8 @@ declare -A OPTIONS=(
     [PREPARED16]="-S -M prepared"
 )
 TARGETS=(postgres pgbouncer regiongate)
+# NPLUS1_OFF=1 adds a second regiongate with N+1 detection off, to measure what detection costs.
+NPLUS1_OFF=${NPLUS1_OFF:-0}
 
 for workload in $WORKLOADS; do
     if [[ -z ${CLIENTS[$workload]:-} ]]; then
@@ -110,9 +112,10 @@ REGIONGATE=$ROOT/target/release/regiongate
 WORK=$(mktemp -d /tmp/regiongate-pgbench.XXXXXX)
 PGBOUNCER_PID=
 REGIONGATE_PID=
+REGIONGATE_OFF_PID=
 cleanup() {
     local pid
-    for pid in $PGBOUNCER_PID $REGIONGATE_PID; do
+    for pid in $PGBOUNCER_PID $REGIONGATE_PID $REGIONGATE_OFF_PID; do
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
@@ -201,6 +204,19 @@ wait_listening "$REGIONGATE_PID" "$REGIONGATE_PORT" "$WORK/regiongate.log"
 
 declare -A PORT=([postgres]=$PG_PORT [pgbouncer]=$PGBOUNCER_PORT [regiongate]=$REGIONGATE_PORT)
 declare -A PROXY_PID=([pgbouncer]=$PGBOUNCER_PID [regiongate]=$REGIONGATE_PID)
+
+if [[ $NPLUS1_OFF == 1 ]]; then
+    log "starting regiongate with N+1 detection off"
+    OFF_PORT=$(free_port)
+    sed "s/^listen: .*/listen: 127.0.0.1:$OFF_PORT/" "$WORK/regiongate.yaml" >"$WORK/regiongate-off.yaml"
+    echo "nplus1: { enabled: false }" >>"$WORK/regiongate-off.yaml"
+    RUST_LOG=warn "$REGIONGATE" --config "$WORK/regiongate-off.yaml" >"$WORK/regiongate-off.log" 2>&1 &
+    REGIONGATE_OFF_PID=$!
+    wait_listening "$REGIONGATE_OFF_PID" "$OFF_PORT" "$WORK/regiongate-off.log"
+    TARGETS+=(regiongate-nplus1-off)
+    PORT[regiongate-nplus1-off]=$OFF_PORT
+    PROXY_PID[regiongate-nplus1-off]=$REGIONGATE_OFF_PID
+fi
 
 for target in "${TARGETS[@]}"; do
     "$PGBIN/psql" -X -q -At -h 127.0.0.1 -p "${PORT[$target]}" -U bench -d bench -c 'SELECT 1' >/dev/null

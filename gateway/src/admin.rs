@@ -54,6 +54,10 @@ const HELP: &[(&str, &str)] = &[
     ("SHOW STATS", "totals since start"),
     ("SHOW CONFIG", "the configuration in force (no secrets)"),
     (
+        "SHOW NPLUS1",
+        "N+1 query patterns found: statement, parent, episodes, time spent, suggested fix",
+    ),
+    (
         "RELOAD",
         "re-read the configuration file; an invalid file is refused and the old one stays",
     ),
@@ -135,6 +139,7 @@ impl SimpleQueryHandler for Console {
             ["SHOW", "ROUTES"] => routes(),
             ["SHOW", "STATS"] => stats(),
             ["SHOW", "CONFIG"] => self.config(),
+            ["SHOW", "NPLUS1"] => self.nplus1(),
             ["RELOAD"] => match self.shared.reload() {
                 Ok(()) => Response::Execution(Tag::new("RELOAD")),
                 Err(message) => error("F0000", format!("configuration not reloaded: {message}")),
@@ -392,6 +397,42 @@ impl Console {
         )
     }
 
+    fn nplus1(&self) -> Response {
+        let rows = self
+            .shared
+            .nplus1
+            .top()
+            .into_iter()
+            .map(|p| {
+                vec![
+                    p.fingerprint,
+                    p.normalized,
+                    p.parent,
+                    p.episodes.to_string(),
+                    p.statements.to_string(),
+                    format!("{:.1}", p.total.as_secs_f64() * 1000.0),
+                    p.application_name,
+                    p.suggestion.to_string(),
+                    age(p.last_seen),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "fingerprint",
+                "statement",
+                "parent",
+                "episodes",
+                "statements",
+                "total_ms",
+                "application_name",
+                "suggestion",
+                "last_seen_ago",
+            ],
+            rows,
+        )
+    }
+
     fn config(&self) -> Response {
         let config = self.shared.config.load();
         let mut rows = vec![
@@ -455,6 +496,9 @@ impl Console {
                 "log.slow_statement",
                 format!("{:?}", config.log.slow_statement),
             ),
+            ("nplus1.enabled", config.nplus1.enabled.to_string()),
+            ("nplus1.threshold", config.nplus1.threshold.to_string()),
+            ("nplus1.window", format!("{:?}", config.nplus1.window)),
             (
                 "metrics.listen",
                 config

@@ -47,6 +47,33 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub nplus1: NPlusOneConfig,
+}
+
+/// N+1 detection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NPlusOneConfig {
+    pub enabled: bool,
+    /// Repetitions of one statement shape, after a parent, that make an episode.
+    pub threshold: u32,
+    /// The repetitions must fall within this time.
+    #[serde(with = "duration")]
+    pub window: std::time::Duration,
+    /// Show sample values in reports (they may be personal data).
+    pub log_parameters: bool,
+}
+
+impl Default for NPlusOneConfig {
+    fn default() -> Self {
+        NPlusOneConfig {
+            enabled: true,
+            threshold: 5,
+            window: std::time::Duration::from_secs(1),
+            log_parameters: false,
+        }
+    }
 }
 
 /// Who may open the admin console (database `regiongate`).
@@ -374,6 +401,9 @@ impl Config {
                 "routing.region_order",
                 format!("{unknown:?} is not a region in `regions`"),
             ));
+        }
+        if self.nplus1.threshold < 2 {
+            return Err(("nplus1.threshold", "must be at least 2".into()));
         }
         if self.routing.monitor_interval < std::time::Duration::from_millis(10) {
             return Err(("routing.monitor_interval", "must be at least 10ms".into()));

@@ -5,8 +5,10 @@ pub mod admin;
 pub mod auth;
 pub mod clients;
 pub mod config;
+pub mod fingerprint;
 pub mod http;
 pub mod metrics;
+pub mod nplus1;
 pub mod pool;
 pub mod protocol;
 pub mod route;
@@ -42,6 +44,8 @@ pub struct Shared {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     pub clients: Arc<Clients>,
     pub statement_names: StatementNames,
+    /// N+1 patterns seen so far.
+    pub nplus1: nplus1::Patterns,
     regions: ArcSwap<Regions>,
     monitors: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub classifier: ArcSwap<Classifier>,
@@ -79,6 +83,7 @@ impl Shared {
             pools: Mutex::new(HashMap::new()),
             clients: Arc::default(),
             statement_names: StatementNames::default(),
+            nplus1: nplus1::Patterns::default(),
             config_path,
             reloading: Mutex::new(()),
             paused: tokio::sync::watch::channel(false).0,

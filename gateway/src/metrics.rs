@@ -25,6 +25,8 @@ pub struct Metrics {
     /// observing one needs no label lookup).
     pub request_primary: Histogram,
     pub request_replica: Histogram,
+    pub nplus1_episodes: IntCounterVec,
+    pub nplus1_statements: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -136,6 +138,16 @@ impl Metrics {
             ),
             request_primary: request_seconds.with_label_values(&["primary"]),
             request_replica: request_seconds.with_label_values(&["replica"]),
+            nplus1_episodes: counter_vec(
+                "regiongate_nplus1_episodes_total",
+                "N+1 episodes: one statement shape repeated after a parent, by fingerprint (the first 50, then other)",
+                &["fingerprint"],
+            ),
+            nplus1_statements: counter_vec(
+                "regiongate_nplus1_statements_total",
+                "Statements that were part of N+1 episodes, by fingerprint (the first 50, then other)",
+                &["fingerprint"],
+            ),
             routed: counter_vec(
                 "regiongate_routed_total",
                 "Routing decisions, by region and role of the server chosen and the reason",

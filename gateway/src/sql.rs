@@ -78,6 +78,11 @@ impl Iterator for Statements<'_> {
     }
 }
 
+/// The end of the lexical unit starting at `i` (see [`skip_token`]), for other scanners of SQL text.
+pub fn token_end(s: &[u8], i: usize) -> usize {
+    skip_token(s, i).min(s.len())
+}
+
 /// Skips one lexical unit starting at `i` (a quoted string, identifier, comment, dollar-quoted body, or one
 /// byte) and returns the index after it. Unterminated quotes run to the end, as the server would see them.
 fn skip_token(s: &[u8], i: usize) -> usize {

@@ -84,6 +84,9 @@ struct Statement {
     effect: StatementEffect,
     /// Where it may run (when read routing is on).
     class: Option<crate::route::Class>,
+    /// Its fingerprint hash and whether it reads (when N+1 detection is on), computed once at Parse.
+    shape: u64,
+    reads: bool,
 }
 
 /// What running a protocol-level statement does to the session.
@@ -190,6 +193,9 @@ struct Session {
     request_started: Option<std::time::Instant>,
     /// The statement text of the last Query or Bind, for the slow-statement log.
     last_statement: Option<Bytes>,
+    /// N+1 detection (None when off).
+    detector: Option<crate::nplus1::Detector>,
+    nplus1: crate::nplus1::Settings,
 
     statements: HashMap<Bytes, Arc<Statement>>,
     unnamed: Option<Arc<Statement>>,
@@ -317,6 +323,12 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
         server_fatal: false,
         request_started: None,
         last_statement: None,
+        detector: config.nplus1.enabled.then(crate::nplus1::Detector::default),
+        nplus1: crate::nplus1::Settings {
+            threshold: config.nplus1.threshold,
+            window: config.nplus1.window,
+            log_parameters: config.nplus1.log_parameters,
+        },
         statements: HashMap::new(),
         unnamed: None,
         sql_prepared: HashMap::new(),
@@ -557,6 +569,10 @@ impl Session {
             b'Q' => {
                 self.last_statement =
                     protocol::query_text(protocol::body(&message)).map(|t| message.slice_ref(t));
+                if let (Some(text), true) = (self.last_statement.clone(), self.detector.is_some()) {
+                    let shape = crate::fingerprint::shape(&text);
+                    self.observe_statement(shape.hash, shape.is_read(), &text, &text);
+                }
                 self.on_query(message)?
             }
             b'P' => self.on_parse(message)?,
@@ -707,6 +723,13 @@ impl Session {
         let class = self
             .routing_enabled()
             .then(|| self.shared.classifier.load().classify(text));
+        let (shape, reads) = match self.detector {
+            Some(_) => {
+                let shape = crate::fingerprint::shape(text);
+                (shape.hash, shape.is_read())
+            }
+            None => (0, false),
+        };
         let parse_rest = message.slice_ref(rest);
         self.in_exchange = true;
         if name.is_empty() {
@@ -715,6 +738,8 @@ impl Session {
                 parse_rest,
                 effect,
                 class,
+                shape,
+                reads,
             }));
             self.conn().unnamed_valid = true;
             self.to_server.extend_from_slice(&message);
@@ -730,6 +755,8 @@ impl Session {
             parse_rest,
             effect,
             class,
+            shape,
+            reads,
         });
         self.statements.insert(message.slice_ref(name), statement);
         let conn = self.conn();
@@ -793,7 +820,7 @@ impl Session {
                     self.conn().unnamed_valid = true;
                 }
                 if tag == b'B' {
-                    self.statement_effects(&unnamed.effect);
+                    self.bound(&unnamed, rest);
                 }
             }
             self.to_server.extend_from_slice(&message);
@@ -816,9 +843,7 @@ impl Session {
             });
         }
         if tag == b'B' {
-            self.statement_effects(&statement.effect);
-            self.last_statement = protocol::cstr(&statement.parse_rest)
-                .map(|(t, _)| statement.parse_rest.slice_ref(t));
+            self.bound(&statement, rest);
         }
         protocol::renamed(
             &mut self.to_server,
@@ -828,6 +853,49 @@ impl Session {
             rest,
         );
         Ok(())
+    }
+
+    /// A Bind of `statement` with `parameters` (the rest of the Bind message): it will run.
+    fn bound(&mut self, statement: &Statement, parameters: &[u8]) {
+        self.statement_effects(&statement.effect);
+        let text =
+            protocol::cstr(&statement.parse_rest).map(|(t, _)| statement.parse_rest.slice_ref(t));
+        if let (Some(text), true) = (&text, self.detector.is_some()) {
+            self.observe_statement(statement.shape, statement.reads, text, parameters);
+        }
+        self.last_statement = text;
+    }
+
+    /// Feeds the N+1 detector one statement about to run; `values` are what tells one run of it from another.
+    fn observe_statement(&mut self, shape: u64, read: bool, text: &Bytes, values: &[u8]) {
+        let Some(detector) = self.detector.as_mut() else {
+            return;
+        };
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        values.hash(&mut hasher);
+        let sample = self
+            .nplus1
+            .log_parameters
+            .then(|| String::from_utf8_lossy(&values[..values.len().min(200)]).into_owned());
+        let entry = &self.handle.entry;
+        let origin = crate::nplus1::Origin {
+            user: &entry.user,
+            application_name: &entry.application_name,
+            client: entry.addr,
+        };
+        detector.observe(
+            crate::nplus1::Statement {
+                shape,
+                read,
+                text,
+                values: hasher.finish(),
+                sample,
+            },
+            &self.nplus1,
+            &self.shared.nplus1,
+            &origin,
+        );
     }
 
     fn statement_effects(&mut self, effect: &StatementEffect) {
@@ -1049,6 +1117,15 @@ impl Session {
     /// Cleans up after the client left: an idle connection goes back to the pool; one in a transaction or
     /// with pinned session state is rolled back and reset first; one mid-request is closed.
     fn finish(&mut self) {
+        if let Some(mut detector) = self.detector.take() {
+            let entry = &self.handle.entry;
+            let origin = crate::nplus1::Origin {
+                user: &entry.user,
+                application_name: &entry.application_name,
+                client: entry.addr,
+            };
+            detector.finish(&self.nplus1, &self.shared.nplus1, &origin);
+        }
         let Some(mut lease) = self.lease.take() else {
             return;
         };

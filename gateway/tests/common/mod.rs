@@ -48,7 +48,14 @@ impl Drop for TestGateway {
 /// Starts a gateway in front of a fresh database. `extra` is YAML appended to the config (pool, limits, ...).
 pub async fn gateway(prefix: &str, extra: &str) -> TestGateway {
     let database = fresh_database(prefix);
-    gateway_for(&database, &format!("auth:\n  method: scram-sha-256\n  users: [ {{ name: {database}, password: {PASSWORD} }} ]\n{extra}")).await
+    gateway_for(
+        &database,
+        &format!(
+            "auth:\n  method: scram-sha-256\n  users: [ {{ name: {database}, password: {PASSWORD} }} ]\n\
+             admin: {{ users: [ {database} ] }}\n{extra}"
+        ),
+    )
+    .await
 }
 
 /// Starts a gateway for an existing database with the given auth/pool YAML.
