@@ -59,10 +59,17 @@ impl Iterator for Statements<'_> {
         let s = self.sql;
         while self.at < s.len() {
             let start = self.at;
-            // No semicolon at all (the common case): one statement, no need to lex for quotes.
-            if memchr::memchr(b';', &s[start..]).is_none() {
+            // No semicolon, or one only at the very end (the common cases): one statement, no need to lex
+            // for quotes.
+            let semicolon = memchr::memchr(b';', &s[start..]).map(|p| start + p);
+            let single_end = match semicolon {
+                None => Some(s.len()),
+                Some(p) if s[p + 1..].iter().all(u8::is_ascii_whitespace) => Some(p),
+                Some(_) => None,
+            };
+            if let Some(end) = single_end {
                 self.at = s.len();
-                return (skip_space(s, start) < s.len()).then_some(start..s.len());
+                return (skip_space(s, start) < end).then_some(start..end);
             }
             let mut i = start;
             while i < s.len() && s[i] != b';' {

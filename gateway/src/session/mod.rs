@@ -159,8 +159,12 @@ struct Session {
     to_server: BytesMut,
     /// The primary's pool for this client's database and user.
     pool: Arc<Pool>,
-    /// The reload generation `pool` was looked up in.
+    /// The reload generation `pool`, `replicas` and `slow_after` were read in.
     pool_generation: u64,
+    /// Whether any replica is configured (read routing is on).
+    replicas: bool,
+    /// `log.slow_statement`.
+    slow_after: Duration,
     lease: Option<Lease>,
     route: Option<Route>,
     reads: Reads,
@@ -305,12 +309,14 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
             ..Reads::default()
         },
         pool_generation: shared.generation(),
+        replicas: shared.has_replicas(),
+        slow_after: config.log.slow_statement,
         pool,
         lease: None,
         route: None,
         handle,
         max_message_size: config.limits.max_message_size,
-        pending: VecDeque::new(),
+        pending: VecDeque::with_capacity(8),
         in_exchange: false,
         segment_effects: Vec::new(),
         transaction_effects: Vec::new(),
@@ -871,9 +877,6 @@ impl Session {
         let Some(detector) = self.detector.as_mut() else {
             return;
         };
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        values.hash(&mut hasher);
         let sample = self
             .nplus1
             .log_parameters
@@ -889,7 +892,7 @@ impl Session {
                 shape,
                 read,
                 text,
-                values: hasher.finish(),
+                values: crate::fingerprint::hash_bytes(values),
                 sample,
             },
             &self.nplus1,
@@ -955,8 +958,10 @@ impl Session {
             // A reload may have replaced the primary's pool (new settings or a new primary).
             self.pool_generation = self.shared.generation();
             let (user, database) = (self.pool.key.user.clone(), self.pool.key.database.clone());
-            let primary = self.shared.config.load().primary.url.clone();
-            self.pool = self.shared.pool(&primary, &user, &database);
+            let config = self.shared.config.load_full();
+            self.pool = self.shared.pool(&config.primary.url, &user, &database);
+            self.replicas = self.shared.has_replicas();
+            self.slow_after = config.log.slow_statement;
         }
         let regions = self.shared.regions();
         let mut attempts = 0;
@@ -981,8 +986,13 @@ impl Session {
         match result {
             Ok((mut lease, route)) => {
                 let conn = lease.conn();
-                if !Arc::ptr_eq(&conn.settings, &self.settings) && *conn.settings != *self.settings
+                if !Arc::ptr_eq(&conn.settings, &self.settings) && *conn.settings == *self.settings
                 {
+                    // Same settings in another allocation: share one, so that the next checkout compares
+                    // pointers only. Clients with equal settings converge on one Arc this way.
+                    self.settings = conn.settings.clone();
+                }
+                if !Arc::ptr_eq(&conn.settings, &self.settings) {
                     let change = settings_change(&conn.settings, &self.settings);
                     protocol::query(&mut self.to_server, &change);
                     self.pending.push_back(Pending::Ready {
@@ -1321,7 +1331,7 @@ impl Session {
         } else {
             METRICS.request_primary.observe(elapsed.as_secs_f64());
         }
-        if elapsed >= self.shared.config.load().log.slow_statement {
+        if elapsed >= self.slow_after {
             METRICS.slow_statements.inc();
             let statement = self
                 .last_statement

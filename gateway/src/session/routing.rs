@@ -48,7 +48,7 @@ pub(super) type CounterKey = (Option<Arc<str>>, bool, Reason);
 
 impl Session {
     pub(super) fn routing_enabled(&self) -> bool {
-        self.shared.has_replicas() && self.pinned.is_none()
+        self.replicas && self.pinned.is_none()
     }
 
     /// The class of one client message, if it carries a statement.
