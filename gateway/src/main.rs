@@ -135,7 +135,8 @@ fn demo(listen: &str) -> Result<()> {
         .cluster
         .create_user_and_db("app", "app", "app")?;
     let yaml = format!(
-        "listen: {listen}\nhome_region: eu-west\n{}auth:\n  method: scram-sha-256\n  users:\n    - {{ name: app, password: app }}\n",
+        "listen: {listen}\nhome_region: eu-west\n{}auth:\n  method: scram-sha-256\n  users:\n    - {{ name: app, password: app }}\n\
+         admin: {{ users: [ app ] }}\nmetrics: {{ listen: '127.0.0.1:9930' }}\n",
         topology.gateway_yaml("app")
     );
     let config = Config::parse(&yaml, "demo")?;
@@ -149,7 +150,8 @@ fn demo(listen: &str) -> Result<()> {
         "\nregiongate listens on {listen} (home region eu-west). Try:\n\n    \
          psql 'postgres://app:app@{listen}/app' -c 'SELECT inet_server_port(), pg_is_in_recovery()'\n    \
          psql 'postgres://app:app@{listen}/app' -c 'CREATE TABLE t (x int); INSERT INTO t VALUES (1)'\n\n\
-         Reads go to eu-west, writes to us-east. Ctrl-C stops everything."
+         Reads go to eu-west, writes to us-east. The admin console: psql 'postgres://app:app@{listen}/regiongate' \
+         -c 'SHOW REPLICAS'; metrics: curl http://127.0.0.1:9930/metrics. Ctrl-C stops everything."
     );
     let result = serve(config, None);
     drop(topology);

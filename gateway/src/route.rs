@@ -7,7 +7,6 @@
 //! transaction a replica can serve. Everything else, and anything that does not parse, is a write.
 
 use self::hint::Hint;
-use bytes::Bytes;
 use sqlparser::ast::{
     Expr, ObjectNamePart, Query, SetExpr, Statement, TransactionAccessMode, TransactionMode, Visit,
     Visitor,
@@ -82,10 +81,12 @@ pub struct Class {
     pub read_only_transaction: bool,
 }
 
-/// Classifies statement texts, with a cache.
+/// Classifies statement texts, with a cache keyed by the statement's shape (see `fingerprint`): literals do
+/// not change where a statement may run, so a query run with a thousand different values is parsed once, and
+/// the shape is the one N+1 detection uses.
 pub struct Classifier {
     side_effects: HashSet<String>,
-    cache: moka::sync::Cache<Bytes, Class>,
+    cache: moka::sync::Cache<u64, Class>,
 }
 
 impl Classifier {
@@ -105,14 +106,26 @@ impl Classifier {
         })
     }
 
-    /// The class of a statement text (one or more statements), from the cache when seen before.
+    /// The class of a statement text (one or more statements).
     pub fn classify(&self, text: &[u8]) -> Class {
-        if let Some(class) = self.cache.get(text) {
-            return class;
+        self.classify_shaped(text, crate::fingerprint::shape(text).hash)
+    }
+
+    /// The class of a statement text whose shape hash is known, from the cache when the shape was seen before.
+    /// Hints live in comments, which shapes drop, so they are read from the text itself.
+    pub fn classify_shaped(&self, text: &[u8], shape: u64) -> Class {
+        let class = match self.cache.get(&shape) {
+            Some(class) => class,
+            None => {
+                let class = self.classify_uncached(text);
+                self.cache.insert(shape, class);
+                class
+            }
+        };
+        Class {
+            hint: hint::parse(text),
+            ..class
         }
-        let class = self.classify_uncached(text);
-        self.cache.insert(Bytes::copy_from_slice(text), class);
-        class
     }
 
     fn classify_uncached(&self, text: &[u8]) -> Class {

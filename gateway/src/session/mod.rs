@@ -197,6 +197,8 @@ struct Session {
     request_started: Option<std::time::Instant>,
     /// The statement text of the last Query or Bind, for the slow-statement log.
     last_statement: Option<Bytes>,
+    /// DataRows relayed for the current request.
+    rows: u64,
     /// N+1 detection (None when off).
     detector: Option<crate::nplus1::Detector>,
     nplus1: crate::nplus1::Settings,
@@ -329,6 +331,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
         server_fatal: false,
         request_started: None,
         last_statement: None,
+        rows: 0,
         detector: config.nplus1.enabled.then(crate::nplus1::Detector::default),
         nplus1: crate::nplus1::Settings {
             threshold: config.nplus1.threshold,
@@ -558,16 +561,26 @@ impl Session {
                 }
                 return Ok(Progress::NeedServer);
             }
-            if !self.admit(tag, len) {
+            // A Query's shape serves both routing (its cache key) and N+1 detection: compute it once.
+            let shape = (tag == b'Q' && (self.detector.is_some() || self.routing_enabled()))
+                .then(|| protocol::query_text(protocol::body(&self.from_client[..len])))
+                .flatten()
+                .map(crate::fingerprint::shape);
+            if !self.admit(tag, len, shape.as_ref().map(|s| s.hash)) {
                 return Ok(Progress::Idle);
             }
             let message = self.from_client.split_to(len).freeze();
             self.remember_for_retry(&message);
-            self.handle_message(tag, message)?;
+            self.handle_message(tag, message, shape)?;
         }
     }
 
-    fn handle_message(&mut self, tag: u8, message: Bytes) -> Result<(), PgError> {
+    fn handle_message(
+        &mut self,
+        tag: u8,
+        message: Bytes,
+        shape: Option<crate::fingerprint::Shape>,
+    ) -> Result<(), PgError> {
         if matches!(tag, b'Q' | b'S' | b'F') && self.request_started.is_none() {
             self.request_started = Some(std::time::Instant::now());
         }
@@ -575,8 +588,7 @@ impl Session {
             b'Q' => {
                 self.last_statement =
                     protocol::query_text(protocol::body(&message)).map(|t| message.slice_ref(t));
-                if let (Some(text), true) = (self.last_statement.clone(), self.detector.is_some()) {
-                    let shape = crate::fingerprint::shape(&text);
+                if let (Some(text), Some(shape)) = (self.last_statement.clone(), &shape) {
                     self.observe_statement(shape.hash, shape.is_read(), &text, &text);
                 }
                 self.on_query(message)?
@@ -726,16 +738,19 @@ impl Session {
             protocol::cstr(body).ok_or_else(|| PgError::fatal("08P01", "invalid Parse message"))?;
         let text = protocol::cstr(rest).map(|(t, _)| t).unwrap_or_default();
         let effect = statement_effect(text);
-        let class = self
-            .routing_enabled()
-            .then(|| self.shared.classifier.load().classify(text));
-        let (shape, reads) = match self.detector {
-            Some(_) => {
-                let shape = crate::fingerprint::shape(text);
-                (shape.hash, shape.is_read())
-            }
-            None => (0, false),
-        };
+        // One shape for both routing's cache and N+1 detection, computed once per prepared statement.
+        let fingerprint = (self.detector.is_some() || self.routing_enabled())
+            .then(|| crate::fingerprint::shape(text));
+        let class = fingerprint
+            .as_ref()
+            .filter(|_| self.routing_enabled())
+            .map(|shape| {
+                self.shared
+                    .classifier
+                    .load()
+                    .classify_shaped(text, shape.hash)
+            });
+        let (shape, reads) = fingerprint.map_or((0, false), |s| (s.hash, s.is_read()));
         let parse_rest = message.slice_ref(rest);
         self.in_exchange = true;
         if name.is_empty() {
@@ -1206,6 +1221,7 @@ impl Session {
                 Some(Pending::Ready { swallow: true, .. })
             );
             if !swallowing && is_passthrough(tag) {
+                self.rows += u64::from(tag == b'D');
                 let available = buf.len() - i;
                 if available < len {
                     self.server_skip = len - available;
@@ -1326,6 +1342,15 @@ impl Session {
         };
         let elapsed = started.elapsed();
         let replica = matches!(self.route, Some(Route::Replica(_)));
+        let rows = std::mem::take(&mut self.rows);
+        tracing::debug!(
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            role = if replica { "replica" } else { "primary" },
+            server = %self.lease.as_mut().map(|l| l.conn().addr.to_string()).unwrap_or_default(),
+            rows,
+            statement = %self.last_statement.as_deref().map(|s| String::from_utf8_lossy(&s[..s.len().min(200)])).unwrap_or_default(),
+            "request"
+        );
         if replica {
             METRICS.request_replica.observe(elapsed.as_secs_f64());
         } else {

@@ -51,13 +51,20 @@ impl Session {
         self.replicas && self.pinned.is_none()
     }
 
-    /// The class of one client message, if it carries a statement.
-    pub(super) fn message_class(&self, tag: u8, message: &[u8]) -> Option<Class> {
+    /// The class of one client message, if it carries a statement. `shape` is the Query's shape hash when the
+    /// caller has it already.
+    pub(super) fn message_class(
+        &self,
+        tag: u8,
+        message: &[u8],
+        shape: Option<u64>,
+    ) -> Option<Class> {
         let body = protocol::body(message);
         match tag {
-            b'Q' => {
-                protocol::query_text(body).map(|text| self.shared.classifier.load().classify(text))
-            }
+            b'Q' => protocol::query_text(body).map(|text| match shape {
+                Some(shape) => self.shared.classifier.load().classify_shaped(text, shape),
+                None => self.shared.classifier.load().classify(text),
+            }),
             b'P' => {
                 let (_, rest) = protocol::cstr(body)?;
                 let (text, _) = protocol::cstr(rest)?;
@@ -96,7 +103,7 @@ impl Session {
             if self.from_client.len() - at < len {
                 break;
             }
-            if let Some(class) = self.message_class(tag, &self.from_client[at..at + len]) {
+            if let Some(class) = self.message_class(tag, &self.from_client[at..at + len], None) {
                 combined.access = combined.access.and(class.access);
                 combined.hint = combined.hint.or(class.hint);
                 combined.read_only_transaction |= class.read_only_transaction;
@@ -203,11 +210,11 @@ impl Session {
     /// Called for each client message about to be forwarded. Returns false when the message must wait: it
     /// needs the primary, the session is on a replica between transactions, so it waits for the replica's
     /// answers and a release.
-    pub(super) fn admit(&mut self, tag: u8, len: usize) -> bool {
+    pub(super) fn admit(&mut self, tag: u8, len: usize, shape: Option<u64>) -> bool {
         if !self.routing_enabled() || !matches!(tag, b'Q' | b'P' | b'B' | b'F') {
             return true;
         }
-        let Some(class) = self.message_class(tag, &self.from_client[..len]) else {
+        let Some(class) = self.message_class(tag, &self.from_client[..len], shape) else {
             return true;
         };
         let needs_primary = class.access == Access::Write || class.hint == Some(Hint::Primary);
@@ -318,7 +325,7 @@ impl Session {
             return false;
         }
         let is_bare_begin = self
-            .message_class(b'Q', &self.from_client[..len])
+            .message_class(b'Q', &self.from_client[..len], None)
             .is_some_and(|c| c.bare_begin);
         if !is_bare_begin {
             return false;
