@@ -94,6 +94,41 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgr
     Ok(client)
 }
 
+/// A side connection with its one statement prepared, so that each measurement is one round trip (a
+/// statement sent as text would cost two: Parse/Describe, then Bind/Execute).
+struct Prepared {
+    client: Client,
+    statement: tokio_postgres::Statement,
+}
+
+async fn prepare(
+    config: &tokio_postgres::Config,
+    sql: &str,
+) -> Result<Prepared, tokio_postgres::Error> {
+    let client = connect(config).await?;
+    let statement = client.prepare(sql).await?;
+    Ok(Prepared { client, statement })
+}
+
+/// An error as an operator wants to read it: the server's SQLSTATE and message, or the connection failure.
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} {}", db.code().code(), db.message()),
+        None => {
+            use std::error::Error;
+            match error.source() {
+                Some(source) => format!("{error}: {source}"),
+                None => error.to_string(),
+            }
+        }
+    }
+}
+
+const HEARTBEAT_SQL: &str = "UPDATE regiongate.heartbeat SET seq = seq + 1, written_at = now() \
+                             WHERE gateway = $1 RETURNING seq, pg_current_wal_lsn()::text";
+const PROBE_SQL: &str = "SELECT pg_last_wal_replay_lsn()::text, \
+                         (SELECT seq FROM regiongate.heartbeat WHERE gateway = $1)";
+
 /// Writes the heartbeat every interval until the gateway stops.
 pub(crate) async fn heartbeat(regions: Arc<Regions>) {
     let interval = regions.routing.monitor_interval;
@@ -104,34 +139,29 @@ pub(crate) async fn heartbeat(regions: Arc<Regions>) {
     );
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut client: Option<Client> = None;
+    let mut connection: Option<Prepared> = None;
     loop {
         ticker.tick().await;
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = match connect(&config).await {
-                Ok(c) => match setup(&c, &regions.gateway_name).await {
-                    Ok(()) => Some(c),
-                    Err(error) => {
-                        regions.primary_failed(&error.to_string());
-                        None
-                    }
-                },
+        if connection.as_ref().is_none_or(|c| c.client.is_closed()) {
+            let opened = async {
+                let client = connect(&config).await?;
+                setup(&client, &regions.gateway_name).await?;
+                let statement = client.prepare(HEARTBEAT_SQL).await?;
+                Ok::<_, tokio_postgres::Error>(Prepared { client, statement })
+            };
+            connection = match opened.await {
+                Ok(c) => Some(c),
                 Err(error) => {
-                    regions.primary_failed(&error.to_string());
+                    regions.primary_failed(&describe(&error));
                     None
                 }
             };
         }
-        let Some(c) = &client else { continue };
+        let Some(c) = &connection else { continue };
         let sent = Instant::now();
-        let statement = "UPDATE regiongate.heartbeat SET seq = seq + 1, written_at = now() \
-                         WHERE gateway = $1 RETURNING seq, pg_current_wal_lsn()::text";
-        match tokio::time::timeout(
-            interval * 8,
-            c.query_one(statement, &[&regions.gateway_name]),
-        )
-        .await
-        {
+        let parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&regions.gateway_name];
+        let written = c.client.query_one(&c.statement, &parameters);
+        match tokio::time::timeout(interval * 8, written).await {
             Ok(Ok(row)) => {
                 let lsn = row.get::<_, String>(1).parse().unwrap_or_default();
                 regions.heartbeat_written(Heartbeat {
@@ -141,12 +171,12 @@ pub(crate) async fn heartbeat(regions: Arc<Regions>) {
                 });
             }
             Ok(Err(error)) => {
-                regions.primary_failed(&error.to_string());
-                client = None;
+                regions.primary_failed(&describe(&error));
+                connection = None;
             }
             Err(_) => {
                 regions.primary_failed("heartbeat timed out");
-                client = None;
+                connection = None;
             }
         }
     }
@@ -168,30 +198,39 @@ pub(crate) async fn probe(regions: Arc<Regions>, id: ReplicaId) {
     let interval = regions.routing.monitor_interval;
     let url = regions.replica_urls[id].clone();
     let config = connect_config(&url, &regions.login, interval.max(Duration::from_secs(1)));
-    let mut client: Option<Client> = None;
+    let mut connection: Option<Prepared> = None;
     let mut backoff = interval;
+    // The probe reads the heartbeat table, which the heartbeat writer creates: wait for its first beat.
+    while regions
+        .heartbeats
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .latest()
+        .is_none()
+    {
+        tokio::time::sleep(interval).await;
+    }
     loop {
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            match connect(&config).await {
+        if connection.as_ref().is_none_or(|c| c.client.is_closed()) {
+            match prepare(&config, PROBE_SQL).await {
                 Ok(c) => {
-                    client = Some(c);
+                    connection = Some(c);
                     backoff = interval;
                 }
                 Err(error) => {
-                    regions.replica_failed(id, &error.to_string());
+                    regions.replica_failed(id, &describe(&error));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             }
         }
-        let c = client.as_ref().expect("connected above");
+        let c = connection.as_ref().expect("connected above");
         let started = Instant::now();
-        let statement = "SELECT pg_last_wal_replay_lsn()::text, \
-                         (SELECT seq FROM regiongate.heartbeat WHERE gateway = $1)";
         let timeout = (interval * 4).max(Duration::from_secs(1));
-        match tokio::time::timeout(timeout, c.query_one(statement, &[&regions.gateway_name])).await
-        {
+        let parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&regions.gateway_name];
+        let probed = c.client.query_one(&c.statement, &parameters);
+        match tokio::time::timeout(timeout, probed).await {
             Ok(Ok(row)) => {
                 let rtt = started.elapsed();
                 let lsn = row.get::<_, Option<String>>(0).and_then(|l| l.parse().ok());
@@ -199,12 +238,12 @@ pub(crate) async fn probe(regions: Arc<Regions>, id: ReplicaId) {
                 regions.replica_measured(id, started, rtt, lsn, seq);
             }
             Ok(Err(error)) => {
-                regions.replica_failed(id, &error.to_string());
-                client = None;
+                regions.replica_failed(id, &describe(&error));
+                connection = None;
             }
             Err(_) => {
                 regions.replica_failed(id, &format!("probe timed out after {timeout:?}"));
-                client = None;
+                connection = None;
             }
         }
         tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
