@@ -17,6 +17,7 @@ pub struct Metrics {
     pub transactions: IntCounter,
     pub server_lost: IntCounter,
     pub errors_sent: IntCounterVec,
+    pub server_errors: IntCounterVec,
     pub cancels: IntCounterVec,
     pub routed: IntCounterVec,
     pub reloads: IntCounter,
@@ -118,6 +119,11 @@ impl Metrics {
                 "regiongate_server_lost_total",
                 "Server connections that broke while a client used them",
             ),
+            server_errors: counter_vec(
+                "regiongate_server_errors_total",
+                "ErrorResponses from servers relayed to clients, by SQLSTATE class",
+                &["class"],
+            ),
             errors_sent: counter_vec(
                 "regiongate_errors_total",
                 "Errors the gateway itself sent to clients, by SQLSTATE class",
@@ -163,6 +169,28 @@ impl Metrics {
         let mut out = Vec::new();
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Counts an ErrorResponse from a server by its SQLSTATE class (the 'C' field of the body).
+    pub fn server_error(&self, body: &[u8]) {
+        let mut rest = body;
+        while let Some((&field, tail)) = rest.split_first() {
+            let Some(end) = memchr::memchr(0, tail) else {
+                return;
+            };
+            if field == b'C' {
+                let class = tail
+                    .get(..2)
+                    .and_then(|c| std::str::from_utf8(c).ok())
+                    .unwrap_or("XX");
+                self.server_errors.with_label_values(&[class]).inc();
+                return;
+            }
+            if field == 0 {
+                return;
+            }
+            rest = &tail[end + 1..];
+        }
     }
 
     pub fn error_sent(&self, code: &str) {

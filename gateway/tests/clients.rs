@@ -111,20 +111,7 @@ fn rand_suffix() -> u64 {
 }
 
 fn pgbench(gw: &common::TestGateway, args: &[&str]) -> Output {
-    Command::new("pgbench")
-        .env("PGPASSWORD", PASSWORD)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &gw.addr.port().to_string(),
-            "-U",
-            &gw.database,
-        ])
-        .args(args)
-        .arg(&gw.database)
-        .output()
-        .expect("running pgbench")
+    common::pgbench(gw.addr.port(), &gw.database, args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

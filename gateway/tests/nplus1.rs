@@ -97,22 +97,7 @@ async fn sqlalchemy_lazy_loading_is_reported_and_eager_loading_is_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_select_only_is_not_n_plus_one_but_a_psql_loop_is() {
     let gw = gateway("hot", "pool: { size: 4 }\n").await;
-    let bench = |args: &[&str]| {
-        Command::new("pgbench")
-            .env("PGPASSWORD", PASSWORD)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &gw.addr.port().to_string(),
-                "-U",
-                &gw.database,
-            ])
-            .args(args)
-            .arg(&gw.database)
-            .output()
-            .unwrap()
-    };
+    let bench = |args: &[&str]| common::pgbench(gw.addr.port(), &gw.database, args);
     assert!(bench(&["-i", "-s", "1", "-q"]).status.success());
     for mode in ["simple", "prepared"] {
         let output = bench(&["-S", "-M", mode, "-c", "16", "-j", "2", "-t", "200", "-n"]);

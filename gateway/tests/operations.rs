@@ -176,6 +176,7 @@ async fn metrics_parse_with_promtool_and_health_endpoints_answer() {
         "regiongate_request_seconds_bucket{role=\"primary\"",
         "regiongate_routed_total",
         "regiongate_transactions_total",
+        "regiongate_server_errors_total{class=\"22\"}",
     ] {
         assert!(body.contains(name), "{name} missing:\n{body}");
     }
@@ -218,15 +219,7 @@ async fn reload_under_pgbench_load_drops_no_client_and_refuses_a_bad_file() {
     let shared = start_from_file(&path).await;
     let bench = {
         let database = database.clone();
-        move |args: &[&str]| {
-            Command::new("pgbench")
-                .env("PGPASSWORD", PASSWORD)
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", &database])
-                .args(args)
-                .arg(&database)
-                .output()
-                .unwrap()
-        }
+        move |args: &[&str]| common::pgbench(port, &database, args)
     };
     let init = tokio::task::spawn_blocking({
         let bench = bench.clone();

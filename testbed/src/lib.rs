@@ -121,19 +121,7 @@ impl Cluster {
             ),
         )?;
 
-        // A port that was free a moment ago can be taken by the time postgres binds it; try a few.
-        let mut last_error = None;
-        for _ in 0..5 {
-            let port = free_port()?;
-            match pg_ctl_start(dir.path(), port) {
-                Ok(()) => {
-                    spawn_reaper(dir.path());
-                    return Ok(Cluster { dir, port });
-                }
-                Err(e) => last_error = Some(e),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("postgres did not start")))
+        start_on_free_port(dir)
     }
 
     /// The data directory.
@@ -234,18 +222,7 @@ impl Cluster {
             &data.join("postgresql.conf"),
             &format!("unix_socket_directories = '{}'\n", dir.path().display()),
         )?;
-        let mut last_error = None;
-        for _ in 0..5 {
-            let port = free_port()?;
-            match pg_ctl_start(dir.path(), port) {
-                Ok(()) => {
-                    spawn_reaper(dir.path());
-                    return Ok(Cluster { dir, port });
-                }
-                Err(e) => last_error = Some(e),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("the replica did not start")))
+        start_on_free_port(dir)
     }
 
     /// Pauses WAL replay on a replica: its lag grows from now on.
@@ -277,6 +254,23 @@ impl Cluster {
     pub fn restart(&self) -> Result<()> {
         pg_ctl_start(self.dir.path(), self.port)
     }
+}
+
+/// Starts the server of a prepared directory on a free port. A port that was free a moment ago can be taken by
+/// the time postgres binds it, so a few are tried.
+fn start_on_free_port(dir: tempfile::TempDir) -> Result<Cluster> {
+    let mut last_error = None;
+    for _ in 0..5 {
+        let port = free_port()?;
+        match pg_ctl_start(dir.path(), port) {
+            Ok(()) => {
+                spawn_reaper(dir.path());
+                return Ok(Cluster { dir, port });
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("postgres did not start")))
 }
 
 /// Stops the cluster and deletes its directory once this process is gone, however it ended (a panic in a

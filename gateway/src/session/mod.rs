@@ -132,6 +132,19 @@ enum Pending {
     },
 }
 
+impl Pending {
+    /// A request answered by ReadyForQuery; `swallow` for the gateway's own.
+    fn ready(swallow: bool, simple: bool, effects: Vec<Effect>) -> Pending {
+        Pending::Ready {
+            swallow,
+            simple,
+            effects,
+            failed: false,
+            capture: false,
+        }
+    }
+}
+
 /// What the client's bytes need next.
 enum Progress {
     /// Everything complete was handled; wait for I/O.
@@ -603,24 +616,14 @@ impl Session {
             b'S' => {
                 self.to_server.extend_from_slice(&message);
                 let effects = std::mem::take(&mut self.segment_effects);
-                self.pending.push_back(Pending::Ready {
-                    swallow: false,
-                    simple: false,
-                    effects,
-                    failed: false,
-                    capture: false,
-                });
+                self.pending
+                    .push_back(Pending::ready(false, false, effects));
                 self.in_exchange = false;
             }
             b'F' => {
                 self.to_server.extend_from_slice(&message);
-                self.pending.push_back(Pending::Ready {
-                    swallow: false,
-                    simple: true,
-                    effects: Vec::new(),
-                    failed: false,
-                    capture: false,
-                });
+                self.pending
+                    .push_back(Pending::ready(false, true, Vec::new()));
             }
             b'd' | b'c' | b'f' => self.to_server.extend_from_slice(&message),
             other => {
@@ -699,28 +702,22 @@ impl Session {
             rewritten.extend_from_slice(&text[at..]);
             protocol::query(&mut self.to_server, &String::from_utf8_lossy(&rewritten));
         }
-        self.pending.push_back(Pending::Ready {
-            swallow: false,
-            simple: true,
-            effects,
-            failed: false,
-            capture: false,
-        });
+        self.pending.push_back(Pending::ready(false, true, effects));
         Ok(())
     }
 
     /// Runs a SQL-level PREPARE first on a server connection that lacks it (its answers swallowed).
     fn ensure_sql_prepared(&mut self, prepared: &SqlPrepared) {
         if self.conn().prepared.insert(prepared.server_name.clone()) {
-            protocol::query(&mut self.to_server, &prepared.prepare);
-            self.pending.push_back(Pending::Ready {
-                swallow: true,
-                simple: true,
-                effects: Vec::new(),
-                failed: false,
-                capture: false,
-            });
+            self.send_own_query(&prepared.prepare);
         }
+    }
+
+    /// Sends a query of the gateway's own ahead of what follows; its answers never reach the client.
+    fn send_own_query(&mut self, sql: &str) {
+        protocol::query(&mut self.to_server, sql);
+        self.pending
+            .push_back(Pending::ready(true, true, Vec::new()));
     }
 
     /// DEALLOCATE ALL and DISCARD ALL drop every prepared statement of the server session.
@@ -896,12 +893,7 @@ impl Session {
             .nplus1
             .log_parameters
             .then(|| String::from_utf8_lossy(&values[..values.len().min(200)]).into_owned());
-        let entry = &self.handle.entry;
-        let origin = crate::nplus1::Origin {
-            user: &entry.user,
-            application_name: &entry.application_name,
-            client: entry.addr,
-        };
+        let origin = nplus1_origin(&self.handle.entry);
         detector.observe(
             crate::nplus1::Statement {
                 shape,
@@ -1009,14 +1001,7 @@ impl Session {
                 }
                 if !Arc::ptr_eq(&conn.settings, &self.settings) {
                     let change = settings_change(&conn.settings, &self.settings);
-                    protocol::query(&mut self.to_server, &change);
-                    self.pending.push_back(Pending::Ready {
-                        swallow: true,
-                        simple: true,
-                        effects: Vec::new(),
-                        failed: false,
-                        capture: false,
-                    });
+                    self.send_own_query(&change);
                 }
                 conn.settings = self.settings.clone();
                 self.handle.entry.set_server(Some(ServerTarget {
@@ -1143,12 +1128,7 @@ impl Session {
     /// with pinned session state is rolled back and reset first; one mid-request is closed.
     fn finish(&mut self) {
         if let Some(mut detector) = self.detector.take() {
-            let entry = &self.handle.entry;
-            let origin = crate::nplus1::Origin {
-                user: &entry.user,
-                application_name: &entry.application_name,
-                client: entry.addr,
-            };
+            let origin = nplus1_origin(&self.handle.entry);
             detector.finish(&self.nplus1, &self.shared.nplus1, &origin);
         }
         let Some(mut lease) = self.lease.take() else {
@@ -1395,6 +1375,7 @@ impl Session {
 
     fn on_server_error(&mut self, message: &[u8]) -> Action {
         let body = protocol::body(message);
+        METRICS.server_error(body);
         let fatal = body
             .windows(6)
             .take(4)
@@ -1615,6 +1596,15 @@ fn statement_effect(text: &[u8]) -> StatementEffect {
             StatementEffect::Pin("SQL-level PREPARE/EXECUTE through the extended protocol")
         }
         Kind::Other => StatementEffect::None,
+    }
+}
+
+/// Who runs a session's statements, for N+1 reports.
+fn nplus1_origin(entry: &crate::clients::ClientEntry) -> crate::nplus1::Origin<'_> {
+    crate::nplus1::Origin {
+        user: &entry.user,
+        application_name: &entry.application_name,
+        client: entry.addr,
     }
 }
 

@@ -342,13 +342,8 @@ impl Session {
     pub(super) fn send_deferred_begin(&mut self) {
         if let Some(begin) = self.reads.deferred_begin.take() {
             self.to_server.extend_from_slice(&begin);
-            self.pending.push_back(Pending::Ready {
-                swallow: true,
-                simple: true,
-                effects: Vec::new(),
-                failed: false,
-                capture: false,
-            });
+            self.pending
+                .push_back(Pending::ready(true, true, Vec::new()));
         }
     }
 

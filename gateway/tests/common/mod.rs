@@ -158,3 +158,14 @@ pub fn sqlstate(error: &tokio_postgres::Error) -> String {
         .map(|c| c.code().to_string())
         .unwrap_or_else(|| format!("no SQLSTATE: {error}"))
 }
+
+/// Runs pgbench against a gateway on `port` as (and in the database of) `database`.
+pub fn pgbench(port: u16, database: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("pgbench")
+        .env("PGPASSWORD", PASSWORD)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", database])
+        .args(args)
+        .arg(database)
+        .output()
+        .expect("running pgbench")
+}
