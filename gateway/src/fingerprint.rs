@@ -20,20 +20,48 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// A query that only reads, as far as its first word tells (SELECT, WITH, VALUES, TABLE).
     pub fn is_read(&self) -> bool {
-        let first = self
-            .text
-            .split(|b| !b.is_ascii_alphabetic())
-            .next()
-            .unwrap_or_default();
-        matches!(first, b"select" | b"with" | b"values" | b"table")
+        reads(&self.text)
+    }
+}
+
+/// Whether a shape is a query that only reads, as far as its first word tells (SELECT, WITH, VALUES, TABLE).
+fn reads(shape: &[u8]) -> bool {
+    let first = shape
+        .split(|b| !b.is_ascii_alphabetic())
+        .next()
+        .unwrap_or_default();
+    matches!(first, b"select" | b"with" | b"values" | b"table")
+}
+
+/// What detectors and caches need of a shape: its hash, and whether it reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShapeId {
+    pub hash: u64,
+    pub read: bool,
+}
+
+/// The shape's identity, built in a caller's reusable buffer (no allocation on the hot path).
+pub fn shape_id(sql: &[u8], buffer: &mut Vec<u8>) -> ShapeId {
+    shape_into(sql, buffer);
+    ShapeId {
+        hash: hash_bytes(buffer),
+        read: reads(buffer),
     }
 }
 
 /// The shape of `sql` (see the module documentation).
 pub fn shape(sql: &[u8]) -> Shape {
     let mut out = Vec::with_capacity(sql.len());
+    shape_into(sql, &mut out);
+    Shape {
+        hash: hash_bytes(&out),
+        text: out,
+    }
+}
+
+fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
+    out.clear();
     let s = sql;
     let mut i = 0;
     // A space is kept only between two words (keywords, identifiers, `?`): "a = ?" and "a=?" share a shape.
@@ -58,29 +86,29 @@ pub fn shape(sql: &[u8]) -> Shape {
         match c {
             b'-' if token.starts_with(b"--") => pending_space = true,
             b'/' if token.starts_with(b"/*") => pending_space = true,
-            b'\'' => push(&mut out, b"?", &mut pending_space),
+            b'\'' => push(out, b"?", &mut pending_space),
             b'$' if s.get(i + 1).is_some_and(u8::is_ascii_digit) => {
                 // $1: a parameter
                 let mut j = i + 1;
                 while j < s.len() && s[j].is_ascii_digit() {
                     j += 1;
                 }
-                push(&mut out, b"?", &mut pending_space);
+                push(out, b"?", &mut pending_space);
                 i = j;
                 continue;
             }
-            b'$' if token.len() > 1 => push(&mut out, b"?", &mut pending_space), // $$body$$
-            b'0'..=b'9' => push(&mut out, b"?", &mut pending_space),
-            b'"' => push(&mut out, token, &mut pending_space),
+            b'$' if token.len() > 1 => push(out, b"?", &mut pending_space), // $$body$$
+            b'0'..=b'9' => push(out, b"?", &mut pending_space),
+            b'"' => push(out, token, &mut pending_space),
             // E'...', B'...', X'...', U&'...' strings: the prefix letter starts an identifier token.
             c if c.is_ascii_alphabetic() && s.get(end) == Some(&b'\'') && token.len() <= 2 => {
                 let string_end = crate::sql::token_end(s, end);
-                push(&mut out, b"?", &mut pending_space);
+                push(out, b"?", &mut pending_space);
                 i = string_end;
                 continue;
             }
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
-                push(&mut out, b"", &mut pending_space);
+                push(out, b"", &mut pending_space);
                 out.extend(token.iter().map(u8::to_ascii_lowercase));
             }
             _ => {
@@ -90,11 +118,7 @@ pub fn shape(sql: &[u8]) -> Shape {
         }
         i = end;
     }
-    collapse_lists(&mut out);
-    Shape {
-        hash: hash_bytes(&out),
-        text: out,
-    }
+    collapse_lists(out);
 }
 
 /// A fast 64-bit hash (FxHash's mixing, eight bytes at a time). Shapes and values are hashed on every

@@ -42,7 +42,9 @@ struct Run {
     count: u32,
     started: Instant,
     last: Instant,
-    values: HashSet<u64>,
+    /// The first few distinct value hashes (a tiny set: no hashing of hashes on the hot path).
+    values: [u64; MAX_VALUES],
+    distinct: usize,
     samples: Vec<String>,
     parent: Option<Bytes>,
 }
@@ -90,8 +92,10 @@ impl Detector {
             let run = self.run.as_mut().expect("checked above");
             run.count += 1;
             run.last = now;
-            if run.values.len() < MAX_VALUES {
-                run.values.insert(statement.values);
+            if run.distinct < MAX_VALUES && !run.values[..run.distinct].contains(&statement.values)
+            {
+                run.values[run.distinct] = statement.values;
+                run.distinct += 1;
             }
             if let Some(sample) = statement.sample {
                 if run.samples.len() < 3 {
@@ -111,7 +115,8 @@ impl Detector {
                 count: 1,
                 started: now,
                 last: now,
-                values: HashSet::from([statement.values]),
+                values: [statement.values; MAX_VALUES],
+                distinct: 1,
                 samples: statement.sample.into_iter().collect(),
                 parent,
             });
@@ -124,7 +129,7 @@ impl Detector {
     pub fn finish(&mut self, settings: &Settings, patterns: &Patterns, origin: &Origin<'_>) {
         let Some(run) = self.run.take() else { return };
         let Some(parent) = &run.parent else { return };
-        if run.count < settings.threshold || run.values.len() < 2 {
+        if run.count < settings.threshold || run.distinct < 2 {
             return;
         }
         let normalized = fingerprint::canonical(&run.text);

@@ -212,6 +212,8 @@ struct Session {
     last_statement: Option<Bytes>,
     /// DataRows relayed for the current request.
     rows: u64,
+    /// Reused for computing statement shapes, so that they allocate nothing.
+    shape_buffer: Vec<u8>,
     /// N+1 detection (None when off).
     detector: Option<crate::nplus1::Detector>,
     nplus1: crate::nplus1::Settings,
@@ -345,6 +347,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
         request_started: None,
         last_statement: None,
         rows: 0,
+        shape_buffer: Vec::with_capacity(256),
         detector: config.nplus1.enabled.then(crate::nplus1::Detector::default),
         nplus1: crate::nplus1::Settings {
             threshold: config.nplus1.threshold,
@@ -575,11 +578,13 @@ impl Session {
                 return Ok(Progress::NeedServer);
             }
             // A Query's shape serves both routing (its cache key) and N+1 detection: compute it once.
-            let shape = (tag == b'Q' && (self.detector.is_some() || self.routing_enabled()))
-                .then(|| protocol::query_text(protocol::body(&self.from_client[..len])))
-                .flatten()
-                .map(crate::fingerprint::shape);
-            if !self.admit(tag, len, shape.as_ref().map(|s| s.hash)) {
+            let shape = if tag == b'Q' && (self.detector.is_some() || self.routing_enabled()) {
+                protocol::query_text(protocol::body(&self.from_client[..len]))
+                    .map(|text| crate::fingerprint::shape_id(text, &mut self.shape_buffer))
+            } else {
+                None
+            };
+            if !self.admit(tag, len, shape.map(|s| s.hash)) {
                 return Ok(Progress::Idle);
             }
             let message = self.from_client.split_to(len).freeze();
@@ -592,7 +597,7 @@ impl Session {
         &mut self,
         tag: u8,
         message: Bytes,
-        shape: Option<crate::fingerprint::Shape>,
+        shape: Option<crate::fingerprint::ShapeId>,
     ) -> Result<(), PgError> {
         if matches!(tag, b'Q' | b'S' | b'F') && self.request_started.is_none() {
             self.request_started = Some(std::time::Instant::now());
@@ -601,8 +606,8 @@ impl Session {
             b'Q' => {
                 self.last_statement =
                     protocol::query_text(protocol::body(&message)).map(|t| message.slice_ref(t));
-                if let (Some(text), Some(shape)) = (self.last_statement.clone(), &shape) {
-                    self.observe_statement(shape.hash, shape.is_read(), &text, &text);
+                if let (Some(text), Some(shape)) = (self.last_statement.clone(), shape) {
+                    self.observe_statement(shape.hash, shape.read, &text, &text);
                 }
                 self.on_query(message)?
             }
@@ -737,7 +742,7 @@ impl Session {
         let effect = statement_effect(text);
         // One shape for both routing's cache and N+1 detection, computed once per prepared statement.
         let fingerprint = (self.detector.is_some() || self.routing_enabled())
-            .then(|| crate::fingerprint::shape(text));
+            .then(|| crate::fingerprint::shape_id(text, &mut self.shape_buffer));
         let class = fingerprint
             .as_ref()
             .filter(|_| self.routing_enabled())
@@ -747,7 +752,7 @@ impl Session {
                     .load()
                     .classify_shaped(text, shape.hash)
             });
-        let (shape, reads) = fingerprint.map_or((0, false), |s| (s.hash, s.is_read()));
+        let (shape, reads) = fingerprint.map_or((0, false), |s| (s.hash, s.read));
         let parse_rest = message.slice_ref(rest);
         self.in_exchange = true;
         if name.is_empty() {
