@@ -120,46 +120,42 @@ async fn pgbench_select_only_is_not_n_plus_one_but_a_psql_loop_is() {
             "SELECT abalance FROM pgbench_accounts WHERE aid = {aid};\n"
         ));
     }
-    let output = Command::new("psql")
-        .env("PGPASSWORD", PASSWORD)
-        .args([
-            "-X",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &gw.addr.port().to_string(),
-            "-U",
-            &gw.database,
-            "-d",
-            &gw.database,
-        ])
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    // psql -c sends the whole script as one Query; send it statement by statement instead.
+    let port = gw.addr.port().to_string();
+    let psql = |input: &[&str]| {
+        let output = Command::new("psql")
+            .env("PGPASSWORD", PASSWORD)
+            .args([
+                "-X",
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                &gw.database,
+                "-d",
+                &gw.database,
+            ])
+            .args(input)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    // Sent as one multi-statement Query (psql -c), the loop is one round trip: not N+1.
+    psql(&["-c", &script]);
+    assert!(
+        gw.shared.nplus1.top().is_empty(),
+        "{:?}",
+        gw.shared.nplus1.top()
+    );
+    // Typed statement by statement (psql -f sends each one as it reads it): N+1.
     let path = std::env::temp_dir().join(format!("nplus1-loop-{}.sql", std::process::id()));
     std::fs::write(&path, &script).unwrap();
-    let output = Command::new("psql")
-        .env("PGPASSWORD", PASSWORD)
-        .args([
-            "-X",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &gw.addr.port().to_string(),
-            "-U",
-            &gw.database,
-            "-d",
-            &gw.database,
-        ])
-        .arg("-f")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(output.status.success());
+    psql(&["-f", path.to_str().unwrap()]);
     let reported = common::eventually(std::time::Duration::from_secs(5), || async {
         !gw.shared.nplus1.top().is_empty()
     })
