@@ -23,9 +23,6 @@ use crate::protocol::{self, PgError};
 use crate::Shared;
 use bytes::{BufMut, Bytes, BytesMut};
 use regions::Lsn;
-use sqlparser::ast::{ObjectName, ObjectNamePart, SetExpr, Statement, TableObject};
-use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::parser::Parser;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -50,55 +47,53 @@ pub struct Insert {
     pub params: usize,
 }
 
-/// Reads a statement as a batchable INSERT into one of `tables`: exactly one statement, `INSERT INTO t [(cols)]
-/// VALUES (one row)`, with nothing after the row (no RETURNING, no ON CONFLICT), no CTE, no OVERRIDING and no
-/// parameters outside the row. Anything else is not batched.
+/// Reads a statement as a batchable INSERT into one of `tables`: exactly `INSERT INTO name [(columns)] VALUES
+/// (one row)` and at most a `;` after the row, so no RETURNING, no ON CONFLICT, no CTE, no OVERRIDING, no alias
+/// and no parameters outside the row. Anything else is not batched.
+///
+/// A strict reading of tokens rather than a parse: every word outside the row is checked, and what the row
+/// holds is the server's to judge (a row it rejects fails its batch, and then only itself). The lexer knows
+/// PostgreSQL's quoting, so a parenthesis or keyword inside a string or comment is never taken for syntax.
 pub fn analyze(text: &[u8], tables: &[String]) -> Option<Insert> {
-    if !might_batch(text, tables) {
+    if tables.is_empty() {
         return None;
     }
-    let sql = std::str::from_utf8(text).ok()?;
-    let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
-    let [Statement::Insert(insert)] = statements.as_slice() else {
-        return None;
-    };
-    let TableObject::TableName(name) = &insert.table else {
-        return None;
-    };
-    if insert.returning.is_some()
-        || insert.on.is_some()
-        || insert.overriding.is_some()
-        || insert.table_alias.is_some()
-        || !insert.assignments.is_empty()
-    {
+    let mut at = 0;
+    if !keyword(text, &mut at, "insert") || !keyword(text, &mut at, "into") {
         return None;
     }
-    let source = insert.source.as_ref()?;
-    if source.with.is_some() {
-        return None;
-    }
-    let SetExpr::Values(values) = source.body.as_ref() else {
-        return None;
-    };
-    if values.rows.len() != 1 {
-        return None;
-    }
-    let table = folded(name);
+    let table = name(text, &mut at, true)?;
     if !enabled(&table, tables) {
         return None;
     }
-    let columns = insert
-        .columns
-        .iter()
-        .map(folded)
-        .collect::<Vec<_>>()
-        .join(",");
-    let (tuple, params) = row_tuple(text)?;
+    at = crate::sql::skip_space(text, at);
+    let mut columns = Vec::new();
+    if text.get(at) == Some(&b'(') {
+        at += 1;
+        loop {
+            columns.push(name(text, &mut at, false)?);
+            at = crate::sql::skip_space(text, at);
+            match text.get(at) {
+                Some(b',') => at += 1,
+                Some(b')') => {
+                    at += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    if !keyword(text, &mut at, "values") {
+        return None;
+    }
+    let open = crate::sql::skip_space(text, at);
+    let (tuple, params) = row_tuple(text, open)?;
+    let sql = std::str::from_utf8(text).ok()?;
     Some(Insert {
         table: table.into(),
-        columns: columns.into(),
+        columns: columns.join(",").into(),
         prefix: sql[..tuple.start].into(),
-        tuple: sql[tuple.clone()].into(),
+        tuple: sql[tuple].into(),
         params,
     })
 }
@@ -112,71 +107,54 @@ pub fn enabled(table: &str, tables: &[String]) -> bool {
         .any(|entry| entry == table || (!entry.contains('.') && entry == bare))
 }
 
-/// A cheap look before parsing: `INSERT INTO <name>` where the name's last part could be an enabled table.
-pub fn might_batch(text: &[u8], tables: &[String]) -> bool {
-    if tables.is_empty() {
-        return false;
+/// Consumes the keyword `word` (any case) at `at`, after white space and comments.
+fn keyword(text: &[u8], at: &mut usize, word: &str) -> bool {
+    let start = crate::sql::skip_space(text, *at);
+    let end = crate::sql::token_end(text, start.min(text.len()));
+    if start < text.len() && text[start..end].eq_ignore_ascii_case(word.as_bytes()) {
+        *at = end;
+        true
+    } else {
+        false
     }
-    let Some((first, at)) = crate::sql::word(text, 0) else {
-        return false;
-    };
-    if first != "insert" {
-        return false;
-    }
-    let Some((into, at)) = crate::sql::word(text, at.end) else {
-        return false;
-    };
-    if into != "into" {
-        return false;
-    }
-    let Some((name, _)) = crate::sql::word(text, at.end) else {
-        return false;
-    };
-    let bare = name.rsplit('.').next().unwrap_or(&name);
-    tables
-        .iter()
-        .any(|entry| entry.rsplit('.').next() == Some(bare))
 }
 
-/// An object name as PostgreSQL resolves it: unquoted parts folded to lower case.
-fn folded(name: &ObjectName) -> String {
-    name.0
-        .iter()
-        .map(|part| match part {
-            ObjectNamePart::Identifier(ident) if ident.quote_style.is_some() => ident.value.clone(),
-            ObjectNamePart::Identifier(ident) => ident.value.to_lowercase(),
-            other => other.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(".")
-}
-
-/// Where the row of `INSERT … VALUES (row)` is, and its highest parameter number. None when anything but
-/// white space, comments and one `;` follows the row, or a parameter appears before it.
-fn row_tuple(text: &[u8]) -> Option<(std::ops::Range<usize>, usize)> {
-    let mut i = 0;
-    let mut depth = 0usize;
-    let open = loop {
-        i = crate::sql::skip_space(text, i);
-        if i >= text.len() {
-            return None;
-        }
-        let end = crate::sql::token_end(text, i);
-        match text[i] {
-            b'(' => depth += 1,
-            b')' => depth = depth.checked_sub(1)?,
-            b'$' if text.get(i + 1).is_some_and(u8::is_ascii_digit) => return None,
-            _ if depth == 0 && text[i..end].eq_ignore_ascii_case(b"values") => {
-                let open = crate::sql::skip_space(text, end);
-                if text.get(open) != Some(&b'(') {
-                    return None;
-                }
-                break open;
+/// Consumes an identifier (or, with `qualified`, a dotted name) at `at`, folded as PostgreSQL folds it:
+/// unquoted parts to lower case, quoted parts as written.
+fn name(text: &[u8], at: &mut usize, qualified: bool) -> Option<String> {
+    let mut parts = Vec::new();
+    loop {
+        let start = crate::sql::skip_space(text, *at);
+        let first = *text.get(start)?;
+        let end = crate::sql::token_end(text, start);
+        let part = if first == b'"' {
+            let inner = text.get(start + 1..end.checked_sub(1)?)?;
+            if end <= start + 1 || text[end - 1] != b'"' {
+                return None;
             }
-            _ => {}
+            std::str::from_utf8(inner).ok()?.replace("\"\"", "\"")
+        } else if first.is_ascii_alphabetic() || first == b'_' || first >= 0x80 {
+            std::str::from_utf8(&text[start..end]).ok()?.to_lowercase()
+        } else {
+            return None;
+        };
+        parts.push(part);
+        *at = end;
+        let next = crate::sql::skip_space(text, *at);
+        if qualified && text.get(next) == Some(&b'.') {
+            *at = next + 1;
+            continue;
         }
-        i = end;
-    };
+        return Some(parts.join("."));
+    }
+}
+
+/// The row starting with the `(` at `open`: its range and highest parameter number. None unless only white
+/// space, comments and one `;` follow it.
+fn row_tuple(text: &[u8], open: usize) -> Option<(std::ops::Range<usize>, usize)> {
+    if text.get(open) != Some(&b'(') {
+        return None;
+    }
     let mut i = open;
     let mut depth = 0usize;
     let mut params = 0;
@@ -251,16 +229,47 @@ fn push_renumbered(out: &mut String, tuple: &str, offset: usize) {
 /// Which rows may share a batch.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Key {
-    pub database: String,
-    pub user: String,
+    pub database: Arc<str>,
+    pub user: Arc<str>,
     /// The session's settings that can change what a row means (TimeZone, DateStyle, search_path, …), so that
     /// a batch runs with the settings each of its rows was written under.
-    pub settings: Settings,
+    pub settings: SettingsKey,
     pub table: Arc<str>,
     pub columns: Arc<str>,
     /// Extended protocol: the parameter types as the client declared them (0: let the server infer), one per
     /// parameter. None for rows with literal values (simple protocol).
     pub types: Option<Vec<u32>>,
+}
+
+/// Session settings as part of a batch key, hashed once per session instead of once per row.
+#[derive(Clone, Debug)]
+pub struct SettingsKey {
+    hash: u64,
+    pub settings: Settings,
+}
+
+impl SettingsKey {
+    pub fn new(settings: Settings) -> SettingsKey {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let hash = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(&*settings);
+        SettingsKey { hash, settings }
+    }
+}
+
+impl PartialEq for SettingsKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+            && (Arc::ptr_eq(&self.settings, &other.settings) || self.settings == other.settings)
+    }
+}
+
+impl Eq for SettingsKey {}
+
+impl std::hash::Hash for SettingsKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
 }
 
 /// A row's values.
@@ -621,12 +630,13 @@ const WAL_POSITION: &str = "SELECT pg_catalog.pg_current_wal_lsn()";
 async fn run(mut lease: Lease, key: &Key, rows: Vec<Queued>, position: bool) -> Flushed {
     let conn = lease.conn();
     let result = async {
-        if !Arc::ptr_eq(&conn.settings, &key.settings) && *conn.settings != *key.settings {
-            let change = crate::session::settings_change(&conn.settings, &key.settings);
+        let settings = &key.settings.settings;
+        if !Arc::ptr_eq(&conn.settings, settings) && conn.settings != *settings {
+            let change = crate::session::settings_change(&conn.settings, settings);
             // The settings came from the clients' own sessions, where they worked.
             run_simple(conn, &change).await?;
         }
-        conn.settings = key.settings.clone();
+        conn.settings = settings.clone();
         let mut out = BytesMut::new();
         batch_statement(&mut out, key, &rows);
         if position {
@@ -874,6 +884,14 @@ mod tests {
         assert_eq!(&*insert.tuple, "(1, 'it''s; (x)', now())");
         assert_eq!(insert.params, 0);
         assert!(analyze(b"INSERT INTO audit.log VALUES (1)", &tables()).is_some());
+        let insert = analyze(
+            b"/* app */ INSERT INTO \"audit\" . log (\"Weird \"\"col\"\"\", b) VALUES (E'\\')', $$)$$) -- done",
+            &tables(),
+        )
+        .unwrap();
+        assert_eq!(&*insert.table, "audit.log");
+        assert_eq!(&*insert.columns, "Weird \"col\",b");
+        assert_eq!(&*insert.tuple, "(E'\\')', $$)$$)");
     }
 
     #[test]
@@ -891,6 +909,13 @@ mod tests {
             "INSERT INTO events (a) OVERRIDING SYSTEM VALUE VALUES (1)",
             "SELECT * FROM events",
             "INSERT INTO events (a) VALUES ((SELECT 1)",
+            "INSERT INTO events AS e (a) VALUES (1)",
+            "INSERT INTO events (a.b) VALUES (1)",
+            "INSERT INTO events (a[1]) VALUES (1)",
+            "INSERT INTO events DEFAULT VALUES",
+            "INSERT INTO events (a) VALUES (1) -- ok\n, (2)",
+            "INSERT INTO events (a) VALUES ($1) ; INSERT INTO events (a) VALUES ($2)",
+            "INSERT INTO \"events (a) VALUES (1)",
         ] {
             assert_eq!(analyze(sql.as_bytes(), &tables()), None, "{sql}");
         }

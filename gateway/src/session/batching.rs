@@ -88,7 +88,7 @@ impl Session {
         let (statement, parsed) = match exchange.parse {
             Some((name, rest)) => {
                 let text = protocol::cstr(rest).map(|(t, _)| t).unwrap_or_default();
-                if name != exchange.statement_name || !batch::might_batch(text, tables) {
+                if name != exchange.statement_name || batch::analyze(text, tables).is_none() {
                     return Ok(None);
                 }
                 (
@@ -157,15 +157,23 @@ impl Session {
     /// The batch key for a row of this session. application_name is left out of it: it does not change what a
     /// row means, and leaving it in would keep apart clients that differ only in their name.
     fn batch_key(&mut self, insert: &Insert, types: Option<Vec<u32>>) -> Key {
-        if !Arc::ptr_eq(&self.batch_settings.0, &self.settings) {
-            let mut settings = (*self.settings).clone();
-            settings.remove("application_name");
-            self.batch_settings = (self.settings.clone(), Arc::new(settings));
-        }
+        let identity = match &self.batch_identity {
+            Some(identity) if Arc::ptr_eq(&identity.0, &self.settings) => identity,
+            _ => {
+                let mut settings = (*self.settings).clone();
+                settings.remove("application_name");
+                self.batch_identity.insert((
+                    self.settings.clone(),
+                    self.pool.key.database.as_str().into(),
+                    self.pool.key.user.as_str().into(),
+                    batch::SettingsKey::new(Arc::new(settings)),
+                ))
+            }
+        };
         Key {
-            database: self.pool.key.database.clone(),
-            user: self.pool.key.user.clone(),
-            settings: self.batch_settings.1.clone(),
+            database: identity.1.clone(),
+            user: identity.2.clone(),
+            settings: identity.3.clone(),
             table: insert.table.clone(),
             columns: insert.columns.clone(),
             types,

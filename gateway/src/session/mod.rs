@@ -230,8 +230,9 @@ struct Session {
     pinned: Option<&'static str>,
     /// Exchanges taken for insert batching, not yet answered.
     batched: Vec<batching::Waiting>,
-    /// The settings a batch key carries: `settings` (the first) without what does not matter to a batch.
-    batch_settings: (Settings, Settings),
+    /// What batch keys of this session carry, made once per change of `settings` (the first): database,
+    /// user, and the settings without what does not matter to a batch.
+    batch_identity: Option<(Settings, Arc<str>, Arc<str>, crate::batch::SettingsKey)>,
 }
 
 /// Serves one accepted connection until it closes.
@@ -368,7 +369,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
         sql_prepared: HashMap::new(),
         settings: startup_settings(&startup),
         batched: Vec::new(),
-        batch_settings: Default::default(),
+        batch_identity: None,
     };
     let end = session.run().instrument(span.clone()).await;
     METRICS.client_connections.dec();
