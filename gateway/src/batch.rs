@@ -45,6 +45,26 @@ pub struct Insert {
     pub tuple: Arc<str>,
     /// The highest parameter number in the row (0 when it holds only literals).
     pub params: usize,
+    /// `events (a, b)` as written, when the statement names its columns: what a COPY of such rows targets.
+    pub copy_target: Option<Arc<str>>,
+    /// The row is exactly `($1, …, $n)`: parameter i fills column i.
+    pub plain_params: bool,
+    /// The row holds only quoted strings and NULLs: the row as a line of COPY text (without the newline).
+    pub copy_line: Option<Arc<str>>,
+}
+
+/// How a batch is sent: COPY when its rows map one to one onto the columns (measured: a 500-row batch takes
+/// PostgreSQL about a sixth of the time as COPY than as a multi-row INSERT, which must parse and plan every
+/// row's expressions), else one multi-row INSERT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CopyForm {
+    /// A multi-row INSERT.
+    Values,
+    /// COPY in text format: rows of quoted strings and NULLs, or text-format parameters.
+    Text,
+    /// COPY in binary format: binary parameters, whose types the server inferred from the columns (the client
+    /// declared none), so their bytes are what COPY expects for those columns.
+    Binary,
 }
 
 /// Reads a statement as a batchable INSERT into one of `tables`: exactly `INSERT INTO name [(columns)] VALUES
@@ -62,6 +82,7 @@ pub fn analyze(text: &[u8], tables: &[String]) -> Option<Insert> {
     if !keyword(text, &mut at, "insert") || !keyword(text, &mut at, "into") {
         return None;
     }
+    let target_start = crate::sql::skip_space(text, at);
     let table = name(text, &mut at, true)?;
     if !enabled(&table, tables) {
         return None;
@@ -83,19 +104,97 @@ pub fn analyze(text: &[u8], tables: &[String]) -> Option<Insert> {
             }
         }
     }
+    let target_end = at;
     if !keyword(text, &mut at, "values") {
         return None;
     }
     let open = crate::sql::skip_space(text, at);
     let (tuple, params) = row_tuple(text, open)?;
     let sql = std::str::from_utf8(text).ok()?;
+    let elements = row_elements(text, tuple.clone());
+    let plain_params = elements
+        .iter()
+        .enumerate()
+        .all(|(i, e)| sql[e.clone()] == format!("${}", i + 1));
     Some(Insert {
         table: table.into(),
-        columns: columns.join(",").into(),
         prefix: sql[..tuple.start].into(),
         tuple: sql[tuple].into(),
         params,
+        copy_target: (!columns.is_empty()).then(|| sql[target_start..target_end].trim().into()),
+        columns: columns.join(",").into(),
+        plain_params,
+        copy_line: copy_line(sql, &elements).map(Into::into),
     })
+}
+
+/// The top-level elements of the row at `tuple` (inside its parentheses, split at commas), trimmed.
+fn row_elements(text: &[u8], tuple: std::ops::Range<usize>) -> Vec<std::ops::Range<usize>> {
+    let mut elements = Vec::new();
+    let (mut i, end) = (tuple.start + 1, tuple.end - 1);
+    let mut depth = 0usize;
+    let mut start = crate::sql::skip_space(text, i);
+    let mut last = start;
+    while i < end {
+        i = crate::sql::skip_space(text, i);
+        if i >= end {
+            break;
+        }
+        let token_end = crate::sql::token_end(text, i);
+        match text[i] {
+            b'(' | b'[' => depth += 1,
+            b')' | b']' => depth = depth.saturating_sub(1),
+            b',' if depth == 0 => {
+                elements.push(start..last);
+                start = crate::sql::skip_space(text, i + 1);
+                last = start;
+                i += 1;
+                continue;
+            }
+            _ => {}
+        }
+        last = token_end;
+        i = token_end;
+    }
+    elements.push(start..last);
+    elements
+}
+
+/// The row as a line of COPY text, when every element is a standard quoted string without backslashes (read by
+/// the column's input function, exactly as COPY reads a field) or NULL. Anything else — numbers, casts,
+/// expressions, escapes — is left to a multi-row INSERT, whose meaning for it can differ from COPY's.
+fn copy_line(sql: &str, elements: &[std::ops::Range<usize>]) -> Option<String> {
+    let mut line = Vec::new();
+    for (i, element) in elements.iter().enumerate() {
+        if i > 0 {
+            line.push(b'\t');
+        }
+        let text = &sql[element.clone()];
+        if text.eq_ignore_ascii_case("null") {
+            line.extend_from_slice(b"\\N");
+            continue;
+        }
+        let inner = text.strip_prefix('\'')?.strip_suffix('\'')?;
+        if inner.contains('\\') || crate::sql::token_end(text.as_bytes(), 0) != text.len() {
+            return None;
+        }
+        copy_escape(&mut line, inner.replace("''", "'").as_bytes());
+    }
+    String::from_utf8(line).ok()
+}
+
+/// Appends a field to a line of COPY text, escaping what COPY would read as syntax. Byte by byte: the
+/// bytes are in the session's client encoding, which need not be UTF-8, and pass through unchanged.
+fn copy_escape(line: &mut Vec<u8>, value: &[u8]) {
+    for &byte in value {
+        match byte {
+            b'\\' => line.extend_from_slice(b"\\\\"),
+            b'\t' => line.extend_from_slice(b"\\t"),
+            b'\n' => line.extend_from_slice(b"\\n"),
+            b'\r' => line.extend_from_slice(b"\\r"),
+            other => line.push(other),
+        }
+    }
 }
 
 /// Whether `table` (folded, maybe schema-qualified) is enabled: an entry with a schema must match exactly; one
@@ -239,6 +338,36 @@ pub struct Key {
     /// Extended protocol: the parameter types as the client declared them (0: let the server infer), one per
     /// parameter. None for rows with literal values (simple protocol).
     pub types: Option<Vec<u32>>,
+    pub copy: CopyForm,
+}
+
+impl CopyForm {
+    fn label(self) -> &'static str {
+        match self {
+            CopyForm::Values => "values",
+            CopyForm::Text => "copy_text",
+            CopyForm::Binary => "copy_binary",
+        }
+    }
+}
+
+impl Key {
+    /// How rows of this key are sent, given a row's parameter formats (extended protocol).
+    pub fn copy_form(insert: &Insert, types: Option<&[u32]>, formats: &[i16]) -> CopyForm {
+        if insert.copy_target.is_none() {
+            return CopyForm::Values;
+        }
+        match types {
+            None if insert.copy_line.is_some() => CopyForm::Text,
+            None => CopyForm::Values,
+            Some(types) if !insert.plain_params || types.iter().any(|&t| t != 0) => {
+                CopyForm::Values
+            }
+            Some(_) if formats.iter().all(|&f| f == 1) => CopyForm::Binary,
+            Some(_) if formats.iter().all(|&f| f == 0) => CopyForm::Text,
+            Some(_) => CopyForm::Values,
+        }
+    }
 }
 
 /// Session settings as part of a batch key, hashed once per session instead of once per row.
@@ -508,10 +637,15 @@ async fn flush(shared: Arc<Shared>, queue: Arc<Queue>, rows: Vec<Queued>, bytes:
         .batched_rows
         .with_label_values(&[table, outcome])
         .inc_by(count as u64);
-    METRICS.batches.with_label_values(&[table, outcome]).inc();
+    let form = key.copy.label();
+    METRICS
+        .batches
+        .with_label_values(&[table, form, outcome])
+        .inc();
     match &result {
         Flushed::Committed => tracing::debug!(
             table,
+            form,
             rows = count,
             bytes,
             wait_us = waited.as_micros() as u64,
@@ -522,6 +656,7 @@ async fn flush(shared: Arc<Shared>, queue: Arc<Queue>, rows: Vec<Queued>, bytes:
         Flushed::OneByOne { error } => {
             tracing::warn!(
                 table,
+                form,
                 rows = count,
                 bytes,
                 wait_us = waited.as_micros() as u64,
@@ -533,6 +668,7 @@ async fn flush(shared: Arc<Shared>, queue: Arc<Queue>, rows: Vec<Queued>, bytes:
         }
         Flushed::Failed(error) => tracing::warn!(
             table,
+            form,
             rows = count,
             bytes,
             wait_us = waited.as_micros() as u64,
@@ -728,6 +864,9 @@ async fn run(mut lease: Lease, key: &Key, rows: Vec<Queued>, position: bool) -> 
 /// row's parameters renumbered into one parameter list.
 fn batch_statement(out: &mut BytesMut, key: &Key, rows: &[Queued]) {
     let first = &rows[0].row.insert;
+    if let (CopyForm::Text | CopyForm::Binary, Some(target)) = (key.copy, &first.copy_target) {
+        return copy_statement(out, key.copy, target, rows);
+    }
     let mut sql = String::with_capacity(
         first.prefix.len()
             + rows
@@ -778,6 +917,65 @@ fn batch_statement(out: &mut BytesMut, key: &Key, rows: &[Queued]) {
     protocol::finish(out, at);
     out.put_slice(b"E\0\0\0\x09\0\0\0\0\0");
     out.put_slice(b"S\0\0\0\x04");
+}
+
+/// The batch as COPY … FROM STDIN: the Query, one CopyData with every row, CopyDone, in one write. Should the
+/// COPY fail before it starts, the server drops the copy messages that follow (protocol docs, "COPY
+/// Operations").
+fn copy_statement(out: &mut BytesMut, form: CopyForm, target: &str, rows: &[Queued]) {
+    let binary = form == CopyForm::Binary;
+    let format = if binary { " (FORMAT binary)" } else { "" };
+    protocol::query(out, &format!("COPY {target} FROM STDIN{format}"));
+    let at = protocol::start(out, b'd');
+    if binary {
+        // Signature, flags, header extension length ("Binary Format" in the COPY documentation).
+        out.put_slice(b"PGCOPY\n\xff\r\n\0");
+        out.put_i32(0);
+        out.put_i32(0);
+    }
+    let mut line = Vec::new();
+    for queued in rows {
+        match &queued.row.values {
+            Values::Literal => {
+                if let Some(copy_line) = &queued.row.insert.copy_line {
+                    out.put_slice(copy_line.as_bytes());
+                    out.put_u8(b'\n');
+                }
+            }
+            Values::Bound { formats, values } if binary => {
+                // A tuple is its field count and then each field as Bind carries it: length, bytes.
+                out.put_i16(formats.len() as i16);
+                out.put_slice(values);
+            }
+            Values::Bound { values, .. } => {
+                line.clear();
+                let mut rest = &values[..];
+                let mut first = true;
+                while rest.len() >= 4 {
+                    let len = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+                    rest = &rest[4..];
+                    if !first {
+                        line.push(b'\t');
+                    }
+                    first = false;
+                    if len < 0 {
+                        line.extend_from_slice(b"\\N");
+                        continue;
+                    }
+                    let len = (len as usize).min(rest.len());
+                    copy_escape(&mut line, &rest[..len]);
+                    rest = &rest[len..];
+                }
+                line.push(b'\n');
+                out.put_slice(&line);
+            }
+        }
+    }
+    if binary {
+        out.put_i16(-1);
+    }
+    protocol::finish(out, at);
+    out.put_slice(b"c\0\0\0\x04");
 }
 
 /// The answers to one request, up to and including its ReadyForQuery.
@@ -918,6 +1116,53 @@ mod tests {
             "INSERT INTO \"events (a) VALUES (1)",
         ] {
             assert_eq!(analyze(sql.as_bytes(), &tables()), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn rows_that_map_onto_columns_can_be_copied() {
+        let plain = analyze(b"INSERT INTO events (a, b) VALUES ($1, $2)", &tables()).unwrap();
+        assert!(plain.plain_params);
+        assert_eq!(plain.copy_target.as_deref(), Some("events (a, b)"));
+        assert_eq!(
+            Key::copy_form(&plain, Some(&[0, 0]), &[1, 1]),
+            CopyForm::Binary
+        );
+        assert_eq!(
+            Key::copy_form(&plain, Some(&[0, 0]), &[0, 0]),
+            CopyForm::Text
+        );
+        assert_eq!(
+            Key::copy_form(&plain, Some(&[0, 0]), &[0, 1]),
+            CopyForm::Values
+        );
+        assert_eq!(
+            Key::copy_form(&plain, Some(&[23, 0]), &[1, 1]),
+            CopyForm::Values
+        );
+        let swapped = analyze(b"INSERT INTO events (a, b) VALUES ($2, $1)", &tables()).unwrap();
+        assert!(!swapped.plain_params);
+        let no_columns = analyze(b"INSERT INTO events VALUES ($1, $2)", &tables()).unwrap();
+        assert_eq!(
+            Key::copy_form(&no_columns, Some(&[0, 0]), &[1, 1]),
+            CopyForm::Values
+        );
+        let strings = analyze(
+            b"INSERT INTO events (a, b, c) VALUES ('it''s\there', NULL, '')",
+            &tables(),
+        )
+        .unwrap();
+        assert_eq!(strings.copy_line.as_deref(), Some("it's\\there\t\\N\t"));
+        assert_eq!(Key::copy_form(&strings, None, &[]), CopyForm::Text);
+        for sql in [
+            "INSERT INTO events (a) VALUES (1)",
+            "INSERT INTO events (a) VALUES ('x'::text)",
+            "INSERT INTO events (a) VALUES (E'x')",
+            "INSERT INTO events (a) VALUES ('a\\b')",
+            "INSERT INTO events (a) VALUES (DEFAULT)",
+        ] {
+            let insert = analyze(sql.as_bytes(), &tables()).unwrap();
+            assert_eq!(insert.copy_line, None, "{sql}");
         }
     }
 

@@ -194,9 +194,10 @@ impl Metrics {
             ),
             batches: counter_vec(
                 "regiongate_batches_total",
-                "Insert batches, by table and how they ended (committed; one_by_one: the batch failed and its \
-                 rows were run again one by one; lost: the connection broke)",
-                &["table", "outcome"],
+                "Insert batches, by table, how they were sent (copy_binary, copy_text, values) and how they \
+                 ended (committed; one_by_one: the batch failed and its rows were run again one by one; lost: \
+                 the connection broke)",
+                &["table", "form", "outcome"],
             ),
             batch_queue_full: counter(
                 "regiongate_batch_queue_full_total",

@@ -18,8 +18,19 @@ fn batched(table: &str, outcome: &str) -> u64 {
         .get()
 }
 
+/// Batches of `table` that ended with `outcome`, however they were sent.
 fn batches(table: &str, outcome: &str) -> u64 {
-    METRICS.batches.with_label_values(&[table, outcome]).get()
+    ["values", "copy_text", "copy_binary"]
+        .iter()
+        .map(|form| batches_as(table, form, outcome))
+        .sum()
+}
+
+fn batches_as(table: &str, form: &str, outcome: &str) -> u64 {
+    METRICS
+        .batches
+        .with_label_values(&[table, form, outcome])
+        .get()
 }
 
 /// A gateway batching `table` (created with `columns`) in a fresh database.
@@ -95,28 +106,67 @@ async fn sixty_four_clients_each_insert_a_thousand_rows_exactly_once_in_both_pro
         tasks.push(tokio::spawn(async move {
             let db = common::connect(&config).await;
             let mut acks = 0u64;
-            if client % 2 == 0 {
-                // Extended protocol, parameters in binary (tokio-postgres's choice for int4).
-                let insert = db
-                    .prepare(
-                        "INSERT INTO events_many (client, seq, protocol, note) VALUES ($1, $2, 'extended', $3)",
-                    )
-                    .await
-                    .unwrap();
-                for seq in 0..ROWS {
-                    let note = format!("it's row {seq} of {client}");
-                    acks += db.execute(&insert, &[&client, &seq, &note]).await.unwrap();
-                }
-            } else {
-                for seq in 0..ROWS {
-                    let sql = format!(
-                        "INSERT INTO events_many (client, seq, protocol, note) VALUES ({client}, {seq}, 'simple', 'it''s row {seq} of {client}')"
-                    );
-                    let answers = db.simple_query(&sql).await.unwrap();
-                    for answer in answers {
-                        if let tokio_postgres::SimpleQueryMessage::CommandComplete(n) = answer {
-                            acks += n;
+            let note = |seq: i32| format!("it's row {seq}\tof {client}\n");
+            let quoted = |seq: i32| note(seq).replace('\'', "''");
+            let mut simple = |sql: String| {
+                let db = &db;
+                async move {
+                    let mut n = 0;
+                    for answer in db.simple_query(&sql).await.unwrap() {
+                        if let tokio_postgres::SimpleQueryMessage::CommandComplete(rows) = answer {
+                            n += rows;
                         }
+                    }
+                    n
+                }
+            };
+            match client % 4 {
+                // Extended protocol, binary parameters (tokio-postgres's choice), a literal in the row: a
+                // multi-row INSERT.
+                0 => {
+                    let insert = db
+                        .prepare(
+                            "INSERT INTO events_many (client, seq, protocol, note) VALUES ($1, $2, 'extended', $3)",
+                        )
+                        .await
+                        .unwrap();
+                    for seq in 0..ROWS {
+                        acks += db.execute(&insert, &[&client, &seq, &note(seq)]).await.unwrap();
+                    }
+                }
+                // Extended protocol, one parameter per column: binary COPY.
+                2 => {
+                    let insert = db
+                        .prepare(
+                            "INSERT INTO events_many (client, seq, protocol, note) VALUES ($1, $2, $3, $4)",
+                        )
+                        .await
+                        .unwrap();
+                    for seq in 0..ROWS {
+                        acks += db
+                            .execute(&insert, &[&client, &seq, &"extended", &note(seq)])
+                            .await
+                            .unwrap();
+                    }
+                }
+                // Simple protocol with a number: a multi-row INSERT.
+                1 => {
+                    for seq in 0..ROWS {
+                        acks += simple(format!(
+                            "INSERT INTO events_many (client, seq, protocol, note) VALUES ({client}, {seq}, 'simple', '{}')",
+                            quoted(seq)
+                        ))
+                        .await;
+                    }
+                }
+                // Simple protocol, only quoted strings: text COPY.
+                _ => {
+                    for seq in 0..ROWS {
+                        acks += simple(format!(
+                            "insert into EVENTS_MANY (client, seq, protocol, note) values ('{client}', '{seq}', 'simple', '{}');",
+                            quoted(seq)
+                        ))
+                        .await;
                     }
                 }
             }
@@ -134,7 +184,7 @@ async fn sixty_four_clients_each_insert_a_thousand_rows_exactly_once_in_both_pro
     let row = check
         .query_one(
             "SELECT count(*), count(DISTINCT (client, seq)), \
-                    count(*) FILTER (WHERE note = format('it''s row %s of %s', seq, client)), \
+                    count(*) FILTER (WHERE note = format(E'it''s row %s\tof %s\n', seq, client)), \
                     count(*) FILTER (WHERE protocol = CASE WHEN client % 2 = 0 THEN 'extended' ELSE 'simple' END) \
              FROM events_many",
             &[],
@@ -153,6 +203,12 @@ async fn sixty_four_clients_each_insert_a_thousand_rows_exactly_once_in_both_pro
     let rows = batched(table, "committed");
     let count = batches(table, "committed");
     assert_eq!(rows, total as u64, "every row went through batching");
+    for form in ["values", "copy_text", "copy_binary"] {
+        assert!(
+            batches_as(table, form, "committed") > 0,
+            "no batch as {form}"
+        );
+    }
     assert!(
         rows >= 3 * count,
         "batches were small: {rows} rows in {count} batches"
@@ -264,6 +320,58 @@ async fn a_unique_violation_in_a_batch_fails_only_its_client_simple_protocol() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unique_violation_in_a_batch_fails_only_its_client_extended_protocol() {
     a_violation_fails_only_its_own_row(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_extended_protocol_text_parameters_are_copied_as_text() {
+    let table = "events_text";
+    let gw = batching_gateway(table, "client int, n int, note text", "").await;
+    let script = std::env::temp_dir().join(format!("regiongate-batch-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        "\\set n random(1, 1000000)\nINSERT INTO events_text (client, n, note) VALUES (:client_id, :n, :note);\n",
+    )
+    .unwrap();
+    let output = common::pgbench(
+        gw.addr.port(),
+        &gw.database,
+        &[
+            "-n",
+            "-M",
+            "extended",
+            "-c",
+            "8",
+            "-t",
+            "200",
+            "-D",
+            "note=tab\there back\\slash",
+            "-f",
+            script.to_str().unwrap(),
+        ],
+    );
+    let _ = std::fs::remove_file(&script);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let row = direct(&gw.database)
+        .await
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE note = $1), count(DISTINCT client) FROM events_text",
+            &[&"tab\there back\\slash"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1600);
+    assert_eq!(row.get::<_, i64>(1), 1600, "values intact");
+    assert_eq!(row.get::<_, i64>(2), 8);
+    assert_eq!(batched(table, "committed"), 1600);
+    assert_eq!(
+        batches_as(table, "copy_text", "committed"),
+        batches(table, "committed"),
+        "text parameters one per column go out as text COPY"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

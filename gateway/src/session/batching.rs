@@ -7,7 +7,7 @@
 //! order. Anything else takes the ordinary path.
 
 use super::*;
-use crate::batch::{self, Insert, Key, Outcome, Row, Values};
+use crate::batch::{self, CopyForm, Insert, Key, Outcome, Row, Values};
 
 /// At most this many pipelined exchanges of one client are queued before their answers are awaited.
 const MAX_PIPELINED: usize = 256;
@@ -63,8 +63,9 @@ impl Session {
         let text = protocol::query_text(protocol::body(&self.from_client[..len]))?;
         let insert = batch::analyze(text, tables)?;
         let message = self.from_client.split_to(len).freeze();
+        let copy = Key::copy_form(&insert, None, &[]);
         Some(Waiting {
-            key: self.batch_key(&insert, None),
+            key: self.batch_key(&insert, None, copy),
             row: Some(Row {
                 insert: Arc::new(insert),
                 values: Values::Literal,
@@ -125,6 +126,7 @@ impl Session {
         }
         let mut types = declared;
         types.resize(insert.params, 0);
+        let copy = Key::copy_form(&insert, Some(&types), &formats);
         let alone = alone_messages(&statement.parse_rest, exchange.bind_rest, exchange.describe);
         let values = Values::Bound {
             formats,
@@ -141,7 +143,7 @@ impl Session {
             }
         }
         Ok(Some(Waiting {
-            key: self.batch_key(&insert, Some(types)),
+            key: self.batch_key(&insert, Some(types), copy),
             row: Some(Row {
                 insert,
                 values,
@@ -156,7 +158,7 @@ impl Session {
 
     /// The batch key for a row of this session. application_name is left out of it: it does not change what a
     /// row means, and leaving it in would keep apart clients that differ only in their name.
-    fn batch_key(&mut self, insert: &Insert, types: Option<Vec<u32>>) -> Key {
+    fn batch_key(&mut self, insert: &Insert, types: Option<Vec<u32>>, copy: CopyForm) -> Key {
         let identity = match &self.batch_identity {
             Some(identity) if Arc::ptr_eq(&identity.0, &self.settings) => identity,
             _ => {
@@ -177,6 +179,7 @@ impl Session {
             table: insert.table.clone(),
             columns: insert.columns.clone(),
             types,
+            copy,
         }
     }
 
