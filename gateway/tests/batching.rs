@@ -108,7 +108,7 @@ async fn sixty_four_clients_each_insert_a_thousand_rows_exactly_once_in_both_pro
             let mut acks = 0u64;
             let note = |seq: i32| format!("it's row {seq}\tof {client}\n");
             let quoted = |seq: i32| note(seq).replace('\'', "''");
-            let mut simple = |sql: String| {
+            let simple = |sql: String| {
                 let db = &db;
                 async move {
                     let mut n = 0;
