@@ -605,3 +605,54 @@ async fn a_client_that_leaves_before_its_batch_forms_inserts_nothing() {
         .collect();
     assert_eq!(notes, vec!["stays"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_makes_new_inserts_wait_and_drops_none() {
+    let table = "events_full";
+    let gw = batching_gateway(
+        table,
+        "n int",
+        "  connections: 1\n  max_rows: 1\n  max_queued_rows: 2\n",
+    )
+    .await;
+    let full_before = METRICS.batch_queue_full.get();
+    let locker = lock_table(&gw.database, table).await;
+    let insert = |n: i32| {
+        let config = gw.config();
+        tokio::spawn(async move {
+            let db = common::connect(&config).await;
+            db.simple_query(&format!("INSERT INTO events_full VALUES ({n})"))
+                .await
+                .map(|_| ())
+        })
+    };
+    // One row's batch waits on the lock and one row is queued: the queue is full, so the next five wait.
+    let first = insert(0);
+    blocked_flush(&gw.database).await;
+    let second = insert(1);
+    queued(&gw, 1).await;
+    let waiting: Vec<_> = (2..7).map(insert).collect();
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            METRICS.batch_queue_full.get() >= full_before + 5
+        })
+        .await,
+        "inserts did not wait for room"
+    );
+    assert_eq!(
+        gw.shared.batcher.queued(),
+        1,
+        "the queue grew past its bound"
+    );
+    locker.batch_execute("COMMIT").await.unwrap();
+    for task in [first, second].into_iter().chain(waiting) {
+        task.await.unwrap().unwrap();
+    }
+    let count: i64 = direct(&gw.database)
+        .await
+        .query_one("SELECT count(DISTINCT n) FROM events_full", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 7);
+}
