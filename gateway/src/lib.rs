@@ -15,6 +15,7 @@ pub mod protocol;
 pub mod route;
 pub mod session;
 pub mod sql;
+pub mod tls;
 
 use crate::auth::{Credentials, Startup};
 use crate::clients::Clients;
@@ -52,6 +53,8 @@ pub struct Shared {
     regions: ArcSwap<Regions>,
     monitors: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub classifier: ArcSwap<Classifier>,
+    /// Client-facing TLS, when configured (replaced by a reload).
+    pub tls: ArcSwap<Option<tokio_rustls::TlsAcceptor>>,
     /// The file the configuration came from, for RELOAD and SIGHUP.
     pub config_path: Option<std::path::PathBuf>,
     /// Serializes reloads.
@@ -82,6 +85,8 @@ impl Shared {
             monitors: Mutex::new(Vec::new()),
             classifier: ArcSwap::new(Classifier::new(&config.routing.side_effect_functions)),
             credentials: ArcSwap::from_pointee(Credentials::new(&config)),
+            // The configuration was validated, which built the acceptor once already.
+            tls: ArcSwap::from_pointee(tls::acceptor(&config.tls).unwrap_or_default()),
             batcher: batch::Batcher::new(config.batching.max_queued_rows),
             config: ArcSwap::from_pointee(config),
             pools: Mutex::new(HashMap::new()),
@@ -147,6 +152,8 @@ impl Shared {
             new.primary, new.home_region, new.regions, new.routing, new.name
         );
         self.credentials.store(Arc::new(Credentials::new(&new)));
+        self.tls
+            .store(Arc::new(tls::acceptor(&new.tls).unwrap_or_default()));
         self.classifier
             .store(Classifier::new(&new.routing.side_effect_functions));
         if topology_changed {
