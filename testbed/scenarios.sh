@@ -55,7 +55,8 @@ reads() {
 show_reads() { # LABEL
   local k s=""
   for k in "${!r_node[@]}"; do s+="$k=${r_node[$k]} "; done
-  say "  $1: $r_total/$((r_total + r_errors)) served: ${s:-none}${r_errors:+; errors: $r_errors $r_states}"
+  say "  $1: $r_total/$((r_total + r_errors)) served: ${s:-none}; errors: $r_errors $r_states"
+  [ "$r_errors" = 0 ] || say "    first error: ${r_error_text:0:200}"
 }
 
 # until_reads REGION NODE-or-REGION SECONDS: polls with small batches until every read lands there; prints
