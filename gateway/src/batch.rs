@@ -209,8 +209,11 @@ pub fn enabled(table: &str, tables: &[String]) -> bool {
 /// Consumes the keyword `word` (any case) at `at`, after white space and comments.
 fn keyword(text: &[u8], at: &mut usize, word: &str) -> bool {
     let start = crate::sql::skip_space(text, *at);
-    let end = crate::sql::token_end(text, start.min(text.len()));
-    if start < text.len() && text[start..end].eq_ignore_ascii_case(word.as_bytes()) {
+    if start >= text.len() {
+        return false;
+    }
+    let end = crate::sql::token_end(text, start);
+    if text[start..end].eq_ignore_ascii_case(word.as_bytes()) {
         *at = end;
         true
     } else {
@@ -1163,6 +1166,22 @@ mod tests {
         ] {
             let insert = analyze(sql.as_bytes(), &tables()).unwrap();
             assert_eq!(insert.copy_line, None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn texts_that_end_early_are_not_batchable() {
+        // Found by the fuzz targets: the reader looked one byte past the end of these.
+        for sql in [
+            "",
+            " ",
+            "INSERT",
+            "INSERT INTO",
+            "INSERT INTO events",
+            "INSERT INTO events (",
+            "INSERT INTO events VALUES",
+        ] {
+            assert_eq!(analyze(sql.as_bytes(), &tables()), None, "{sql:?}");
         }
     }
 

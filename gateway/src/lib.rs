@@ -7,6 +7,8 @@ pub mod batch;
 pub mod clients;
 pub mod config;
 pub mod fingerprint;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod limits;
 pub mod metrics;

@@ -259,6 +259,16 @@ async fn client_gone(client: &mut ClientStream, buffer: &mut BytesMut) {
     }
 }
 
+/// For the fuzz target: reads `data` as a batchable exchange and its Bind values, as `take_extended` does.
+pub(super) fn fuzz(data: &[u8]) {
+    if let Some(exchange) = extended_exchange(data) {
+        let parse_rest = exchange.parse.map_or(&b"x\0\0\0"[..], |(_, rest)| rest);
+        if let Some((_, formats, values)) = bound_values(parse_rest, exchange.bind_rest) {
+            let _ = (formats.len(), values.len());
+        }
+    }
+}
+
 /// [Parse] Bind [Describe portal] Execute Sync at the front of `buf`, all complete, on the unnamed portal.
 fn extended_exchange(buf: &[u8]) -> Option<Exchange<'_>> {
     let mut at = 0;

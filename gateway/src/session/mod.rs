@@ -28,6 +28,12 @@ use routing::{Reads, Route};
 
 mod batching;
 mod routing;
+
+/// For the fuzz targets: the extended-protocol exchange reader of insert batching.
+#[doc(hidden)]
+pub fn fuzz_extended(data: &[u8]) {
+    batching::fuzz(data);
+}
 use bytes::{Buf, Bytes, BytesMut};
 use pgwire::messages::startup::Authentication;
 use pgwire::messages::Message;
