@@ -49,6 +49,9 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub nplus1: NPlusOneConfig,
+    /// Materialized views the gateway creates, refreshes and routes reads of (see the `views` crate).
+    #[serde(default)]
+    pub views: Vec<views::ViewSpec>,
 }
 
 /// N+1 detection.
@@ -289,6 +292,14 @@ impl Config {
                 },
                 message: e.into_inner().to_string(),
             }
+        })?;
+        views::validate(&config.views).map_err(|(key, message)| ConfigError::Invalid {
+            path: origin.to_string(),
+            message: match line_of(text, &key) {
+                Some(line) => format!("{message} (line {line})"),
+                None => message,
+            },
+            key,
         })?;
         config
             .validate()

@@ -81,7 +81,10 @@ impl Metrics {
         registry
             .register(Box::new(request_seconds.clone()))
             .expect("unique metric");
-        for collector in regions::metrics::collectors() {
+        for collector in regions::metrics::collectors()
+            .into_iter()
+            .chain(views::metrics::collectors())
+        {
             registry.register(collector).expect("unique metric");
         }
         Metrics {
