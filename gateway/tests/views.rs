@@ -592,3 +592,129 @@ async fn the_demo_views_serve_a_sqlalchemy_dashboard_through_the_gateway() {
         "{show}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_reads_use_a_lagging_replica_while_its_copy_of_the_views_is_fresh_enough() {
+    use testbed::{RegionSpec, Topology};
+    let topology = tokio::task::spawn_blocking(|| {
+        let topology = Topology::start(
+            "us-east",
+            Duration::from_millis(5),
+            &[RegionSpec::new("eu-west", 1, Duration::from_millis(1))],
+        )
+        .expect("starting the topology");
+        let primary = &topology.primary.cluster;
+        primary.create_user_and_db("app", PASSWORD, "app").unwrap();
+        // A view made by a migration (no query in the configuration): the gateway only refreshes it.
+        primary
+            .psql(
+                "app",
+                "CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2);
+                 CREATE MATERIALIZED VIEW totals AS SELECT count(*) AS n FROM t;
+                 GRANT SELECT ON t, totals TO app;",
+            )
+            .unwrap();
+        topology
+    })
+    .await
+    .unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nhome_region: eu-west\n{}auth: {{ method: scram-sha-256, users: [ {{ name: app, password: {PASSWORD} }} ] }}\n\
+         admin: {{ users: [ app ] }}\nrouting: {{ monitor_interval: 50ms, max_lag: 500ms }}\n\
+         views:\n  - {{ name: totals, schedule: every 1h, max_staleness: 5s }}\n",
+        topology.gateway_yaml("app")
+    );
+    let config = regiongate::config::Config::parse(&yaml, "test").unwrap();
+    let gateway = regiongate::Gateway::bind(config).await.unwrap();
+    let port = gateway.local_addr().port();
+    let shared = gateway.shared.clone();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gateway.run(async {
+        let _ = stopped.await;
+    }));
+    let client = common::connect(&format!(
+        "host=127.0.0.1 port={port} user=app password={PASSWORD} dbname=app"
+    ))
+    .await;
+    let eu_west = topology.regions[0].replicas[0].cluster.port();
+    let primary = topology.primary.cluster.port();
+    let served_by = |sql: &'static str| {
+        let client = &client;
+        async move {
+            let row = client.query_one(sql, &[]).await.unwrap();
+            row.get::<_, i32>(0) as u16
+        }
+    };
+    let view_read = "SELECT inet_server_port(), n FROM totals";
+    let table_read = "SELECT inet_server_port(), count(*) FROM t";
+
+    // Refreshed now; once eu-west has replayed the refresh, view reads go there.
+    let views = shared.views();
+    views.refresh_now("totals").await.unwrap();
+    let fresh_there = eventually(Duration::from_secs(20), || async {
+        let picture = shared.regions().picture();
+        picture.replicas[0].up && views.fits(1, 0, Instant::now())
+    })
+    .await;
+    assert!(fresh_there, "eu-west never saw the refresh");
+    assert_eq!(served_by(view_read).await, eu_west);
+
+    // eu-west stops replaying: table reads leave it as soon as it lags over the 500 ms budget, but view reads
+    // stay while its copy of the view is younger than the view's max_staleness (5 s).
+    let refreshed_at = Instant::now();
+    topology.regions[0].replicas[0]
+        .cluster
+        .pause_replay()
+        .unwrap();
+    let lagging = eventually(Duration::from_secs(10), || async {
+        shared.regions().picture().replicas[0]
+            .lag
+            .is_some_and(|l| l > Duration::from_secs(1))
+    })
+    .await;
+    assert!(lagging, "{:?}", shared.regions().picture());
+    assert_eq!(served_by(table_read).await, primary);
+    assert_eq!(served_by(view_read).await, eu_west);
+    assert!(
+        refreshed_at.elapsed() < Duration::from_secs(4),
+        "the test itself was too slow"
+    );
+
+    // Past max_staleness, view reads go to the primary too.
+    let moved = eventually(Duration::from_secs(10), || async {
+        served_by(view_read).await == primary
+    })
+    .await;
+    assert!(moved, "view reads stayed on a replica with a stale copy");
+    assert!(refreshed_at.elapsed() >= Duration::from_secs(4));
+    let routed = regiongate::metrics::METRICS
+        .routed
+        .with_label_values(&["eu-west", "replica", "view-fresh"])
+        .get();
+    assert!(routed >= 2, "{routed}");
+
+    // Replay resumes and a new refresh arrives: back to eu-west.
+    topology.regions[0].replicas[0]
+        .cluster
+        .resume_replay()
+        .unwrap();
+    views.refresh_now("totals").await.unwrap();
+    let back = eventually(Duration::from_secs(10), || async {
+        served_by(view_read).await == eu_west
+    })
+    .await;
+    assert!(back, "view reads did not return to eu-west");
+    let show = stdout_of_show_views(port);
+    assert!(show.contains("staleness_eu-west"), "{show}");
+    println!("{show}");
+}
+
+fn stdout_of_show_views(port: u16) -> String {
+    let output = Command::new("psql")
+        .env("PGPASSWORD", PASSWORD)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
+        .args(["-d", "regiongate", "-X", "-c", "SHOW VIEWS"])
+        .output()
+        .unwrap();
+    text(&output)
+}
