@@ -222,7 +222,8 @@ impl Views {
         }
     }
 
-    /// REFRESH VIEW from the admin console: refreshes now, outside the schedule.
+    /// REFRESH VIEW from the admin console: refreshes now, outside the schedule (after a refresh of the view in
+    /// flight, here or in another gateway).
     pub async fn refresh_now(&self, name: &str) -> Result<Outcome, RefreshError> {
         let index = self
             .setup
@@ -230,13 +231,12 @@ impl Views {
             .iter()
             .position(|v| v.name == name || v.relation() == name)
             .ok_or_else(|| RefreshError::UnknownView(name.to_string()))?;
-        match self.run_once(index, None).await? {
-            Outcome::Busy => Err(RefreshError::Busy(self.setup.views[index].name.clone())),
-            outcome => Ok(outcome),
-        }
+        // Waits for a scheduled refresh of this view in flight here, then runs.
+        let _one_at_a_time = self.running[index].lock().await;
+        self.attempt(index, None).await
     }
 
-    /// One attempt, with its metrics and event.
+    /// One scheduled attempt; gives way to a refresh of the view in flight here.
     async fn run_once(
         &self,
         index: usize,
@@ -249,6 +249,16 @@ impl Views {
                 .inc();
             return Ok(Outcome::Busy);
         };
+        self.attempt(index, slot).await
+    }
+
+    /// One attempt, with its metrics and event.
+    async fn attempt(
+        &self,
+        index: usize,
+        slot: Option<SystemTime>,
+    ) -> Result<Outcome, RefreshError> {
+        let view = &self.setup.views[index];
         let result = async {
             let mut client = self.pool.get().await?;
             refresh::refresh(&mut client, view, slot, &self.setup.gateway).await

@@ -1,7 +1,7 @@
 //! One refresh of one view on the primary, and creating a missing view.
 //!
 //! A refresh is one transaction: take the view's advisory lock (`pg_try_advisory_xact_lock`, so a second
-//! refresher — another gateway, or REFRESH VIEW — gives up at once instead of queueing), skip if the history
+//! scheduled refresher — another gateway — gives up at once instead of queueing; REFRESH VIEW waits), skip if the history
 //! already has a success for this slot, REFRESH (CONCURRENTLY when the view has a unique index and is
 //! populated), count rows, and write the history row. The row commits with the new contents, so a replica
 //! that has replayed the row has replayed the contents: that is how replicas' freshness is read. The partial
@@ -31,6 +31,9 @@ CREATE INDEX IF NOT EXISTS view_refreshes_latest
 
 /// The advisory lock key of a view: the same in every gateway, and distinct from other users' keys by prefix.
 const LOCK_SQL: &str = "SELECT pg_try_advisory_xact_lock(hashtext('regiongate.view:' || $1))";
+/// The same lock, waited for (an operator's REFRESH VIEW runs after a refresh in flight).
+const WAIT_LOCK_SQL: &str =
+    "SELECT true FROM pg_advisory_xact_lock(hashtext('regiongate.view:' || $1))";
 
 /// What a refresh attempt did.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,8 +54,6 @@ pub enum Outcome {
 pub enum RefreshError {
     #[error("no view named {0:?} is configured")]
     UnknownView(String),
-    #[error("a refresh of {0} is running already")]
-    Busy(String),
     #[error("cannot connect to the primary: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("{}", describe(.0))]
@@ -66,7 +67,6 @@ impl RefreshError {
     pub fn sqlstate(&self) -> &str {
         match self {
             RefreshError::UnknownView(_) => "42P01",
-            RefreshError::Busy(_) => "55P03",
             RefreshError::Pool(_) => "08006",
             RefreshError::Sql(e) => e.code().map(|c| c.code()).unwrap_or("XX000"),
             RefreshError::QueryFile(_) => "58030",
@@ -88,8 +88,9 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Refreshes `view` for `slot` (`None`: an operator's REFRESH VIEW). A failure is recorded in the history
-/// (after the failed transaction rolled back) and returned.
+/// Refreshes `view` for `slot`; `None` is an operator's REFRESH VIEW, which waits for a refresh in flight
+/// instead of giving way to it. A failure is recorded in the history (after the failed transaction rolled
+/// back) and returned.
 pub async fn refresh(
     client: &mut Client,
     view: &ViewSpec,
@@ -147,7 +148,13 @@ async fn attempt(
             view.refresh_timeout.as_millis()
         ))
         .await?;
-    let locked: bool = transaction.query_one(LOCK_SQL, &[&view.name]).await?.get(0);
+    // The wait is bounded by the statement timeout above.
+    let lock = if slot.is_some() {
+        LOCK_SQL
+    } else {
+        WAIT_LOCK_SQL
+    };
+    let locked: bool = transaction.query_one(lock, &[&view.name]).await?.get(0);
     if !locked {
         return Ok(Outcome::Busy);
     }
@@ -183,6 +190,15 @@ async fn attempt(
              (view_name, slot, gateway, started_at, finished_at, rows) \
              VALUES ($1, $2, $3, now(), clock_timestamp(), $4)",
             &[&view.name, &slot, &gateway, &rows],
+        )
+        .await?;
+    // The history is for operators and freshness probes: a week of it is plenty, and a view refreshed every
+    // second would otherwise add 600k rows a week.
+    transaction
+        .execute(
+            "DELETE FROM regiongate.view_refreshes \
+             WHERE view_name = $1 AND started_at < now() - interval '7 days'",
+            &[&view.name],
         )
         .await?;
     transaction.commit().await?;
