@@ -592,6 +592,17 @@ impl Console {
                 format!("{}: {}", region.name, replicas.join(", ")),
             ));
         }
+        for view in &config.views {
+            rows.push((
+                "views",
+                format!(
+                    "{}: {}, max_staleness {:?}",
+                    view.name,
+                    view.schedule,
+                    view.max_staleness()
+                ),
+            ));
+        }
         table(
             &["key", "value"],
             rows.into_iter()

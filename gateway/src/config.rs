@@ -530,6 +530,27 @@ mod tests {
     }
 
     #[test]
+    fn views_are_parsed_and_checked_with_key_and_line() {
+        let text = "primary: postgres://h/app\nauth: { method: trust }\nviews:\n  - name: daily\n    schedule: every 5m\n    unique_key: [day]\n";
+        let config = Config::parse(text, "f.yaml").unwrap();
+        assert_eq!(config.views[0].max_staleness(), Duration::from_secs(600));
+        let bad_schedule = text.replace("every 5m", "every now and then");
+        let error = Config::parse(&bad_schedule, "f.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("views[0].schedule") && error.contains("every now and then"),
+            "{error}"
+        );
+        let bad_key = text.replace("[day]", "[\"day desc\"]");
+        let error = Config::parse(&bad_key, "f.yaml").unwrap_err().to_string();
+        assert!(
+            error.contains("views[0].unique_key") && error.contains("line 6"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn validation_names_key() {
         let text =
             "primary: postgres://h/app\nauth: { method: trust }\npool: { size: 2, min_idle: 3 }\n";
