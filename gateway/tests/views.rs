@@ -10,6 +10,34 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+/// Everything the gateways of this test binary log, for the tests that check an event was logged.
+fn captured_log() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOG: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> =
+        std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log: &'static std::sync::Mutex<Vec<u8>> = Box::leak(Box::default());
+        struct Writer(&'static std::sync::Mutex<Vec<u8>>);
+        impl std::io::Write for Writer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter("info")
+            .with_writer(move || Writer(log))
+            .try_init();
+        log
+    })
+}
+
 /// Runs a command on the admin console with psql.
 fn admin(gw: &common::TestGateway, command: &str) -> std::process::Output {
     Command::new("psql")
@@ -265,13 +293,15 @@ async fn a_failing_refresh_is_reported_and_the_old_contents_stay_served() {
         ))
         .await
         .unwrap();
+    let log = captured_log();
     let gw = gateway_for(
         &database,
         &format!(
             "auth: {{ method: scram-sha-256, users: [ {{ name: {database}, password: {PASSWORD} }} ] }}\n\
              admin: {{ users: [ {database} ] }}\n\
              views:\n  - {{ name: ratio, query: 'SELECT k, v / (SELECT divisor FROM switch) AS v FROM base', \
-             unique_key: [k], schedule: every 1s }}\n"
+             unique_key: [k], schedule: every 1s }}\n  \
+             - {{ name: misspelt, query: 'SELEC k FROM base', schedule: every 1s }}\n"
         ),
     )
     .await;
@@ -327,6 +357,31 @@ async fn a_failing_refresh_is_reported_and_the_old_contents_stay_served() {
         errors.iter().all(|e| e.contains("division by zero")),
         "{errors:?}"
     );
+    // Logged, with the view and the SQLSTATE as fields.
+    let logged = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    assert!(
+        logged.lines().any(|l| l.contains("view refresh failed")
+            && l.contains("\"view\":\"ratio\"")
+            && l.contains("\"sqlstate\":\"22012\"")),
+        "{logged}"
+    );
+    // A definition that does not even parse: the view cannot be created, and each run says why.
+    let misspelt: Vec<String> = direct(&database)
+        .await
+        .query(
+            "SELECT error FROM regiongate.view_refreshes WHERE view_name = 'misspelt'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        !misspelt.is_empty() && misspelt.iter().all(|e| e.contains("42601")),
+        "{misspelt:?}"
+    );
+    assert!(logged.contains("cannot create the view"), "{logged}");
     // The last good contents are still served.
     let row = client
         .query_one("SELECT count(*), sum(v) FROM ratio", &[])

@@ -47,6 +47,9 @@ pub struct Views {
     pool: deadpool_postgres::Pool,
     /// One refresh of a view at a time within this gateway (the advisory lock does it across gateways).
     running: Vec<tokio::sync::Mutex<()>>,
+    /// Whether each view is known to exist (with its unique index); until then each attempt tries to create it
+    /// first, so a definition that failed at start is retried by its schedule and reported with its own error.
+    created: Vec<std::sync::atomic::AtomicBool>,
     next_run: Mutex<Vec<Option<SystemTime>>>,
     freshness: freshness::Shared,
     /// The primary's own view of each view's freshness (SHOW VIEWS; reads there are always current).
@@ -89,6 +92,7 @@ impl Views {
             .expect("a pool without a runtime-specific timeout builds");
         let views = Arc::new(Views {
             running: setup.views.iter().map(|_| Default::default()).collect(),
+            created: setup.views.iter().map(|_| Default::default()).collect(),
             next_run: Mutex::new(vec![None; setup.views.len()]),
             freshness: Default::default(),
             primary_freshness: Default::default(),
@@ -149,6 +153,25 @@ impl Views {
         tokio::spawn(probe(self.clone(), None, self.setup.primary.clone(), names));
     }
 
+    /// Creates the view if it is missing (once per runtime; see `created`).
+    async fn ensure_exists(
+        &self,
+        client: &mut tokio_postgres::Client,
+        index: usize,
+    ) -> Result<(), RefreshError> {
+        use std::sync::atomic::Ordering;
+        if self.created[index].load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let view = &self.setup.views[index];
+        let started = Instant::now();
+        if refresh::ensure_exists(client, view, &self.setup.gateway).await? {
+            tracing::info!(view = %view.name, took_ms = started.elapsed().as_millis() as u64, "view created");
+        }
+        self.created[index].store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// The history table, and every view that does not exist yet. A view that cannot be created is reported
     /// (log, metric, history row) and left to its schedule, whose refreshes will report it again.
     async fn prepare(&self) -> Result<(), RefreshError> {
@@ -158,13 +181,10 @@ impl Views {
             .batch_execute("SET client_min_messages = warning")
             .await?;
         client.batch_execute(refresh::SCHEMA_SQL).await?;
-        for view in &self.setup.views {
+        for (index, view) in self.setup.views.iter().enumerate() {
             let started = Instant::now();
-            match refresh::ensure_exists(&mut client, view, &self.setup.gateway).await {
-                Ok(true) => {
-                    tracing::info!(view = %view.name, took = ?started.elapsed(), "view created")
-                }
-                Ok(false) => {}
+            match self.ensure_exists(&mut client, index).await {
+                Ok(()) => {}
                 Err(error) => {
                     refresh::record_failure(
                         &client,
@@ -261,6 +281,12 @@ impl Views {
         let view = &self.setup.views[index];
         let result = async {
             let mut client = self.pool.get().await?;
+            let started = Instant::now();
+            if let Err(error) = self.ensure_exists(&mut client, index).await {
+                refresh::record_failure(&client, view, slot, &self.setup.gateway, started, &error)
+                    .await;
+                return Err(error);
+            }
             refresh::refresh(&mut client, view, slot, &self.setup.gateway).await
         }
         .await;
