@@ -39,58 +39,11 @@ done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 README=$ROOT/benches/README.md
-PGBIN=/usr/lib/postgresql/15/bin
-CLK_TCK=$(getconf CLK_TCK)
 # Debian installs pgbouncer in /usr/sbin, which a non-root PATH may lack.
 PATH=$PATH:/usr/sbin
 
-log() { echo "== $*" >&2; }
-
-# PostgreSQL and PgBouncer refuse to run as root: run them as the postgres OS user then, like the testbed.
-# A command prefix rather than a function, so that a background PgBouncer's $! is PgBouncer itself (setpriv
-# execs it), whose CPU time we read and which we kill.
-AS_SERVER_USER=()
-if [[ $EUID -eq 0 ]]; then
-    AS_SERVER_USER=(setpriv --reuid=postgres --regid=postgres --init-groups --)
-fi
-
-# A loopback port nobody listens on, below the usual ephemeral range so outgoing connections cannot take it.
-free_port() {
-    local port
-    while true; do
-        port=$((20000 + RANDOM % 12000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return
-        fi
-    done
-}
-
-# Waits until PID listens on PORT; shows LOGFILE and fails if the process dies or 30 s pass.
-wait_listening() {
-    local pid=$1 port=$2 logfile=$3
-    for _ in $(seq 300); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            return
-        fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            break
-        fi
-        sleep 0.1
-    done
-    echo "process $pid is not listening on port $port; its log:" >&2
-    tail -n 30 "$logfile" >&2
-    exit 1
-}
-
-# utime + stime of a process (all its threads), in clock ticks.
-cpu_ticks() {
-    local stat fields
-    stat=$(<"/proc/$1/stat")
-    # Fields after "(comm) ": state is [0], so utime (field 14) is [11] and stime (field 15) is [12].
-    read -ra fields <<<"${stat##*) }"
-    echo $((fields[11] + fields[12]))
-}
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 # ---------------------------------------------------------------- PgBouncer and regiongate binaries
 
@@ -119,9 +72,7 @@ cleanup() {
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
-    if [[ -f $WORK/data/postmaster.pid ]]; then
-        "${AS_SERVER_USER[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate -w stop >/dev/null 2>&1 || true
-    fi
+    stop_postgres
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -136,24 +87,8 @@ export PGPASSWORD=bench PGSSLMODE=disable
 # ---------------------------------------------------------------- PostgreSQL
 
 log "starting PostgreSQL 15"
-PG_PORT=$(free_port)
-"${AS_SERVER_USER[@]}" "$PGBIN/initdb" -D "$WORK/data" -U postgres -E UTF8 --locale=C --no-sync \
-    --auth-local=trust --auth-host=scram-sha-256 >"$WORK/initdb.log"
 # fsync is off to keep the disk out of the numbers; synchronous_commit stays on (the default).
-cat >>"$WORK/data/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$WORK'
-max_connections = 300
-shared_buffers = 128MB
-fsync = off
-synchronous_commit = on
-logging_collector = off
-EOF
-"${AS_SERVER_USER[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/postgres.log" -w -t 60 start >/dev/null
-# The superuser connects over the Unix socket (trust); bench's password is stored as SCRAM, the default.
-"$PGBIN/psql" -X -q -h "$WORK" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
-    -c "CREATE ROLE bench LOGIN PASSWORD 'bench'" -c "CREATE DATABASE bench OWNER bench"
+start_postgres off
 log "pgbench -i -s $SCALE"
 "$PGBIN/pgbench" -i -s "$SCALE" -q -h 127.0.0.1 -p "$PG_PORT" -U bench bench >"$WORK/pgbench-init.log" 2>&1
 
@@ -267,11 +202,6 @@ done
 
 # ---------------------------------------------------------------- report
 
-# Median of the numbers on stdin.
-median() {
-    sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'
-}
-
 # The values of column N of the results of WORKLOAD against TARGET, one a line.
 results_column() {
     awk -F '\t' -v w="$1" -v t="$2" -v n="$3" '$1 == w && $2 == t { print $n }' "$WORK/results"
@@ -335,13 +265,7 @@ cat "$BLOCK"
 BEGIN_MARK='<!-- pgbench:begin -->'
 END_MARK='<!-- pgbench:end -->'
 if [[ -f $README ]] && grep -qx "$BEGIN_MARK" "$README" && grep -qx "$END_MARK" "$README"; then
-    # Keep everything outside the markers; put the new block between them.
-    awk -v begin="$BEGIN_MARK" -v end="$END_MARK" -v block="$BLOCK" '
-        $0 == begin { print; while ((getline line < block) > 0) print line; skipping = 1; next }
-        $0 == end { skipping = 0 }
-        !skipping { print }
-    ' "$README" >"$WORK/README.md"
-    cat "$WORK/README.md" >"$README"
+    replace_block "$BEGIN_MARK" "$END_MARK" "$BLOCK"
 else
     # No markers yet: add the section, to a new file (which gets a title) or after what is there.
     if [[ ! -f $README ]]; then printf '# Benchmarks\n\n' >"$README"; fi

@@ -49,9 +49,64 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub nplus1: NPlusOneConfig,
+    #[serde(default)]
+    pub batching: BatchingConfig,
     /// Materialized views the gateway creates, refreshes and routes reads of (see the `views` crate).
     #[serde(default)]
     pub views: Vec<views::ViewSpec>,
+}
+
+/// Insert batching (group commit at the gateway); off until tables are listed.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingConfig {
+    /// Tables whose single-row autocommit INSERTs are batched: `events` (any schema) or `schema.events`.
+    /// Folded to lower case unless written in double quotes, as PostgreSQL folds names.
+    #[serde(deserialize_with = "table_names")]
+    pub tables: Vec<String>,
+    /// Rows per batch at most (and never more than 65535 parameters).
+    pub max_rows: usize,
+    /// Bytes of row data per batch at most.
+    #[serde(deserialize_with = "size")]
+    pub max_bytes: usize,
+    /// How long a row may wait for its batch to fill while other batches of its kind are committing.
+    #[serde(with = "duration")]
+    pub max_delay: Duration,
+    /// Batches in flight at once per database and user: the size of the primary pool flushes use.
+    pub connections: usize,
+    /// Rows queued or in flight over all tables; past it, new inserts wait (backpressure).
+    pub max_queued_rows: usize,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig {
+            tables: Vec::new(),
+            max_rows: 500,
+            max_bytes: 1 << 20,
+            max_delay: Duration::from_millis(2),
+            connections: 4,
+            max_queued_rows: 10_000,
+        }
+    }
+}
+
+fn table_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    Ok(names
+        .into_iter()
+        .map(|name| {
+            name.split('.')
+                .map(
+                    |part| match part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
+                        Some(quoted) => quoted.to_string(),
+                        None => part.to_lowercase(),
+                    },
+                )
+                .collect::<Vec<_>>()
+                .join(".")
+        })
+        .collect())
 }
 
 /// N+1 detection.
@@ -411,6 +466,18 @@ impl Config {
             return Err((
                 "routing.region_order",
                 format!("{unknown:?} is not a region in `regions`"),
+            ));
+        }
+        if self.batching.max_rows == 0 {
+            return Err(("batching.max_rows", "must be at least 1".into()));
+        }
+        if self.batching.connections == 0 {
+            return Err(("batching.connections", "must be at least 1".into()));
+        }
+        if self.batching.max_queued_rows < self.batching.max_rows {
+            return Err((
+                "batching.max_queued_rows",
+                "must be at least batching.max_rows".into(),
             ));
         }
         if self.nplus1.threshold < 2 {

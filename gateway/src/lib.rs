@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod batch;
 pub mod clients;
 pub mod config;
 pub mod fingerprint;
@@ -46,6 +47,8 @@ pub struct Shared {
     pub statement_names: StatementNames,
     /// N+1 patterns seen so far.
     pub nplus1: nplus1::Patterns,
+    /// Insert batching: queues and the pools their flushes use.
+    pub batcher: batch::Batcher,
     regions: ArcSwap<Regions>,
     monitors: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Materialized views: refresh schedulers and freshness probes (replaced whole when a reload changes
@@ -122,6 +125,7 @@ impl Shared {
             })),
             classifier: ArcSwap::new(new_classifier(&config)),
             credentials: ArcSwap::from_pointee(Credentials::new(&config)),
+            batcher: batch::Batcher::new(config.batching.max_queued_rows),
             config: ArcSwap::from_pointee(config),
             pools: Mutex::new(HashMap::new()),
             clients: Arc::default(),
@@ -253,8 +257,22 @@ impl Shared {
             return pool.clone();
         }
         let config = self.config.load();
+        let pool = Pool::new(
+            key.clone(),
+            self.server_credentials(server, user),
+            config.pool.clone(),
+        );
+        pool::spawn_maintenance(&pool);
+        pools.insert(key, pool.clone());
+        pool
+    }
+
+    /// How connections to `server` log in for a client user: the user's `server_user`/`server_password`, its
+    /// own password, else the server URL's password, else the primary URL's.
+    pub fn server_credentials(&self, server: &ServerUrl, user: &str) -> ServerCredentials {
+        let config = self.config.load();
         let entry = config.user(user);
-        let credentials = ServerCredentials {
+        ServerCredentials {
             user: entry
                 .and_then(|u| u.server_user.clone())
                 .unwrap_or_else(|| user.to_string()),
@@ -266,11 +284,7 @@ impl Shared {
                 })
                 .or_else(|| server.password.clone())
                 .or_else(|| config.primary.url.password.clone()),
-        };
-        let pool = Pool::new(key.clone(), credentials, config.pool.clone());
-        pool::spawn_maintenance(&pool);
-        pools.insert(key, pool.clone());
-        pool
+        }
     }
 
     /// Every pool, for the admin console and tests.

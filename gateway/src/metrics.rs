@@ -28,6 +28,12 @@ pub struct Metrics {
     pub request_replica: Histogram,
     pub nplus1_episodes: IntCounterVec,
     pub nplus1_statements: IntCounterVec,
+    pub batch_rows: Histogram,
+    pub batch_flush_seconds: Histogram,
+    pub batch_wait_seconds: Histogram,
+    pub batched_rows: IntCounterVec,
+    pub batches: IntCounterVec,
+    pub batch_queue_full: IntCounter,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -81,6 +87,17 @@ impl Metrics {
         registry
             .register(Box::new(request_seconds.clone()))
             .expect("unique metric");
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let seconds = vec![
+            0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
+        ];
         for collector in regions::metrics::collectors()
             .into_iter()
             .chain(views::metrics::collectors())
@@ -156,6 +173,38 @@ impl Metrics {
                 "regiongate_nplus1_statements_total",
                 "Statements that were part of N+1 episodes, by fingerprint (the first 50, then other)",
                 &["fingerprint"],
+            ),
+            batch_rows: histogram(
+                "regiongate_batch_rows",
+                "Rows per insert batch",
+                vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0],
+            ),
+            batch_flush_seconds: histogram(
+                "regiongate_batch_flush_seconds",
+                "Time to run an insert batch on the primary and answer its clients",
+                seconds.clone(),
+            ),
+            batch_wait_seconds: histogram(
+                "regiongate_batch_wait_seconds",
+                "How long the oldest row of a batch waited in the queue",
+                seconds,
+            ),
+            batched_rows: counter_vec(
+                "regiongate_batched_rows_total",
+                "Rows that went through insert batching, by table and how their batch ended \
+                 (committed, one_by_one after the batch failed, lost with the connection)",
+                &["table", "outcome"],
+            ),
+            batches: counter_vec(
+                "regiongate_batches_total",
+                "Insert batches, by table, how they were sent (copy_binary, copy_text, values) and how they \
+                 ended (committed; one_by_one: the batch failed and its rows were run again one by one; lost: \
+                 the connection broke)",
+                &["table", "form", "outcome"],
+            ),
+            batch_queue_full: counter(
+                "regiongate_batch_queue_full_total",
+                "Inserts that waited because batching.max_queued_rows rows were queued",
             ),
             routed: counter_vec(
                 "regiongate_routed_total",

@@ -43,7 +43,7 @@ pub fn body(message: &[u8]) -> &[u8] {
 
 /// Writes a message header with a placeholder length; `finish` fills the length in.
 #[inline]
-fn start(out: &mut BytesMut, tag: u8) -> usize {
+pub(crate) fn start(out: &mut BytesMut, tag: u8) -> usize {
     out.put_u8(tag);
     let at = out.len();
     out.put_i32(0);
@@ -51,12 +51,12 @@ fn start(out: &mut BytesMut, tag: u8) -> usize {
 }
 
 #[inline]
-fn finish(out: &mut BytesMut, at: usize) {
+pub(crate) fn finish(out: &mut BytesMut, at: usize) {
     let len = (out.len() - at) as i32;
     out[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-fn put_cstr(out: &mut BytesMut, s: &[u8]) {
+pub(crate) fn put_cstr(out: &mut BytesMut, s: &[u8]) {
     out.put_slice(s);
     out.put_u8(0);
 }

@@ -175,7 +175,7 @@ fn is_ident_byte(c: u8) -> bool {
 }
 
 /// Skips white space and comments.
-fn skip_space(s: &[u8], mut i: usize) -> usize {
+pub fn skip_space(s: &[u8], mut i: usize) -> usize {
     loop {
         while i < s.len() && s[i].is_ascii_whitespace() {
             i += 1;
@@ -191,7 +191,7 @@ fn skip_space(s: &[u8], mut i: usize) -> usize {
 }
 
 /// Reads the word (identifier, possibly quoted or dotted) at or after `i`: its folded value and byte range.
-fn word(sql: &[u8], i: usize) -> Option<(String, Range<usize>)> {
+pub fn word(sql: &[u8], i: usize) -> Option<(String, Range<usize>)> {
     let s = sql;
     let start = skip_space(s, i);
     if start >= s.len() {

@@ -25,6 +25,7 @@ use crate::sql::{self, Kind};
 use crate::Shared;
 use routing::{Reads, Route};
 
+mod batching;
 mod routing;
 use bytes::{Buf, Bytes, BytesMut};
 use pgwire::messages::startup::Authentication;
@@ -87,6 +88,8 @@ struct Statement {
     /// Its fingerprint hash and whether it reads (when N+1 detection is on), computed once at Parse.
     shape: u64,
     reads: bool,
+    /// The INSERT it is, when its rows can be batched.
+    batch: Option<Arc<crate::batch::Insert>>,
 }
 
 /// What running a protocol-level statement does to the session.
@@ -151,6 +154,8 @@ enum Progress {
     Idle,
     /// The next message needs a server connection.
     NeedServer,
+    /// Exchanges were taken for insert batching: queue them and await their answers.
+    Batched,
     /// The client said goodbye.
     Terminate,
 }
@@ -223,6 +228,11 @@ struct Session {
     sql_prepared: HashMap<String, Arc<SqlPrepared>>,
     settings: Settings,
     pinned: Option<&'static str>,
+    /// Exchanges taken for insert batching, not yet answered.
+    batched: Vec<batching::Waiting>,
+    /// What batch keys of this session carry, made once per change of `settings` (the first): database,
+    /// user, and the settings without what does not matter to a batch.
+    batch_identity: Option<(Settings, Arc<str>, Arc<str>, crate::batch::SettingsKey)>,
 }
 
 /// Serves one accepted connection until it closes.
@@ -358,6 +368,8 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
         unnamed: None,
         sql_prepared: HashMap::new(),
         settings: startup_settings(&startup),
+        batched: Vec::new(),
+        batch_identity: None,
     };
     let end = session.run().instrument(span.clone()).await;
     METRICS.client_connections.dec();
@@ -442,7 +454,7 @@ fn startup_settings(startup: &Startup) -> Settings {
 }
 
 /// SQL that turns a server connection's settings (`from`) into the client's (`to`).
-fn settings_change(from: &Settings, to: &Settings) -> String {
+pub(crate) fn settings_change(from: &Settings, to: &Settings) -> String {
     let mut sql = String::new();
     for name in from.keys().filter(|n| !to.contains_key(*n)) {
         let reset = match name.as_str() {
@@ -473,6 +485,12 @@ impl Session {
                 Ok(Progress::Idle) => {}
                 Ok(Progress::NeedServer) => {
                     self.attach().await;
+                    continue;
+                }
+                Ok(Progress::Batched) => {
+                    if let Err(end) = self.run_batched().await {
+                        return end;
+                    }
                     continue;
                 }
                 Ok(Progress::Terminate) => return End::Client,
@@ -574,6 +592,9 @@ impl Session {
                 }
                 if tag == b'Q' && self.defer_begin(len) {
                     continue;
+                }
+                if matches!(tag, b'Q' | b'P' | b'B') && self.take_batchable()? {
+                    return Ok(Progress::Batched);
                 }
                 return Ok(Progress::NeedServer);
             }
@@ -734,11 +755,12 @@ impl Session {
         conn.unnamed_valid = false;
     }
 
-    fn on_parse(&mut self, message: Bytes) -> Result<(), PgError> {
-        let body = protocol::body(&message);
-        let (name, rest) =
-            protocol::cstr(body).ok_or_else(|| PgError::fatal("08P01", "invalid Parse message"))?;
-        let text = protocol::cstr(rest).map(|(t, _)| t).unwrap_or_default();
+    /// A client's statement from its Parse: what it does, where it may run, its fingerprint, whether it can
+    /// be batched, and its server-side name (shared by every client preparing the same content).
+    fn new_statement(&mut self, name: &[u8], parse_rest: Bytes) -> Arc<Statement> {
+        let text = protocol::cstr(&parse_rest)
+            .map(|(t, _)| t)
+            .unwrap_or_default();
         let effect = statement_effect(text);
         // One shape for both routing's cache and N+1 detection, computed once per prepared statement.
         let fingerprint = (self.detector.is_some() || self.routing_enabled())
@@ -753,17 +775,32 @@ impl Session {
                     .classify_shaped(text, shape.hash)
             });
         let (shape, reads) = fingerprint.map_or((0, false), |s| (s.hash, s.read));
-        let parse_rest = message.slice_ref(rest);
+        let batch =
+            crate::batch::analyze(text, &self.shared.config.load().batching.tables).map(Arc::new);
+        let server_name = if name.is_empty() {
+            Arc::from("")
+        } else {
+            self.shared.statement_names.name_for(&parse_rest)
+        };
+        Arc::new(Statement {
+            server_name,
+            parse_rest,
+            effect,
+            class,
+            shape,
+            reads,
+            batch,
+        })
+    }
+
+    fn on_parse(&mut self, message: Bytes) -> Result<(), PgError> {
+        let body = protocol::body(&message);
+        let (name, rest) =
+            protocol::cstr(body).ok_or_else(|| PgError::fatal("08P01", "invalid Parse message"))?;
+        let statement = self.new_statement(name, message.slice_ref(rest));
         self.in_exchange = true;
         if name.is_empty() {
-            self.unnamed = Some(Arc::new(Statement {
-                server_name: Arc::from(""),
-                parse_rest,
-                effect,
-                class,
-                shape,
-                reads,
-            }));
+            self.unnamed = Some(statement);
             self.conn().unnamed_valid = true;
             self.to_server.extend_from_slice(&message);
             self.pending.push_back(Pending::Parse {
@@ -772,15 +809,7 @@ impl Session {
             });
             return Ok(());
         }
-        let server_name = self.shared.statement_names.name_for(&parse_rest);
-        let statement = Arc::new(Statement {
-            server_name: server_name.clone(),
-            parse_rest,
-            effect,
-            class,
-            shape,
-            reads,
-        });
+        let server_name = statement.server_name.clone();
         self.statements.insert(message.slice_ref(name), statement);
         let conn = self.conn();
         if conn.prepared.contains(&server_name) {

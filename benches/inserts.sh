@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Insert batching: pgbench with a single-row INSERT script against PostgreSQL 15 directly, regiongate without
+# batching and regiongate with batching, interleaved in one run, fsync and synchronous_commit on.
+#
+#   bash benches/inserts.sh
+#   DURATION=10 CLIENTS="1 16 64" MODES="prepared simple" bash benches/inserts.sh
+#
+# Prints a markdown table (TPS, mean and p99 latency, proxy CPU) and writes it into benches/README.md between
+# the inserts markers. Everything it starts is stopped on exit.
+set -euo pipefail
+
+DURATION=${DURATION:-10}
+CLIENT_COUNTS=${CLIENTS:-1 16 64}
+MODES=${MODES:-prepared simple}
+POOL=${POOL:-16}
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+README=$ROOT/benches/README.md
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+
+log "building regiongate"
+(cd "$ROOT" && flock /tmp/regiongate-cargo.lock cargo build --release -p regiongate)
+REGIONGATE=$ROOT/target/release/regiongate
+
+WORK=$(mktemp -d /tmp/regiongate-inserts.XXXXXX)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    stop_postgres
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+if [[ $EUID -eq 0 ]]; then
+    chown postgres:postgres "$WORK"
+fi
+export PGPASSWORD=bench PGSSLMODE=disable
+
+log "starting PostgreSQL 15 (fsync on)"
+start_postgres on
+"$PGBIN/psql" -X -q -h 127.0.0.1 -p "$PG_PORT" -U bench -d bench -v ON_ERROR_STOP=1 -c \
+    "CREATE TABLE bench_events (id bigserial PRIMARY KEY, client int NOT NULL, payload text NOT NULL,
+                                created_at timestamptz NOT NULL DEFAULT now())"
+
+# Two gateways: the same configuration, one with batching on for bench_events (its defaults otherwise).
+start_regiongate() {
+    local name=$1 extra=$2 port
+    port=$(free_port)
+    cat >"$WORK/$name.yaml" <<EOF
+listen: 127.0.0.1:$port
+primary: postgres://127.0.0.1:$PG_PORT/bench
+pool: { mode: transaction, size: $POOL }
+auth: { method: scram-sha-256, users: [ { name: bench, password: bench } ] }
+$extra
+EOF
+    RUST_LOG=warn "$REGIONGATE" --config "$WORK/$name.yaml" >"$WORK/$name.log" 2>&1 &
+    PIDS+=($!)
+    wait_listening $! "$port" "$WORK/$name.log"
+    PORT[$name]=$port
+    PROXY_PID[$name]=$!
+}
+declare -A PORT=([postgres]=$PG_PORT)
+declare -A PROXY_PID=()
+log "starting regiongate without and with batching"
+start_regiongate regiongate ""
+start_regiongate regiongate-batching "batching: { tables: [bench_events] }"
+TARGETS=(postgres regiongate regiongate-batching)
+
+cat >"$WORK/insert.sql" <<'EOF'
+\set client random(1, 1000000)
+INSERT INTO bench_events (client, payload) VALUES (:client, 'page_view /products/42');
+EOF
+
+# One run; appends: clients mode target tps mean_ms p99_ms transactions proxy_cpu_ticks rows_inserted
+run() {
+    local clients=$1 mode=$2 target=$3 pid=${PROXY_PID[$target]:-} cpu_before=0 cpu_after=0
+    local out=$WORK/run-$clients-$mode-$target.log prefix=$WORK/latency-$clients-$mode-$target
+    local before after
+    before=$("$PGBIN/psql" -X -q -At -h 127.0.0.1 -p "$PG_PORT" -U bench -d bench -c \
+        "SELECT count(*) FROM bench_events")
+    if [[ -n $pid ]]; then cpu_before=$(cpu_ticks "$pid"); fi
+    "$PGBIN/pgbench" -h 127.0.0.1 -p "${PORT[$target]}" -U bench -n -T "$DURATION" -c "$clients" \
+        -j $((clients < 2 ? clients : 2)) -M "$mode" -f "$WORK/insert.sql" -l --log-prefix="$prefix" \
+        bench >"$out" 2>&1 || { cat "$out" >&2; exit 1; }
+    if [[ -n $pid ]]; then cpu_after=$(cpu_ticks "$pid"); fi
+    after=$("$PGBIN/psql" -X -q -At -h 127.0.0.1 -p "$PG_PORT" -U bench -d bench -c \
+        "SELECT count(*) FROM bench_events")
+    local tps mean p99 transactions
+    tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$out")
+    mean=$(sed -n 's/^latency average = \([0-9.]*\) ms$/\1/p' "$out")
+    transactions=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
+    # Per-transaction logs: the third field is the latency in microseconds.
+    p99=$(cat "$prefix".* | awk '{ print $3 }' | sort -n |
+        awk '{ v[NR] = $1 } END { i = int(NR * 0.99); if (i < 1) i = 1; printf "%.3f", v[i] / 1000 }')
+    rm -f "$prefix".*
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$clients" "$mode" "$target" "$tps" "$mean" "$p99" \
+        "$transactions" $((cpu_after - cpu_before)) $((after - before)) >>"$WORK/results"
+    log "-c $clients -M $mode $target: tps $tps, p99 $p99 ms, $((after - before)) rows for $transactions acks"
+}
+
+: >"$WORK/results"
+for mode in $MODES; do
+    for clients in $CLIENT_COUNTS; do
+        for target in "${TARGETS[@]}"; do
+            run "$clients" "$mode" "$target"
+        done
+    done
+done
+
+# The backquotes in the printf formats are markdown code spans, not command substitutions.
+# shellcheck disable=SC2016
+table() {
+    echo "| pgbench | target | TPS | vs direct | mean latency ms | p99 latency ms | proxy CPU ms / 1k rows | rows − acks |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|"
+    awk -F '\t' -v hz="$CLK_TCK" '
+        $3 == "postgres" { direct[$1 "/" $2] = $4 }
+        { lines[NR] = $0 }
+        END {
+            for (n = 1; n <= NR; n++) {
+                split(lines[n], f, "\t")
+                cpu = f[3] == "postgres" ? "-" : sprintf("%.1f", f[8] / hz * 1000 / f[7] * 1000)
+                printf "| `-c %s -M %s` | %s | %.0f | %.2f | %.3f | %.3f | %s | %d |\n", f[1], f[2], f[3], f[4],
+                    f[4] / direct[f[1] "/" f[2]], f[5], f[6], cpu, f[9] - f[7]
+            }
+        }' "$WORK/results"
+}
+
+BLOCK=$WORK/block.md
+{
+    echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores, Linux $(uname -r)," \
+        "PostgreSQL $("$PGBIN/postgres" --version | awk '{ print $3 }') with fsync and synchronous_commit on;" \
+        "DURATION=$DURATION POOL=$POOL; pgbench \`-n -T $DURATION -j min(clients, 2)\`, batching defaults" \
+        "(max_rows 500, max_delay 2ms, connections 4)."
+    echo
+    table
+} >"$BLOCK"
+echo
+cat "$BLOCK"
+replace_block '<!-- inserts:begin -->' '<!-- inserts:end -->' "$BLOCK"
+log "table written to $README"

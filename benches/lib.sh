@@ -1,0 +1,103 @@
+# Shared by the benchmark scripts: process helpers, a throwaway PostgreSQL 15, medians, README blocks.
+# Source it after setting ROOT and WORK; it sets PGBIN, CLK_TCK and AS_SERVER_USER.
+
+PGBIN=/usr/lib/postgresql/15/bin
+CLK_TCK=$(getconf CLK_TCK)
+
+log() { echo "== $*" >&2; }
+
+# PostgreSQL and PgBouncer refuse to run as root: run them as the postgres OS user then, like the testbed.
+# A command prefix rather than a function, so that a background PgBouncer's $! is PgBouncer itself (setpriv
+# execs it), whose CPU time we read and which we kill.
+AS_SERVER_USER=()
+if [[ $EUID -eq 0 ]]; then
+    AS_SERVER_USER=(setpriv --reuid=postgres --regid=postgres --init-groups --)
+fi
+
+# A loopback port nobody listens on, below the usual ephemeral range so outgoing connections cannot take it.
+free_port() {
+    local port
+    while true; do
+        port=$((20000 + RANDOM % 12000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return
+        fi
+    done
+}
+
+# Waits until PID listens on PORT; shows LOGFILE and fails if the process dies or 30 s pass.
+wait_listening() {
+    local pid=$1 port=$2 logfile=$3
+    for _ in $(seq 300); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return
+        fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            break
+        fi
+        sleep 0.1
+    done
+    echo "process $pid is not listening on port $port; its log:" >&2
+    tail -n 30 "$logfile" >&2
+    exit 1
+}
+
+# utime + stime of a process (all its threads), in clock ticks.
+cpu_ticks() {
+    local stat fields
+    stat=$(<"/proc/$1/stat")
+    # Fields after "(comm) ": state is [0], so utime (field 14) is [11] and stime (field 15) is [12].
+    read -ra fields <<<"${stat##*) }"
+    echo $((fields[11] + fields[12]))
+}
+
+# Median of the numbers on stdin.
+median() {
+    sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'
+}
+
+# Starts PostgreSQL 15 in $WORK/data on a free port (sets PG_PORT) with role and database `bench` (password
+# bench). $1: the fsync setting (on|off); synchronous_commit is on either way.
+start_postgres() {
+    local fsync=$1
+    PG_PORT=$(free_port)
+    "${AS_SERVER_USER[@]}" "$PGBIN/initdb" -D "$WORK/data" -U postgres -E UTF8 --locale=C --no-sync \
+        --auth-local=trust --auth-host=scram-sha-256 >"$WORK/initdb.log"
+    cat >>"$WORK/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$WORK'
+max_connections = 300
+shared_buffers = 128MB
+fsync = $fsync
+synchronous_commit = on
+logging_collector = off
+CONF
+    "${AS_SERVER_USER[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/postgres.log" -w -t 60 start >/dev/null
+    # The superuser connects over the Unix socket (trust); bench's password is stored as SCRAM, the default.
+    "$PGBIN/psql" -X -q -h "$WORK" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
+        -c "CREATE ROLE bench LOGIN PASSWORD 'bench'" -c "CREATE DATABASE bench OWNER bench"
+}
+
+# Stops that PostgreSQL (for an EXIT trap).
+stop_postgres() {
+    if [[ -f $WORK/data/postmaster.pid ]]; then
+        "${AS_SERVER_USER[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate -w stop >/dev/null 2>&1 || true
+    fi
+}
+
+# Puts the file $3 between the marker lines $1 and $2 of $README.
+replace_block() {
+    local begin=$1 end=$2 block=$3
+    if ! grep -qx "$begin" "$README" || ! grep -qx "$end" "$README"; then
+        echo "markers $begin / $end missing in $README; the table is in $block" >&2
+        return 1
+    fi
+    awk -v begin="$begin" -v end="$end" -v block="$block" '
+        $0 == begin { print; while ((getline line < block) > 0) print line; skipping = 1; next }
+        $0 == end { skipping = 0 }
+        !skipping { print }
+    ' "$README" >"$WORK/README.md"
+    cat "$WORK/README.md" >"$README"
+}
