@@ -5,7 +5,7 @@
 --
 -- scale 1 (the default): 100k customers, 1k products, 1M orders, ~3M order items (1 to 5 per order) and 1M
 -- events over the last 365 days; every count grows linearly with the scale, and fractions work (0.01). It
--- takes about 40 s at scale 1 on 2 cores. The script replaces whatever the tables held, and is deterministic
+-- takes 26 to 45 s at scale 1 on 2 cores. The script replaces whatever the tables held, and is deterministic
 -- for a given scale and day (setseed; times are relative to today's midnight, so that "the last 30 days"
 -- always has data). Foreign keys are dropped during the load and re-added afterwards: one validating join is
 -- much faster than a trigger call per row. The demo views are refreshed at the end.
