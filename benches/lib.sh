@@ -52,6 +52,14 @@ cpu_ticks() {
     echo $((fields[11] + fields[12]))
 }
 
+# utime alone: what the process's own code costs, without the kernel's share of its system calls.
+user_ticks() {
+    local stat fields
+    stat=$(<"/proc/$1/stat")
+    read -ra fields <<<"${stat##*) }"
+    echo "${fields[11]}"
+}
+
 # Median of the numbers on stdin.
 median() {
     sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'

@@ -161,16 +161,18 @@ done
 
 # One pgbench run; appends a tab-separated line to $WORK/results:
 #   workload target round status tps latency_ms failed_tx transactions proxy_cpu_ticks first_error
+#   proxy_user_ticks
 run_pgbench() {
     local workload=$1 target=$2 round=$3
     local clients=${CLIENTS[$workload]} options cpu_before=0 cpu_after=0 pid=${PROXY_PID[$target]:-}
     read -ra options <<<"${OPTIONS[$workload]}"
     local out=$WORK/run-$workload-$target-$round.log
-    if [[ -n $pid ]]; then cpu_before=$(cpu_ticks "$pid"); fi
+    local user_before=0 user_after=0
+    if [[ -n $pid ]]; then cpu_before=$(cpu_ticks "$pid") user_before=$(user_ticks "$pid"); fi
     local status=ok
     "$PGBIN/pgbench" -h 127.0.0.1 -p "${PORT[$target]}" -U bench -n -T "$DURATION" \
         -c "$clients" -j $((clients < 2 ? clients : 2)) "${options[@]}" bench >"$out" 2>&1 || status=fails
-    if [[ -n $pid ]]; then cpu_after=$(cpu_ticks "$pid"); fi
+    if [[ -n $pid ]]; then cpu_after=$(cpu_ticks "$pid") user_after=$(user_ticks "$pid"); fi
 
     local tps latency failed transactions error=
     # With -C pgbench 15 prints only the TPS including connection times, the point of that workload.
@@ -184,9 +186,9 @@ run_pgbench() {
         error=$(grep -m 1 -iE 'error|fatal' "$out" || tail -n 1 "$out")
         error=$(tr -s ' \t' ' ' <<<"$error")
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$workload" "$target" "$round" "$status" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$workload" "$target" "$round" "$status" \
         "${tps:-0}" "${latency:-0}" "${failed:-0}" "${transactions:-0}" $((cpu_after - cpu_before)) \
-        "$error" >>"$WORK/results"
+        "$error" $((user_after - user_before)) >>"$WORK/results"
     log "$workload $target round $round: $status ${tps:+tps $tps} $error"
 }
 
@@ -216,9 +218,9 @@ median_tps() {
 # The backquotes in the printf formats are markdown code spans, not command substitutions.
 # shellcheck disable=SC2016
 table() {
-    echo "| workload | target | TPS | mean latency ms | failed tx | proxy CPU ms / 1k tx | TPS vs PgBouncer |"
+    echo "| workload | target | TPS | mean latency ms | failed tx | proxy CPU ms / 1k tx (user) | TPS vs PgBouncer |"
     echo "|---|---|---:|---:|---:|---:|---:|"
-    local workload target tps bouncer_tps latency failed cpu ratio error
+    local workload target tps bouncer_tps latency failed cpu user ratio error
     for workload in $WORKLOADS; do
         bouncer_tps=$(median_tps "$workload" pgbouncer)
         for target in "${TARGETS[@]}"; do
@@ -237,7 +239,9 @@ table() {
                 # ticks / CLK_TCK seconds per run, as ms per 1000 transactions; the median over rounds.
                 cpu=$(awk -F '\t' -v w="$workload" -v t="$target" -v hz="$CLK_TCK" \
                     '$1 == w && $2 == t { print $9 / hz * 1000 / $8 * 1000 }' "$WORK/results" | median)
-                cpu=$(printf '%.1f' "$cpu")
+                user=$(awk -F '\t' -v w="$workload" -v t="$target" -v hz="$CLK_TCK" \
+                    '$1 == w && $2 == t { print $11 / hz * 1000 / $8 * 1000 }' "$WORK/results" | median)
+                cpu=$(printf '%.1f (%.1f)' "$cpu" "$user")
             fi
             ratio=n/a
             if [[ -n $bouncer_tps ]]; then

@@ -146,7 +146,12 @@ impl Credentials {
 /// The client's first packet.
 pub enum FirstPacket {
     Startup(Startup),
-    Cancel { pid: i32, secret: i32 },
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
+    /// The client asked for TLS and was told yes (`S`): the handshake comes next.
+    Tls,
 }
 
 /// A client's StartupMessage.
@@ -175,9 +180,12 @@ impl From<std::io::Error> for StartupError {
     }
 }
 
-/// Reads packets until a StartupMessage or CancelRequest, refusing SSL and GSS encryption (no TLS configured).
+/// Reads packets until a StartupMessage or CancelRequest. An SSLRequest is answered `S` (and returned as
+/// [`FirstPacket::Tls`]) when `offer_tls`, else `N`; GSS encryption is always refused (`N`), after which
+/// clients go on without it.
 pub async fn read_first_packet<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
+    offer_tls: bool,
 ) -> Result<FirstPacket, StartupError> {
     loop {
         let mut len_bytes = [0u8; 4];
@@ -195,6 +203,10 @@ pub async fn read_first_packet<S: AsyncRead + AsyncWrite + Unpin>(
         stream.read_exact(&mut packet).await?;
         let code = i32::from_be_bytes([packet[0], packet[1], packet[2], packet[3]]);
         match code {
+            SSL_REQUEST if offer_tls => {
+                stream.write_all(b"S").await?;
+                return Ok(FirstPacket::Tls);
+            }
             SSL_REQUEST | GSSENC_REQUEST => {
                 stream.write_all(b"N").await?;
             }

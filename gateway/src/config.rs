@@ -51,9 +51,37 @@ pub struct Config {
     pub nplus1: NPlusOneConfig,
     #[serde(default)]
     pub batching: BatchingConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// Materialized views the gateway creates, refreshes and routes reads of (see the `views` crate).
     #[serde(default)]
     pub views: Vec<views::ViewSpec>,
+}
+
+/// Client-facing TLS.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// Certificate chain (PEM), the server's certificate first.
+    #[serde(default)]
+    pub cert: Option<std::path::PathBuf>,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Clients asking for TLS are told no (they may continue without it).
+    #[default]
+    Disable,
+    /// TLS for clients that ask for it; plain connections are accepted too.
+    Allow,
+    /// Only TLS connections; a client that starts without it is refused with 28000.
+    Require,
 }
 
 /// Insert batching (group commit at the gateway); off until tables are listed.
@@ -467,6 +495,15 @@ impl Config {
                 "routing.region_order",
                 format!("{unknown:?} is not a region in `regions`"),
             ));
+        }
+        if self.tls.mode != TlsMode::Disable {
+            if self.tls.cert.is_none() || self.tls.key.is_none() {
+                return Err((
+                    "tls",
+                    "tls.mode allow or require needs tls.cert and tls.key".into(),
+                ));
+            }
+            crate::tls::acceptor(&self.tls).map_err(|e| ("tls.cert", e))?;
         }
         if self.batching.max_rows == 0 {
             return Err(("batching.max_rows", "must be at least 1".into()));

@@ -15,6 +15,7 @@ pub mod protocol;
 pub mod route;
 pub mod session;
 pub mod sql;
+pub mod tls;
 
 use crate::auth::{Credentials, Startup};
 use crate::clients::Clients;
@@ -55,6 +56,8 @@ pub struct Shared {
     /// the views or the topology).
     views: ArcSwap<views::Views>,
     pub classifier: ArcSwap<Classifier>,
+    /// Client-facing TLS, when configured (replaced by a reload).
+    pub tls: ArcSwap<Option<tokio_rustls::TlsAcceptor>>,
     /// The file the configuration came from, for RELOAD and SIGHUP.
     pub config_path: Option<std::path::PathBuf>,
     /// Serializes reloads.
@@ -125,6 +128,8 @@ impl Shared {
             })),
             classifier: ArcSwap::new(new_classifier(&config)),
             credentials: ArcSwap::from_pointee(Credentials::new(&config)),
+            // The configuration was validated, which built the acceptor once already.
+            tls: ArcSwap::from_pointee(tls::acceptor(&config.tls).unwrap_or_default()),
             batcher: batch::Batcher::new(config.batching.max_queued_rows),
             config: ArcSwap::from_pointee(config),
             pools: Mutex::new(HashMap::new()),
@@ -200,6 +205,8 @@ impl Shared {
             new.primary, new.home_region, new.regions, new.routing, new.name
         );
         self.credentials.store(Arc::new(Credentials::new(&new)));
+        self.tls
+            .store(Arc::new(tls::acceptor(&new.tls).unwrap_or_default()));
         self.classifier.store(new_classifier(&new));
         if topology_changed {
             self.regions.store(new_regions(&new));

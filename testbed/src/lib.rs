@@ -7,6 +7,7 @@
 //! Everything here is synchronous on purpose: tests call it from any runtime (or none) and the work is a
 //! handful of process spawns.
 
+pub mod links;
 pub mod relay;
 pub mod topology;
 

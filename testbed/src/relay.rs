@@ -33,7 +33,14 @@ pub struct Relay {
 impl Relay {
     /// Listens on a free loopback port and relays to `target` with `one_way` delay each direction.
     pub fn start(target: SocketAddr, one_way: Duration) -> Result<Relay> {
-        let listener = TcpListener::bind("127.0.0.1:0").context("binding the relay")?;
+        Relay::bind(SocketAddr::from(([127, 0, 0, 1], 0)), target, one_way)
+    }
+
+    /// Listens on `listen` (a fixed address, as the container testbed's links have) and relays to `target`.
+    /// The target need not be up yet: each accepted connection dials it then.
+    pub fn bind(listen: SocketAddr, target: SocketAddr, one_way: Duration) -> Result<Relay> {
+        let listener =
+            TcpListener::bind(listen).with_context(|| format!("binding the relay on {listen}"))?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             target,
@@ -72,6 +79,19 @@ impl Relay {
 
     pub fn restore(&self) {
         self.shared.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// The one-way delay now.
+    pub fn delay(&self) -> Duration {
+        Duration::from_micros(self.shared.delay_us.load(Ordering::Relaxed))
+    }
+
+    pub fn is_cut(&self) -> bool {
+        self.shared.cut.load(Ordering::SeqCst)
+    }
+
+    pub fn target(&self) -> SocketAddr {
+        self.shared.target
     }
 }
 

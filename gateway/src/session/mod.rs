@@ -17,11 +17,12 @@
 
 use crate::auth::{authenticate_client, read_first_packet, FirstPacket, Startup, StartupError};
 use crate::clients::{ClientHandle, ClientInfo, ServerTarget};
-use crate::config::PoolMode;
+use crate::config::{PoolMode, TlsMode};
 use crate::metrics::METRICS;
 use crate::pool::{Lease, Pool, ServerConn, Settings};
 use crate::protocol::{self, PgError};
 use crate::sql::{self, Kind};
+use crate::tls::ClientStream;
 use crate::Shared;
 use routing::{Reads, Route};
 
@@ -170,7 +171,7 @@ enum End {
 
 struct Session {
     shared: Arc<Shared>,
-    client: TcpStream,
+    client: ClientStream,
     /// Client bytes not yet handled.
     from_client: BytesMut,
     to_client: BytesMut,
@@ -236,23 +237,23 @@ struct Session {
 }
 
 /// Serves one accepted connection until it closes.
-pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr) {
-    let _ = client.set_nodelay(true);
-    let first = match tokio::time::timeout(STARTUP_TIMEOUT, read_first_packet(&mut client)).await {
-        Ok(result) => result,
-        Err(_) => Err(StartupError::Refused(PgError::fatal(
-            "08P01",
-            "startup timed out",
-        ))),
-    };
-    let startup = match first {
-        Ok(FirstPacket::Startup(startup)) => startup,
-        Ok(FirstPacket::Cancel { pid, secret }) => {
-            shared.clients.cancel(pid, secret).await;
-            return;
-        }
-        Err(error) => return refuse(client, error).await,
-    };
+pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let (startup, mut client) =
+        match tokio::time::timeout(STARTUP_TIMEOUT, first_packet(&shared, tcp)).await {
+            Ok(Ok(Some(pair))) => pair,
+            Ok(Ok(None)) => return,
+            Ok(Err((client, error))) => return refuse(client, error).await,
+            Err(_) => return, // the client went quiet during startup: nothing to tell it
+        };
+    let mode = shared.config.load().tls.mode;
+    if mode == TlsMode::Require && !client.is_tls() {
+        let error = PgError::fatal(
+            "28000",
+            "regiongate requires TLS (tls.mode: require): connect with sslmode=require or stricter",
+        );
+        return refuse(client, StartupError::Refused(error)).await;
+    }
     let credentials = shared.credentials.load_full();
     let auth = authenticate_client(&mut client, &credentials, &startup);
     match tokio::time::timeout(STARTUP_TIMEOUT, auth).await {
@@ -315,7 +316,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
     }
     protocol::backend_key_data(&mut hello, handle.pid, handle.secret);
     protocol::ready_for_query(&mut hello, b'I');
-    if client.write_all(&hello).await.is_err() {
+    if client.write_all(&hello).await.is_err() || client.flush().await.is_err() {
         return;
     }
 
@@ -380,17 +381,63 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
             METRICS.error_sent(&error.code);
             let mut out = BytesMut::new();
             error.encode(&mut out);
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), session.client.write_all(&out)).await;
+            let client = &mut session.client;
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                client.write_all(&out).await?;
+                client.flush().await
+            })
+            .await;
         }
     }
     session.finish();
 }
 
+/// The client's first packets: the StartupMessage (with the stream, upgraded to TLS if the client asked and
+/// TLS is configured), or None after a CancelRequest was handled.
+async fn first_packet(
+    shared: &Shared,
+    tcp: TcpStream,
+) -> Result<Option<(Startup, ClientStream)>, (ClientStream, StartupError)> {
+    let acceptor = shared.tls.load_full();
+    let mut client = ClientStream::Plain(tcp);
+    let offer_tls = acceptor.is_some() && shared.config.load().tls.mode != TlsMode::Disable;
+    let mut first = read_first_packet(&mut client, offer_tls).await;
+    if let (Ok(FirstPacket::Tls), Some(acceptor)) = (&first, acceptor.as_ref()) {
+        let ClientStream::Plain(tcp) = client else {
+            unreachable!("TLS is offered on plain connections only")
+        };
+        client = match acceptor.accept(tcp).await {
+            Ok(tls) => ClientStream::Tls(Box::new(tls)),
+            Err(error) => {
+                // No TLS session to send an error over: the client sees its handshake fail.
+                tracing::info!(%error, "TLS handshake failed");
+                METRICS
+                    .clients_refused
+                    .with_label_values(&["tls_handshake"])
+                    .inc();
+                return Ok(None);
+            }
+        };
+        first = read_first_packet(&mut client, false).await;
+    }
+    match first {
+        Ok(FirstPacket::Startup(startup)) => Ok(Some((startup, client))),
+        Ok(FirstPacket::Cancel { pid, secret }) => {
+            shared.clients.cancel(pid, secret).await;
+            Ok(None)
+        }
+        Ok(FirstPacket::Tls) => Err((
+            client,
+            StartupError::Refused(PgError::fatal("08P01", "SSLRequest inside TLS")),
+        )),
+        Err(error) => Err((client, error)),
+    }
+}
+
 /// An authenticated client asked for the admin console: admins get it, others a clear refusal.
 async fn admin_session(
     shared: Arc<Shared>,
-    mut client: TcpStream,
+    mut client: ClientStream,
     peer: SocketAddr,
     startup: &Startup,
 ) {
@@ -420,13 +467,13 @@ async fn admin_session(
     }
     protocol::backend_key_data(&mut hello, 0, 0);
     protocol::ready_for_query(&mut hello, b'I');
-    if client.write_all(&hello).await.is_ok() {
+    if client.write_all(&hello).await.is_ok() && client.flush().await.is_ok() {
         tracing::info!(client = %peer, user = %startup.user, "admin console opened");
         crate::admin::serve(shared, client, peer).await;
     }
 }
 
-async fn refuse(mut client: TcpStream, error: StartupError) {
+async fn refuse(mut client: ClientStream, error: StartupError) {
     if let StartupError::Refused(error) = error {
         METRICS
             .clients_refused
@@ -434,7 +481,11 @@ async fn refuse(mut client: TcpStream, error: StartupError) {
             .inc();
         let mut out = BytesMut::new();
         error.encode(&mut out);
-        let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&out)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            client.write_all(&out).await?;
+            client.flush().await
+        })
+        .await;
     }
 }
 
@@ -990,6 +1041,7 @@ impl Session {
         // Let the client see answers already due before it waits for a connection.
         if !self.to_client.is_empty() {
             let _ = self.client.write_all(&self.to_client).await;
+            let _ = self.client.flush().await;
             self.to_client.clear();
         }
         if self.shared.is_paused() {
@@ -1531,7 +1583,12 @@ impl Session {
         if self.from_client.capacity() - self.from_client.len() < 4096 {
             self.from_client.reserve(8192);
         }
-        let (mut client_read, mut client_write) = self.client.split();
+        let client = client_io(
+            &mut self.client,
+            &mut self.from_client,
+            &mut self.to_client,
+            read_client,
+        );
         let event = match self.lease.as_mut() {
             Some(lease) => {
                 let conn = lease.conn();
@@ -1543,18 +1600,11 @@ impl Session {
                 tokio::select! {
                     biased;
                     r = server_read.read_buf(&mut conn.read_buf), if read_server => IoEvent::ServerRead(r),
-                    r = client_read.read_buf(&mut self.from_client), if read_client => IoEvent::ClientRead(r),
+                    event = client => event,
                     r = server_write.write_buf(&mut self.to_server), if !self.to_server.is_empty() => IoEvent::ServerWrite(r),
-                    r = client_write.write_buf(&mut self.to_client), if !self.to_client.is_empty() => IoEvent::ClientWrite(r),
                 }
             }
-            None => {
-                tokio::select! {
-                    biased;
-                    r = client_read.read_buf(&mut self.from_client) => IoEvent::ClientRead(r),
-                    r = client_write.write_buf(&mut self.to_client), if !self.to_client.is_empty() => IoEvent::ClientWrite(r),
-                }
-            }
+            None => client.await,
         };
         match event {
             IoEvent::ClientRead(Ok(0))
@@ -1570,6 +1620,41 @@ impl Session {
             IoEvent::ServerRead(Ok(_)) => self.process_server(),
         }
     }
+}
+
+/// The client side of [`Session::wait_io`]: reads into `from` (when `read`), writes `to`, and over TLS flushes
+/// records rustls still holds; completes with the first of these that happened. One future for both
+/// directions, because a TLS stream cannot be split into halves that wait independently.
+fn client_io<'a>(
+    client: &'a mut ClientStream,
+    from: &'a mut BytesMut,
+    to: &'a mut BytesMut,
+    read: bool,
+) -> impl std::future::Future<Output = IoEvent> + 'a {
+    use std::task::Poll;
+    use tokio::io::AsyncWrite;
+    std::future::poll_fn(move |cx| {
+        if read {
+            if let Poll::Ready(r) =
+                tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *client), cx, from)
+            {
+                return Poll::Ready(IoEvent::ClientRead(r));
+            }
+        }
+        if !to.is_empty() {
+            if let Poll::Ready(r) = std::pin::Pin::new(&mut *client).poll_write(cx, to) {
+                if let Ok(n) = r {
+                    to.advance(n);
+                }
+                return Poll::Ready(IoEvent::ClientWrite(r));
+            }
+        } else if client.wants_flush() {
+            if let Poll::Ready(r) = std::pin::Pin::new(&mut *client).poll_flush(cx) {
+                return Poll::Ready(IoEvent::ClientWrite(r.map(|()| 0)));
+            }
+        }
+        Poll::Pending
+    })
 }
 
 enum IoEvent {

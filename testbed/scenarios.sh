@@ -1,0 +1,285 @@
+# Chaos scenarios of the testbed, sourced by testbed/testbed (`testbed/testbed scenarios [NAME...]`).
+#
+# Each scenario says what the user should see, breaks something, and asserts it from what clients received:
+# every read is `SELECT inet_server_port()` through a region's gateway, so the answer itself names the server
+# (and so the region) that served it; errors carry their SQLSTATE. Where the gateway's own account matters,
+# regiongate_routed_total on its /metrics is checked too. Each scenario puts the topology back as it found it.
+# The last line is "scenarios: N passed, N failed"; the exit status is non-zero when any check failed.
+
+passed=0
+failed=0
+failures=()
+
+expect() { # DESCRIPTION COMMAND...: one assertion
+  if "${@:2}"; then
+    passed=$((passed + 1))
+    say "  ok    $1"
+  else
+    failed=$((failed + 1))
+    failures+=("$scenario: $1")
+    say "  FAIL  $1"
+  fi
+}
+is() { [ "$1" = "$2" ]; }
+le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a <= b) }'; }
+
+# reads REGION N [PAUSE]: N reads through REGION's gateway in one session (each statement is routed on its
+# own). Sets r_total, r_errors, r_states (SQLSTATEs seen), r_node[NAME] and r_region[REGION] (reads served),
+# r_max_stale (with STALE=1: the largest age of the testbed_tick row a read saw, in seconds).
+declare -A r_node r_region
+reads() {
+  local region=$1 n=$2 pause=${3:-0.02} sql out err
+  if [ "${STALE:-0}" = 1 ]; then
+    sql="SELECT inet_server_port(), round(extract(epoch FROM clock_timestamp() - t)::numeric, 3) FROM testbed_tick, pg_sleep($pause);"
+  else
+    sql="SELECT inet_server_port() FROM pg_sleep($pause);"
+  fi
+  out=$(mktemp) err=$(mktemp)
+  yes "$sql" | head -n "$n" | PGCONNECT_TIMEOUT=5 psql -X -q -A -t -v VERBOSITY=verbose \
+    "postgres://app:app@127.0.0.1:${gateway_port[$region]}/app" -f - >"$out" 2>"$err" || true
+  r_node=() r_region=()
+  r_total=0 r_max_stale=0
+  local port stale
+  while IFS='|' read -r port stale; do
+    [ -n "$port" ] || continue
+    r_total=$((r_total + 1))
+    r_node[${port_node[$port]:-$port}]=$((${r_node[${port_node[$port]:-$port}]:-0} + 1))
+    r_region[${port_region[$port]:-?}]=$((${r_region[${port_region[$port]:-?}]:-0} + 1))
+    if [ -n "$stale" ] && ! le "$stale" "$r_max_stale"; then r_max_stale=$stale; fi
+  done <"$out"
+  r_errors=$((n - r_total))
+  r_states=$(grep -oE '^(ERROR|FATAL): +[0-9A-Z]{5}' "$err" | awk '{ print $2 }' | sort | uniq -c | awk '{ printf "%s×%s ", $2, $1 }' || true)
+  r_error_text=$(grep -m1 -E '^(ERROR|FATAL|psql)' "$err" || true)
+  rm -f "$out" "$err"
+}
+show_reads() { # LABEL
+  local k s=""
+  for k in "${!r_node[@]}"; do s+="$k=${r_node[$k]} "; done
+  say "  $1: $r_total/$((r_total + r_errors)) served: ${s:-none}; errors: $r_errors $r_states"
+  [ "$r_errors" = 0 ] || say "    first error: ${r_error_text:0:200}"
+}
+
+# until_reads REGION NODE-or-REGION SECONDS: polls with small batches until every read lands there; prints
+# how long it took (sets waited).
+until_reads() {
+  local region=$1 where=$2 limit=$3 t0
+  t0=$(now)
+  while true; do
+    reads "$region" 4 0
+    if [ "$r_errors" = 0 ] && { [ "${r_node[$where]:-0}" = 4 ] || [ "${r_region[$where]:-0}" = 4 ]; }; then
+      waited=$(elapsed "$t0")
+      return 0
+    fi
+    if ! le "$(elapsed "$t0")" "$limit"; then
+      waited=$(elapsed "$t0")
+      return 1
+    fi
+    sleep 0.25
+  done
+}
+
+# routed REGION-OF-GATEWAY REGION: reads that gateway has sent to replicas in REGION (regiongate_routed_total).
+routed() {
+  http_get "${metrics_port[$1]}" /metrics | awk -v r="region=\"$2\"" '
+    /^regiongate_routed_total\{/ && index($0, r) && index($0, "role=\"replica\"") { n += $NF }
+    END { printf "%d", n }'
+}
+
+# write REGION: one single-row insert through REGION's gateway. Sets w_ok, w_state (SQLSTATE), w_text, w_secs.
+write() {
+  local t0 err
+  t0=$(now)
+  if err=$(gw "$1" "INSERT INTO events (customer_id, kind) VALUES (0, 'chaos')" 2>&1 >/dev/null); then
+    w_ok=1 w_state= w_text=
+  else
+    w_ok=0
+    w_state=$(grep -oE '(ERROR|FATAL): +[0-9A-Z]{5}' <<<"$err" | head -1 | awk '{ print $2 }' || true)
+    w_text=$(grep -m1 -E '(ERROR|FATAL|psql)' <<<"$err" | cut -c1-160 || true)
+  fi
+  w_secs=$(elapsed "$t0")
+}
+
+# The last write failed, with a SQLSTATE saying the server is unreachable (08) or shutting down (57).
+write_failed_clearly() { [ "$w_ok" = 0 ] && [[ $w_state =~ ^(08|57) ]]; }
+
+# Everything back to normal: links restored, replay resumed, every node running and streaming, each gateway
+# reading from its nearest region.
+baseline() {
+  relay_ctl reset >/dev/null
+  local n name role region port upstream
+  for n in "${nodes[@]}"; do
+    read -r name role region port upstream <<<"$n"
+    pg "$port" "SELECT 1" >/dev/null 2>&1 || start_service "$name"
+  done
+  wait_for 120 "the primary" primary_ready
+  for n in "${nodes[@]}"; do
+    read -r name role region port upstream <<<"$n"
+    [ "$role" = replica ] || continue
+    wait_for 60 "$name" pg "$port" "SELECT 1"
+    [ "$(pg "$port" "SELECT pg_is_wal_replay_paused()")" = f ] || pg "$port" "SELECT pg_wal_replay_resume()" >/dev/null
+  done
+  wait_for 120 "three streaming replicas" replicas_streaming
+  until_reads eu-west eu-west-1 60 || die "baseline: eu-west's reads do not come back to eu-west-1"
+  until_reads us-east eu-west-1 60 || die "baseline: us-east's reads do not come back to eu-west-1"
+  until_reads ap-south ap-south 60 || die "baseline: ap-south's reads do not stay in ap-south"
+}
+
+scenario_replica_kill() {
+  say "Kill the eu-west replica, then start it again."
+  say "Expect: eu-west's reads move to the next region (ap-south) without an error, and come back when it is up."
+  reads eu-west 20
+  show_reads "before"
+  expect "before: every eu-west read served by eu-west-1" is "${r_node[eu-west-1]:-0}" 20
+  local m0 m1
+  m0=$(routed eu-west ap-south)
+  kill_service eu-west-1
+  reads eu-west 40
+  show_reads "killed"
+  expect "killed: no read failed" is "$r_errors" 0
+  expect "killed: no read served by eu-west-1" is "${r_node[eu-west-1]:-0}" 0
+  expect "killed: every read served in ap-south" is "${r_region[ap-south]:-0}" 40
+  m1=$(routed eu-west ap-south)
+  say "  gateway-eu-west regiongate_routed_total{region=ap-south,role=replica}: $m0 -> $m1"
+  expect "killed: the gateway's metrics count the reads sent to ap-south" le 40 "$((m1 - m0))"
+  start_service eu-west-1
+  expect "restarted: reads are back on eu-west-1 within 60 s" until_reads eu-west eu-west-1 60
+  say "  back on eu-west-1 ${waited} s after the start"
+}
+
+scenario_link_cut() {
+  say "Cut eu-west off (the relay resets and refuses every link from or to it), then restore it."
+  say "Expect: us-east's reads (nearest replica: eu-west, 40 ms) move to ap-south without an error; a write"
+  say "through eu-west's gateway fails with a clear SQLSTATE (it cannot reach the primary); all comes back."
+  reads us-east 20
+  show_reads "before"
+  expect "before: every us-east read served by eu-west-1" is "${r_node[eu-west-1]:-0}" 20
+  relay_ctl cut eu-west >/dev/null
+  reads us-east 40
+  show_reads "cut"
+  expect "cut: no us-east read failed" is "$r_errors" 0
+  expect "cut: every us-east read served in ap-south" is "${r_region[ap-south]:-0}" 40
+  write eu-west
+  say "  write through gateway-eu-west: ${w_state:-no error} after ${w_secs} s: ${w_text}"
+  expect "cut: the write through eu-west fails with a SQLSTATE of class 08 or 57" \
+    write_failed_clearly
+  expect "cut: the write fails within 10 s" le "$w_secs" 10
+  relay_ctl restore eu-west >/dev/null
+  expect "restored: us-east's reads are back on eu-west-1 within 60 s" until_reads us-east eu-west-1 60
+  say "  back on eu-west-1 ${waited} s after the restore"
+  local t0
+  t0=$(now)
+  until write eu-west; [ "$w_ok" = 1 ] || ! le "$(elapsed "$t0")" 30; do sleep 0.5; done
+  expect "restored: writes through eu-west succeed again" is "$w_ok" 1
+}
+
+scenario_latency() {
+  say "Add latency: us-east <-> eu-west goes from 40 ms to 250 ms one way (ap-south stays 100 ms)."
+  say "Expect: once gateway-us-east has measured it, its reads move to ap-south, now the nearest; back after."
+  reads us-east 10
+  show_reads "before"
+  expect "before: every us-east read served by eu-west-1" is "${r_node[eu-west-1]:-0}" 10
+  relay_ctl delay us-east eu-west 250 >/dev/null
+  expect "slow: us-east's reads move to ap-south within 30 s" until_reads us-east ap-south 30
+  say "  moved ${waited} s after the delay changed"
+  reads us-east 20
+  show_reads "slow"
+  expect "slow: every us-east read served in ap-south, none failed" is "${r_region[ap-south]:-0}" 20
+  relay_ctl delay us-east eu-west 40 >/dev/null
+  expect "restored: us-east's reads are back on eu-west-1 within 30 s" until_reads us-east eu-west-1 30
+  say "  back ${waited} s after the delay was restored"
+}
+
+scenario_lag() {
+  say "Pause WAL replay on eu-west-1 while a ticker updates a row on the primary every 100 ms."
+  say "Expect: eu-west's reads leave eu-west-1 once its lag passes the 1 s budget (to ap-south); no read sees"
+  say "the ticker's row older than the budget (+ one tick + 150 ms of slack); back after replay resumes."
+  pg 15432 "CREATE TABLE IF NOT EXISTS testbed_tick (id int PRIMARY KEY, t timestamptz NOT NULL);
+            INSERT INTO testbed_tick VALUES (1, clock_timestamp()) ON CONFLICT (id) DO UPDATE SET t = excluded.t" >/dev/null
+  wait_for 30 "testbed_tick on eu-west-1" pg 15433 "SELECT 1 FROM testbed_tick"
+  wait_for 30 "testbed_tick on ap-south-2" pg 15435 "SELECT 1 FROM testbed_tick"
+  (while :; do echo "UPDATE testbed_tick SET t = clock_timestamp();"; sleep 0.1; done |
+    PGPASSWORD=postgres psql -X -q -h 127.0.0.1 -p 15432 -U postgres -d app >/dev/null 2>&1) &
+  local ticker=$!
+  sleep 1
+  STALE=1 reads eu-west 20 0.05
+  show_reads "before"
+  say "  oldest row seen: ${r_max_stale} s"
+  expect "before: every eu-west read served by eu-west-1" is "${r_node[eu-west-1]:-0}" 20
+  pg 15433 "SELECT pg_wal_replay_pause()" >/dev/null
+  local t0
+  t0=$(now)
+  STALE=1 reads eu-west 60 0.05
+  show_reads "paused, first $(elapsed "$t0") s"
+  say "  oldest row seen: ${r_max_stale} s"
+  expect "paused: no read failed" is "$r_errors" 0
+  expect "paused: no read saw data older than 1.25 s" le "$r_max_stale" 1.25
+  expect "paused: reads left eu-west-1 (ap-south served some)" le 1 "${r_region[ap-south]:-0}"
+  STALE=1 reads eu-west 20 0.05
+  show_reads "paused, later"
+  expect "paused, later: every read served in ap-south" is "${r_region[ap-south]:-0}" 20
+  expect "paused, later: no read saw data older than 1.25 s" le "$r_max_stale" 1.25
+  pg 15433 "SELECT pg_wal_replay_resume()" >/dev/null
+  expect "resumed: reads are back on eu-west-1 within 30 s" until_reads eu-west eu-west-1 30
+  say "  back ${waited} s after replay resumed"
+  kill "$ticker" 2>/dev/null || true
+  pkill -P "$ticker" 2>/dev/null || true
+  wait "$ticker" 2>/dev/null || true
+}
+
+scenario_primary_restart() {
+  say "Kill the primary, keep it down 5 s, start it again."
+  say "Expect: writes fail at once with a clear SQLSTATE while it is down, and succeed again after it is back."
+  write us-east
+  expect "before: a write succeeds" is "$w_ok" 1
+  kill_service primary
+  local t_kill
+  t_kill=$(now)
+  write us-east
+  say "  write through gateway-us-east: ${w_state:-no error} after ${w_secs} s: ${w_text}"
+  expect "down: the write through us-east fails with a SQLSTATE of class 08 or 57" \
+    write_failed_clearly
+  expect "down: the write fails within 10 s" le "$w_secs" 10
+  write ap-south
+  say "  write through gateway-ap-south: ${w_state:-no error} after ${w_secs} s: ${w_text}"
+  expect "down: the write through ap-south fails with a SQLSTATE of class 08 or 57" \
+    write_failed_clearly
+  reads eu-west 10
+  show_reads "down, reads through eu-west"
+  local rest
+  rest=$(awk -v a="$(elapsed "$t_kill")" 'BEGIN { d = 5 - a; print (d > 0 ? d : 0) }')
+  sleep "$rest"
+  start_service primary
+  local t0
+  t0=$(now)
+  until write us-east; [ "$w_ok" = 1 ] || ! le "$(elapsed "$t0")" 60; do sleep 0.5; done
+  expect "restarted: writes through us-east succeed again within 60 s" is "$w_ok" 1
+  say "  first successful write ${w_secs} s long, $(elapsed "$t0") s after the start"
+  t0=$(now)
+  until write eu-west; [ "$w_ok" = 1 ] || ! le "$(elapsed "$t0")" 60; do sleep 0.5; done
+  expect "restarted: writes through eu-west succeed again within 60 s" is "$w_ok" 1
+  wait_for 120 "three streaming replicas after the primary's restart" replicas_streaming
+}
+
+all_scenarios=(replica-kill link-cut latency lag primary-restart)
+
+cmd_scenarios() {
+  [ "$(mode)" != none ] || die "no testbed is up: testbed/testbed up [--local] first"
+  local names=("$@") t0 total0
+  [ ${#names[@]} -gt 0 ] || names=("${all_scenarios[@]}")
+  total0=$(now)
+  step "baseline"
+  baseline
+  for scenario in "${names[@]}"; do
+    declare -F "scenario_${scenario//-/_}" >/dev/null || die "no scenario $scenario (${all_scenarios[*]})"
+    step "scenario $scenario"
+    t0=$(now)
+    "scenario_${scenario//-/_}"
+    baseline
+    say "  ($(elapsed "$t0") s)"
+  done
+  say ""
+  say "scenarios took $(elapsed "$total0") s"
+  for f in "${failures[@]}"; do say "FAILED: $f"; done
+  say "scenarios: $passed passed, $failed failed"
+  [ "$failed" = 0 ]
+}
