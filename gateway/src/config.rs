@@ -325,6 +325,22 @@ pub struct Limits {
     pub max_message_size: usize,
     /// Client connections at once; more are refused with 53300.
     pub max_clients: usize,
+    /// Named prepared statements one client may hold; a Parse past it closes the connection with 53400.
+    pub max_prepared_statements: usize,
+    /// A client that sends nothing for this long while the gateway waits on it is disconnected (57P05 when
+    /// idle, 25P03 inside a transaction). 0 turns it off.
+    #[serde(with = "duration")]
+    pub client_idle_timeout: Duration,
+    /// New connections per second over all clients (a burst of one second's worth); more get 53300. 0: no
+    /// limit.
+    pub connection_rate: u32,
+    /// New connections per second from one client address; more get 53300. 0: no limit.
+    pub client_connection_rate: u32,
+    /// Failed logins from one address within `failed_login_window` after which its logins are refused with
+    /// 28000 until the window has passed since the last failure. 0: no limit.
+    pub max_failed_logins: u32,
+    #[serde(with = "duration")]
+    pub failed_login_window: Duration,
 }
 
 impl Default for Limits {
@@ -332,6 +348,12 @@ impl Default for Limits {
         Limits {
             max_message_size: 64 << 20,
             max_clients: 10_000,
+            max_prepared_statements: 10_000,
+            client_idle_timeout: Duration::ZERO,
+            connection_rate: 0,
+            client_connection_rate: 0,
+            max_failed_logins: 10,
+            failed_login_window: Duration::from_secs(60),
         }
     }
 }

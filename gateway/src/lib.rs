@@ -8,6 +8,7 @@ pub mod clients;
 pub mod config;
 pub mod fingerprint;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod nplus1;
 pub mod pool;
@@ -50,6 +51,8 @@ pub struct Shared {
     pub nplus1: nplus1::Patterns,
     /// Insert batching: queues and the pools their flushes use.
     pub batcher: batch::Batcher,
+    /// Connection rates and failed logins, by client address.
+    pub admission: limits::Admission,
     regions: ArcSwap<Regions>,
     monitors: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Materialized views: refresh schedulers and freshness probes (replaced whole when a reload changes
@@ -131,6 +134,7 @@ impl Shared {
             // The configuration was validated, which built the acceptor once already.
             tls: ArcSwap::from_pointee(tls::acceptor(&config.tls).unwrap_or_default()),
             batcher: batch::Batcher::new(config.batching.max_queued_rows),
+            admission: limits::Admission::default(),
             config: ArcSwap::from_pointee(config),
             pools: Mutex::new(HashMap::new()),
             clients: Arc::default(),
@@ -413,8 +417,18 @@ impl Gateway {
                 }
             };
             METRICS.clients_accepted.inc();
+            let limits = &self.shared.config.load().limits;
+            if let Err(error) = self.shared.admission.admit(peer.ip(), limits) {
+                tokio::spawn(refuse_early(stream, error));
+                continue;
+            }
             let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tokio::spawn(refuse_too_many(stream, max_clients));
+                METRICS.clients_refused.with_label_values(&["53300"]).inc();
+                let error = PgError::fatal(
+                    "53300",
+                    format!("regiongate: too many client connections (limits.max_clients is {max_clients})"),
+                );
+                tokio::spawn(refuse_early(stream, error));
                 continue;
             };
             let shared = self.shared.clone();
@@ -427,12 +441,8 @@ impl Gateway {
     }
 }
 
-async fn refuse_too_many(mut stream: tokio::net::TcpStream, max_clients: usize) {
-    let error = PgError::fatal(
-        "53300",
-        format!("regiongate: too many client connections (limits.max_clients is {max_clients})"),
-    );
-    METRICS.clients_refused.with_label_values(&["53300"]).inc();
+/// Refuses a connection before its startup packet: the client reads the error after sending it.
+async fn refuse_early(mut stream: tokio::net::TcpStream, error: PgError) {
     let mut out = BytesMut::new();
     error.encode(&mut out);
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;

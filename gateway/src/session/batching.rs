@@ -139,6 +139,7 @@ impl Session {
             if name.is_empty() {
                 self.unnamed = Some(statement);
             } else {
+                self.check_statement_room(&name)?;
                 self.statements.insert(name, statement);
             }
         }

@@ -190,6 +190,9 @@ struct Session {
     /// This client's registration: cancel key, and what the console shows.
     handle: ClientHandle,
     max_message_size: usize,
+    /// `limits.max_prepared_statements` and `limits.client_idle_timeout`.
+    max_prepared_statements: usize,
+    client_idle_timeout: Duration,
 
     pending: VecDeque<Pending>,
     /// Extended-protocol messages were sent since the last Sync: the server is inside that exchange.
@@ -254,13 +257,22 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         );
         return refuse(client, StartupError::Refused(error)).await;
     }
+    let limits = shared.config.load().limits.clone();
+    if let Err(error) = shared.admission.login_allowed(peer.ip(), &limits) {
+        tracing::warn!(client = %peer, user = %startup.user, "login refused: too many failed logins from this address");
+        return refuse(client, StartupError::Refused(error)).await;
+    }
     let credentials = shared.credentials.load_full();
     let auth = authenticate_client(&mut client, &credentials, &startup);
     match tokio::time::timeout(STARTUP_TIMEOUT, auth).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => shared.admission.login_succeeded(peer.ip()),
         Ok(Err(error)) => {
             if let StartupError::Refused(e) = &error {
+                // The message names the user, never a password or proof.
                 tracing::warn!(client = %peer, user = %startup.user, code = %e.code, reason = %e.message, "login refused");
+                if matches!(&*e.code, "28P01" | "28000") {
+                    shared.admission.login_failed(peer.ip(), &limits);
+                }
             }
             return refuse(client, error).await;
         }
@@ -344,6 +356,8 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         route: None,
         handle,
         max_message_size: config.limits.max_message_size,
+        max_prepared_statements: config.limits.max_prepared_statements,
+        client_idle_timeout: config.limits.client_idle_timeout,
         pending: VecDeque::with_capacity(8),
         in_exchange: false,
         segment_effects: Vec::new(),
@@ -806,6 +820,24 @@ impl Session {
         conn.unnamed_valid = false;
     }
 
+    /// A new named statement must fit within `limits.max_prepared_statements`; past it the client is
+    /// disconnected (its statements would otherwise grow without bound in the gateway's memory).
+    fn check_statement_room(&self, name: &[u8]) -> Result<(), PgError> {
+        if self.statements.len() < self.max_prepared_statements
+            || self.statements.contains_key(name)
+        {
+            return Ok(());
+        }
+        Err(PgError::fatal(
+            "53400",
+            format!(
+                "regiongate: too many prepared statements on this connection (limits.max_prepared_statements \
+                 is {}); close or deallocate the ones no longer used",
+                self.max_prepared_statements
+            ),
+        ))
+    }
+
     /// A client's statement from its Parse: what it does, where it may run, its fingerprint, whether it can
     /// be batched, and its server-side name (shared by every client preparing the same content).
     fn new_statement(&mut self, name: &[u8], parse_rest: Bytes) -> Arc<Statement> {
@@ -860,6 +892,7 @@ impl Session {
             });
             return Ok(());
         }
+        self.check_statement_room(name)?;
         let server_name = statement.server_name.clone();
         self.statements.insert(message.slice_ref(name), statement);
         let conn = self.conn();
@@ -1596,17 +1629,37 @@ impl Session {
                     conn.read_buf.reserve(16 * 1024);
                 }
                 let (mut server_read, mut server_write) = conn.stream.split();
+                // Only the client can move things on: it is idle inside its transaction.
+                let idle = !self.client_idle_timeout.is_zero()
+                    && self.pending.is_empty()
+                    && self.to_server.is_empty();
                 // Biased: no random branch order to draw; at most one or two are ready at a time anyway.
                 tokio::select! {
                     biased;
                     r = server_read.read_buf(&mut conn.read_buf), if read_server => IoEvent::ServerRead(r),
                     event = client => event,
                     r = server_write.write_buf(&mut self.to_server), if !self.to_server.is_empty() => IoEvent::ServerWrite(r),
+                    _ = tokio::time::sleep(self.client_idle_timeout), if idle => IoEvent::ClientIdle,
                 }
             }
-            None => client.await,
+            None if self.client_idle_timeout.is_zero() => client.await,
+            None => match tokio::time::timeout(self.client_idle_timeout, client).await {
+                Ok(event) => event,
+                Err(_) => IoEvent::ClientIdle,
+            },
         };
         match event {
+            IoEvent::ClientIdle => Err(End::Fatal(if self.status == b'I' {
+                PgError::fatal(
+                    "57P05",
+                    "terminating connection due to idle-session timeout (regiongate limits.client_idle_timeout)",
+                )
+            } else {
+                PgError::fatal(
+                    "25P03",
+                    "terminating connection due to idle-in-transaction timeout (regiongate limits.client_idle_timeout)",
+                )
+            })),
             IoEvent::ClientRead(Ok(0))
             | IoEvent::ClientRead(Err(_))
             | IoEvent::ClientWrite(Err(_)) => Err(End::Client),
@@ -1658,6 +1711,8 @@ fn client_io<'a>(
 }
 
 enum IoEvent {
+    /// The client sent nothing for `limits.client_idle_timeout` while nothing else was going on.
+    ClientIdle,
     ClientRead(std::io::Result<usize>),
     ClientWrite(std::io::Result<usize>),
     ServerRead(std::io::Result<usize>),

@@ -1,0 +1,196 @@
+//! Admission limits that protect the gateway and the servers behind it from a flood: the rate of new
+//! connections (over all clients and per client address) and failed logins per client address.
+//!
+//! Each is checked before any expensive work: a connection over the rate is refused before its startup
+//! packet is read, and an address with too many failed logins is refused before a SCRAM exchange (whose key
+//! derivation is what a password guesser would make the gateway pay for).
+
+use crate::config::Limits;
+use crate::metrics::METRICS;
+use crate::protocol::PgError;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Per-address tables are swept of stale entries when they grow past this.
+const SWEEP_AT: usize = 10_000;
+
+/// A token bucket: `rate` tokens a second, holding at most one second's worth.
+#[derive(Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn full(rate: u32, now: Instant) -> Bucket {
+        Bucket {
+            tokens: f64::from(rate),
+            last: now,
+        }
+    }
+
+    fn take(&mut self, rate: u32, now: Instant) -> bool {
+        let rate = f64::from(rate);
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Failed logins of one address.
+#[derive(Clone, Copy)]
+struct Failures {
+    count: u32,
+    last: Instant,
+}
+
+#[derive(Default)]
+pub struct Admission {
+    global: Mutex<Option<Bucket>>,
+    per_client: Mutex<HashMap<IpAddr, Bucket>>,
+    failures: Mutex<HashMap<IpAddr, Failures>>,
+}
+
+impl Admission {
+    /// Whether a new connection from `ip` may go on, by the connection rates.
+    pub fn admit(&self, ip: IpAddr, limits: &Limits) -> Result<(), PgError> {
+        let now = Instant::now();
+        if limits.connection_rate > 0 {
+            let mut global = self.global.lock().unwrap_or_else(|p| p.into_inner());
+            let bucket = global.get_or_insert_with(|| Bucket::full(limits.connection_rate, now));
+            if !bucket.take(limits.connection_rate, now) {
+                return Err(refusal(format!(
+                    "regiongate: too many new connections (limits.connection_rate is {}/s); retry shortly",
+                    limits.connection_rate
+                )));
+            }
+        }
+        if limits.client_connection_rate > 0 {
+            let rate = limits.client_connection_rate;
+            let mut buckets = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+            if buckets.len() >= SWEEP_AT {
+                // A bucket idle for a second is full again: forgetting it changes nothing.
+                buckets
+                    .retain(|_, b| now.saturating_duration_since(b.last) < Duration::from_secs(1));
+            }
+            let bucket = buckets.entry(ip).or_insert_with(|| Bucket::full(rate, now));
+            if !bucket.take(rate, now) {
+                return Err(refusal(format!(
+                    "regiongate: too many new connections from {ip} (limits.client_connection_rate is \
+                     {rate}/s); retry shortly"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `ip` may try to log in, by its recent failures.
+    pub fn login_allowed(&self, ip: IpAddr, limits: &Limits) -> Result<(), PgError> {
+        if limits.max_failed_logins == 0 {
+            return Ok(());
+        }
+        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        match failures.get(&ip) {
+            Some(f)
+                if f.count >= limits.max_failed_logins
+                    && f.last.elapsed() < limits.failed_login_window =>
+            {
+                let wait = limits.failed_login_window.saturating_sub(f.last.elapsed());
+                METRICS.clients_refused.with_label_values(&["28000"]).inc();
+                Err(PgError::fatal(
+                    "28000",
+                    format!(
+                        "regiongate: too many failed logins from {ip}; try again in {}s",
+                        wait.as_secs() + 1
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A login from `ip` failed (wrong password or unknown user).
+    pub fn login_failed(&self, ip: IpAddr, limits: &Limits) {
+        if limits.max_failed_logins == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if failures.len() >= SWEEP_AT {
+            failures
+                .retain(|_, f| now.saturating_duration_since(f.last) < limits.failed_login_window);
+        }
+        let entry = failures.entry(ip).or_insert(Failures {
+            count: 0,
+            last: now,
+        });
+        if now.saturating_duration_since(entry.last) >= limits.failed_login_window {
+            entry.count = 0;
+        }
+        entry.count += 1;
+        entry.last = now;
+        if entry.count == limits.max_failed_logins {
+            tracing::warn!(
+                client = %ip,
+                failures = entry.count,
+                window_s = limits.failed_login_window.as_secs(),
+                "logins from this address refused for a while: too many failures"
+            );
+        }
+    }
+
+    /// A login from `ip` succeeded: its failures are forgiven.
+    pub fn login_succeeded(&self, ip: IpAddr) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ip);
+    }
+}
+
+fn refusal(message: String) -> PgError {
+    METRICS.clients_refused.with_label_values(&["53300"]).inc();
+    PgError::fatal("53300", message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_rate_then_refills() {
+        let start = Instant::now();
+        let mut bucket = Bucket::full(3, start);
+        assert!((0..3).all(|_| bucket.take(3, start)));
+        assert!(!bucket.take(3, start));
+        assert!(bucket.take(3, start + Duration::from_millis(400)));
+        assert!(!bucket.take(3, start + Duration::from_millis(400)));
+    }
+
+    #[test]
+    fn failed_logins_block_an_address_until_forgiven() {
+        let limits = Limits {
+            max_failed_logins: 2,
+            ..Limits::default()
+        };
+        let admission = Admission::default();
+        let (ip, other): (IpAddr, IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        admission.login_failed(ip, &limits);
+        assert!(admission.login_allowed(ip, &limits).is_ok());
+        admission.login_failed(ip, &limits);
+        let refused = admission.login_allowed(ip, &limits).unwrap_err();
+        assert_eq!(refused.code, "28000");
+        assert!(admission.login_allowed(other, &limits).is_ok());
+        admission.login_succeeded(ip);
+        assert!(admission.login_allowed(ip, &limits).is_ok());
+    }
+}

@@ -1,0 +1,162 @@
+//! Limits that protect the gateway and its servers: failed logins per address, connection rates, idle clients,
+//! prepared statements per client; and credentials never reach the logs.
+
+mod common;
+
+use common::{sqlstate, PASSWORD};
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio_postgres::NoTls;
+
+/// Everything the gateway logs in this test binary, at every level.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        let writer = move || Capture(sink.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(writer)
+            .try_init();
+        logs
+    })
+    .clone()
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Connects with `password`; the error's SQLSTATE when refused.
+async fn login(gw: &common::TestGateway, password: &str) -> Result<tokio_postgres::Client, String> {
+    let config = format!(
+        "host={} port={} user={db} password={password} dbname={db}",
+        gw.addr.ip(),
+        gw.addr.port(),
+        db = gw.database
+    );
+    match tokio_postgres::connect(&config, NoTls).await {
+        Ok((client, connection)) => {
+            tokio::spawn(connection);
+            Ok(client)
+        }
+        Err(error) => Err(format!(
+            "{} {}",
+            sqlstate(&error),
+            error
+                .as_db_error()
+                .map_or_else(|| error.to_string(), |e| e.message().to_string())
+        )),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_lock_an_address_out_and_no_password_reaches_the_logs() {
+    let logs = captured_logs();
+    let gw = common::gateway(
+        "limits",
+        "limits: { max_failed_logins: 3, failed_login_window: 30s }\n",
+    )
+    .await;
+    let wrong = "wrong-horse-battery-staple";
+    for _ in 0..3 {
+        let refused = login(&gw, wrong).await.unwrap_err();
+        assert!(refused.starts_with("28P01"), "{refused}");
+    }
+    // The right password no longer helps from this address, and no SCRAM exchange is started for it.
+    let refused = login(&gw, PASSWORD).await.unwrap_err();
+    assert!(refused.starts_with("28000"), "{refused}");
+    assert!(refused.contains("too many failed logins"), "{refused}");
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        logs.contains("login refused"),
+        "the refusals were not logged"
+    );
+    assert!(!logs.contains(wrong), "a password reached the logs");
+    assert!(!logs.contains(PASSWORD), "a password reached the logs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successful_login_forgives_earlier_failures() {
+    let gw = common::gateway("limits", "limits: { max_failed_logins: 2 }\n").await;
+    assert!(login(&gw, "nope").await.is_err());
+    assert!(login(&gw, PASSWORD).await.is_ok());
+    assert!(login(&gw, "nope").await.is_err());
+    assert!(
+        login(&gw, PASSWORD).await.is_ok(),
+        "one failure after a success must not lock out"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_rate_of_one_address_get_53300() {
+    let gw = common::gateway("limits", "limits: { client_connection_rate: 3 }\n").await;
+    let mut outcomes = Vec::new();
+    for _ in 0..8 {
+        outcomes.push(login(&gw, PASSWORD).await.map(|_| ()));
+    }
+    let refused: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(
+        !refused.is_empty(),
+        "eight connections at once all got in at 3/s"
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|r| r.starts_with("53300") && r.contains("client_connection_rate")),
+        "{refused:?}"
+    );
+    assert!(outcomes.iter().filter(|o| o.is_ok()).count() >= 3);
+    // A second later the bucket has refilled.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(login(&gw, PASSWORD).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_are_disconnected_with_the_postgres_codes() {
+    let gw = common::gateway("limits", "limits: { client_idle_timeout: 300ms }\n").await;
+    for (begin, code) in [(false, "57P05"), (true, "25P03")] {
+        let (client, connection) = tokio_postgres::connect(&gw.config(), NoTls).await.unwrap();
+        let ended = tokio::spawn(connection);
+        if begin {
+            client.batch_execute("BEGIN").await.unwrap();
+        }
+        // Activity keeps it alive.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            client.simple_query("SELECT 1").await.unwrap();
+        }
+        let error = tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("an idle client was not disconnected")
+            .unwrap()
+            .expect_err("the connection must end with an error");
+        assert_eq!(sqlstate(&error), code, "{error}");
+    }
+    // The server connection of the abandoned transaction went back clean.
+    let db = gw.connect().await;
+    let status: String = db.query_one("SELECT 'usable'", &[]).await.unwrap().get(0);
+    assert_eq!(status, "usable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_its_prepared_statement_limit_is_disconnected_with_53400() {
+    let gw = common::gateway("limits", "limits: { max_prepared_statements: 5 }\n").await;
+    let db = gw.connect().await;
+    let mut statements = Vec::new();
+    for i in 0..5 {
+        statements.push(db.prepare(&format!("SELECT {i}")).await.unwrap());
+    }
+    let error = db.prepare("SELECT 5").await.unwrap_err();
+    assert_eq!(sqlstate(&error), "53400", "{error}");
+}
