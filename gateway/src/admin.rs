@@ -58,6 +58,11 @@ const HELP: &[(&str, &str)] = &[
         "N+1 query patterns found: statement, parent, episodes, time spent, suggested fix",
     ),
     (
+        "SHOW VIEWS",
+        "materialized views: last refresh, duration, rows, next run, last error, staleness per region",
+    ),
+    ("REFRESH VIEW name", "refresh a materialized view now"),
+    (
         "RELOAD",
         "re-read the configuration file; an invalid file is refused and the old one stays",
     ),
@@ -140,6 +145,15 @@ impl SimpleQueryHandler for Console {
             ["SHOW", "STATS"] => stats(),
             ["SHOW", "CONFIG"] => self.config(),
             ["SHOW", "NPLUS1"] => self.nplus1(),
+            ["SHOW", "VIEWS"] => self.views().await,
+            ["REFRESH", "VIEW", _] => {
+                // The name as written (lower-cased like an unquoted identifier).
+                let name = words[2].trim_matches('"').to_ascii_lowercase();
+                match self.shared.views().refresh_now(&name).await {
+                    Ok(_) => Response::Execution(Tag::new("REFRESH VIEW")),
+                    Err(e) => error(e.sqlstate(), format!("view not refreshed: {e}")),
+                }
+            }
             ["RELOAD"] => match self.shared.reload() {
                 Ok(()) => Response::Execution(Tag::new("RELOAD")),
                 Err(message) => error("F0000", format!("configuration not reloaded: {message}")),
@@ -397,6 +411,69 @@ impl Console {
         )
     }
 
+    async fn views(&self) -> Response {
+        let views = self.shared.views();
+        let statuses = match views.status().await {
+            Ok(statuses) => statuses,
+            Err(e) => return error(e.sqlstate(), format!("cannot read the views' history: {e}")),
+        };
+        // One staleness column per region, in the order of the first view's (primary's region first).
+        let regions: Vec<String> = statuses
+            .first()
+            .map(|s| s.staleness.iter().map(|(r, _)| r.clone()).collect())
+            .unwrap_or_default();
+        let seconds = |d: Option<Duration>| {
+            d.map(|d| format!("{:.1}s", d.as_secs_f64()))
+                .unwrap_or_default()
+        };
+        let rows = statuses
+            .iter()
+            .map(|s| {
+                let mut row = vec![
+                    s.name.clone(),
+                    s.schedule.clone(),
+                    seconds(Some(s.max_staleness)),
+                    s.last_refresh
+                        .map(|t| format!("{} ago", age(t)))
+                        .unwrap_or_default(),
+                    s.duration
+                        .map(|d| format!("{:.1}", d.as_secs_f64() * 1000.0))
+                        .unwrap_or_default(),
+                    s.rows.map(|r| r.to_string()).unwrap_or_default(),
+                    s.next_run
+                        .map(|t| match t.duration_since(SystemTime::now()) {
+                            Ok(wait) => format!("in {:.1}s", wait.as_secs_f64()),
+                            Err(_) => "now".to_string(),
+                        })
+                        .unwrap_or_default(),
+                    s.last_error.clone().unwrap_or_default(),
+                ];
+                row.extend(regions.iter().map(|region| {
+                    seconds(
+                        s.staleness
+                            .iter()
+                            .find(|(r, _)| r == region)
+                            .and_then(|(_, d)| *d),
+                    )
+                }));
+                row
+            })
+            .collect();
+        let mut columns = vec![
+            "view".to_string(),
+            "schedule".to_string(),
+            "max_staleness".to_string(),
+            "last_refresh".to_string(),
+            "duration_ms".to_string(),
+            "rows".to_string(),
+            "next_run".to_string(),
+            "last_error".to_string(),
+        ];
+        columns.extend(regions.iter().map(|r| format!("staleness_{r}")));
+        let columns: Vec<&str> = columns.iter().map(String::as_str).collect();
+        table(&columns, rows)
+    }
+
     fn nplus1(&self) -> Response {
         let rows = self
             .shared
@@ -513,6 +590,17 @@ impl Console {
             rows.push((
                 "regions",
                 format!("{}: {}", region.name, replicas.join(", ")),
+            ));
+        }
+        for view in &config.views {
+            rows.push((
+                "views",
+                format!(
+                    "{}: {}, max_staleness {:?}",
+                    view.name,
+                    view.schedule,
+                    view.max_staleness()
+                ),
             ));
         }
         table(

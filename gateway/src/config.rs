@@ -53,6 +53,9 @@ pub struct Config {
     pub batching: BatchingConfig,
     #[serde(default)]
     pub tls: TlsConfig,
+    /// Materialized views the gateway creates, refreshes and routes reads of (see the `views` crate).
+    #[serde(default)]
+    pub views: Vec<views::ViewSpec>,
 }
 
 /// Client-facing TLS.
@@ -395,6 +398,14 @@ impl Config {
                 message: e.into_inner().to_string(),
             }
         })?;
+        views::validate(&config.views).map_err(|(key, message)| ConfigError::Invalid {
+            path: origin.to_string(),
+            message: match line_of(text, &key) {
+                Some(line) => format!("{message} (line {line})"),
+                None => message,
+            },
+            key,
+        })?;
         config
             .validate()
             .map_err(|(key, message)| ConfigError::Invalid {
@@ -642,6 +653,27 @@ mod tests {
         let error = Config::parse(text, "f.yaml").unwrap_err().to_string();
         assert!(error.contains("pool.checkout_timeout"), "{error}");
         assert!(error.contains("invalid duration"), "{error}");
+    }
+
+    #[test]
+    fn views_are_parsed_and_checked_with_key_and_line() {
+        let text = "primary: postgres://h/app\nauth: { method: trust }\nviews:\n  - name: daily\n    schedule: every 5m\n    unique_key: [day]\n";
+        let config = Config::parse(text, "f.yaml").unwrap();
+        assert_eq!(config.views[0].max_staleness(), Duration::from_secs(600));
+        let bad_schedule = text.replace("every 5m", "every now and then");
+        let error = Config::parse(&bad_schedule, "f.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("views[0].schedule") && error.contains("every now and then"),
+            "{error}"
+        );
+        let bad_key = text.replace("[day]", "[\"day desc\"]");
+        let error = Config::parse(&bad_key, "f.yaml").unwrap_err().to_string();
+        assert!(
+            error.contains("views[0].unique_key") && error.contains("line 6"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct Shared {
     pub admission: limits::Admission,
     regions: ArcSwap<Regions>,
     monitors: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Materialized views: refresh schedulers and freshness probes (replaced whole when a reload changes
+    /// the views or the topology).
+    views: ArcSwap<views::Views>,
     pub classifier: ArcSwap<Classifier>,
     /// Client-facing TLS, when configured (replaced by a reload).
     pub tls: ArcSwap<Option<tokio_rustls::TlsAcceptor>>,
@@ -70,6 +73,41 @@ pub struct Shared {
     paused_flag: std::sync::atomic::AtomicBool,
     /// Bumped by every reload that took effect, so sessions know to look their pools up again.
     generation: std::sync::atomic::AtomicU64,
+}
+
+/// What the views runtime needs from a configuration: the views, and where the primary and replicas are
+/// (replicas in the regions crate's order, so that indexes are `ReplicaId`s).
+fn views_setup(config: &Config) -> views::Setup {
+    let login = side_login(config);
+    let target = |url: &ServerUrl, region: &str| views::Target {
+        region: region.to_string(),
+        config: side_connection(url, &login, "regiongate views"),
+    };
+    views::Setup {
+        views: config.views.clone(),
+        primary: target(
+            &config.primary.url,
+            config.primary.region.as_deref().unwrap_or("primary"),
+        ),
+        replicas: config
+            .regions
+            .iter()
+            .flat_map(|r| r.replicas.iter().map(|url| target(url, &r.name)))
+            .collect(),
+        gateway: config.gateway_name(),
+        monitor_interval: config.routing.monitor_interval,
+    }
+}
+
+fn new_classifier(config: &Config) -> Arc<Classifier> {
+    Classifier::with_views(
+        &config.routing.side_effect_functions,
+        config
+            .views
+            .iter()
+            .map(|v| (v.schema().to_string(), v.relation().to_string()))
+            .collect(),
+    )
 }
 
 fn new_regions(config: &Config) -> Arc<Regions> {
@@ -88,7 +126,12 @@ impl Shared {
         Arc::new(Shared {
             regions: ArcSwap::new(new_regions(&config)),
             monitors: Mutex::new(Vec::new()),
-            classifier: ArcSwap::new(Classifier::new(&config.routing.side_effect_functions)),
+            // Not started: with its views emptied, the runtime has no tasks; `start_views` starts the real one.
+            views: ArcSwap::new(views::Views::start(views::Setup {
+                views: Vec::new(),
+                ..views_setup(&config)
+            })),
+            classifier: ArcSwap::new(new_classifier(&config)),
             credentials: ArcSwap::from_pointee(Credentials::new(&config)),
             // The configuration was validated, which built the acceptor once already.
             tls: ArcSwap::from_pointee(tls::acceptor(&config.tls).unwrap_or_default()),
@@ -115,6 +158,16 @@ impl Shared {
     /// Whether any replica is configured; cheap enough for every message.
     pub fn has_replicas(&self) -> bool {
         self.regions.load().has_replicas()
+    }
+
+    /// The views in force.
+    pub fn views(&self) -> Arc<views::Views> {
+        self.views.load_full()
+    }
+
+    fn start_views(&self, config: &Config) {
+        let old = self.views.swap(views::Views::start(views_setup(config)));
+        old.stop();
     }
 
     fn start_monitors(&self) {
@@ -160,16 +213,19 @@ impl Shared {
         self.credentials.store(Arc::new(Credentials::new(&new)));
         self.tls
             .store(Arc::new(tls::acceptor(&new.tls).unwrap_or_default()));
-        self.classifier
-            .store(Classifier::new(&new.routing.side_effect_functions));
+        self.classifier.store(new_classifier(&new));
         if topology_changed {
             self.regions.store(new_regions(&new));
             self.start_monitors();
         }
+        let views_changed = old.views != new.views;
+        if views_changed || topology_changed {
+            self.start_views(&new);
+        }
         self.config.store(Arc::new(new));
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::Release);
-        tracing::info!(topology_changed, "configuration reloaded");
+        tracing::info!(topology_changed, views_changed, "configuration reloaded");
         METRICS.reloads.inc();
         Ok(())
     }
@@ -282,6 +338,31 @@ fn side_login(config: &Config) -> SideLogin {
     }
 }
 
+/// Connection settings for the gateway's own side connections to a server (views, migrations).
+pub fn side_connection(
+    url: &ServerUrl,
+    login: &SideLogin,
+    application: &str,
+) -> tokio_postgres::Config {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&url.host)
+        .port(url.port)
+        .user(&login.user)
+        .dbname(&login.database)
+        .application_name(application)
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(password) = &login.password {
+        config.password(password);
+    }
+    config
+}
+
+/// The primary, as the gateway's side connections reach it (for `regiongate migrate`).
+pub fn primary_connection(config: &Config, application: &str) -> tokio_postgres::Config {
+    side_connection(&config.primary.url, &side_login(config), application)
+}
+
 /// A bound gateway, ready to serve.
 pub struct Gateway {
     pub shared: Arc<Shared>,
@@ -301,8 +382,9 @@ impl Gateway {
     ) -> std::io::Result<Gateway> {
         let listener = TcpListener::bind(config.listen).await?;
         let metrics_listen = config.metrics.listen;
-        let shared = Shared::new(config, path);
+        let shared = Shared::new(config.clone(), path);
         shared.start_monitors();
+        shared.start_views(&config);
         if let Some(addr) = metrics_listen {
             let listener = TcpListener::bind(addr).await?;
             tokio::spawn(http::serve(shared.clone(), listener));

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 #[command(name = "regiongate", version, about = "A PostgreSQL gateway")]
 struct Cli {
     /// Run with this configuration file.
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true)]
@@ -23,6 +23,12 @@ struct Cli {
 enum Command {
     /// Validate a configuration file and exit.
     CheckConfig { file: PathBuf },
+    /// Apply the pending migrations (`*.sql` in name order) to the primary of `--config`.
+    Migrate {
+        /// The folder of migration files.
+        #[arg(long, default_value = "migrations")]
+        dir: PathBuf,
+    },
     /// Start a throwaway local PostgreSQL and run the gateway in front of it.
     Demo {
         /// Where clients connect.
@@ -47,6 +53,13 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some(Command::Demo { listen }) => demo(&listen),
+        Some(Command::Migrate { dir }) => {
+            let file = cli.config.context(
+                "migrate needs the gateway's configuration: regiongate migrate --config FILE",
+            )?;
+            let config = Config::load(&file)?;
+            migrate(&config, &dir)
+        }
         None => {
             let file = cli.config.context(
                 "no configuration: run `regiongate --config FILE`, or `regiongate demo`",
@@ -102,6 +115,26 @@ fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
             }
         });
         gateway.run(shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+/// Applies pending migrations on the primary, as the gateway's side connections log in.
+fn migrate(config: &Config, dir: &std::path::Path) -> Result<()> {
+    runtime(1)?.block_on(async {
+        let settings = regiongate::primary_connection(config, "regiongate migrate");
+        let (mut client, connection) = settings
+            .connect(tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("cannot connect to the primary {}", config.primary.url))?;
+        tokio::spawn(connection);
+        let applied = views::migrate::run(&mut client, dir).await?;
+        if applied.is_empty() {
+            println!("{}: nothing to apply", dir.display());
+        }
+        for name in applied {
+            println!("applied {name}");
+        }
         Ok(())
     })
 }

@@ -98,7 +98,10 @@ impl Metrics {
         let seconds = vec![
             0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
         ];
-        for collector in regions::metrics::collectors() {
+        for collector in regions::metrics::collectors()
+            .into_iter()
+            .chain(views::metrics::collectors())
+        {
             registry.register(collector).expect("unique metric");
         }
         Metrics {

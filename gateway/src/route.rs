@@ -79,6 +79,9 @@ pub struct Class {
     pub bare_begin: bool,
     /// It makes the transaction read only (`BEGIN READ ONLY`, `SET TRANSACTION READ ONLY`).
     pub read_only_transaction: bool,
+    /// A read of configured materialized views and nothing else: the set of views (bit i = the i-th view of
+    /// the configuration), which routing checks against each replica's copy of them. 0 for anything else.
+    pub views: u64,
 }
 
 /// Classifies statement texts, with a cache keyed by the statement's shape (see `fingerprint`): literals do
@@ -86,11 +89,21 @@ pub struct Class {
 /// the shape is the one N+1 detection uses.
 pub struct Classifier {
     side_effects: HashSet<String>,
+    /// Configured views as (schema, name), in configuration order (the bit order of [`Class::views`]).
+    views: Vec<(String, String)>,
     cache: moka::sync::Cache<u64, Class>,
 }
 
 impl Classifier {
     pub fn new(extra_side_effect_functions: &[String]) -> Arc<Classifier> {
+        Classifier::with_views(extra_side_effect_functions, Vec::new())
+    }
+
+    /// A classifier that also recognises reads of these views, given as (schema, name).
+    pub fn with_views(
+        extra_side_effect_functions: &[String],
+        views: Vec<(String, String)>,
+    ) -> Arc<Classifier> {
         let side_effects = SIDE_EFFECT_FUNCTIONS
             .iter()
             .map(|f| f.to_string())
@@ -102,6 +115,7 @@ impl Classifier {
             .collect();
         Arc::new(Classifier {
             side_effects,
+            views,
             cache: moka::sync::Cache::new(20_000),
         })
     }
@@ -135,6 +149,7 @@ impl Classifier {
             hint,
             bare_begin: false,
             read_only_transaction: false,
+            views: 0,
         };
         if text.len() > MAX_PARSED_LEN {
             return write;
@@ -159,12 +174,79 @@ impl Classifier {
             }
             _ => false,
         });
+        let views = if access == Access::Read {
+            self.views_read(&statements)
+        } else {
+            0
+        };
         Class {
             access,
             hint,
             bare_begin,
             read_only_transaction,
+            views,
         }
+    }
+
+    /// The set of configured views the statements read, when queries read views and nothing else (CTE names
+    /// aside); 0 when any statement reads a table, a function in FROM, or is not a query.
+    fn views_read(&self, statements: &[Statement]) -> u64 {
+        if self.views.is_empty() {
+            return 0;
+        }
+        let mut set = 0u64;
+        for statement in statements {
+            match statement {
+                Statement::Query(_) => {}
+                Statement::Set(_) | Statement::Reset(_) => continue,
+                _ => return 0,
+            }
+            let mut ctes = HashSet::new();
+            struct Ctes<'a>(&'a mut HashSet<String>);
+            impl Visitor for Ctes<'_> {
+                type Break = ();
+                fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+                    for cte in query.with.iter().flat_map(|w| &w.cte_tables) {
+                        self.0.insert(normalize(&cte.alias.name));
+                    }
+                    ControlFlow::Continue(())
+                }
+            }
+            let _ = statement.visit(&mut Ctes(&mut ctes));
+            let all_views = sqlparser::ast::visit_relations(statement, |name| {
+                let parts: Vec<String> = name
+                    .0
+                    .iter()
+                    .map(|p| match p {
+                        ObjectNamePart::Identifier(ident) => normalize(ident),
+                        _ => String::new(),
+                    })
+                    .collect();
+                let found = match parts.as_slice() {
+                    [name] if ctes.contains(name) => return ControlFlow::Continue(()),
+                    [name] => self
+                        .views
+                        .iter()
+                        .position(|(s, v)| s == "public" && v == name),
+                    [schema, name] => self
+                        .views
+                        .iter()
+                        .position(|(s, v)| s == schema && v == name),
+                    _ => None,
+                };
+                match found {
+                    Some(i) if i < 64 => {
+                        set |= 1 << i;
+                        ControlFlow::Continue(())
+                    }
+                    _ => ControlFlow::Break(()),
+                }
+            });
+            if all_views.is_break() {
+                return 0;
+            }
+        }
+        set
     }
 
     fn statement_access(&self, statement: &Statement) -> Access {
@@ -250,6 +332,14 @@ impl Classifier {
             ControlFlow::Break(()) => Access::Write,
             ControlFlow::Continue(()) => Access::Read,
         }
+    }
+}
+
+/// An identifier as PostgreSQL folds it: unquoted ones to lower case.
+fn normalize(ident: &sqlparser::ast::Ident) -> String {
+    match ident.quote_style {
+        Some(_) => ident.value.clone(),
+        None => ident.value.to_ascii_lowercase(),
     }
 }
 
@@ -374,6 +464,43 @@ mod tests {
         assert!(classifier.classify(b"start transaction").bare_begin);
         assert!(!classifier.classify(b"BEGIN READ ONLY").bare_begin);
         assert!(!classifier.classify(b"BEGIN; SELECT 1").bare_begin);
+    }
+
+    #[test]
+    fn reads_of_views_only_carry_the_set_of_views() {
+        let classifier = Classifier::with_views(
+            &[],
+            vec![
+                ("public".into(), "daily_sales".into()),
+                ("reporting".into(), "top".into()),
+            ],
+        );
+        let views = |sql: &str| classifier.classify(sql.as_bytes()).views;
+        assert_eq!(views("SELECT * FROM daily_sales WHERE day > $1"), 0b01);
+        assert_eq!(views("select * from public.DAILY_SALES"), 0b01);
+        assert_eq!(
+            views("SELECT * FROM reporting.top ORDER BY revenue DESC LIMIT 10"),
+            0b10
+        );
+        assert_eq!(
+            views("WITH d AS (SELECT * FROM daily_sales) SELECT * FROM d JOIN reporting.top t ON true"),
+            0b11
+        );
+        assert_eq!(views("SELECT (SELECT max(day) FROM daily_sales)"), 0b01);
+        // Anything else read with them, or another schema, or not a read: not a view read.
+        assert_eq!(views("SELECT * FROM daily_sales JOIN orders ON true"), 0);
+        assert_eq!(views("SELECT * FROM top"), 0);
+        assert_eq!(views("SELECT * FROM \"Daily_sales\""), 0);
+        assert_eq!(views("SELECT 1"), 0);
+        assert_eq!(views("SELECT * FROM daily_sales FOR UPDATE"), 0);
+        assert_eq!(views("SELECT * FROM generate_series(1, 3)"), 0);
+        assert_eq!(views("SELECT * FROM daily_sales; SELECT * FROM orders"), 0);
+        assert_eq!(
+            Classifier::new(&[])
+                .classify(b"SELECT * FROM daily_sales")
+                .views,
+            0
+        );
     }
 
     #[test]

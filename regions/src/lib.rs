@@ -106,12 +106,22 @@ impl Regions {
 
     /// Chooses a server for a read.
     pub fn choose(&self, request: &ReadRequest) -> Result<Decision, NoFit> {
+        self.choose_with(request, None)
+    }
+
+    /// Chooses a server for a read whose freshness `fresh` judges per replica (see [`Picture::choose_with`]).
+    pub fn choose_with(
+        &self,
+        request: &ReadRequest,
+        fresh: Option<&dyn Fn(ReplicaId) -> bool>,
+    ) -> Result<Decision, NoFit> {
         let fallback = self.routing.when_no_replica_fits == config::WhenNoReplicaFits::Primary;
-        self.picture.load().choose(
+        self.picture.load().choose_with(
             request,
             Instant::now(),
             |id| self.outstanding[id].load(Ordering::Relaxed),
             fallback,
+            fresh,
         )
     }
 

@@ -106,6 +106,8 @@ pub enum Reason {
     ReadYourWrites,
     /// No replicas are configured.
     NoReplicas,
+    /// A read of materialized views only, sent to the nearest replica whose copies of them were fresh enough.
+    ViewFresh,
 }
 
 impl Reason {
@@ -118,6 +120,7 @@ impl Reason {
             Reason::Down => "down",
             Reason::ReadYourWrites => "read-your-writes",
             Reason::NoReplicas => "no-replicas",
+            Reason::ViewFresh => "view-fresh",
         }
     }
 }
@@ -163,12 +166,31 @@ impl Picture {
         outstanding: impl Fn(ReplicaId) -> u32,
         fallback_to_primary: bool,
     ) -> Result<Decision, NoFit> {
+        self.choose_with(request, now, outstanding, fallback_to_primary, None)
+    }
+
+    /// [`Picture::choose`] where `fresh`, when given, judges each replica's freshness instead of its lag
+    /// against `request.max_lag`: reads of materialized views accept a replica whose copies of the views are
+    /// recent enough, however far behind it is otherwise. Health, bans and read-your-writes still apply.
+    pub fn choose_with(
+        &self,
+        request: &ReadRequest,
+        now: Instant,
+        outstanding: impl Fn(ReplicaId) -> u32,
+        fallback_to_primary: bool,
+        fresh: Option<&dyn Fn(ReplicaId) -> bool>,
+    ) -> Result<Decision, NoFit> {
+        let fits = if fresh.is_some() {
+            Reason::ViewFresh
+        } else {
+            Reason::WithinBudget
+        };
         let mut first_skip: Option<Reason> = None;
         for region in &self.region_order {
             let mut best: Option<(&ReplicaStatus, u32)> = None;
             let mut region_skip = None;
             for replica in self.replicas.iter().filter(|r| &r.region == region) {
-                match self.unfit(replica, request, now) {
+                match self.unfit(replica, request, now, fresh) {
                     Some(why) => {
                         region_skip.get_or_insert(why);
                     }
@@ -187,7 +209,7 @@ impl Picture {
             if let Some((replica, _)) = best {
                 return Ok(Decision {
                     target: Target::Replica(replica.id),
-                    reason: first_skip.unwrap_or(Reason::WithinBudget),
+                    reason: first_skip.unwrap_or(fits),
                     region: Some(region.clone()),
                 });
             }
@@ -212,7 +234,7 @@ impl Picture {
                         "{} in {}: {}",
                         r.url,
                         r.region,
-                        self.describe(r, request, now)
+                        self.describe(r, request, now, fresh)
                     )
                 })
                 .collect(),
@@ -224,13 +246,19 @@ impl Picture {
         replica: &ReplicaStatus,
         request: &ReadRequest,
         now: Instant,
+        fresh: Option<&dyn Fn(ReplicaId) -> bool>,
     ) -> Option<Reason> {
         if !replica.up || replica.banned(now) || request.exclude == Some(replica.id) {
             return Some(Reason::Down);
         }
-        match replica.staleness(now) {
-            Some(staleness) if staleness <= request.max_lag => {}
-            _ => return Some(Reason::OverBudget),
+        let fresh_enough = match fresh {
+            Some(fresh) => fresh(replica.id),
+            None => replica
+                .staleness(now)
+                .is_some_and(|staleness| staleness <= request.max_lag),
+        };
+        if !fresh_enough {
+            return Some(Reason::OverBudget);
         }
         if let Some(min) = request.min_lsn {
             if replica.replay_lsn.is_none_or(|replayed| replayed < min) {
@@ -240,8 +268,17 @@ impl Picture {
         None
     }
 
-    fn describe(&self, replica: &ReplicaStatus, request: &ReadRequest, now: Instant) -> String {
-        match self.unfit(replica, request, now) {
+    fn describe(
+        &self,
+        replica: &ReplicaStatus,
+        request: &ReadRequest,
+        now: Instant,
+        fresh: Option<&dyn Fn(ReplicaId) -> bool>,
+    ) -> String {
+        match self.unfit(replica, request, now, fresh) {
+            Some(Reason::OverBudget) if fresh.is_some() => {
+                "its copy of the views is older than their max_staleness".to_string()
+            }
             Some(Reason::Down) => format!(
                 "down ({})",
                 replica.error.as_deref().unwrap_or(if replica.banned(now) {
@@ -418,6 +455,55 @@ mod tests {
             p.choose(&excluded, now, |_| 0, true).unwrap().target,
             Target::Replica(0)
         );
+    }
+
+    #[test]
+    fn view_reads_go_to_the_nearest_replica_whose_views_are_fresh_even_when_it_lags() {
+        let now = Instant::now();
+        let mut p = picture(now);
+        // eu-west lags 30 s: far over a 1 s budget for tables.
+        p.replicas[0].fresh_as_of = Some(now - Duration::from_secs(30));
+        assert_eq!(
+            p.choose(&request(1000), now, |_| 0, true)
+                .unwrap()
+                .region
+                .as_deref(),
+            Some("ap-south")
+        );
+        // Its copy of the views is fresh enough: view reads stay in eu-west.
+        let fresh = |_: ReplicaId| true;
+        let d = p
+            .choose_with(&request(1000), now, |_| 0, true, Some(&fresh))
+            .unwrap();
+        assert_eq!(
+            (d.target, d.reason),
+            (Target::Replica(0), Reason::ViewFresh)
+        );
+        // eu-west's copy too old, ap-south's fine: the next region.
+        let only_ap = |id: ReplicaId| id != 0;
+        let d = p
+            .choose_with(&request(1000), now, |_| 0, true, Some(&only_ap))
+            .unwrap();
+        assert_eq!(
+            (d.region.as_deref(), d.reason),
+            (Some("ap-south"), Reason::OverBudget)
+        );
+        // Nowhere fresh enough: the primary (always current), or a refusal that says why.
+        let nowhere = |_: ReplicaId| false;
+        let d = p
+            .choose_with(&request(1000), now, |_| 0, true, Some(&nowhere))
+            .unwrap();
+        assert_eq!(d.target, Target::Primary);
+        let error = p
+            .choose_with(&request(1000), now, |_| 0, false, Some(&nowhere))
+            .unwrap_err();
+        assert!(error.to_string().contains("max_staleness"), "{error}");
+        // A down replica stays skipped whatever its views.
+        p.replicas[0].up = false;
+        let d = p
+            .choose_with(&request(1000), now, |_| 0, true, Some(&fresh))
+            .unwrap();
+        assert_eq!(d.region.as_deref(), Some("ap-south"));
     }
 
     #[test]

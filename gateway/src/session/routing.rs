@@ -85,6 +85,7 @@ impl Session {
                 hint: None,
                 bare_begin: false,
                 read_only_transaction: false,
+                views: 0,
             }),
             _ => None,
         }
@@ -97,7 +98,10 @@ impl Session {
             hint: None,
             bare_begin: false,
             read_only_transaction: false,
+            views: 0,
         };
+        // Views read by the exchange's statements; any read of something else makes it a plain read.
+        let mut only_views = true;
         let mut at = 0;
         while let Some(Ok((tag, len))) = protocol::peek_header(&self.from_client[at..]) {
             if self.from_client.len() - at < len {
@@ -107,11 +111,18 @@ impl Session {
                 combined.access = combined.access.and(class.access);
                 combined.hint = combined.hint.or(class.hint);
                 combined.read_only_transaction |= class.read_only_transaction;
+                if class.access == Access::Read {
+                    only_views &= class.views != 0;
+                    combined.views |= class.views;
+                }
             }
             at += len;
             if matches!(tag, b'S' | b'Q' | b'F') {
                 break;
             }
+        }
+        if !only_views {
+            combined.views = 0;
         }
         combined
     }
@@ -157,9 +168,16 @@ impl Session {
             },
             exclude: self.reads.exclude,
         };
-        regions
-            .choose(&request)
-            .map_err(|no_fit| PgError::error("57P03", format!("regiongate: {no_fit}")))
+        // A read of views only is judged by the views' freshness on each replica, unless a hint set a lag.
+        let chosen = if class.views != 0 && !matches!(class.hint, Some(Hint::MaxLag(_))) {
+            let views = self.shared.views();
+            let now = std::time::Instant::now();
+            let fresh = |replica: ReplicaId| views.fits(class.views, replica, now);
+            regions.choose_with(&request, Some(&fresh))
+        } else {
+            regions.choose(&request)
+        };
+        chosen.map_err(|no_fit| PgError::error("57P03", format!("regiongate: {no_fit}")))
     }
 
     /// Counts and logs a routing decision.
