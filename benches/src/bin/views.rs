@@ -41,10 +41,12 @@ const PANELS: &[(&str, &str, &str, bool)] = &[
         true,
     ),
     (
-        "active customers (ordered in 30 days) per region",
-        "SELECT region, count(*) FROM (SELECT c.id, c.region FROM customers c JOIN orders o ON o.customer_id = c.id \
-         WHERE o.created_at > now() - interval '30 days' GROUP BY c.id, c.region) a GROUP BY 1 ORDER BY 1",
-        "SELECT region, count(*) FROM active_customers GROUP BY 1 ORDER BY 1",
+        "the 20 most active customers of a region (orders in 30 days)",
+        "SELECT c.id, count(*) AS orders_30d FROM customers c JOIN orders o ON o.customer_id = c.id \
+         WHERE o.created_at > now() - interval '30 days' AND c.region = 'eu-west' \
+         GROUP BY c.id ORDER BY orders_30d DESC, c.id LIMIT 20",
+        "SELECT customer_id, orders_30d FROM active_customers WHERE region = 'eu-west' \
+         ORDER BY orders_30d DESC, customer_id LIMIT 20",
         false,
     ),
 ];
