@@ -142,25 +142,31 @@ impl Clients {
             tracing::debug!(pid, "cancel request for no running query");
             return;
         };
-        let mut packet = Vec::with_capacity(16);
-        packet.extend_from_slice(&16i32.to_be_bytes());
-        packet.extend_from_slice(&80877102i32.to_be_bytes());
-        packet.extend_from_slice(&target.pid.to_be_bytes());
-        packet.extend_from_slice(&target.secret.to_be_bytes());
-        let sent = async {
-            let mut stream = tokio::net::TcpStream::connect(target.addr).await?;
-            stream.write_all(&packet).await?;
-            stream.shutdown().await
-        };
-        match tokio::time::timeout(std::time::Duration::from_secs(5), sent).await {
-            Ok(Ok(())) => {
-                METRICS.cancels.with_label_values(&["forwarded"]).inc();
-                tracing::info!(server = %target.addr, server_pid = target.pid, "cancel request forwarded");
-            }
-            _ => {
-                METRICS.cancels.with_label_values(&["failed"]).inc();
-                tracing::warn!(server = %target.addr, "could not forward a cancel request");
-            }
+        cancel_server(target).await;
+    }
+}
+
+/// Sends a CancelRequest for the query running on a server connection (a client's cancel, or the gateway's
+/// statement timeout).
+pub async fn cancel_server(target: ServerTarget) {
+    let mut packet = Vec::with_capacity(16);
+    packet.extend_from_slice(&16i32.to_be_bytes());
+    packet.extend_from_slice(&80877102i32.to_be_bytes());
+    packet.extend_from_slice(&target.pid.to_be_bytes());
+    packet.extend_from_slice(&target.secret.to_be_bytes());
+    let sent = async {
+        let mut stream = tokio::net::TcpStream::connect(target.addr).await?;
+        stream.write_all(&packet).await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), sent).await {
+        Ok(Ok(())) => {
+            METRICS.cancels.with_label_values(&["forwarded"]).inc();
+            tracing::info!(server = %target.addr, server_pid = target.pid, "cancel request forwarded");
+        }
+        _ => {
+            METRICS.cancels.with_label_values(&["failed"]).inc();
+            tracing::warn!(server = %target.addr, "could not forward a cancel request");
         }
     }
 }

@@ -331,6 +331,10 @@ pub struct Limits {
     /// idle, 25P03 inside a transaction). 0 turns it off.
     #[serde(with = "duration")]
     pub client_idle_timeout: Duration,
+    /// A request (a Query, or the messages up to a Sync) running longer than this is cancelled on its server,
+    /// which answers 57014. 0 turns it off; the server's own statement_timeout works as usual.
+    #[serde(with = "duration")]
+    pub statement_timeout: Duration,
     /// New connections per second over all clients (a burst of one second's worth); more get 53300. 0: no
     /// limit.
     pub connection_rate: u32,
@@ -350,6 +354,7 @@ impl Default for Limits {
             max_clients: 10_000,
             max_prepared_statements: 10_000,
             client_idle_timeout: Duration::ZERO,
+            statement_timeout: Duration::ZERO,
             connection_rate: 0,
             client_connection_rate: 0,
             max_failed_logins: 10,

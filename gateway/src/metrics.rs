@@ -22,6 +22,7 @@ pub struct Metrics {
     pub routed: IntCounterVec,
     pub reloads: IntCounter,
     pub slow_statements: IntCounter,
+    pub statement_timeouts: IntCounter,
     /// `regiongate_request_seconds` for requests on the primary and on replicas (kept as children so that
     /// observing one needs no label lookup).
     pub request_primary: Histogram,
@@ -161,6 +162,10 @@ impl Metrics {
             slow_statements: counter(
                 "regiongate_slow_statements_total",
                 "Requests slower than log.slow_statement",
+            ),
+            statement_timeouts: counter(
+                "regiongate_statement_timeouts_total",
+                "Requests cancelled on their server for running past limits.statement_timeout",
             ),
             request_primary: request_seconds.with_label_values(&["primary"]),
             request_replica: request_seconds.with_label_values(&["replica"]),

@@ -160,3 +160,25 @@ async fn a_client_past_its_prepared_statement_limit_is_disconnected_with_53400()
     let error = db.prepare("SELECT 5").await.unwrap_err();
     assert_eq!(sqlstate(&error), "53400", "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_statement_timeout_is_cancelled_with_57014_and_the_session_goes_on() {
+    let gw = common::gateway("limits", "limits: { statement_timeout: 300ms }\n").await;
+    let db = gw.connect().await;
+    let started = std::time::Instant::now();
+    let error = db.simple_query("SELECT pg_sleep(10)").await.unwrap_err();
+    assert_eq!(sqlstate(&error), "57014", "{error}");
+    let message = error.as_db_error().unwrap().message().to_string();
+    assert!(message.contains("statement timeout"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not cancelled in time"
+    );
+    // The extended protocol too, and the session (and its next request) carry on.
+    let error = db.query("SELECT pg_sleep(10)", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&error), "57014", "{error}");
+    let n: i32 = db.query_one("SELECT 7", &[]).await.unwrap().get(0);
+    assert_eq!(n, 7);
+    let quick: Vec<_> = db.simple_query("SELECT pg_sleep(0.1)").await.unwrap();
+    assert!(!quick.is_empty());
+}

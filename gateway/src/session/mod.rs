@@ -199,6 +199,9 @@ struct Session {
     /// `limits.max_prepared_statements` and `limits.client_idle_timeout`.
     max_prepared_statements: usize,
     client_idle_timeout: Duration,
+    /// `limits.statement_timeout`, and whether the request in flight was cancelled for it already.
+    statement_timeout: Duration,
+    timed_out: bool,
 
     pending: VecDeque<Pending>,
     /// Extended-protocol messages were sent since the last Sync: the server is inside that exchange.
@@ -364,6 +367,8 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         max_message_size: config.limits.max_message_size,
         max_prepared_statements: config.limits.max_prepared_statements,
         client_idle_timeout: config.limits.client_idle_timeout,
+        statement_timeout: config.limits.statement_timeout,
+        timed_out: false,
         pending: VecDeque::with_capacity(8),
         in_exchange: false,
         segment_effects: Vec::new(),
@@ -1442,6 +1447,7 @@ impl Session {
 
     /// A client request got its ReadyForQuery: time it, and log it if it was slow.
     fn request_answered(&mut self) {
+        self.timed_out = false;
         let Some(started) = self.request_started.take() else {
             return;
         };
@@ -1548,6 +1554,19 @@ impl Session {
             .encode(&mut out);
             return Action::Replace(out.freeze());
         }
+        if self.timed_out && protocol::error_fields(body).0 == "57014" {
+            // The cancel was the gateway's: say why, as PostgreSQL's own statement_timeout would.
+            let mut out = BytesMut::new();
+            PgError::error(
+                "57014",
+                format!(
+                    "canceling statement due to statement timeout (regiongate limits.statement_timeout is {})",
+                    humantime::format_duration(self.statement_timeout)
+                ),
+            )
+            .encode(&mut out);
+            return Action::Replace(out.freeze());
+        }
         Action::Forward
     }
 
@@ -1635,6 +1654,9 @@ impl Session {
                     conn.read_buf.reserve(16 * 1024);
                 }
                 let (mut server_read, mut server_write) = conn.stream.split();
+                let statement_timed = !self.statement_timeout.is_zero()
+                    && self.request_started.is_some()
+                    && !self.timed_out;
                 // Only the client can move things on: it is idle inside its transaction.
                 let idle = !self.client_idle_timeout.is_zero()
                     && self.pending.is_empty()
@@ -1646,6 +1668,7 @@ impl Session {
                     event = client => event,
                     r = server_write.write_buf(&mut self.to_server), if !self.to_server.is_empty() => IoEvent::ServerWrite(r),
                     _ = tokio::time::sleep(self.client_idle_timeout), if idle => IoEvent::ClientIdle,
+                    _ = sleep_until(self.request_started, self.statement_timeout), if statement_timed => IoEvent::StatementTimeout,
                 }
             }
             None if self.client_idle_timeout.is_zero() => client.await,
@@ -1655,6 +1678,19 @@ impl Session {
             },
         };
         match event {
+            IoEvent::StatementTimeout => {
+                self.timed_out = true;
+                if let Some(target) = self.handle.entry.server() {
+                    tracing::warn!(
+                        timeout_ms = self.statement_timeout.as_millis() as u64,
+                        statement = %self.last_statement.as_deref().map(|s| String::from_utf8_lossy(&s[..s.len().min(200)])).unwrap_or_default(),
+                        "statement timeout: cancelling the request on its server"
+                    );
+                    METRICS.statement_timeouts.inc();
+                    tokio::spawn(crate::clients::cancel_server(target));
+                }
+                Ok(())
+            }
             IoEvent::ClientIdle => Err(End::Fatal(if self.status == b'I' {
                 PgError::fatal(
                     "57P05",
@@ -1716,7 +1752,16 @@ fn client_io<'a>(
     })
 }
 
+/// Sleeps until `timeout` after `started`.
+async fn sleep_until(started: Option<std::time::Instant>, timeout: Duration) {
+    if let Some(started) = started {
+        tokio::time::sleep_until((started + timeout).into()).await;
+    }
+}
+
 enum IoEvent {
+    /// The request in flight ran past `limits.statement_timeout`.
+    StatementTimeout,
     /// The client sent nothing for `limits.client_idle_timeout` while nothing else was going on.
     ClientIdle,
     ClientRead(std::io::Result<usize>),
