@@ -23,23 +23,7 @@ log "building regiongate"
 (cd "$ROOT" && flock /tmp/regiongate-cargo.lock cargo build --release -p regiongate)
 REGIONGATE=$ROOT/target/release/regiongate
 
-WORK=$(mktemp -d /tmp/regiongate-inserts.XXXXXX)
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    stop_postgres
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-if [[ $EUID -eq 0 ]]; then
-    chown postgres:postgres "$WORK"
-fi
-export PGPASSWORD=bench PGSSLMODE=disable
+work_dir inserts
 
 log "starting PostgreSQL 15 (fsync on)"
 start_postgres on
@@ -71,7 +55,13 @@ start_regiongate regiongate ""
 start_regiongate regiongate-batching "batching: { tables: [bench_events] }"
 TARGETS=(postgres regiongate regiongate-batching)
 
-cat >"$WORK/insert.sql" <<'EOF'
+# The row as an application sends it: with the extended protocol every value is a parameter (the batcher
+# sends such rows as COPY); with the simple protocol the values are literals in the text (a multi-row INSERT).
+cat >"$WORK/insert-extended.sql" <<'EOF'
+\set client random(1, 1000000)
+INSERT INTO bench_events (client, payload) VALUES (:client, :payload);
+EOF
+cat >"$WORK/insert-simple.sql" <<'EOF'
 \set client random(1, 1000000)
 INSERT INTO bench_events (client, payload) VALUES (:client, 'page_view /products/42');
 EOF
@@ -85,7 +75,8 @@ run() {
         "SELECT count(*) FROM bench_events")
     if [[ -n $pid ]]; then cpu_before=$(cpu_ticks "$pid"); fi
     "$PGBIN/pgbench" -h 127.0.0.1 -p "${PORT[$target]}" -U bench -n -T "$DURATION" -c "$clients" \
-        -j $((clients < 2 ? clients : 2)) -M "$mode" -f "$WORK/insert.sql" -l --log-prefix="$prefix" \
+        -j $((clients < 2 ? clients : 2)) -M "$mode" -f "$WORK/insert-$([[ $mode == simple ]] && echo simple || echo extended).sql" \
+        -D payload='page_view /products/42' -l --log-prefix="$prefix" \
         bench >"$out" 2>&1 || { cat "$out" >&2; exit 1; }
     if [[ -n $pid ]]; then cpu_after=$(cpu_ticks "$pid"); fi
     after=$("$PGBIN/psql" -X -q -At -h 127.0.0.1 -p "$PG_PORT" -U bench -d bench -c \

@@ -1,5 +1,6 @@
 # Shared by the benchmark scripts: process helpers, a throwaway PostgreSQL 15, medians, README blocks.
-# Source it after setting ROOT and WORK; it sets PGBIN, CLK_TCK and AS_SERVER_USER.
+# Source it after setting ROOT and README; it sets PGBIN, CLK_TCK and AS_SERVER_USER, and `work_dir` makes
+# WORK, whose processes (PIDS) and PostgreSQL are stopped on exit.
 
 PGBIN=/usr/lib/postgresql/15/bin
 CLK_TCK=$(getconf CLK_TCK)
@@ -108,4 +109,27 @@ replace_block() {
         !skipping { print }
     ' "$README" >"$WORK/README.md"
     cat "$WORK/README.md" >"$README"
+}
+
+# Makes the scratch folder WORK (for PostgreSQL too) and stops everything in PIDS, and PostgreSQL, on exit.
+# Every client below logs in as bench/bench with SCRAM; no TLS anywhere, so none is negotiated.
+PIDS=()
+work_dir() {
+    WORK=$(mktemp -d "/tmp/regiongate-$1.XXXXXX")
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+    if [[ $EUID -eq 0 ]]; then
+        chown postgres:postgres "$WORK"
+    fi
+    export PGPASSWORD=bench PGSSLMODE=disable
+}
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    stop_postgres
+    rm -rf "$WORK"
 }

@@ -62,27 +62,7 @@ REGIONGATE=$ROOT/target/release/regiongate
 
 # ---------------------------------------------------------------- processes, cleaned up on exit
 
-WORK=$(mktemp -d /tmp/regiongate-pgbench.XXXXXX)
-PGBOUNCER_PID=
-REGIONGATE_PID=
-REGIONGATE_OFF_PID=
-cleanup() {
-    local pid
-    for pid in $PGBOUNCER_PID $REGIONGATE_PID $REGIONGATE_OFF_PID; do
-        kill "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    stop_postgres
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-if [[ $EUID -eq 0 ]]; then
-    chown postgres:postgres "$WORK"
-fi
-
-# Every client connection below logs in as bench/bench with SCRAM; no TLS anywhere, so none is negotiated.
-export PGPASSWORD=bench PGSSLMODE=disable
+work_dir pgbench
 
 # ---------------------------------------------------------------- PostgreSQL
 
@@ -121,6 +101,7 @@ log_stats = 0
 EOF
 "${AS_SERVER_USER[@]}" pgbouncer "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
 PGBOUNCER_PID=$!
+PIDS+=("$PGBOUNCER_PID")
 wait_listening "$PGBOUNCER_PID" "$PGBOUNCER_PORT" "$WORK/pgbouncer.log"
 
 # ---------------------------------------------------------------- regiongate
@@ -135,6 +116,7 @@ auth: { method: scram-sha-256, users: [ { name: bench, password: bench } ] }
 EOF
 RUST_LOG=warn "$REGIONGATE" --config "$WORK/regiongate.yaml" >"$WORK/regiongate.log" 2>&1 &
 REGIONGATE_PID=$!
+PIDS+=("$REGIONGATE_PID")
 wait_listening "$REGIONGATE_PID" "$REGIONGATE_PORT" "$WORK/regiongate.log"
 
 declare -A PORT=([postgres]=$PG_PORT [pgbouncer]=$PGBOUNCER_PORT [regiongate]=$REGIONGATE_PORT)
@@ -147,6 +129,7 @@ if [[ $NPLUS1_OFF == 1 ]]; then
     echo "nplus1: { enabled: false }" >>"$WORK/regiongate-off.yaml"
     RUST_LOG=warn "$REGIONGATE" --config "$WORK/regiongate-off.yaml" >"$WORK/regiongate-off.log" 2>&1 &
     REGIONGATE_OFF_PID=$!
+    PIDS+=("$REGIONGATE_OFF_PID")
     wait_listening "$REGIONGATE_OFF_PID" "$OFF_PORT" "$WORK/regiongate-off.log"
     TARGETS+=(regiongate-nplus1-off)
     PORT[regiongate-nplus1-off]=$OFF_PORT

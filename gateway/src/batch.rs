@@ -645,40 +645,30 @@ async fn flush(shared: Arc<Shared>, queue: Arc<Queue>, rows: Vec<Queued>, bytes:
         .batches
         .with_label_values(&[table, form, outcome])
         .inc();
-    match &result {
+    let (wait_us, duration_us) = (waited.as_micros() as u64, took.as_micros() as u64);
+    match result {
         Flushed::Committed => tracing::debug!(
             table,
             form,
             rows = count,
             bytes,
-            wait_us = waited.as_micros() as u64,
-            duration_us = took.as_micros() as u64,
+            wait_us,
+            duration_us,
             outcome,
             "batch flushed"
         ),
-        Flushed::OneByOne { error } => {
-            tracing::warn!(
-                table,
-                form,
-                rows = count,
-                bytes,
-                wait_us = waited.as_micros() as u64,
-                duration_us = took.as_micros() as u64,
-                outcome,
-                %error,
-                "batch failed; its rows were run one by one"
-            )
-        }
-        Flushed::Failed(error) => tracing::warn!(
+        // one_by_one: the batch failed and its rows ran alone; lost: its clients were told the outcome is
+        // unknown.
+        Flushed::OneByOne { error } | Flushed::Failed(error) => tracing::warn!(
             table,
             form,
             rows = count,
             bytes,
-            wait_us = waited.as_micros() as u64,
-            duration_us = took.as_micros() as u64,
+            wait_us,
+            duration_us,
             outcome,
             %error,
-            "batch lost; its clients were told"
+            "batch failed"
         ),
     }
     {
