@@ -207,6 +207,17 @@ async fn soak_under_faults_loses_no_write_serves_nothing_stale_and_leaks_nothing
                 .join(", ")
         }
     );
+    let by_operation = stats.by_operation.lock().expect("errors").clone();
+    if !by_operation.is_empty() {
+        let list: Vec<String> = by_operation
+            .iter()
+            .map(|(w, n)| format!("{w} {n}"))
+            .collect();
+        println!("  by operation: {}", list.join(", "));
+    }
+    for (code, sample) in stats.samples.lock().expect("samples").iter() {
+        println!("  {code}, first seen: {sample}");
+    }
     if let Some(at) = *stats.last_error.lock().expect("last error") {
         println!(
             "  last error {:.1} s into the soak (the last fault was undone at {:.1} s)",
@@ -228,8 +239,9 @@ async fn soak_under_faults_loses_no_write_serves_nothing_stale_and_leaks_nothing
             .join(", ")
     );
     println!(
-        "staleness: max {} ms on replica reads (budget {} ms + slack {} ms), {} over; max {} ms on primary reads",
-        reads.max_replica_ms, BUDGET.as_millis(), SLACK.as_millis(), reads.over_budget, reads.max_primary_ms
+        "staleness: max {} ms on replica reads ({}); budget {} ms + slack {} ms: {} within the slack, {} over; max {} ms on primary reads",
+        reads.max_replica_ms, reads.max_replica_at, BUDGET.as_millis(), SLACK.as_millis(), reads.in_slack,
+        reads.over_budget, reads.max_primary_ms
     );
     println!(
         "memory (VmRSS): baseline {rss_baseline} KiB, peak {} KiB, after {rss_after} KiB ({:+} KiB; tolerance {RSS_TOLERANCE_KIB} KiB)",
@@ -523,6 +535,47 @@ async fn connect(config: &str) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
+/// How a client connection ended, when it ended with an error.
+type Ended = Option<tokio::sync::oneshot::Receiver<tokio_postgres::Error>>;
+
+/// Connects, keeping the error the connection ends with (see [`why_closed`]).
+async fn connect_watched(
+    config: &str,
+) -> Result<
+    (
+        Client,
+        tokio::sync::oneshot::Receiver<tokio_postgres::Error>,
+    ),
+    tokio_postgres::Error,
+> {
+    let (client, connection) = tokio_postgres::connect(config, NoTls).await?;
+    let (ended, why) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            let _ = ended.send(error);
+        }
+    });
+    Ok((client, why))
+}
+
+/// A request that failed because the connection closed may have been told why in an ErrorResponse that
+/// arrived while no request was pending: a FATAL between a transaction's statements, sent by PostgreSQL or by
+/// the gateway when the transaction's server connection was lost. tokio-postgres ends the connection with that
+/// error and its requests see only "connection closed"; this returns the error the connection ended with, if
+/// it carries a SQLSTATE. A close with no ErrorResponse at all stays "connection closed" (unexpected).
+async fn why_closed(error: tokio_postgres::Error, ended: &mut Ended) -> tokio_postgres::Error {
+    if error.as_db_error().is_some() || !error.is_closed() {
+        return error;
+    }
+    let Some(why) = ended.take() else {
+        return error;
+    };
+    match tokio::time::timeout(Duration::from_secs(1), why).await {
+        Ok(Ok(reason)) if reason.as_db_error().is_some() => reason,
+        _ => error,
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 enum Table {
     /// Inserted one row per statement outside transactions: batched by the gateway (`batching.tables`).
@@ -544,6 +597,8 @@ struct Stats {
     operations: AtomicU64,
     statements: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
+    /// Errors by what the client was doing: connect, read or write.
+    by_operation: Mutex<BTreeMap<&'static str, u64>>,
     /// The first message seen for each error code.
     samples: Mutex<BTreeMap<String, String>>,
     last_error: Mutex<Option<Instant>>,
@@ -556,7 +611,13 @@ impl Stats {
         self.statements.fetch_add(statements, Ordering::Relaxed);
     }
 
-    fn failed(&self, code: String, what: &str, message: String) {
+    fn failed(&self, code: String, what: &'static str, message: String) {
+        *self
+            .by_operation
+            .lock()
+            .expect("errors")
+            .entry(what)
+            .or_default() += 1;
         *self
             .errors
             .lock()
@@ -573,7 +634,7 @@ impl Stats {
 
     /// Counts an error by SQLSTATE; one without (the connection closed with no ErrorResponse, an I/O error) is
     /// counted by its kind. Returns whether the client connection is unusable.
-    fn error(&self, error: &tokio_postgres::Error, what: &str, client: &Client) -> bool {
+    fn error(&self, error: &tokio_postgres::Error, what: &'static str, client: &Client) -> bool {
         match error.as_db_error() {
             Some(db) => {
                 self.failed(db.code().code().to_string(), what, db.message().to_string());
@@ -654,6 +715,7 @@ impl Load {
 
 struct WriterConn {
     client: Client,
+    ended: Ended,
     insert_event: Statement,
     insert_row: Statement,
     count_event: Statement,
@@ -661,7 +723,7 @@ struct WriterConn {
 }
 
 async fn writer_conn(config: &str) -> Result<WriterConn, tokio_postgres::Error> {
-    let client = connect(config).await?;
+    let (client, ended) = connect_watched(config).await?;
     Ok(WriterConn {
         insert_event: client
             .prepare("INSERT INTO soak_events (id, writer) VALUES ($1, $2)")
@@ -676,6 +738,7 @@ async fn writer_conn(config: &str) -> Result<WriterConn, tokio_postgres::Error> 
             .prepare("SELECT count(*) FROM soak_rows WHERE id = $1")
             .await?,
         client,
+        ended: Some(ended),
     })
 }
 
@@ -702,6 +765,7 @@ async fn writer(load: Arc<Load>, w: i32) {
         match tokio::time::timeout(OP_TIMEOUT, write_once(c, &load, w, i)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
+                let e = why_closed(e, &mut c.ended).await;
                 if load.stats.error(&e, "write", &c.client) {
                     conn = None;
                 }
@@ -781,14 +845,16 @@ const READ_SQL: &str = "SELECT (extract(epoch FROM max(ts)) * 1000000)::int8, \
 
 struct ReaderConn {
     client: Client,
+    ended: Ended,
     read: Statement,
 }
 
 async fn reader_conn(config: &str) -> Result<ReaderConn, tokio_postgres::Error> {
-    let client = connect(config).await?;
+    let (client, ended) = connect_watched(config).await?;
     Ok(ReaderConn {
         read: client.prepare(READ_SQL).await?,
         client,
+        ended: Some(ended),
     })
 }
 
@@ -818,6 +884,7 @@ async fn reader(load: Arc<Load>) {
                 load.stats.done(statements);
             }
             Ok(Err(e)) => {
+                let e = why_closed(e, &mut c.ended).await;
                 if load.stats.error(&e, "read", &c.client) {
                     conn = None;
                 }
@@ -1263,6 +1330,10 @@ fn staleness(ticks: &[(i64, i64)], read: &ReadSample) -> i64 {
 struct ReadCheck {
     by_server: String,
     max_replica_ms: i64,
+    /// Where and when the stalest replica read was.
+    max_replica_at: String,
+    /// Replica reads over the budget but within the slack.
+    in_slack: usize,
     max_primary_ms: i64,
     over_budget: usize,
     failures: Vec<String>,
@@ -1280,6 +1351,8 @@ fn check_reads(
     let limit = (BUDGET + SLACK).as_micros() as i64;
     let mut by_server: BTreeMap<String, u64> = BTreeMap::new();
     let (mut max_replica, mut max_primary, mut over) = (0i64, 0i64, Vec::new());
+    let (mut max_replica_at, mut in_slack) = (String::new(), 0);
+    let budget = BUDGET.as_micros() as i64;
     for read in reads.iter() {
         let name = servers
             .get(&read.port)
@@ -1290,7 +1363,16 @@ fn check_reads(
         if read.port == primary {
             max_primary = max_primary.max(stale);
         } else {
-            max_replica = max_replica.max(stale);
+            if stale > max_replica {
+                max_replica = stale;
+                max_replica_at = format!(
+                    "{name}, {:.2} s into the soak",
+                    (read.started - soak_started_us) as f64 / 1e6
+                );
+            }
+            if stale > budget && stale <= limit {
+                in_slack += 1;
+            }
             if stale > limit {
                 over.push(format!(
                     "{} ms on {name} at {:.2} s into the soak",
@@ -1319,6 +1401,8 @@ fn check_reads(
             .collect::<Vec<_>>()
             .join(", "),
         max_replica_ms: max_replica / 1000,
+        max_replica_at,
+        in_slack,
         max_primary_ms: max_primary / 1000,
         over_budget: over.len(),
         failures,
