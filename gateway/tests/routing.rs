@@ -363,3 +363,68 @@ async fn a_killed_replica_is_banned_and_no_read_fails() {
     .await;
     assert!(back, "the replica never came back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_waited_for_a_connection_past_the_budget_is_routed_again() {
+    // Found by the soak test: a read was admitted for eu-west while it was within the budget, then waited for a
+    // server connection (here: all four of its pool's are held) while eu-west's replay stood still, and ran
+    // there on data older than the budget.
+    let env = start("max_lag: 1s").await;
+    let setup = env.client().await;
+    setup
+        .batch_execute("CREATE TABLE waited (id int)")
+        .await
+        .unwrap();
+    // A write makes a session read its writes; the holders and the reader are fresh sessions.
+    let holders: Vec<Client> = futures_util::future::join_all((0..4).map(|_| env.client())).await;
+    for holder in &holders {
+        holder.batch_execute("BEGIN READ ONLY").await.unwrap();
+        assert_eq!(server_port(holder, "").await, env.port_of("eu-west"));
+    }
+    env.eu_west().pause_replay().unwrap();
+    env.topology
+        .primary
+        .cluster
+        .psql("app", "INSERT INTO waited VALUES (1)")
+        .unwrap();
+    let reader = env.client().await;
+    // One exchange (a simple query): with the extended protocol, tokio-postgres's Parse would wait instead
+    // and the Bind/Execute that follows would be routed afresh.
+    let read = tokio::spawn(async move {
+        let messages = reader
+            .simple_query("SELECT count(*), inet_server_port() FROM waited")
+            .await
+            .unwrap();
+        let row = messages
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            })
+            .expect("a row");
+        let field = |i: usize| row.get(i).unwrap().parse::<i64>().unwrap();
+        (field(0), field(1) as u16)
+    });
+    let eu_west_relay = env.topology.regions[0].replicas[0].addr().port();
+    let waiting = common::eventually(Duration::from_secs(5), || async {
+        env.shared
+            .pools()
+            .iter()
+            .any(|p| p.key.server.port == eu_west_relay && p.waiting() == 1)
+    })
+    .await;
+    assert!(waiting, "the read never waited for an eu-west connection");
+    // The scenario itself: the wait outlasts the budget.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for holder in &holders {
+        holder.batch_execute("COMMIT").await.unwrap();
+    }
+    let (count, port) = read.await.unwrap();
+    assert_ne!(
+        port,
+        env.port_of("eu-west"),
+        "the read ran on stale eu-west"
+    );
+    assert_eq!(count, 1);
+    env.eu_west().resume_replay().unwrap();
+}

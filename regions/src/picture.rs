@@ -131,6 +131,10 @@ pub struct Decision {
     pub reason: Reason,
     /// The region of the chosen server, if known.
     pub region: Option<Arc<str>>,
+    /// For a replica: the instant it goes over the read's budget, as far as the picture knows. The read must
+    /// start before then; a caller that waited (for a free server connection, or while one was opened) past it
+    /// decides again.
+    pub fresh_until: Option<Instant>,
 }
 
 /// No replica fits and the configuration says to refuse: why, per candidate.
@@ -211,6 +215,10 @@ impl Picture {
                     target: Target::Replica(replica.id),
                     reason: first_skip.unwrap_or(fits),
                     region: Some(region.clone()),
+                    // None on overflow (an absurd budget): no instant to miss.
+                    fresh_until: replica
+                        .fresh_as_of
+                        .and_then(|t| t.checked_add(request.max_lag)),
                 });
             }
             if let Some(why) = region_skip {
@@ -222,6 +230,7 @@ impl Picture {
                 target: Target::Primary,
                 reason: first_skip.unwrap_or(Reason::NoReplicas),
                 region: self.primary_region.clone(),
+                fresh_until: None,
             });
         }
         Err(NoFit {

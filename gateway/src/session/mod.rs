@@ -1102,15 +1102,39 @@ impl Session {
         }
         let regions = self.shared.regions();
         let mut attempts = 0;
+        let mut stale_checkouts = 0;
         let result = loop {
             attempts += 1;
-            let decision = match self.decide(&regions) {
-                Ok(decision) => decision,
-                Err(error) => break Err(error),
+            let decision = if stale_checkouts >= 3 {
+                // Replicas kept going over the budget while connections were found for them.
+                regions::Decision {
+                    target: regions::Target::Primary,
+                    reason: regions::Reason::OverBudget,
+                    region: regions.primary_region.clone(),
+                    fresh_until: None,
+                }
+            } else {
+                match self.decide(&regions) {
+                    Ok(decision) => decision,
+                    Err(error) => break Err(error),
+                }
             };
             self.record(&decision, &regions);
             let (pool, route) = self.target_pool(&decision, &regions);
             match pool.checkout().await {
+                // A replica fits the read's budget at the decision; waiting for a free connection, or opening
+                // one (a TCP and authentication exchange over the link), takes time during which a replica
+                // whose replay stalled grows staler. Past the instant it goes over the budget, the connection
+                // goes back unused (it is idle and clean) and the read is routed again, so that no read starts
+                // on data older than its budget.
+                Ok(lease)
+                    if decision
+                        .fresh_until
+                        .is_some_and(|until| std::time::Instant::now() > until) =>
+                {
+                    lease.release();
+                    stale_checkouts += 1;
+                }
                 Ok(lease) => break Ok((lease, route)),
                 Err(error) => match route {
                     Route::Replica(in_flight) if attempts <= 3 => {

@@ -133,6 +133,7 @@ impl Session {
             target: Target::Primary,
             reason,
             region: regions.primary_region.clone(),
+            fresh_until: None,
         };
         if !self.routing_enabled() {
             return Ok(write(if self.pinned.is_some() {
