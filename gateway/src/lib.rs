@@ -344,18 +344,7 @@ pub fn side_connection(
     login: &SideLogin,
     application: &str,
 ) -> tokio_postgres::Config {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&url.host)
-        .port(url.port)
-        .user(&login.user)
-        .dbname(&login.database)
-        .application_name(application)
-        .connect_timeout(Duration::from_secs(5));
-    if let Some(password) = &login.password {
-        config.password(password);
-    }
-    config
+    regions::monitor::side_connection(url, login, application, Duration::from_secs(5))
 }
 
 /// The primary, as the gateway's side connections reach it (for `regiongate migrate`).

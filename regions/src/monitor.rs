@@ -18,7 +18,7 @@ use tokio_postgres::{Client, NoTls};
 /// Heartbeats remembered (two minutes at the default interval); an older one means "lag unknown".
 const HEARTBEATS_KEPT: usize = 512;
 
-/// The gateway's own tables on the primary; idempotent, also shipped as a migration.
+/// The heartbeat table on the primary; idempotent, also part of migrations/0001_regiongate.sql.
 pub const SCHEMA_SQL: &str = "CREATE SCHEMA IF NOT EXISTS regiongate;
 CREATE TABLE IF NOT EXISTS regiongate.heartbeat (
     gateway text PRIMARY KEY,
@@ -67,9 +67,11 @@ impl Heartbeats {
     }
 }
 
-fn connect_config(
+/// Connection settings for the gateway's own side connections to a server (monitors, views, migrations).
+pub fn side_connection(
     url: &crate::ServerUrl,
     login: &SideLogin,
+    application: &str,
     timeout: Duration,
 ) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
@@ -78,7 +80,7 @@ fn connect_config(
         .port(url.port)
         .user(&login.user)
         .dbname(&login.database)
-        .application_name("regiongate monitor")
+        .application_name(application)
         .connect_timeout(timeout);
     if let Some(password) = &login.password {
         config.password(password);
@@ -132,9 +134,10 @@ const PROBE_SQL: &str = "SELECT pg_last_wal_replay_lsn()::text, \
 /// Writes the heartbeat every interval until the gateway stops.
 pub(crate) async fn heartbeat(regions: Arc<Regions>) {
     let interval = regions.routing.monitor_interval;
-    let config = connect_config(
+    let config = side_connection(
         &regions.primary_url,
         &regions.login,
+        "regiongate monitor",
         interval.max(Duration::from_secs(2)),
     );
     let mut ticker = tokio::time::interval(interval);
@@ -197,7 +200,12 @@ async fn setup(client: &Client, gateway: &str) -> Result<(), tokio_postgres::Err
 pub(crate) async fn probe(regions: Arc<Regions>, id: ReplicaId) {
     let interval = regions.routing.monitor_interval;
     let url = regions.replica_urls[id].clone();
-    let config = connect_config(&url, &regions.login, interval.max(Duration::from_secs(1)));
+    let config = side_connection(
+        &url,
+        &regions.login,
+        "regiongate monitor",
+        interval.max(Duration::from_secs(1)),
+    );
     let mut connection: Option<Prepared> = None;
     let mut backoff = interval;
     // The probe reads the heartbeat table, which the heartbeat writer creates: wait for its first beat.

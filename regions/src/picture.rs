@@ -215,10 +215,16 @@ impl Picture {
                     target: Target::Replica(replica.id),
                     reason: first_skip.unwrap_or(fits),
                     region: Some(region.clone()),
-                    // None on overflow (an absurd budget): no instant to miss.
-                    fresh_until: replica
-                        .fresh_as_of
-                        .and_then(|t| t.checked_add(request.max_lag)),
+                    // None on overflow (an absurd budget): no instant to miss. For view reads the views'
+                    // max_staleness decided, not the lag budget: a wait for a connection (milliseconds against
+                    // a staleness of minutes) is not re-checked.
+                    fresh_until: if fresh.is_some() {
+                        None
+                    } else {
+                        replica
+                            .fresh_as_of
+                            .and_then(|t| t.checked_add(request.max_lag))
+                    },
                 });
             }
             if let Some(why) = region_skip {

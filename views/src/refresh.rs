@@ -12,22 +12,8 @@ use crate::config::ViewSpec;
 use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::Client;
 
-/// The gateway's own tables for views; idempotent, also shipped as migrations/0001_regiongate.sql.
-pub const SCHEMA_SQL: &str = "CREATE SCHEMA IF NOT EXISTS regiongate;
-CREATE TABLE IF NOT EXISTS regiongate.view_refreshes (
-    id bigserial PRIMARY KEY,
-    view_name text NOT NULL,
-    slot timestamptz,
-    gateway text NOT NULL,
-    started_at timestamptz NOT NULL,
-    finished_at timestamptz NOT NULL,
-    rows bigint,
-    error text
-);
-CREATE UNIQUE INDEX IF NOT EXISTS view_refreshes_one_per_slot
-    ON regiongate.view_refreshes (view_name, slot) WHERE error IS NULL AND slot IS NOT NULL;
-CREATE INDEX IF NOT EXISTS view_refreshes_latest
-    ON regiongate.view_refreshes (view_name, started_at DESC);";
+/// The gateway's own tables, views' history among them (the same idempotent SQL as the first migration).
+pub const SCHEMA_SQL: &str = include_str!("../../migrations/0001_regiongate.sql");
 
 /// The advisory lock key of a view: the same in every gateway, and distinct from other users' keys by prefix.
 const LOCK_SQL: &str = "SELECT pg_try_advisory_xact_lock(hashtext('regiongate.view:' || $1))";
