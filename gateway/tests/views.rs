@@ -95,10 +95,9 @@ async fn a_view_on_a_one_second_schedule_is_refreshed_every_second() {
     let gw = gateway_for(
         &database,
         &format!(
-            "auth: {{ method: scram-sha-256, users: [ {{ name: {database}, password: {PASSWORD} }} ] }}\n\
-             admin: {{ users: [ {database} ] }}\n\
-             views:\n  - {{ name: sales_by_region, query: 'SELECT region, sum(amount) AS total FROM sales GROUP BY region', \
-             unique_key: [region], schedule: every 1s }}\n"
+            "{}views:\n  - {{ name: sales_by_region, query: 'SELECT region, sum(amount) AS total FROM sales GROUP BY region', \
+             unique_key: [region], schedule: every 1s }}\n",
+            common::own_user(&database)
         ),
     )
     .await;
@@ -198,10 +197,9 @@ async fn readers_during_concurrent_refreshes_never_see_an_error_or_an_empty_view
     let gw = gateway_for(
         &database,
         &format!(
-            "auth: {{ method: scram-sha-256, users: [ {{ name: {database}, password: {PASSWORD} }} ] }}\n\
-             admin: {{ users: [ {database} ] }}\n\
-             views:\n  - {{ name: priced, query: 'SELECT id, price + s.zero AS price FROM items CROSS JOIN (SELECT slow() AS zero) s', \
-             unique_key: [id], schedule: every 1s }}\n"
+            "{}views:\n  - {{ name: priced, query: 'SELECT id, price + s.zero AS price FROM items CROSS JOIN (SELECT slow() AS zero) s', \
+             unique_key: [id], schedule: every 1s }}\n",
+            common::own_user(&database)
         ),
     )
     .await;
@@ -297,11 +295,10 @@ async fn a_failing_refresh_is_reported_and_the_old_contents_stay_served() {
     let gw = gateway_for(
         &database,
         &format!(
-            "auth: {{ method: scram-sha-256, users: [ {{ name: {database}, password: {PASSWORD} }} ] }}\n\
-             admin: {{ users: [ {database} ] }}\n\
-             views:\n  - {{ name: ratio, query: 'SELECT k, v / (SELECT divisor FROM switch) AS v FROM base', \
+            "{}views:\n  - {{ name: ratio, query: 'SELECT k, v / (SELECT divisor FROM switch) AS v FROM base', \
              unique_key: [k], schedule: every 1s }}\n  \
-             - {{ name: misspelt, query: 'SELEC k FROM base', schedule: every 1s }}\n"
+             - {{ name: misspelt, query: 'SELEC k FROM base', schedule: every 1s }}\n",
+            common::own_user(&database)
         ),
     )
     .await;
@@ -603,10 +600,9 @@ async fn the_demo_views_serve_a_sqlalchemy_dashboard_through_the_gateway() {
     let gw = gateway_for(
         &database,
         &format!(
-            "auth: {{ method: scram-sha-256, users: [ {{ name: {database}, password: {PASSWORD} }} ] }}\n\
-             admin: {{ users: [ {database} ] }}\n\
-             views:\n  - {{ name: daily_sales_by_region, schedule: every 1m }}\n  \
-             - {{ name: top_products, schedule: every 1m }}\n  - {{ name: active_customers, schedule: every 1m }}\n"
+            "{}views:\n  - {{ name: daily_sales_by_region, schedule: every 1m }}\n  \
+             - {{ name: top_products, schedule: every 1m }}\n  - {{ name: active_customers, schedule: every 1m }}\n",
+            common::own_user(&database)
         ),
     )
     .await;

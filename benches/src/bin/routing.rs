@@ -8,12 +8,12 @@
 //!
 //!     cargo run --release -p benches --bin routing [-- SECONDS]
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use benches::connect;
 use regiongate::config::Config;
 use regiongate::Gateway;
 use std::time::{Duration, Instant};
 use testbed::{RegionSpec, Topology};
-use tokio_postgres::{Client, NoTls};
 
 const READERS: usize = 8;
 const WRITERS: usize = 2;
@@ -146,16 +146,6 @@ async fn start_gateway(servers: &str) -> Result<u16> {
     let port = gateway.local_addr().port();
     tokio::spawn(gateway.run(std::future::pending()));
     Ok(port)
-}
-
-async fn connect(url: &str) -> Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .with_context(|| url.to_string())?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
 }
 
 /// Runs readers (and writers) against `url` for `duration`; returns read and write latencies.

@@ -9,11 +9,12 @@
 //!     cargo run --release -p benches --bin views [-- SCALE [RAW_RUNS [VIEW_RUNS]]]
 
 use anyhow::{bail, Context, Result};
+use benches::connect;
 use regiongate::config::Config;
 use regiongate::Gateway;
 use std::time::{Duration, Instant};
 use testbed::{Cluster, ClusterOptions};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// (panel, query on the raw tables, the same panel from its view, whether both must agree exactly: a panel
 /// relative to now() moves between the refresh and the raw query, so only its shape is compared).
@@ -237,14 +238,4 @@ async fn median(client: &Client, sql: &str, runs: usize) -> Result<Duration> {
     }
     times.sort();
     Ok(times[times.len() / 2])
-}
-
-async fn connect(url: &str) -> Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .with_context(|| url.to_string())?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
 }

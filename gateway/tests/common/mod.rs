@@ -48,14 +48,16 @@ impl Drop for TestGateway {
 /// Starts a gateway in front of a fresh database. `extra` is YAML appended to the config (pool, limits, ...).
 pub async fn gateway(prefix: &str, extra: &str) -> TestGateway {
     let database = fresh_database(prefix);
-    gateway_for(
-        &database,
-        &format!(
-            "auth:\n  method: scram-sha-256\n  users: [ {{ name: {database}, password: {PASSWORD} }} ]\n\
-             admin: {{ users: [ {database} ] }}\n{extra}"
-        ),
+    gateway_for(&database, &format!("{}{extra}", own_user(&database))).await
+}
+
+/// The `auth` and `admin` sections for a test database's own role (its name, password PASSWORD) as the only
+/// user, and admin.
+pub fn own_user(database: &str) -> String {
+    format!(
+        "auth: {{ method: scram-sha-256, users: [ {{ name: {database}, password: {PASSWORD} }} ] }}\n\
+         admin: {{ users: [ {database} ] }}\n"
     )
-    .await
 }
 
 /// Starts a gateway for an existing database with the given auth/pool YAML.
