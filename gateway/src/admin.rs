@@ -4,7 +4,7 @@
 //! pgwire frames the console's messages and runs the simple-query protocol; [`Console`] answers the commands.
 
 use crate::metrics::METRICS;
-use crate::tls::ClientStream;
+use crate::tls::Stream;
 use crate::Shared;
 use async_trait::async_trait;
 use futures_util::{stream, Sink};
@@ -76,7 +76,7 @@ const HELP: &[(&str, &str)] = &[
 ];
 
 /// Serves the console on an authenticated connection until the client leaves.
-pub async fn serve(shared: Arc<Shared>, stream: ClientStream, peer: std::net::SocketAddr) {
+pub async fn serve(shared: Arc<Shared>, stream: Stream, peer: std::net::SocketAddr) {
     let mut framed = Framed::new(
         stream,
         PgWireMessageServerCodec::new(DefaultClient::new(peer, false)),

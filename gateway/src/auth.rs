@@ -446,6 +446,7 @@ async fn send<S: AsyncWrite + Unpin>(
         ))
     })?;
     stream.write_all(&out).await?;
+    stream.flush().await?;
     Ok(())
 }
 
@@ -508,7 +509,9 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
 
     let mut out = BytesMut::new();
     frontend::startup_message([("user", user), ("database", database)], &mut out)?;
+    // Over TLS a write can leave records in rustls's buffer: every write before a read is flushed.
     stream.write_all(&out).await?;
+    stream.flush().await?;
     let need_password = || {
         ServerLoginError::Protocol(format!(
             "the server asks a password for {user}, and none is configured"
@@ -612,6 +615,7 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
         }
         if !out.is_empty() {
             stream.write_all(&out).await?;
+            stream.flush().await?;
         }
     }
 }

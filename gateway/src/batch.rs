@@ -708,7 +708,9 @@ fn batch_pool(shared: &Shared, database: &str, user: &str) -> FlushPool {
     // A reload may have moved the primary or resized the pools: those pools are replaced (their connections
     // close as their flushes end).
     pools.retain(|k, (pool, _)| {
-        k.server == key.server && pool.config().size == config.batching.connections
+        k.server == key.server
+            && pool.config().size == config.batching.connections
+            && pool.tls() == &config.server_tls
     });
     if let Some((pool, permits)) = pools.get(&key) {
         return (pool.clone(), permits.clone());
@@ -772,6 +774,7 @@ async fn run(mut lease: Lease, key: &Key, rows: Vec<Queued>, position: bool) -> 
             protocol::query(&mut out, WAL_POSITION);
         }
         conn.stream.write_all(&out).await?;
+        conn.stream.flush().await?;
         let answer = read_answer(conn).await?;
         let lsn = if position {
             read_answer(conn).await?.lsn()
@@ -825,7 +828,11 @@ async fn run(mut lease: Lease, key: &Key, rows: Vec<Queued>, position: bool) -> 
     if position {
         protocol::query(&mut out, WAL_POSITION);
     }
-    if let Err(io) = conn.stream.write_all(&out).await {
+    let sent = async {
+        conn.stream.write_all(&out).await?;
+        conn.stream.flush().await
+    };
+    if let Err(io) = sent.await {
         return lost(io, rows);
     }
     let mut answers = Vec::with_capacity(rows.len());
@@ -1043,6 +1050,7 @@ async fn run_simple(conn: &mut ServerConn, sql: &str) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     protocol::query(&mut out, sql);
     conn.stream.write_all(&out).await?;
+    conn.stream.flush().await?;
     let answer = read_answer(conn).await?;
     match answer.error {
         None => Ok(()),

@@ -53,6 +53,9 @@ pub struct Config {
     pub batching: BatchingConfig,
     #[serde(default)]
     pub tls: TlsConfig,
+    /// TLS from the gateway to the primary and the replicas: pooled and side connections alike.
+    #[serde(default)]
+    pub server_tls: regions::ServerTls,
     /// Materialized views the gateway creates, refreshes and routes reads of (see the `views` crate).
     #[serde(default)]
     pub views: Vec<views::ViewSpec>,
@@ -523,6 +526,7 @@ impl Config {
                 format!("{unknown:?} is not a region in `regions`"),
             ));
         }
+        self.server_tls.validate()?;
         if self.tls.mode != TlsMode::Disable {
             if self.tls.cert.is_none() || self.tls.key.is_none() {
                 return Err((

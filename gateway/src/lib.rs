@@ -31,7 +31,7 @@ use crate::route::Classifier;
 use crate::session::StatementNames;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
-use regions::{Regions, SideLogin};
+use regions::{Regions, SideConnect, SideLogin};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -79,9 +79,13 @@ pub struct Shared {
 /// (replicas in the regions crate's order, so that indexes are `ReplicaId`s).
 fn views_setup(config: &Config) -> views::Setup {
     let login = side_login(config);
-    let target = |url: &ServerUrl, region: &str| views::Target {
-        region: region.to_string(),
-        config: side_connection(url, &login, "regiongate views"),
+    let target = |url: &ServerUrl, region: &str| {
+        let side = side_connection(url, &login, "regiongate views");
+        views::Target {
+            region: region.to_string(),
+            config: side.config,
+            tls: side.tls,
+        }
     };
     views::Setup {
         views: config.views.clone(),
@@ -202,13 +206,18 @@ impl Shared {
         self.pools
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|key, pool| servers.contains(&key.server) && pool.config() == &new.pool);
+            .retain(|key, pool| {
+                servers.contains(&key.server)
+                    && pool.config() == &new.pool
+                    && pool.tls() == &new.server_tls
+            });
+        // Side connections (monitors, views) are opened by the tasks these restart.
         let topology_changed = format!(
-            "{:?}{:?}{:?}{:?}{:?}",
-            old.primary, old.home_region, old.regions, old.routing, old.name
+            "{:?}{:?}{:?}{:?}{:?}{:?}",
+            old.primary, old.home_region, old.regions, old.routing, old.name, old.server_tls
         ) != format!(
-            "{:?}{:?}{:?}{:?}{:?}",
-            new.primary, new.home_region, new.regions, new.routing, new.name
+            "{:?}{:?}{:?}{:?}{:?}{:?}",
+            new.primary, new.home_region, new.regions, new.routing, new.name, new.server_tls
         );
         self.credentials.store(Arc::new(Credentials::new(&new)));
         self.tls
@@ -297,6 +306,7 @@ impl Shared {
                 })
                 .or_else(|| server.password.clone())
                 .or_else(|| config.primary.url.password.clone()),
+            tls: config.server_tls.clone(),
         }
     }
 
@@ -335,20 +345,17 @@ fn side_login(config: &Config) -> SideLogin {
             .database
             .clone()
             .unwrap_or_else(|| "postgres".to_string()),
+        tls: config.server_tls.clone(),
     }
 }
 
 /// Connection settings for the gateway's own side connections to a server (views, migrations).
-pub fn side_connection(
-    url: &ServerUrl,
-    login: &SideLogin,
-    application: &str,
-) -> tokio_postgres::Config {
+pub fn side_connection(url: &ServerUrl, login: &SideLogin, application: &str) -> SideConnect {
     regions::monitor::side_connection(url, login, application, Duration::from_secs(5))
 }
 
 /// The primary, as the gateway's side connections reach it (for `regiongate migrate`).
-pub fn primary_connection(config: &Config, application: &str) -> tokio_postgres::Config {
+pub fn primary_connection(config: &Config, application: &str) -> SideConnect {
     side_connection(&config.primary.url, &side_login(config), application)
 }
 

@@ -122,9 +122,10 @@ fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
 /// Applies pending migrations on the primary, as the gateway's side connections log in.
 fn migrate(config: &Config, dir: &std::path::Path) -> Result<()> {
     runtime(1)?.block_on(async {
-        let settings = regiongate::primary_connection(config, "regiongate migrate");
-        let (mut client, connection) = settings
-            .connect(tokio_postgres::NoTls)
+        let side = regiongate::primary_connection(config, "regiongate migrate");
+        let (mut client, connection) = side
+            .config
+            .connect(side.tls.clone())
             .await
             .with_context(|| format!("cannot connect to the primary {}", config.primary.url))?;
         tokio::spawn(connection);

@@ -10,6 +10,7 @@ use crate::auth::{login_to_server, ServerLoginError};
 use crate::config::{PoolConfig, ServerUrl};
 use crate::metrics::METRICS;
 use crate::protocol::PgError;
+use crate::tls::Stream;
 use bytes::BytesMut;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -25,7 +26,7 @@ pub type Settings = Arc<std::collections::BTreeMap<String, String>>;
 
 /// One logged-in connection to a PostgreSQL server.
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read from the server but not yet handled.
     pub read_buf: BytesMut,
     pub addr: SocketAddr,
@@ -49,15 +50,24 @@ impl ServerConn {
     /// Opens and logs in.
     async fn connect(
         url: &ServerUrl,
-        user: &str,
-        password: Option<&str>,
+        credentials: &ServerCredentials,
         database: &str,
     ) -> Result<(ServerConn, Vec<(String, String)>), ServerLoginError> {
-        let mut stream = TcpStream::connect((url.host.as_str(), url.port)).await?;
-        stream.set_nodelay(true)?;
-        let addr = stream.peer_addr()?;
+        let tcp = TcpStream::connect((url.host.as_str(), url.port)).await?;
+        tcp.set_nodelay(true)?;
+        let addr = tcp.peer_addr()?;
+        let mut stream = crate::tls::connect_server(tcp, &credentials.tls, &url.host)
+            .await
+            .map_err(ServerLoginError::Protocol)?;
         let mut read_buf = BytesMut::with_capacity(16 * 1024);
-        let login = login_to_server(&mut stream, &mut read_buf, user, password, database).await?;
+        let login = login_to_server(
+            &mut stream,
+            &mut read_buf,
+            &credentials.user,
+            credentials.password.as_deref(),
+            database,
+        )
+        .await?;
         let now = Instant::now();
         Ok((
             ServerConn {
@@ -78,11 +88,9 @@ impl ServerConn {
     }
 
     /// False when the server closed the connection or sent something while idle (a FATAL on shutdown or
-    /// termination). Cheap: tokio answers from readiness it already has, without a system call, when nothing
-    /// arrived.
-    fn looks_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    /// termination).
+    fn looks_alive(&mut self) -> bool {
+        self.stream.is_quiet()
     }
 }
 
@@ -102,6 +110,7 @@ pub struct PoolKey {
 pub struct ServerCredentials {
     pub user: String,
     pub password: Option<String>,
+    pub tls: regions::ServerTls,
 }
 
 pub struct Pool {
@@ -140,6 +149,11 @@ impl Pool {
         &self.config
     }
 
+    /// The TLS settings its connections were opened with (a reload that changes them replaces the pool).
+    pub fn tls(&self) -> &regions::ServerTls {
+        &self.credentials.tls
+    }
+
     /// A connection for a client: waits up to the checkout timeout for a free slot, then reuses an idle
     /// connection or opens one.
     pub async fn checkout(self: &Arc<Self>) -> Result<Lease, PgError> {
@@ -168,8 +182,12 @@ impl Pool {
             let candidate = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             match candidate {
                 // Lifetime is checked at checkin and by maintenance, so a checkout reads no clock.
-                Some(conn) if conn.looks_alive() => break conn,
-                Some(_) => self.closed_one(),
+                Some(mut conn) => {
+                    if conn.looks_alive() {
+                        break conn;
+                    }
+                    self.closed_one();
+                }
                 None => break self.open_connection().await?,
             }
         };
@@ -201,12 +219,7 @@ impl Pool {
 
     async fn open_connection(&self) -> Result<ServerConn, PgError> {
         let database = &self.key.database;
-        let connect = ServerConn::connect(
-            &self.key.server,
-            &self.credentials.user,
-            self.credentials.password.as_deref(),
-            database,
-        );
+        let connect = ServerConn::connect(&self.key.server, &self.credentials, database);
         let result = match tokio::time::timeout(self.config.connect_timeout, connect).await {
             Ok(result) => result,
             Err(_) => Err(ServerLoginError::Protocol(format!(
@@ -305,10 +318,11 @@ impl Pool {
             let mut expired = Vec::new();
             let mut i = 0;
             while i < idle.len() {
-                let conn = &idle[i];
+                let idle_count = idle.len();
+                let conn = &mut idle[i];
                 let too_old = conn.created.elapsed() >= self.config.max_lifetime;
                 let idle_too_long =
-                    conn.idle_since.elapsed() >= self.config.idle_timeout && idle.len() > keep;
+                    conn.idle_since.elapsed() >= self.config.idle_timeout && idle_count > keep;
                 if too_old || idle_too_long || !conn.looks_alive() {
                     expired.push(idle.remove(i));
                 } else {

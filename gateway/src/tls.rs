@@ -1,9 +1,11 @@
-//! Client-facing TLS (rustls): the acceptor built from the configured certificate and key, and the client
-//! stream that is either plain TCP or TLS over it.
+//! TLS (rustls) on both sides: the client-facing acceptor built from the configured certificate and key,
+//! the server-side negotiation, and the one stream type for both, plain TCP or TLS over it.
 //!
 //! A client asks for TLS with an SSLRequest before its StartupMessage ("SSL Session Encryption" in the
 //! protocol documentation); the gateway answers `S` and runs the handshake when `tls.mode` is `allow` or
 //! `require`, `N` otherwise. With `require`, a client that starts without TLS is refused with 28000.
+//!
+//! Towards servers the gateway is the one asking, as `server_tls.mode` says (see `regions::tls`).
 
 use crate::config::TlsConfig;
 use rustls::pki_types::pem::PemObject;
@@ -13,6 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -40,23 +43,82 @@ pub fn acceptor(config: &TlsConfig) -> Result<Option<TlsAcceptor>, String> {
     Ok(Some(TlsAcceptor::from(Arc::new(server))))
 }
 
-/// A client connection: plain TCP, or TLS over it.
-pub enum ClientStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+/// Asks a server for TLS on a fresh connection and runs the handshake, as `tls.mode` says: a server that
+/// declines gets the plain connection under `prefer` and is refused under the stricter modes. The error says
+/// why, for the client's 08006 and the log.
+pub async fn connect_server(
+    mut tcp: TcpStream,
+    tls: &regions::ServerTls,
+    host: &str,
+) -> Result<Stream, String> {
+    if !tls.enabled() {
+        return Ok(Stream::Plain(tcp));
+    }
+    // SSLRequest: length 8, code 80877103 ("SSL Session Encryption"); the server answers one byte.
+    let mut request = [0u8; 8];
+    request[..4].copy_from_slice(&8i32.to_be_bytes());
+    request[4..].copy_from_slice(&80877103i32.to_be_bytes());
+    let answer = async {
+        tcp.write_all(&request).await?;
+        tcp.read_u8().await
+    };
+    match answer.await.map_err(|e| format!("asking for TLS: {e}"))? {
+        b'S' => {}
+        b'N' if !tls.required() => return Ok(Stream::Plain(tcp)),
+        b'N' => {
+            return Err(format!(
+                "the server does not accept TLS, and server_tls.mode is {}",
+                tls.mode
+            ))
+        }
+        other => return Err(format!("unexpected answer {other:#04x} to the SSLRequest")),
+    }
+    let config = tls.client_config()?;
+    let name = regions::tls::server_name(host)?;
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    Ok(Stream::Tls(Box::new(stream.into())))
 }
 
-impl ClientStream {
+/// A connection to a client or a server: plain TCP, or TLS over it.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl Stream {
     pub fn is_tls(&self) -> bool {
-        matches!(self, ClientStream::Tls(_))
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// True while the peer has neither closed the connection nor sent anything: what an idle pooled server
+    /// connection must look like. Cheap: tokio answers from readiness it already has, without a system call,
+    /// when nothing arrived. (Over TLS, records without data, such as session tickets, are consumed.)
+    pub fn is_quiet(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        match self {
+            Stream::Plain(stream) => matches!(
+                stream.try_read(&mut probe),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            ),
+            Stream::Tls(stream) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let mut buf = ReadBuf::new(&mut probe);
+                Pin::new(stream.as_mut())
+                    .poll_read(&mut cx, &mut buf)
+                    .is_pending()
+            }
+        }
     }
 
     /// Writes what it can without waiting (WouldBlock when nothing could be written). Over TLS, bytes rustls
-    /// accepted may still wait in its buffer: [`ClientStream::wants_flush`] says so.
+    /// accepted may still wait in its buffer: [`Stream::wants_flush`] says so.
     pub fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            ClientStream::Plain(stream) => stream.try_write(buf),
-            ClientStream::Tls(stream) => {
+            Stream::Plain(stream) => stream.try_write(buf),
+            Stream::Tls(stream) => {
                 let mut cx = Context::from_waker(std::task::Waker::noop());
                 match Pin::new(stream.as_mut()).poll_write(&mut cx, buf) {
                     Poll::Ready(result) => result,
@@ -69,48 +131,48 @@ impl ClientStream {
     /// TLS records are waiting to go out.
     pub fn wants_flush(&self) -> bool {
         match self {
-            ClientStream::Plain(_) => false,
-            ClientStream::Tls(stream) => stream.get_ref().1.wants_write(),
+            Stream::Plain(_) => false,
+            Stream::Tls(stream) => stream.get_ref().1.wants_write(),
         }
     }
 }
 
-impl AsyncRead for ClientStream {
+impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-            ClientStream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+            Stream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for ClientStream {
+impl AsyncWrite for Stream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-            ClientStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+            Stream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            ClientStream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+            Stream::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-            ClientStream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+            Stream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -1,5 +1,7 @@
-//! Client-facing TLS with a certificate the test makes (openssl): psql with sslmode=verify-full and
+//! TLS with certificates the test makes (openssl). Client-facing: psql with sslmode=verify-full and
 //! tokio-postgres over rustls get through; with `tls.mode: require` a plain client is refused with 28000.
+//! Server side: a primary and a replica that accept TCP clients over TLS only serve every kind of gateway
+//! connection under `server_tls.mode: verify-full`; certificates that do not verify are refused with 08006.
 
 mod common;
 
@@ -7,6 +9,7 @@ use common::PASSWORD;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Runs openssl with `args` in `dir`.
 fn openssl(dir: &Path, args: &[&str]) {
@@ -46,6 +49,19 @@ fn certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
             "ca.pem",
         ],
     );
+    let (cert, key) = signed(dir, "server", "localhost", "DNS:localhost,IP:127.0.0.1");
+    (dir.join("ca.pem"), cert, key)
+}
+
+/// A server certificate for `names` (subjectAltName syntax) signed by the CA in `dir`: (cert, key), files
+/// named after `stem`.
+fn signed(dir: &Path, stem: &str, common_name: &str, names: &str) -> (PathBuf, PathBuf) {
+    let (key, csr, ext, cert) = (
+        format!("{stem}.key"),
+        format!("{stem}.csr"),
+        format!("{stem}.ext"),
+        format!("{stem}.pem"),
+    );
     openssl(
         dir,
         &[
@@ -54,16 +70,16 @@ fn certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
             "rsa:2048",
             "-nodes",
             "-subj",
-            "/CN=localhost",
+            &format!("/CN={common_name}"),
             "-keyout",
-            "key.pem",
+            &key,
             "-out",
-            "server.csr",
+            &csr,
         ],
     );
     std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        dir.join(&ext),
+        format!("subjectAltName={names}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
     )
     .unwrap();
     openssl(
@@ -72,7 +88,7 @@ fn certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
             "x509",
             "-req",
             "-in",
-            "server.csr",
+            &csr,
             "-CA",
             "ca.pem",
             "-CAkey",
@@ -81,16 +97,12 @@ fn certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
             "-days",
             "1",
             "-extfile",
-            "server.ext",
+            &ext,
             "-out",
-            "cert.pem",
+            &cert,
         ],
     );
-    (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    )
+    (dir.join(cert), dir.join(key))
 }
 
 async fn tls_gateway(mode: &str, dir: &Path) -> (common::TestGateway, PathBuf) {
@@ -261,4 +273,256 @@ async fn a_broken_certificate_is_refused_at_load_with_the_key_named() {
         .expect_err("TLS without a certificate must be refused")
         .to_string();
     assert!(error.contains("tls.cert and tls.key"), "{error}");
+}
+
+/// A primary serving TLS with `cert`/`key` and TCP clients over TLS only, and a replica that inherits both.
+async fn tls_only_servers(cert: PathBuf, key: PathBuf, replica: bool) -> Vec<testbed::Cluster> {
+    tokio::task::spawn_blocking(move || {
+        let primary = testbed::Cluster::start(&testbed::ClusterOptions {
+            tls: Some((cert, key)),
+            ..Default::default()
+        })
+        .expect("starting a TLS-only PostgreSQL");
+        let mut servers = Vec::new();
+        if replica {
+            servers.push(primary.start_replica().expect("starting its replica"));
+        }
+        servers.insert(0, primary);
+        servers
+    })
+    .await
+    .unwrap()
+}
+
+/// A gateway in front of `servers` (primary first, then replicas in region `home`), logging in as the
+/// superuser, with `server_tls` and whatever `extra` adds.
+async fn gateway_to(
+    servers: &[testbed::Cluster],
+    server_tls: &str,
+    extra: &str,
+) -> common::TestGateway {
+    let url = |c: &testbed::Cluster| {
+        format!(
+            "postgres://postgres:{}@127.0.0.1:{}/postgres",
+            testbed::SUPERUSER_PASSWORD,
+            c.port()
+        )
+    };
+    let replicas: Vec<String> = servers[1..]
+        .iter()
+        .map(|c| format!("'{}'", url(c)))
+        .collect();
+    let text = format!(
+        "listen: 127.0.0.1:0\nprimary: {{ url: '{}', region: home }}\nhome_region: home\n\
+         regions:\n  - {{ name: home, replicas: [ {} ] }}\n\
+         routing: {{ monitor_interval: 100ms }}\n\
+         auth: {{ method: trust, users: [ {{ name: postgres }} ] }}\n\
+         server_tls: {server_tls}\n{extra}",
+        url(&servers[0]),
+        replicas.join(", ")
+    );
+    common::gateway_from(&text, "postgres").await
+}
+
+async fn gateway_client(gw: &common::TestGateway) -> tokio_postgres::Client {
+    common::connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        gw.addr.port()
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_server_connection_verifies_tls_when_the_servers_accept_only_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificate(dir.path());
+    let servers = tls_only_servers(cert, key, true).await;
+    servers[0]
+        .psql(
+            "postgres",
+            "CREATE TABLE events (kind text NOT NULL, n int NOT NULL)",
+        )
+        .unwrap();
+    let gw = gateway_to(
+        &servers,
+        &format!("{{ mode: verify-full, ca: {} }}", ca.display()),
+        "batching: { tables: [events] }\n\
+         views:\n  - { name: event_counts, query: 'SELECT kind, count(*) AS rows FROM events GROUP BY kind', \
+         unique_key: [kind], schedule: every 1s }\n",
+    )
+    .await;
+    let client = gateway_client(&gw).await;
+
+    // A write runs on the primary over a pooled connection: TLS, as pg_stat_ssl there says.
+    let row = client
+        .query_one(
+            "INSERT INTO events SELECT 'ssl ' || ssl::text, 0 FROM pg_stat_ssl WHERE pid = pg_backend_pid() \
+             RETURNING kind",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "ssl true");
+
+    // Batched inserts flush on the batch pool's own connections.
+    let mut tasks = Vec::new();
+    for n in 0..40i32 {
+        let config = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            gw.addr.port()
+        );
+        tasks.push(tokio::spawn(async move {
+            let client = common::connect(&config).await;
+            client
+                .execute("INSERT INTO events (kind, n) VALUES ('batched', $1)", &[&n])
+                .await
+                .unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let batched = servers[0]
+        .psql(
+            "postgres",
+            "SELECT count(*) FROM events WHERE kind = 'batched'",
+        )
+        .unwrap();
+    assert_eq!(batched.trim(), "40");
+
+    // Reads reach the replica once its monitor (a side connection) measured its lag: over TLS too.
+    let on_replica = common::eventually(Duration::from_secs(20), || async {
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(row.get::<_, bool>(1), "a pooled connection without TLS");
+        row.get::<_, bool>(0)
+    })
+    .await;
+    assert!(on_replica, "reads never went to the replica");
+
+    // The view is refreshed on the views' own side connections, and read (from the replica) with every
+    // batched row in it.
+    let refreshed = common::eventually(Duration::from_secs(20), || async {
+        client
+            .query_opt("SELECT rows FROM event_counts WHERE kind = 'batched'", &[])
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|row| row.get::<_, i64>(0) == 40)
+    })
+    .await;
+    assert!(
+        refreshed,
+        "the view was never refreshed with the batched rows"
+    );
+
+    // A cancel reaches a server that takes only TLS clients (CancelRequest is answered before pg_hba).
+    let cancel = client.cancel_token();
+    let sleeper = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cancel.cancel_query(tokio_postgres::NoTls).await
+    });
+    let error = client
+        .batch_execute("BEGIN; SELECT pg_sleep(30); COMMIT")
+        .await
+        .expect_err("the sleep is cancelled");
+    assert_eq!(common::sqlstate(&error), "57014");
+    sleeper.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_certificates_that_do_not_verify_are_refused_with_08006() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _, _) = certificate(dir.path());
+    // Signed by the CA, but for another host than the one the gateway's URL names.
+    let (cert, key) = signed(
+        dir.path(),
+        "elsewhere",
+        "elsewhere.example",
+        "DNS:elsewhere.example",
+    );
+    let servers = tls_only_servers(cert, key, false).await;
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let (other_ca, _, _) = certificate(&other_dir);
+
+    // The gateway reaches the server as the client logs in (for its parameters), so the login fails.
+    let refused = |server_tls: String, expected: &'static str| {
+        let servers = &servers;
+        async move {
+            let gw = gateway_to(servers, &server_tls, "").await;
+            let error = tokio_postgres::connect(
+                &format!(
+                    "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                    gw.addr.port()
+                ),
+                tokio_postgres::NoTls,
+            )
+            .await
+            .err()
+            .expect("the server's certificate must not verify");
+            assert_eq!(common::sqlstate(&error), "08006", "{server_tls}: {error:?}");
+            let message = error.as_db_error().unwrap().message().to_string();
+            assert!(message.contains(expected), "{server_tls}: {message}");
+        }
+    };
+    refused(
+        format!("{{ mode: verify-full, ca: {} }}", ca.display()),
+        "not valid for name",
+    )
+    .await;
+    refused(
+        format!("{{ mode: verify-ca, ca: {} }}", other_ca.display()),
+        "invalid peer certificate",
+    )
+    .await;
+
+    // The same certificate passes where the name is not checked (verify-ca) or nothing is (require).
+    for server_tls in [
+        format!("{{ mode: verify-ca, ca: {} }}", ca.display()),
+        "{ mode: require }".to_string(),
+    ] {
+        let gw = gateway_to(&servers, &server_tls, "").await;
+        let client = gateway_client(&gw).await;
+        let ssl: bool = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{server_tls}: {e:?}"))
+            .get(0);
+        assert!(ssl);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_tls_is_refused_when_tls_is_required_and_used_plain_when_preferred() {
+    let gw = common::gateway("servertls", "server_tls: { mode: require }\n").await;
+    let error = tokio_postgres::connect(&gw.config(), tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("no TLS, no connection");
+    assert_eq!(common::sqlstate(&error), "08006");
+    let message = error.as_db_error().unwrap().message().to_string();
+    assert!(message.contains("does not accept TLS"), "{message}");
+
+    // The default, prefer, takes the plain connection this server offers.
+    let gw = common::gateway("servertls", "").await;
+    let ssl: bool = gw
+        .connect()
+        .await
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!ssl);
 }

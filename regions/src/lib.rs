@@ -7,13 +7,15 @@ pub mod lsn;
 pub mod metrics;
 pub mod monitor;
 pub mod picture;
+pub mod tls;
 pub mod url;
 
 pub use crate::lsn::Lsn;
-pub use crate::monitor::SideLogin;
+pub use crate::monitor::{SideConnect, SideLogin};
 pub use crate::picture::{
     Decision, NoFit, Picture, ReadRequest, Reason, ReplicaId, ReplicaStatus, Target,
 };
+pub use crate::tls::{ServerTls, ServerTlsMode};
 pub use crate::url::ServerUrl;
 
 use crate::config::{Region, Routing, ServerSpec};

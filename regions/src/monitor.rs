@@ -13,7 +13,7 @@ use crate::Regions;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// Heartbeats remembered (two minutes at the default interval); an older one means "lag unknown".
 const HEARTBEATS_KEPT: usize = 512;
@@ -32,6 +32,8 @@ pub struct SideLogin {
     pub user: String,
     pub password: Option<String>,
     pub database: String,
+    /// TLS to the servers, as for the pooled connections.
+    pub tls: crate::tls::ServerTls,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -67,13 +69,31 @@ impl Heartbeats {
     }
 }
 
+/// How a side connection to a server is opened: tokio-postgres settings and the TLS connector for them.
+#[derive(Clone)]
+pub struct SideConnect {
+    pub config: tokio_postgres::Config,
+    pub tls: tokio_postgres_rustls::MakeRustlsConnect,
+}
+
+impl SideConnect {
+    /// Connects, and drives the connection on its own task until the client is dropped.
+    pub async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
+        let (client, connection) = self.config.connect(self.tls.clone()).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+}
+
 /// Connection settings for the gateway's own side connections to a server (monitors, views, migrations).
 pub fn side_connection(
     url: &crate::ServerUrl,
     login: &SideLogin,
     application: &str,
     timeout: Duration,
-) -> tokio_postgres::Config {
+) -> SideConnect {
     let mut config = tokio_postgres::Config::new();
     config
         .host(&url.host)
@@ -81,19 +101,21 @@ pub fn side_connection(
         .user(&login.user)
         .dbname(&login.database)
         .application_name(application)
-        .connect_timeout(timeout);
+        .connect_timeout(timeout)
+        .ssl_mode(login.tls.ssl_mode());
     if let Some(password) = &login.password {
         config.password(password);
     }
-    config
-}
-
-async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+    // Validation built the TLS configuration already; should it fail now after all (a file changed under a
+    // running gateway), the connection is refused when TLS is asked, as it must be.
+    let client_config = login
+        .tls
+        .client_config()
+        .unwrap_or_else(|_| crate::tls::refusing_config());
+    SideConnect {
+        config,
+        tls: tokio_postgres_rustls::MakeRustlsConnect::new((*client_config).clone()),
+    }
 }
 
 /// A side connection with its one statement prepared, so that each measurement is one round trip (a
@@ -103,11 +125,8 @@ struct Prepared {
     statement: tokio_postgres::Statement,
 }
 
-async fn prepare(
-    config: &tokio_postgres::Config,
-    sql: &str,
-) -> Result<Prepared, tokio_postgres::Error> {
-    let client = connect(config).await?;
+async fn prepare(side: &SideConnect, sql: &str) -> Result<Prepared, tokio_postgres::Error> {
+    let client = side.connect().await?;
     let statement = client.prepare(sql).await?;
     Ok(Prepared { client, statement })
 }
@@ -147,7 +166,7 @@ pub(crate) async fn heartbeat(regions: Arc<Regions>) {
         ticker.tick().await;
         if connection.as_ref().is_none_or(|c| c.client.is_closed()) {
             let opened = async {
-                let client = connect(&config).await?;
+                let client = config.connect().await?;
                 setup(&client, &regions.gateway_name).await?;
                 let statement = client.prepare(HEARTBEAT_SQL).await?;
                 Ok::<_, tokio_postgres::Error>(Prepared { client, statement })

@@ -54,6 +54,9 @@ pub struct ClusterOptions {
     pub host_auth: HostAuth,
     /// Extra `postgresql.conf` lines, `name = value`.
     pub settings: Vec<(String, String)>,
+    /// Serve TLS with this certificate chain and key (PEM files, copied into the cluster), and accept TCP
+    /// clients over TLS only (`hostssl` lines). Replicas of the cluster inherit both.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for ClusterOptions {
@@ -61,6 +64,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             host_auth: HostAuth::ScramSha256,
             settings: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -112,6 +116,24 @@ impl Cluster {
         for (name, value) in &options.settings {
             conf.push_str(&format!("{name} = {value}\n"));
         }
+        if let Some((cert, key)) = &options.tls {
+            // PostgreSQL refuses a key others can read; the copies are the server's own.
+            let (cert_copy, key_copy) =
+                (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::copy(cert, &cert_copy).context("copying the TLS certificate")?;
+            std::fs::copy(key, &key_copy).context("copying the TLS key")?;
+            std::fs::set_permissions(
+                &key_copy,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )?;
+            give_to_postgres_user(&cert_copy)?;
+            give_to_postgres_user(&key_copy)?;
+            conf.push_str(&format!(
+                "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                cert_copy.display(),
+                key_copy.display()
+            ));
+        }
         append(&data.join("postgresql.conf"), &conf)?;
         // Replication connections from loopback, for the replicas that later issues add.
         append(
@@ -121,6 +143,18 @@ impl Cluster {
                 options.host_auth.hba_name()
             ),
         )?;
+        if options.tls.is_some() {
+            let hba = data.join("pg_hba.conf");
+            let text = std::fs::read_to_string(&hba)?;
+            let ssl_only: String = text
+                .lines()
+                .map(|line| match line.strip_prefix("host ") {
+                    Some(rest) => format!("hostssl {rest}\n"),
+                    None => format!("{line}\n"),
+                })
+                .collect();
+            std::fs::write(&hba, ssl_only)?;
+        }
 
         start_on_free_port(dir)
     }
@@ -349,7 +383,10 @@ pub fn pg_command(program: &str) -> Command {
                 "--init-groups",
                 "--",
             ])
-            .arg(path);
+            .arg(path)
+            // root's HOME is no place for the postgres user: libpq (pg_basebackup, a replica's WAL receiver)
+            // looks for client certificates under it, fails on the permissions and gives up on TLS.
+            .env("HOME", "/nonexistent");
         command
     } else {
         Command::new(path)

@@ -20,10 +20,21 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 /// A server the freshness probes read, with the region it is in (a metric label and a SHOW VIEWS column).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Target {
     pub region: String,
     pub config: tokio_postgres::Config,
+    /// TLS for the connection, as the gateway's `server_tls` says (the sslmode is in `config`).
+    pub tls: tokio_postgres_rustls::MakeRustlsConnect,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("region", &self.region)
+            .field("config", &self.config)
+            .finish()
+    }
 }
 
 /// Where the views live and who refreshes them.
@@ -81,7 +92,7 @@ impl Views {
     pub fn start(setup: Setup) -> Arc<Views> {
         let manager = deadpool_postgres::Manager::from_config(
             setup.primary.config.clone(),
-            tokio_postgres::NoTls,
+            setup.primary.tls.clone(),
             deadpool_postgres::ManagerConfig {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },
@@ -433,7 +444,7 @@ async fn probe(views: Arc<Views>, replica: Option<usize>, target: Target, names:
     let mut backoff = interval;
     loop {
         if client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-            client = match connect(&target.config).await {
+            client = match connect(&target).await {
                 Ok(c) => {
                     backoff = interval;
                     Some(c)
@@ -481,9 +492,9 @@ async fn probe(views: Arc<Views>, replica: Option<usize>, target: Target, names:
 }
 
 async fn connect(
-    config: &tokio_postgres::Config,
+    target: &Target,
 ) -> Result<(tokio_postgres::Client, tokio_postgres::Statement), tokio_postgres::Error> {
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    let (client, connection) = target.config.connect(target.tls.clone()).await?;
     tokio::spawn(async move {
         let _ = connection.await;
     });

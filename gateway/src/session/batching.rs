@@ -246,7 +246,7 @@ impl Session {
 
 /// Completes only when the client has gone (end of stream or a broken socket). Bytes it sends meanwhile are
 /// kept for later, up to the high-water mark; past it, only the answers are awaited.
-async fn client_gone(client: &mut ClientStream, buffer: &mut BytesMut) {
+async fn client_gone(client: &mut Stream, buffer: &mut BytesMut) {
     loop {
         if buffer.len() >= HIGH_WATER {
             return std::future::pending().await;

@@ -22,7 +22,7 @@ use crate::metrics::METRICS;
 use crate::pool::{Lease, Pool, ServerConn, Settings};
 use crate::protocol::{self, PgError};
 use crate::sql::{self, Kind};
-use crate::tls::ClientStream;
+use crate::tls::Stream;
 use crate::Shared;
 use routing::{Reads, Route};
 
@@ -177,7 +177,7 @@ enum End {
 
 struct Session {
     shared: Arc<Shared>,
-    client: ClientStream,
+    client: Stream,
     /// Client bytes not yet handled.
     from_client: BytesMut,
     to_client: BytesMut,
@@ -422,17 +422,17 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
 async fn first_packet(
     shared: &Shared,
     tcp: TcpStream,
-) -> Result<Option<(Startup, ClientStream)>, (ClientStream, StartupError)> {
+) -> Result<Option<(Startup, Stream)>, (Stream, StartupError)> {
     let acceptor = shared.tls.load_full();
-    let mut client = ClientStream::Plain(tcp);
+    let mut client = Stream::Plain(tcp);
     let offer_tls = acceptor.is_some() && shared.config.load().tls.mode != TlsMode::Disable;
     let mut first = read_first_packet(&mut client, offer_tls).await;
     if let (Ok(FirstPacket::Tls), Some(acceptor)) = (&first, acceptor.as_ref()) {
-        let ClientStream::Plain(tcp) = client else {
+        let Stream::Plain(tcp) = client else {
             unreachable!("TLS is offered on plain connections only")
         };
         client = match acceptor.accept(tcp).await {
-            Ok(tls) => ClientStream::Tls(Box::new(tls)),
+            Ok(tls) => Stream::Tls(Box::new(tls.into())),
             Err(error) => {
                 // No TLS session to send an error over: the client sees its handshake fail.
                 tracing::info!(%error, "TLS handshake failed");
@@ -462,7 +462,7 @@ async fn first_packet(
 /// An authenticated client asked for the admin console: admins get it, others a clear refusal.
 async fn admin_session(
     shared: Arc<Shared>,
-    mut client: ClientStream,
+    mut client: Stream,
     peer: SocketAddr,
     startup: &Startup,
 ) {
@@ -498,7 +498,7 @@ async fn admin_session(
     }
 }
 
-async fn refuse(mut client: ClientStream, error: StartupError) {
+async fn refuse(mut client: Stream, error: StartupError) {
     if let StartupError::Refused(error) = error {
         METRICS
             .clients_refused
@@ -1631,7 +1631,7 @@ impl Session {
         if !self.to_server.is_empty() {
             let mut lost = false;
             if let Some(lease) = self.lease.as_mut() {
-                let stream = &lease.conn().stream;
+                let stream = &mut lease.conn().stream;
                 while !self.to_server.is_empty() {
                     match stream.try_write(&self.to_server) {
                         Ok(n) => self.to_server.advance(n),
@@ -1665,11 +1665,13 @@ impl Session {
         if self.from_client.capacity() - self.from_client.len() < 4096 {
             self.from_client.reserve(8192);
         }
-        let client = client_io(
+        let client = stream_io(
             &mut self.client,
             &mut self.from_client,
             &mut self.to_client,
             read_client,
+            IoEvent::ClientRead,
+            IoEvent::ClientWrite,
         );
         let event = match self.lease.as_mut() {
             Some(lease) => {
@@ -1677,20 +1679,28 @@ impl Session {
                 if conn.read_buf.capacity() - conn.read_buf.len() < 4096 {
                     conn.read_buf.reserve(16 * 1024);
                 }
-                let (mut server_read, mut server_write) = conn.stream.split();
-                let statement_timed = !self.statement_timeout.is_zero()
-                    && self.request_started.is_some()
-                    && !self.timed_out;
+                let server_busy =
+                    read_server || !self.to_server.is_empty() || conn.stream.wants_flush();
                 // Only the client can move things on: it is idle inside its transaction.
                 let idle = !self.client_idle_timeout.is_zero()
                     && self.pending.is_empty()
                     && self.to_server.is_empty();
+                let server = stream_io(
+                    &mut conn.stream,
+                    &mut conn.read_buf,
+                    &mut self.to_server,
+                    read_server,
+                    IoEvent::ServerRead,
+                    IoEvent::ServerWrite,
+                );
+                let statement_timed = !self.statement_timeout.is_zero()
+                    && self.request_started.is_some()
+                    && !self.timed_out;
                 // Biased: no random branch order to draw; at most one or two are ready at a time anyway.
                 tokio::select! {
                     biased;
-                    r = server_read.read_buf(&mut conn.read_buf), if read_server => IoEvent::ServerRead(r),
+                    event = server, if server_busy => event,
                     event = client => event,
-                    r = server_write.write_buf(&mut self.to_server), if !self.to_server.is_empty() => IoEvent::ServerWrite(r),
                     _ = tokio::time::sleep(self.client_idle_timeout), if idle => IoEvent::ClientIdle,
                     _ = sleep_until(self.request_started, self.statement_timeout), if statement_timed => IoEvent::StatementTimeout,
                 }
@@ -1744,32 +1754,37 @@ impl Session {
 /// The client side of [`Session::wait_io`]: reads into `from` (when `read`), writes `to`, and over TLS flushes
 /// records rustls still holds; completes with the first of these that happened. One future for both
 /// directions, because a TLS stream cannot be split into halves that wait independently.
-fn client_io<'a>(
-    client: &'a mut ClientStream,
+/// One step of I/O on a stream: reads into `from` (when `read`), else writes what `to` holds, else flushes
+/// TLS records still buffered; reports which happened as the caller's event. One future for both directions,
+/// because a TLS stream cannot be split into halves that borrow it.
+fn stream_io<'a>(
+    stream: &'a mut Stream,
     from: &'a mut BytesMut,
     to: &'a mut BytesMut,
     read: bool,
+    on_read: fn(std::io::Result<usize>) -> IoEvent,
+    on_write: fn(std::io::Result<usize>) -> IoEvent,
 ) -> impl std::future::Future<Output = IoEvent> + 'a {
     use std::task::Poll;
     use tokio::io::AsyncWrite;
     std::future::poll_fn(move |cx| {
         if read {
             if let Poll::Ready(r) =
-                tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *client), cx, from)
+                tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *stream), cx, from)
             {
-                return Poll::Ready(IoEvent::ClientRead(r));
+                return Poll::Ready(on_read(r));
             }
         }
         if !to.is_empty() {
-            if let Poll::Ready(r) = std::pin::Pin::new(&mut *client).poll_write(cx, to) {
+            if let Poll::Ready(r) = std::pin::Pin::new(&mut *stream).poll_write(cx, to) {
                 if let Ok(n) = r {
                     to.advance(n);
                 }
-                return Poll::Ready(IoEvent::ClientWrite(r));
+                return Poll::Ready(on_write(r));
             }
-        } else if client.wants_flush() {
-            if let Poll::Ready(r) = std::pin::Pin::new(&mut *client).poll_flush(cx) {
-                return Poll::Ready(IoEvent::ClientWrite(r.map(|()| 0)));
+        } else if stream.wants_flush() {
+            if let Poll::Ready(r) = std::pin::Pin::new(&mut *stream).poll_flush(cx) {
+                return Poll::Ready(on_write(r.map(|()| 0)));
             }
         }
         Poll::Pending
@@ -1862,6 +1877,7 @@ async fn run_simple(conn: &mut ServerConn, sql: &str) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     protocol::query(&mut out, sql);
     conn.stream.write_all(&out).await?;
+    conn.stream.flush().await?;
     let mut failed = None;
     loop {
         while let Some(Ok((tag, len))) = protocol::peek_header(&conn.read_buf) {

@@ -66,7 +66,12 @@ pub async fn gateway_for(database: &str, yaml: &str) -> TestGateway {
         "listen: 127.0.0.1:0\nprimary: postgres://127.0.0.1:{}/{database}\n{yaml}",
         cluster().port()
     );
-    let config = Config::parse(&text, "test").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    gateway_from(&text, database).await
+}
+
+/// Starts a gateway from a whole configuration file's text; clients log in to `database`.
+pub async fn gateway_from(text: &str, database: &str) -> TestGateway {
+    let config = Config::parse(text, "test").unwrap_or_else(|e| panic!("{e}\n{text}"));
     let gateway = Gateway::bind(config).await.expect("binding the gateway");
     let addr = gateway.local_addr();
     let shared = gateway.shared.clone();
