@@ -1701,7 +1701,7 @@ impl Session {
                     biased;
                     event = server, if server_busy => event,
                     event = client => event,
-                    _ = tokio::time::sleep(self.client_idle_timeout), if idle => IoEvent::ClientIdle,
+                    _ = sleep_for(self.client_idle_timeout), if idle => IoEvent::ClientIdle,
                     _ = sleep_until(self.request_started, self.statement_timeout), if statement_timed => IoEvent::StatementTimeout,
                 }
             }
@@ -1789,6 +1789,12 @@ fn stream_io<'a>(
         }
         Poll::Pending
     })
+}
+
+/// Sleeps for `duration`. Unlike `tokio::time::sleep`, creating it reads no clock: select! creates the
+/// futures of disabled branches too, and this one is created at every wait for I/O.
+async fn sleep_for(duration: Duration) {
+    tokio::time::sleep(duration).await
 }
 
 /// Sleeps until `timeout` after `started`.
