@@ -131,11 +131,11 @@ impl ServerTls {
             ));
         }
         self.client_config().map(drop).map_err(|e| {
-            let key = if e.starts_with("server_tls.ca") {
-                "server_tls.ca"
-            } else {
-                "server_tls.cert"
-            };
+            // The messages start with the key whose file is wrong.
+            let key = ["server_tls.ca", "server_tls.key", "server_tls.cert"]
+                .into_iter()
+                .find(|key| e.starts_with(key))
+                .unwrap_or("server_tls");
             (key, e)
         })
     }
