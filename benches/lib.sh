@@ -83,6 +83,15 @@ fsync = $fsync
 synchronous_commit = on
 logging_collector = off
 CONF
+    if [[ ${SERVER_TLS:-0} == 1 ]]; then
+        # TLS for the proxies' server connections: a self-signed certificate (they encrypt without verifying,
+        # as sslmode=require does).
+        openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=127.0.0.1" \
+            -keyout "$WORK/data/server.key" -out "$WORK/data/server.crt" 2>"$WORK/openssl.log"
+        chmod 600 "$WORK/data/server.key"
+        if [[ $EUID -eq 0 ]]; then chown postgres:postgres "$WORK/data/server.key" "$WORK/data/server.crt"; fi
+        echo "ssl = on" >>"$WORK/data/postgresql.conf"
+    fi
     "${AS_SERVER_USER[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/postgres.log" -w -t 60 start >/dev/null
     # The superuser connects over the Unix socket (trust); bench's password is stored as SCRAM, the default.
     "$PGBIN/psql" -X -q -h "$WORK" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
@@ -112,7 +121,8 @@ replace_block() {
 }
 
 # Makes the scratch folder WORK (for PostgreSQL too) and stops everything in PIDS, and PostgreSQL, on exit.
-# Every client below logs in as bench/bench with SCRAM; no TLS anywhere, so none is negotiated.
+# Every client below logs in as bench/bench with SCRAM, without TLS (proxies reach the server over TLS only
+# with SERVER_TLS=1).
 PIDS=()
 work_dir() {
     WORK=$(mktemp -d "/tmp/regiongate-$1.XXXXXX")

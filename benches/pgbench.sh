@@ -3,6 +3,7 @@
 #
 #   bash benches/pgbench.sh
 #   POOL=16 DURATION=15 ROUNDS=2 SCALE=10 WORKLOADS="S1 S16" bash benches/pgbench.sh
+#   SERVER_TLS=1 WORKLOADS="S16 S64 TPCB16" bash benches/pgbench.sh   # proxies reach the server over TLS
 #
 # Starts a throwaway PostgreSQL 15 cluster, both proxies in front of it, runs every workload ROUNDS times
 # against each target in turn, prints a markdown table of the medians and writes it into benches/README.md
@@ -29,6 +30,11 @@ declare -A OPTIONS=(
 TARGETS=(postgres pgbouncer regiongate)
 # NPLUS1_OFF=1 adds a second regiongate with N+1 detection off, to measure what detection costs.
 NPLUS1_OFF=${NPLUS1_OFF:-0}
+# SERVER_TLS=1: the server takes TLS and both proxies use it for their server connections (sslmode require:
+# encrypted, certificate not verified); clients still connect without TLS. Its table has its own markers.
+SERVER_TLS=${SERVER_TLS:-0}
+SERVER_SSLMODE=disable
+if [[ $SERVER_TLS == 1 ]]; then SERVER_SSLMODE=require; fi
 
 for workload in $WORKLOADS; do
     if [[ -z ${CLIENTS[$workload]:-} ]]; then
@@ -98,6 +104,7 @@ max_client_conn = 2000
 log_connections = 0
 log_disconnections = 0
 log_stats = 0
+server_tls_sslmode = $SERVER_SSLMODE
 EOF
 "${AS_SERVER_USER[@]}" pgbouncer "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
 PGBOUNCER_PID=$!
@@ -113,6 +120,7 @@ listen: 127.0.0.1:$REGIONGATE_PORT
 primary: postgres://127.0.0.1:$PG_PORT/bench
 pool: { mode: transaction, size: $POOL }
 auth: { method: scram-sha-256, users: [ { name: bench, password: bench } ] }
+server_tls: { mode: $SERVER_SSLMODE }
 EOF
 RUST_LOG=warn "$REGIONGATE" --config "$WORK/regiongate.yaml" >"$WORK/regiongate.log" 2>&1 &
 REGIONGATE_PID=$!
@@ -240,7 +248,7 @@ BLOCK=$WORK/block.md
 {
     echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores, Linux $(uname -r), $PGBOUNCER_VERSION," \
         "PostgreSQL $("$PGBIN/postgres" --version | awk '{ print $3 }'); POOL=$POOL DURATION=$DURATION" \
-        "ROUNDS=$ROUNDS SCALE=$SCALE. Medians over rounds (failed tx: the sum); pgbench" \
+        "ROUNDS=$ROUNDS SCALE=$SCALE SERVER_TLS=$SERVER_TLS. Medians over rounds (failed tx: the sum); pgbench" \
         "\`-n -T $DURATION -j min(clients, 2)\`."
     echo
     table
@@ -249,8 +257,10 @@ BLOCK=$WORK/block.md
 echo
 cat "$BLOCK"
 
-BEGIN_MARK='<!-- pgbench:begin -->'
-END_MARK='<!-- pgbench:end -->'
+MARK=pgbench
+if [[ $SERVER_TLS == 1 ]]; then MARK=pgbench-server-tls; fi
+BEGIN_MARK="<!-- $MARK:begin -->"
+END_MARK="<!-- $MARK:end -->"
 if [[ -f $README ]] && grep -qx "$BEGIN_MARK" "$README" && grep -qx "$END_MARK" "$README"; then
     replace_block "$BEGIN_MARK" "$END_MARK" "$BLOCK"
 else

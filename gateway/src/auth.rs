@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Packets before authentication are small; PostgreSQL caps the startup packet at 10000 bytes too.
 const MAX_STARTUP_PACKET: usize = 10_000;
-const SSL_REQUEST: i32 = 80877103;
+pub(crate) const SSL_REQUEST: i32 = 80877103;
 const GSSENC_REQUEST: i32 = 80877104;
 const CANCEL_REQUEST: i32 = 80877102;
 

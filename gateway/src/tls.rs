@@ -43,9 +43,9 @@ pub fn acceptor(config: &TlsConfig) -> Result<Option<TlsAcceptor>, String> {
     Ok(Some(TlsAcceptor::from(Arc::new(server))))
 }
 
-/// Asks a server for TLS on a fresh connection and runs the handshake, as `tls.mode` says: a server that
-/// declines gets the plain connection under `prefer` and is refused under the stricter modes. The error says
-/// why, for the client's 08006 and the log.
+/// Asks a server for TLS on a fresh connection and runs the handshake, as `server_tls.mode` says: a server
+/// that declines gets the plain connection under `prefer` and is refused under the stricter modes. The error
+/// says why, for the client's 08006 and the log.
 pub async fn connect_server(
     mut tcp: TcpStream,
     tls: &regions::ServerTls,
@@ -54,10 +54,10 @@ pub async fn connect_server(
     if !tls.enabled() {
         return Ok(Stream::Plain(tcp));
     }
-    // SSLRequest: length 8, code 80877103 ("SSL Session Encryption"); the server answers one byte.
+    // SSLRequest ("SSL Session Encryption"): length 8 and the code; the server answers one byte.
     let mut request = [0u8; 8];
     request[..4].copy_from_slice(&8i32.to_be_bytes());
-    request[4..].copy_from_slice(&80877103i32.to_be_bytes());
+    request[4..].copy_from_slice(&crate::auth::SSL_REQUEST.to_be_bytes());
     let answer = async {
         tcp.write_all(&request).await?;
         tcp.read_u8().await

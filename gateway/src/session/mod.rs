@@ -1751,12 +1751,10 @@ impl Session {
     }
 }
 
-/// The client side of [`Session::wait_io`]: reads into `from` (when `read`), writes `to`, and over TLS flushes
-/// records rustls still holds; completes with the first of these that happened. One future for both
-/// directions, because a TLS stream cannot be split into halves that wait independently.
-/// One step of I/O on a stream: reads into `from` (when `read`), else writes what `to` holds, else flushes
-/// TLS records still buffered; reports which happened as the caller's event. One future for both directions,
-/// because a TLS stream cannot be split into halves that borrow it.
+/// One side (client or server) of [`Session::wait_io`]: reads into `from` (when `read`), writes `to`, and over
+/// TLS flushes records rustls still holds; completes with the first of these that happened, as the caller's
+/// event. One future for both directions, because a TLS stream cannot be split into halves that wait
+/// independently.
 fn stream_io<'a>(
     stream: &'a mut Stream,
     from: &'a mut BytesMut,
