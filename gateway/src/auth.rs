@@ -482,6 +482,38 @@ pub struct ServerLogin {
     pub pid: i32,
     pub secret: i32,
     pub parameters: Vec<(String, String)>,
+    /// How the server had the gateway authenticate: `trust`, `password`, `md5`, `scram-sha-256` or
+    /// `scram-sha-256-plus` (with channel binding).
+    pub method: &'static str,
+}
+
+/// The tls-server-end-point channel binding data of a server certificate (RFC 5929, section 4.1): its hash
+/// with the hash function of its signature, SHA-256 in place of MD5 and SHA-1. None for signatures without
+/// such a hash function (Ed25519, RSASSA-PSS), which PostgreSQL cannot bind to either.
+pub fn tls_server_end_point(certificate: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    use x509_cert::der::Decode;
+    let parsed = x509_cert::Certificate::from_der(certificate).ok()?;
+    let algorithm = parsed.signature_algorithm.oid.to_string();
+    Some(match algorithm.as_str() {
+        // md5WithRSA, sha1WithRSA, sha256WithRSA, ecdsa-with-SHA1, ecdsa-with-SHA256, dsa-with-SHA1/SHA256
+        "1.2.840.113549.1.1.4"
+        | "1.2.840.113549.1.1.5"
+        | "1.2.840.113549.1.1.11"
+        | "1.2.840.10045.4.1"
+        | "1.2.840.10045.4.3.2"
+        | "1.2.840.10040.4.3"
+        | "2.16.840.1.101.3.4.3.2" => sha2::Sha256::digest(certificate).to_vec(),
+        // sha384WithRSA, ecdsa-with-SHA384
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => {
+            sha2::Sha384::digest(certificate).to_vec()
+        }
+        // sha512WithRSA, ecdsa-with-SHA512
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => {
+            sha2::Sha512::digest(certificate).to_vec()
+        }
+        _ => return None,
+    })
 }
 
 /// A server refused or broke the login.
@@ -496,14 +528,20 @@ pub enum ServerLoginError {
 }
 
 /// Logs in to a server over `stream` (already connected) and reads until its first ReadyForQuery.
+/// `end_point` is the TLS server certificate's hash when the stream is TLS ([`tls_server_end_point`]): SCRAM
+/// then binds to the channel when the server offers it (SCRAM-SHA-256-PLUS), as libpq does by default, so that
+/// an authentication relayed by someone in the middle fails.
 pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     read_buf: &mut BytesMut,
     user: &str,
     password: Option<&str>,
     database: &str,
+    end_point: Option<Vec<u8>>,
 ) -> Result<ServerLogin, ServerLoginError> {
-    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+    use postgres_protocol::authentication::sasl::{
+        ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+    };
     use postgres_protocol::message::backend::Message as Backend;
     use postgres_protocol::message::frontend;
 
@@ -522,6 +560,7 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
         pid: 0,
         secret: 0,
         parameters: Vec::new(),
+        method: "trust",
     };
     loop {
         let message = loop {
@@ -542,6 +581,7 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
                     password.ok_or_else(need_password)?.as_bytes(),
                     &mut out,
                 )?;
+                login.method = "password";
             }
             Backend::AuthenticationMd5Password(body) => {
                 let hash = postgres_protocol::authentication::md5_hash(
@@ -550,24 +590,39 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
                     body.salt(),
                 );
                 frontend::password_message(hash.as_bytes(), &mut out)?;
+                login.method = "md5";
             }
             Backend::AuthenticationSasl(body) => {
                 use fallible_iterator::FallibleIterator;
                 let mut mechanisms = body.mechanisms();
-                let mut supported = false;
+                let (mut plain, mut plus) = (false, false);
                 while let Some(m) = mechanisms.next()? {
-                    supported |= m == SCRAM_SHA_256;
+                    plain |= m == SCRAM_SHA_256;
+                    plus |= m == SCRAM_SHA_256_PLUS;
                 }
-                if !supported {
-                    return Err(ServerLoginError::Protocol(
-                        "the server offers no SASL mechanism we support".into(),
-                    ));
-                }
-                let client = ScramSha256::new(
-                    password.ok_or_else(need_password)?.as_bytes(),
-                    ChannelBinding::unsupported(),
-                );
-                frontend::sasl_initial_response(SCRAM_SHA_256, client.message(), &mut out)?;
+                let password = password.ok_or_else(need_password)?.as_bytes();
+                // RFC 5802's gs2 flag: bind when both sides can; "y" (we could, the server did not offer it)
+                // lets a server that did offer it detect a downgrade; "n" when the stream is not TLS.
+                let (mechanism, binding) = match end_point.clone() {
+                    Some(hash) if plus => (
+                        SCRAM_SHA_256_PLUS,
+                        ChannelBinding::tls_server_end_point(hash),
+                    ),
+                    Some(_) if plain => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                    None if plain => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                    _ => {
+                        return Err(ServerLoginError::Protocol(
+                            "the server offers no SASL mechanism we support".into(),
+                        ))
+                    }
+                };
+                let client = ScramSha256::new(password, binding);
+                frontend::sasl_initial_response(mechanism, client.message(), &mut out)?;
+                login.method = if mechanism == SCRAM_SHA_256_PLUS {
+                    "scram-sha-256-plus"
+                } else {
+                    "scram-sha-256"
+                };
                 scram = Some(client);
             }
             Backend::AuthenticationSaslContinue(body) => {

@@ -12,6 +12,7 @@ pub struct Metrics {
     pub clients_refused: IntCounterVec,
     pub server_connections: IntGauge,
     pub server_connect_errors: IntCounter,
+    pub server_logins: IntCounterVec,
     pub pool_timeouts: IntCounter,
     pub pool_wait_seconds: Histogram,
     pub transactions: IntCounter,
@@ -126,6 +127,11 @@ impl Metrics {
             server_connect_errors: counter(
                 "regiongate_server_connect_errors_total",
                 "Failed attempts to open a server connection",
+            ),
+            server_logins: counter_vec(
+                "regiongate_server_logins_total",
+                "Server connections opened, by how the gateway authenticated (trust, password, md5, scram-sha-256, scram-sha-256-plus) and whether over TLS",
+                &["method", "tls"],
             ),
             pool_timeouts: counter(
                 "regiongate_pool_timeouts_total",

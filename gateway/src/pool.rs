@@ -60,14 +60,20 @@ impl ServerConn {
             .await
             .map_err(ServerLoginError::Protocol)?;
         let mut read_buf = BytesMut::with_capacity(16 * 1024);
+        let end_point = stream.server_end_point();
         let login = login_to_server(
             &mut stream,
             &mut read_buf,
             &credentials.user,
             credentials.password.as_deref(),
             database,
+            end_point,
         )
         .await?;
+        METRICS
+            .server_logins
+            .with_label_values(&[login.method, if stream.is_tls() { "yes" } else { "no" }])
+            .inc();
         let now = Instant::now();
         Ok((
             ServerConn {

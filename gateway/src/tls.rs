@@ -93,6 +93,15 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
+    /// The channel binding data of the peer's certificate (the server's, on a server connection).
+    pub fn server_end_point(&self) -> Option<Vec<u8>> {
+        let Stream::Tls(stream) = self else {
+            return None;
+        };
+        let certificate = stream.get_ref().1.peer_certificates()?.first()?;
+        crate::auth::tls_server_end_point(certificate)
+    }
+
     /// True while the peer has neither closed the connection nor sent anything: what an idle pooled server
     /// connection must look like. Cheap: tokio answers from readiness it already has, without a system call,
     /// when nothing arrived. (Over TLS, records without data, such as session tickets, are consumed.)

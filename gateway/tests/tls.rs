@@ -421,6 +421,14 @@ async fn every_server_connection_verifies_tls_when_the_servers_accept_only_tls()
         "the view was never refreshed with the batched rows"
     );
 
+    // The server offered SCRAM-SHA-256-PLUS over TLS, and the gateway bound its logins to the channel: had
+    // its tls-server-end-point data been wrong, the server would have refused them.
+    let bound = regiongate::metrics::METRICS
+        .server_logins
+        .with_label_values(&["scram-sha-256-plus", "yes"])
+        .get();
+    assert!(bound > 0, "no server login used channel binding");
+
     // A cancel reaches a server that takes only TLS clients (CancelRequest is answered before pg_hba).
     let cancel = client.cancel_token();
     let sleeper = tokio::spawn(async move {
@@ -525,4 +533,30 @@ async fn a_server_without_tls_is_refused_when_tls_is_required_and_used_plain_whe
         .unwrap()
         .get(0);
     assert!(!ssl);
+}
+
+#[test]
+fn the_channel_binding_hash_is_the_certificates_sha256_for_an_rsa_sha256_signature() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, _) = certificate(dir.path());
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_file(&cert).unwrap();
+    let ours =
+        regiongate::auth::tls_server_end_point(&der).expect("an RSA-SHA256 certificate binds");
+    let output = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&cert)
+        .output()
+        .unwrap();
+    let fingerprint = String::from_utf8_lossy(&output.stdout);
+    let hex: String = fingerprint
+        .trim()
+        .rsplit('=')
+        .next()
+        .unwrap()
+        .split(':')
+        .collect::<String>()
+        .to_lowercase();
+    let ours: String = ours.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(ours, hex);
 }
