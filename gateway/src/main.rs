@@ -122,13 +122,10 @@ fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
 /// Applies pending migrations on the primary, as the gateway's side connections log in.
 fn migrate(config: &Config, dir: &std::path::Path) -> Result<()> {
     runtime(1)?.block_on(async {
-        let side = regiongate::primary_connection(config, "regiongate migrate");
-        let (mut client, connection) = side
-            .config
-            .connect(side.tls.clone())
+        let mut client = regiongate::primary_connection(config, "regiongate migrate")
+            .connect()
             .await
             .with_context(|| format!("cannot connect to the primary {}", config.primary.url))?;
-        tokio::spawn(connection);
         let applied = views::migrate::run(&mut client, dir).await?;
         if applied.is_empty() {
             println!("{}: nothing to apply", dir.display());

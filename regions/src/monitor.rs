@@ -153,7 +153,7 @@ const PROBE_SQL: &str = "SELECT pg_last_wal_replay_lsn()::text, \
 /// Writes the heartbeat every interval until the gateway stops.
 pub(crate) async fn heartbeat(regions: Arc<Regions>) {
     let interval = regions.routing.monitor_interval;
-    let config = side_connection(
+    let side = side_connection(
         &regions.primary_url,
         &regions.login,
         "regiongate monitor",
@@ -166,7 +166,7 @@ pub(crate) async fn heartbeat(regions: Arc<Regions>) {
         ticker.tick().await;
         if connection.as_ref().is_none_or(|c| c.client.is_closed()) {
             let opened = async {
-                let client = config.connect().await?;
+                let client = side.connect().await?;
                 setup(&client, &regions.gateway_name).await?;
                 let statement = client.prepare(HEARTBEAT_SQL).await?;
                 Ok::<_, tokio_postgres::Error>(Prepared { client, statement })
@@ -219,7 +219,7 @@ async fn setup(client: &Client, gateway: &str) -> Result<(), tokio_postgres::Err
 pub(crate) async fn probe(regions: Arc<Regions>, id: ReplicaId) {
     let interval = regions.routing.monitor_interval;
     let url = regions.replica_urls[id].clone();
-    let config = side_connection(
+    let side = side_connection(
         &url,
         &regions.login,
         "regiongate monitor",
@@ -239,7 +239,7 @@ pub(crate) async fn probe(regions: Arc<Regions>, id: ReplicaId) {
     }
     loop {
         if connection.as_ref().is_none_or(|c| c.client.is_closed()) {
-            match prepare(&config, PROBE_SQL).await {
+            match prepare(&side, PROBE_SQL).await {
                 Ok(c) => {
                     connection = Some(c);
                     backoff = interval;
