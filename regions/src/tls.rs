@@ -165,18 +165,20 @@ impl ServerTls {
             }
             None => None,
         };
-        let verifier: Arc<dyn ServerCertVerifier> = match (&roots, self.mode) {
-            (Some(roots), ServerTlsMode::VerifyFull) => {
-                WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
-                    .build()
-                    .map_err(|e| format!("server_tls.ca: {e}"))?
-            }
-            (Some(roots), _) => Arc::new(ChainOnly(
-                WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+        let chain = match roots {
+            Some(roots) => Some(
+                WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                     .build()
                     .map_err(|e| format!("server_tls.ca: {e}"))?,
-            )),
-            (None, _) => Arc::new(EncryptOnly(provider.clone())),
+            ),
+            None => None,
+        };
+        let verifier: Arc<dyn ServerCertVerifier> = match (chain, self.mode) {
+            (Some(chain), ServerTlsMode::VerifyFull) => chain,
+            (chain, _) => Arc::new(Lenient {
+                chain,
+                provider: provider.clone(),
+            }),
         };
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -223,11 +225,16 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(host.to_string()).map_err(|e| format!("server name {host:?}: {e}"))
 }
 
-/// `verify-ca`: the chain must lead to the CA; the name in the certificate is not looked at.
+/// The modes short of `verify-full`: with `chain` (a CA was given), the certificate must chain to it but its
+/// name is not looked at (`verify-ca`); without, any certificate is taken: the connection is encrypted, not
+/// authenticated. Either way the handshake signatures are checked against the certificate.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct Lenient {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -236,10 +243,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -253,51 +260,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer`/`require` without a CA: any certificate is taken (the connection is encrypted, not
-/// authenticated), but the handshake signatures are still checked against it.
-#[derive(Debug)]
-struct EncryptOnly(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls12_signature(
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -311,12 +278,14 @@ impl ServerCertVerifier for EncryptOnly {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
