@@ -38,7 +38,11 @@ impl ClientEntry {
     /// The server connection the client holds now; updated on every checkout and release.
     pub fn set_server(&self, target: Option<ServerTarget>) {
         if target.is_some() {
-            self.checkouts.fetch_add(1, Ordering::Relaxed);
+            // The client's session is the only writer: no locked add needed.
+            self.checkouts.store(
+                self.checkouts.load(Ordering::Relaxed) + 1,
+                Ordering::Relaxed,
+            );
         }
         *self.target.lock().unwrap_or_else(|p| p.into_inner()) = target;
     }

@@ -62,20 +62,42 @@ pub fn shape(sql: &[u8]) -> Shape {
 
 fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
     out.clear();
+    out.reserve(sql.len());
     let s = sql;
     let mut i = 0;
     // A space is kept only between two words (keywords, identifiers, `?`): "a = ?" and "a=?" share a shape.
     let mut pending_space = false;
-    let push = |out: &mut Vec<u8>, bytes: &[u8], pending_space: &mut bool| {
-        let after_word = out.last().is_some_and(|&b| is_word_byte(b));
-        if *pending_space && after_word && bytes.first().is_none_or(|&b| is_word_byte(b)) {
+    // Case is folded once, over the whole output, at the end (eight bytes at a time): words are copied as they
+    // are. `out[..folded]` is folded already.
+    let mut folded = 0;
+    // Called before a token that starts with a word byte: the white space before it becomes one space if a
+    // word precedes it.
+    let word_break = |out: &mut Vec<u8>, pending_space: &mut bool| {
+        if std::mem::take(pending_space) && out.last().is_some_and(|&b| is_word_byte(b)) {
             out.push(b' ');
         }
-        *pending_space = false;
-        out.extend_from_slice(bytes);
     };
     while i < s.len() {
         let c = s[i];
+        // Words and numbers are most of every statement: scan them here, a table lookup per byte.
+        if crate::sql::is_ident_start(c) || c.is_ascii_digit() {
+            let end = crate::sql::ident_end(s, i + 1);
+            if c.is_ascii_digit() {
+                word_break(out, &mut pending_space);
+                out.push(b'?');
+            } else if c.is_ascii_alphabetic() && end - i <= 2 && s.get(end) == Some(&b'\'') {
+                // E'...', B'...', X'...' strings: the prefix letter starts an identifier token.
+                word_break(out, &mut pending_space);
+                out.push(b'?');
+                i = crate::sql::token_end(s, end);
+                continue;
+            } else {
+                word_break(out, &mut pending_space);
+                out.extend_from_slice(&s[i..end]);
+            }
+            i = end;
+            continue;
+        }
         if c.is_ascii_whitespace() {
             pending_space = true;
             i += 1;
@@ -86,30 +108,32 @@ fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
         match c {
             b'-' if token.starts_with(b"--") => pending_space = true,
             b'/' if token.starts_with(b"/*") => pending_space = true,
-            b'\'' => push(out, b"?", &mut pending_space),
+            b'\'' => {
+                word_break(out, &mut pending_space);
+                out.push(b'?');
+            }
             b'$' if s.get(i + 1).is_some_and(u8::is_ascii_digit) => {
                 // $1: a parameter
                 let mut j = i + 1;
                 while j < s.len() && s[j].is_ascii_digit() {
                     j += 1;
                 }
-                push(out, b"?", &mut pending_space);
+                word_break(out, &mut pending_space);
+                out.push(b'?');
                 i = j;
                 continue;
             }
-            b'$' if token.len() > 1 => push(out, b"?", &mut pending_space), // $$body$$
-            b'0'..=b'9' => push(out, b"?", &mut pending_space),
-            b'"' => push(out, token, &mut pending_space),
-            // E'...', B'...', X'...', U&'...' strings: the prefix letter starts an identifier token.
-            c if c.is_ascii_alphabetic() && s.get(end) == Some(&b'\'') && token.len() <= 2 => {
-                let string_end = crate::sql::token_end(s, end);
-                push(out, b"?", &mut pending_space);
-                i = string_end;
-                continue;
+            b'$' if token.len() > 1 => {
+                // $$body$$
+                word_break(out, &mut pending_space);
+                out.push(b'?');
             }
-            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
-                push(out, b"", &mut pending_space);
-                out.extend(token.iter().map(u8::to_ascii_lowercase));
+            b'"' => {
+                word_break(out, &mut pending_space);
+                // Quoted identifiers keep their case: fold what came before, then step past this one.
+                lowercase(&mut out[folded..]);
+                out.extend_from_slice(token);
+                folded = out.len();
             }
             _ => {
                 pending_space = false;
@@ -118,7 +142,23 @@ fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
         }
         i = end;
     }
+    lowercase(&mut out[folded..]);
     collapse_lists(out);
+}
+
+/// ASCII lower case, eight bytes at a time (other bytes, UTF-8 included, are left as they are).
+fn lowercase(bytes: &mut [u8]) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let mut chunks = bytes.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let word = u64::from_le_bytes((&*chunk).try_into().expect("chunks of eight"));
+        // Per byte, on its low seven bits h (no carry crosses bytes): bit 7 of h + 63 is h >= 'A', of h + 37 is
+        // h > 'Z'. Bytes with their own bit 7 set are not ASCII and stay.
+        let low = word & (0x7f * ONES);
+        let upper = (low + 63 * ONES) & !(low + 37 * ONES) & !word & (0x80 * ONES);
+        chunk.copy_from_slice(&(word | (upper >> 2)).to_le_bytes());
+    }
+    chunks.into_remainder().make_ascii_lowercase();
 }
 
 /// A fast 64-bit hash (FxHash's mixing, eight bytes at a time). Shapes and values are hashed on every
@@ -144,8 +184,10 @@ fn is_word_byte(b: u8) -> bool {
 
 /// `(?,?,?)` → `(?)`, so IN lists and multi-row VALUES of any length share a shape.
 fn collapse_lists(out: &mut Vec<u8>) {
-    if memchr::memmem::find(out, b"?,").is_none() {
-        return; // nothing to collapse (the common case): no copying
+    // Nothing to collapse is the common case: no copying then. (A `memmem` searcher costs more to build than
+    // this scan of a short shape.)
+    if !memchr::memchr_iter(b'?', out).any(|p| out.get(p + 1) == Some(&b',')) {
+        return;
     }
     let mut collapsed = Vec::with_capacity(out.len());
     let mut i = 0;
@@ -249,6 +291,18 @@ mod tests {
         assert_eq!(
             text("select E'a\\'b', $$x$$, \"Col\" from t"),
             "select ?,\"Col\" from t"
+        );
+    }
+
+    #[test]
+    fn case_folds_eight_bytes_at_a_time() {
+        let all: Vec<u8> = (0..=255).collect();
+        let mut folded = all.clone();
+        lowercase(&mut folded);
+        assert_eq!(folded, all.to_ascii_lowercase());
+        assert_eq!(
+            text("SELECT \"MixedCase\", ÄBC, LongIdentifierName FROM \"T\" WHERE X = 1"),
+            "select \"MixedCase\",Äbc,longidentifiername from \"T\" where x=?"
         );
     }
 

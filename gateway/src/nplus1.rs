@@ -34,6 +34,8 @@ pub struct Statement<'a> {
     pub values: u64,
     /// Values to show in a report when `log_parameters` is on.
     pub sample: Option<String>,
+    /// When it was sent (the caller has read the clock already).
+    pub at: Instant,
 }
 
 struct Run {
@@ -84,7 +86,7 @@ impl Detector {
             self.previous = Some((statement.shape, statement.text.clone()));
             return;
         }
-        let now = Instant::now();
+        let now = statement.at;
         let continues = self.run.as_ref().is_some_and(|r| {
             r.shape == statement.shape && now.duration_since(r.started) <= settings.window
         });
@@ -121,7 +123,10 @@ impl Detector {
                 parent,
             });
         }
-        self.previous = Some((statement.shape, statement.text.clone()));
+        // The parent is shown canonical, so any statement of its shape serves: in a run, keep the one held.
+        if self.previous.as_ref().map(|(shape, _)| *shape) != Some(statement.shape) {
+            self.previous = Some((statement.shape, statement.text.clone()));
+        }
     }
 
     /// Ends the current run (the session ended, or a different statement came), reporting it if it was an
@@ -308,6 +313,7 @@ mod tests {
                 text: &text,
                 values,
                 sample: None,
+                at: Instant::now(),
             },
             &settings(),
             patterns,

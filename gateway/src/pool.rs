@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// Session settings as the SET statements that produce them, by setting name. Shared by pointer so the
 /// common case (server already matches client) is a pointer comparison.
@@ -125,7 +125,10 @@ pub struct Pool {
     pub name: String,
     credentials: ServerCredentials,
     config: PoolConfig,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed, so that a checkout and a checkin move a pointer, not the whole connection (a few hundred bytes,
+    /// moved several times on the way in and out).
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     permits: Arc<Semaphore>,
     /// ParameterStatus values of the first server connection, reported to clients at login.
     server_parameters: Mutex<Option<ServerParameters>>,
@@ -163,14 +166,16 @@ impl Pool {
     /// A connection for a client: waits up to the checkout timeout for a free slot, then reuses an idle
     /// connection or opens one.
     pub async fn checkout(self: &Arc<Self>) -> Result<Lease, PgError> {
-        let permit = match self.permits.clone().try_acquire_owned() {
+        // The slot is held by the lease, which gives it back when dropped (no owned permit: that would clone
+        // the semaphore's Arc at every checkout).
+        match self.permits.try_acquire() {
             Ok(permit) => {
                 // The common case, counted without reading the clock.
-                METRICS.pool_wait_seconds.observe(0.0);
-                permit
+                METRICS.pool_wait_seconds.observe(0, 0.0);
+                permit.forget();
             }
             Err(_) => match self.wait_for_permit().await {
-                Ok(Ok(permit)) => permit,
+                Ok(Ok(permit)) => permit.forget(),
                 _ => {
                     METRICS.pool_timeouts.inc();
                     tracing::warn!(pool = %self.name, size = self.config.size, "pool exhausted: checkout timed out");
@@ -183,6 +188,11 @@ impl Pool {
                     ));
                 }
             },
+        }
+        // From here the lease holds the slot: it goes back however this ends, a dropped future included.
+        let mut lease = Lease {
+            conn: None,
+            pool: self.clone(),
         };
         let conn = loop {
             let candidate = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
@@ -197,33 +207,27 @@ impl Pool {
                 None => break self.open_connection().await?,
             }
         };
-        Ok(Lease {
-            conn: Some(conn),
-            pool: self.clone(),
-            _permit: permit,
-        })
+        lease.conn = Some(conn);
+        Ok(lease)
     }
 
     /// Waits up to the checkout timeout for a slot, counted as waiting meanwhile.
     async fn wait_for_permit(
         &self,
-    ) -> Result<Result<OwnedSemaphorePermit, tokio::sync::AcquireError>, tokio::time::error::Elapsed>
+    ) -> Result<Result<SemaphorePermit<'_>, tokio::sync::AcquireError>, tokio::time::error::Elapsed>
     {
         let started = Instant::now();
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        let waited = tokio::time::timeout(
-            self.config.checkout_timeout,
-            self.permits.clone().acquire_owned(),
-        )
-        .await;
+        let waited =
+            tokio::time::timeout(self.config.checkout_timeout, self.permits.acquire()).await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         METRICS
             .pool_wait_seconds
-            .observe(started.elapsed().as_secs_f64());
+            .observe(0, started.elapsed().as_secs_f64());
         waited
     }
 
-    async fn open_connection(&self) -> Result<ServerConn, PgError> {
+    async fn open_connection(&self) -> Result<Box<ServerConn>, PgError> {
         let database = &self.key.database;
         let connect = ServerConn::connect(&self.key.server, &self.credentials, database);
         let result = match tokio::time::timeout(self.config.connect_timeout, connect).await {
@@ -245,7 +249,7 @@ impl Pool {
                     *cached = Some(Arc::new(parameters));
                 }
                 tracing::debug!(pool = %self.name, pid = conn.pid, "server connection opened");
-                Ok(conn)
+                Ok(Box::new(conn))
             }
             Err(error) => {
                 METRICS.server_connect_errors.inc();
@@ -292,8 +296,8 @@ impl Pool {
             .unwrap_or_default())
     }
 
-    fn checkin(&self, mut conn: ServerConn) {
-        let now = Instant::now();
+    /// Takes a connection back, idle since `now`.
+    fn checkin(&self, mut conn: Box<ServerConn>, now: Instant) {
         conn.idle_since = now;
         conn.unnamed_valid = false;
         // Retire a connection past its lifetime, or holding too many statements (rather than track which are
@@ -318,7 +322,7 @@ impl Pool {
     /// Closes idle connections past their idle timeout or lifetime (keeping `min_idle`), and opens
     /// connections up to `min_idle`. Called periodically by the pool's maintenance task.
     pub async fn maintain(self: &Arc<Self>) {
-        let expired: Vec<ServerConn> = {
+        let expired: Vec<Box<ServerConn>> = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             let keep = self.config.min_idle;
             let mut expired = Vec::new();
@@ -352,7 +356,7 @@ impl Pool {
             match self.open_connection().await {
                 Ok(conn) => {
                     drop(permit);
-                    self.checkin(conn);
+                    self.checkin(conn, Instant::now());
                 }
                 Err(_) => break,
             }
@@ -382,11 +386,10 @@ impl Pool {
     }
 }
 
-/// A server connection checked out of its pool.
+/// A server connection checked out of its pool, holding one of the pool's slots until dropped.
 pub struct Lease {
-    conn: Option<ServerConn>,
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl Lease {
@@ -401,9 +404,14 @@ impl Lease {
     }
 
     /// Returns the connection to the pool; the caller vouches that it is idle ('I') and clean.
-    pub fn release(mut self) {
+    pub fn release(self) {
+        self.release_at(Instant::now());
+    }
+
+    /// [`Lease::release`] for a caller that read the clock at the moment the connection went idle.
+    pub fn release_at(mut self, now: Instant) {
         if let Some(conn) = self.conn.take() {
-            self.pool.checkin(conn);
+            self.pool.checkin(conn, now);
         }
     }
 }
@@ -413,6 +421,8 @@ impl Drop for Lease {
         if self.conn.take().is_some() {
             self.pool.closed_one();
         }
+        // After a release: the connection is idle in the pool before the slot frees, for the next waiter.
+        self.pool.permits.add_permits(1);
     }
 }
 

@@ -130,13 +130,7 @@ fn skip_token(s: &[u8], i: usize) -> usize {
             }
             None => i + 1,
         },
-        c if is_ident_byte(c) => {
-            let mut j = i + 1;
-            while j < s.len() && is_ident_byte(s[j]) {
-                j += 1;
-            }
-            j
-        }
+        c if is_ident_byte(c) => ident_end(s, i + 1),
         _ => i + 1,
     }
 }
@@ -170,8 +164,33 @@ fn dollar_tag(s: &[u8], i: usize) -> Option<usize> {
     (j < s.len() && s[j] == b'$').then_some(j + 1)
 }
 
+/// Bytes that continue an identifier (or a number), as a table: lexing statements is on the hot path.
+static IDENT: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        table[c] = b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
+        c += 1;
+    }
+    table
+};
+
 fn is_ident_byte(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+    IDENT[usize::from(c)]
+}
+
+/// Whether `c` starts an identifier or keyword.
+pub fn is_ident_start(c: u8) -> bool {
+    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
+}
+
+/// The end of the identifier bytes from `i`.
+pub fn ident_end(s: &[u8], i: usize) -> usize {
+    s[i.min(s.len())..]
+        .iter()
+        .position(|&c| !is_ident_byte(c))
+        .map_or(s.len(), |n| i + n)
 }
 
 /// Skips white space and comments.

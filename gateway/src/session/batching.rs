@@ -38,6 +38,10 @@ impl Session {
         if self.status != b'I' || self.pinned.is_some() || self.reads.deferred_begin.is_some() {
             return Ok(false);
         }
+        self.follow_reload();
+        if !self.batching {
+            return Ok(false);
+        }
         let config = self.shared.config.load_full();
         let tables = &config.batching.tables;
         if tables.is_empty() {

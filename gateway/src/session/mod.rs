@@ -184,12 +184,16 @@ struct Session {
     to_server: BytesMut,
     /// The primary's pool for this client's database and user.
     pool: Arc<Pool>,
-    /// The reload generation `pool`, `replicas` and `slow_after` were read in.
+    /// The reload generation `pool`, `replicas`, `regions`, `slow_after` and `batching` were read in.
     pool_generation: u64,
     /// Whether any replica is configured (read routing is on).
     replicas: bool,
+    /// The regions in force (replaced by a reload only; their live picture changes inside).
+    regions: Arc<regions::Regions>,
     /// `log.slow_statement`.
     slow_after: Duration,
+    /// Whether any table is configured for insert batching (no statement is looked at for it otherwise).
+    batching: bool,
     lease: Option<Lease>,
     route: Option<Route>,
     reads: Reads,
@@ -226,6 +230,9 @@ struct Session {
     /// When the oldest unanswered request (Query, Sync, FunctionCall) was sent, for the latency histogram
     /// and slow-statement log.
     request_started: Option<std::time::Instant>,
+    /// When the last request was answered: the server connection's idle-since when it goes back to the
+    /// pool right after, so that a transaction reads the clock twice, not three or four times.
+    last_answer: std::time::Instant,
     /// The statement text of the last Query or Bind, for the slow-statement log.
     last_statement: Option<Bytes>,
     /// DataRows relayed for the current request.
@@ -359,7 +366,9 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         },
         pool_generation: shared.generation(),
         replicas: shared.has_replicas(),
+        regions: shared.regions(),
         slow_after: config.log.slow_statement,
+        batching: !config.batching.tables.is_empty(),
         pool,
         lease: None,
         route: None,
@@ -381,6 +390,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         discard_until_sync: false,
         server_fatal: false,
         request_started: None,
+        last_answer: std::time::Instant::now(),
         last_statement: None,
         rows: 0,
         shape_buffer: Vec::with_capacity(256),
@@ -701,12 +711,14 @@ impl Session {
         }
         match tag {
             b'Q' => {
-                self.last_statement =
-                    protocol::query_text(protocol::body(&message)).map(|t| message.slice_ref(t));
-                if let (Some(text), Some(shape)) = (self.last_statement.clone(), shape) {
+                let text = protocol::query_text(protocol::body(&message))
+                    .map(|t| message.slice_ref(t))
+                    .ok_or_else(|| PgError::fatal("08P01", "invalid Query message"))?;
+                if let Some(shape) = shape {
                     self.observe_statement(shape.hash, shape.read, &text, &text);
                 }
-                self.on_query(message)?
+                self.on_query(&message, &text)?;
+                self.last_statement = Some(text);
             }
             b'P' => self.on_parse(message)?,
             b'B' | b'D' => self.on_statement_use(tag, message)?,
@@ -738,9 +750,7 @@ impl Session {
         Ok(())
     }
 
-    fn on_query(&mut self, message: Bytes) -> Result<(), PgError> {
-        let text = protocol::query_text(protocol::body(&message))
-            .ok_or_else(|| PgError::fatal("08P01", "invalid Query message"))?;
+    fn on_query(&mut self, message: &[u8], text: &[u8]) -> Result<(), PgError> {
         let mut effects = Vec::new();
         let mut rewrites: Vec<(std::ops::Range<usize>, Arc<str>)> = Vec::new();
         for range in sql::split(text) {
@@ -792,7 +802,7 @@ impl Session {
             }
         }
         if rewrites.is_empty() {
-            self.to_server.extend_from_slice(&message);
+            self.to_server.extend_from_slice(message);
         } else {
             let mut rewritten = Vec::with_capacity(text.len() + 16);
             let mut at = 0;
@@ -1030,6 +1040,8 @@ impl Session {
                 text,
                 values: crate::fingerprint::hash_bytes(values),
                 sample,
+                // A Query has just started the request clock: no second reading.
+                at: self.request_started.unwrap_or_else(std::time::Instant::now),
             },
             &self.nplus1,
             &self.shared.nplus1,
@@ -1091,16 +1103,8 @@ impl Session {
         if self.shared.is_paused() {
             self.shared.wait_unpaused().await;
         }
-        if self.pool_generation != self.shared.generation() {
-            // A reload may have replaced the primary's pool (new settings or a new primary).
-            self.pool_generation = self.shared.generation();
-            let (user, database) = (self.pool.key.user.clone(), self.pool.key.database.clone());
-            let config = self.shared.config.load_full();
-            self.pool = self.shared.pool(&config.primary.url, &user, &database);
-            self.replicas = self.shared.has_replicas();
-            self.slow_after = config.log.slow_statement;
-        }
-        let regions = self.shared.regions();
+        self.follow_reload();
+        let regions = self.regions.clone();
         let mut attempts = 0;
         let mut stale_checkouts = 0;
         let result = loop {
@@ -1147,13 +1151,18 @@ impl Session {
         match result {
             Ok((mut lease, route)) => {
                 let conn = lease.conn();
-                if !Arc::ptr_eq(&conn.settings, &self.settings) && *conn.settings == *self.settings
-                {
-                    // Same settings in another allocation: share one, so that the next checkout compares
-                    // pointers only. Clients with equal settings converge on one Arc this way.
-                    self.settings = conn.settings.clone();
-                }
-                if !Arc::ptr_eq(&conn.settings, &self.settings) {
+                if Arc::ptr_eq(&conn.settings, &self.settings) {
+                    // The common case: nothing to compare.
+                } else if *conn.settings == *self.settings {
+                    // Same settings in two allocations: both keep the one at the lower address (the connection
+                    // takes the client's below). Every meeting spreads the lowest, so clients and connections
+                    // with equal settings converge on one Arc, and later checkouts compare pointers only.
+                    // (Adopting the connection's alone does not converge: a connection keeps the first Arc it
+                    // was given, and clients go on comparing maps at every checkout.)
+                    if Arc::as_ptr(&conn.settings) < Arc::as_ptr(&self.settings) {
+                        self.settings = conn.settings.clone();
+                    }
+                } else {
                     let change = settings_change(&conn.settings, &self.settings);
                     self.send_own_query(&change);
                 }
@@ -1182,6 +1191,21 @@ impl Session {
                     _ => self.discard_until_sync = true,
                 }
             }
+        }
+    }
+
+    /// Rereads what the session keeps of the configuration after a reload (an atomic load otherwise).
+    fn follow_reload(&mut self) {
+        if self.pool_generation != self.shared.generation() {
+            // A reload may have replaced the primary's pool (new settings or a new primary).
+            self.pool_generation = self.shared.generation();
+            let (user, database) = (self.pool.key.user.clone(), self.pool.key.database.clone());
+            let config = self.shared.config.load_full();
+            self.pool = self.shared.pool(&config.primary.url, &user, &database);
+            self.replicas = self.shared.has_replicas();
+            self.regions = self.shared.regions();
+            self.slow_after = config.log.slow_statement;
+            self.batching = !config.batching.tables.is_empty();
         }
     }
 
@@ -1214,7 +1238,7 @@ impl Session {
         if discard {
             drop(lease);
         } else {
-            lease.release();
+            lease.release_at(self.last_answer);
         }
         true
     }
@@ -1475,7 +1499,8 @@ impl Session {
         let Some(started) = self.request_started.take() else {
             return;
         };
-        let elapsed = started.elapsed();
+        self.last_answer = std::time::Instant::now();
+        let elapsed = self.last_answer.saturating_duration_since(started);
         let replica = matches!(self.route, Some(Route::Replica(_)));
         let rows = std::mem::take(&mut self.rows);
         tracing::debug!(
@@ -1486,11 +1511,7 @@ impl Session {
             statement = %self.last_statement.as_deref().map(|s| String::from_utf8_lossy(&s[..s.len().min(200)])).unwrap_or_default(),
             "request"
         );
-        if replica {
-            METRICS.request_replica.observe(elapsed.as_secs_f64());
-        } else {
-            METRICS.request_primary.observe(elapsed.as_secs_f64());
-        }
+        METRICS.request_seconds(replica, elapsed.as_secs_f64());
         if elapsed >= self.slow_after {
             METRICS.slow_statements.inc();
             let statement = self

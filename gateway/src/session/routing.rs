@@ -188,8 +188,16 @@ impl Session {
             Target::Replica(_) => "replica",
         };
         let region = decision.region.as_deref().unwrap_or("unknown");
-        let key: CounterKey = (decision.region.clone(), role == "primary", decision.reason);
-        match self.reads.counters.iter().find(|(k, _)| *k == key) {
+        let primary = role == "primary";
+        // Every request passes here: find the counter without cloning the region (regions are shared Arcs, so
+        // the pointer comparison decides nearly always).
+        let same_region = |known: &Option<Arc<str>>| match (known, &decision.region) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        match self.reads.counters.iter().find(|((known, p, reason), _)| {
+            *p == primary && *reason == decision.reason && same_region(known)
+        }) {
             Some((_, counter)) => counter.inc(),
             None => {
                 let counter =
@@ -197,6 +205,7 @@ impl Session {
                         .routed
                         .with_label_values(&[region, role, decision.reason.label()]);
                 counter.inc();
+                let key: CounterKey = (decision.region.clone(), primary, decision.reason);
                 self.reads.counters.push((key, counter));
             }
         }
@@ -301,7 +310,7 @@ impl Session {
             return false;
         }
         self.reads.wrote = false;
-        if !self.shared.regions().routing.read_your_writes {
+        if !self.regions.routing.read_your_writes {
             return false;
         }
         protocol::query(

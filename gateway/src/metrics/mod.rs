@@ -2,8 +2,10 @@
 //! detail. Names are `regiongate_<thing>_<unit>`; labels are bounded by design (no statement text, no client
 //! addresses).
 
+mod per_thread;
+
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -14,8 +16,9 @@ pub struct Metrics {
     pub server_connect_errors: IntCounter,
     pub server_logins: IntCounterVec,
     pub pool_timeouts: IntCounter,
-    pub pool_wait_seconds: Histogram,
-    pub transactions: IntCounter,
+    /// Observed at every checkout, like the two below at every transaction: kept per thread.
+    pub pool_wait_seconds: Arc<per_thread::Histograms>,
+    pub transactions: Arc<per_thread::Counter>,
     pub server_lost: IntCounter,
     pub errors_sent: IntCounterVec,
     pub server_errors: IntCounterVec,
@@ -24,10 +27,8 @@ pub struct Metrics {
     pub reloads: IntCounter,
     pub slow_statements: IntCounter,
     pub statement_timeouts: IntCounter,
-    /// `regiongate_request_seconds` for requests on the primary and on replicas (kept as children so that
-    /// observing one needs no label lookup).
-    pub request_primary: Histogram,
-    pub request_replica: Histogram,
+    /// `regiongate_request_seconds{role}`: series 0 is the primary, 1 the replicas (see `request_seconds`).
+    request_seconds: Arc<per_thread::Histograms>,
     pub nplus1_episodes: IntCounterVec,
     pub nplus1_statements: IntCounterVec,
     pub batch_rows: Histogram,
@@ -64,31 +65,25 @@ impl Metrics {
                 .expect("unique metric");
             c
         };
-        let pool_wait_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "regiongate_pool_wait_seconds",
-                "Time a client waited for a server connection",
-            )
-            .buckets(vec![
-                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
-            ]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(pool_wait_seconds.clone()))
-            .expect("unique metric");
-        let request_seconds = prometheus::HistogramVec::new(
-            HistogramOpts::new(
-                "regiongate_request_seconds",
-                "Time from a client's request (Query or Sync) to its ReadyForQuery, by the role of the server",
-            )
-            .buckets(vec![0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
-            &["role"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(request_seconds.clone()))
-            .expect("unique metric");
+        let pool_wait_seconds = Arc::new(per_thread::Histograms::new(
+            "regiongate_pool_wait_seconds",
+            "Time a client waited for a server connection",
+            &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0],
+            None,
+        ));
+        per_thread::register(&registry, &pool_wait_seconds);
+        let request_seconds = Arc::new(per_thread::Histograms::new(
+            "regiongate_request_seconds",
+            "Time from a client's request (Query or Sync) to its ReadyForQuery, by the role of the server",
+            &[0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
+            Some(("role", &["primary", "replica"])),
+        ));
+        per_thread::register(&registry, &request_seconds);
+        let transactions = Arc::new(per_thread::Counter::new(
+            "regiongate_transactions_total",
+            "Server connection checkouts completed (one per transaction in transaction mode)",
+        ));
+        per_thread::register(&registry, &transactions);
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
                 .expect("valid metric");
@@ -138,10 +133,7 @@ impl Metrics {
                 "Checkouts that gave up after the checkout timeout",
             ),
             pool_wait_seconds,
-            transactions: counter(
-                "regiongate_transactions_total",
-                "Server connection checkouts completed (one per transaction in transaction mode)",
-            ),
+            transactions,
             server_lost: counter(
                 "regiongate_server_lost_total",
                 "Server connections that broke while a client used them",
@@ -173,8 +165,7 @@ impl Metrics {
                 "regiongate_statement_timeouts_total",
                 "Requests cancelled on their server for running past limits.statement_timeout",
             ),
-            request_primary: request_seconds.with_label_values(&["primary"]),
-            request_replica: request_seconds.with_label_values(&["replica"]),
+            request_seconds,
             nplus1_episodes: counter_vec(
                 "regiongate_nplus1_episodes_total",
                 "N+1 episodes: one statement shape repeated after a parent, by fingerprint (the first 50, then other)",
@@ -227,6 +218,11 @@ impl Metrics {
     }
 
     /// The text exposition of every metric.
+    /// A request's time to its ReadyForQuery, on the primary or a replica.
+    pub fn request_seconds(&self, replica: bool, seconds: f64) {
+        self.request_seconds.observe(usize::from(replica), seconds);
+    }
+
     pub fn render(&self) -> String {
         use prometheus::Encoder;
         let mut out = Vec::new();
