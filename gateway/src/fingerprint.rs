@@ -80,7 +80,7 @@ fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
     while i < s.len() {
         let c = s[i];
         // Words and numbers are most of every statement: scan them here, a table lookup per byte.
-        if crate::sql::is_ident_start(c) || c.is_ascii_digit() {
+        if c != b'$' && crate::sql::is_ident_byte(c) {
             let end = crate::sql::ident_end(s, i + 1);
             if c.is_ascii_digit() {
                 word_break(out, &mut pending_space);
@@ -100,6 +100,13 @@ fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
         }
         if c.is_ascii_whitespace() {
             pending_space = true;
+            i += 1;
+            continue;
+        }
+        if !matches!(c, b'-' | b'/' | b'\'' | b'"' | b'$') {
+            // One byte of punctuation: nothing to lex.
+            pending_space = false;
+            out.push(c);
             i += 1;
             continue;
         }
@@ -189,36 +196,31 @@ fn collapse_lists(out: &mut Vec<u8>) {
     if !memchr::memchr_iter(b'?', out).any(|p| out.get(p + 1) == Some(&b',')) {
         return;
     }
-    let mut collapsed = Vec::with_capacity(out.len());
-    let mut i = 0;
-    while i < out.len() {
-        if out[i..].starts_with(b"?,?") {
-            collapsed.push(b'?');
-            i += 1;
-            while out[i..].starts_with(b",?") {
-                i += 2;
-            }
-            continue;
-        }
-        collapsed.push(out[i]);
-        i += 1;
-    }
+    compact(out, b"?,?", 1, b",?");
     // Rows of placeholders: "(?),(?)" → "(?)".
-    let mut rows = Vec::with_capacity(collapsed.len());
-    let mut i = 0;
-    while i < collapsed.len() {
-        if collapsed[i..].starts_with(b"(?),(?)") {
-            rows.extend_from_slice(b"(?)");
-            i += 3;
-            while collapsed[i..].starts_with(b",(?)") {
-                i += 4;
+    compact(out, b"(?),(?)", 3, b",(?)");
+}
+
+/// At each `head` in `out`, keeps its first `keep` bytes and drops the `repeat`s that follow them. In place:
+/// what is written never passes what is read, so the caller's buffer is reused.
+fn compact(out: &mut Vec<u8>, head: &[u8], keep: usize, repeat: &[u8]) {
+    let (mut read, mut write) = (0, 0);
+    while let Some(p) = memchr::memchr(head[0], &out[read..]) {
+        let at = read + p;
+        let found = out[at..].starts_with(head);
+        let end = if found { at + keep } else { at + 1 };
+        out.copy_within(read..end, write);
+        write += end - read;
+        read = end;
+        if found {
+            while out[read..].starts_with(repeat) {
+                read += repeat.len();
             }
-            continue;
         }
-        rows.push(collapsed[i]);
-        i += 1;
     }
-    *out = rows;
+    out.copy_within(read.., write);
+    write += out.len() - read;
+    out.truncate(write);
 }
 
 /// The normalized SQL of a statement for people: sqlparser's rendering with every literal a `?` and IN lists

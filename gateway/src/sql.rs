@@ -176,13 +176,8 @@ static IDENT: [bool; 256] = {
     table
 };
 
-fn is_ident_byte(c: u8) -> bool {
+pub fn is_ident_byte(c: u8) -> bool {
     IDENT[usize::from(c)]
-}
-
-/// Whether `c` starts an identifier or keyword.
-pub fn is_ident_start(c: u8) -> bool {
-    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
 }
 
 /// The end of the identifier bytes from `i`.
@@ -247,6 +242,35 @@ impl Words<'_> {
     }
 }
 
+/// First words of the statements [`classify`] looks further into.
+const SESSION_HEADS: [&[u8]; 9] = [
+    b"set",
+    b"reset",
+    b"listen",
+    b"create",
+    b"declare",
+    b"prepare",
+    b"execute",
+    b"deallocate",
+    b"discard",
+];
+
+/// True when the Query `text`, whose shape ([`crate::fingerprint`]) is `shape`, is at most one statement and
+/// [`classify`] would call it [`Kind::Other`]: the caller then needs neither [`split`] nor [`classify`]. The shape has
+/// comments and string bodies taken out and its words in lower case, so a `;` in it is a statement boundary
+/// (or in a quoted identifier, and then this says false and the caller lexes) and its first word is the
+/// statement's.
+pub fn plainly_other(text: &[u8], shape: &[u8]) -> bool {
+    let body = shape.strip_suffix(b";").unwrap_or(shape);
+    let head_end = shape
+        .iter()
+        .position(|c| !c.is_ascii_alphabetic())
+        .unwrap_or(shape.len());
+    !SESSION_HEADS.contains(&&shape[..head_end])
+        && memchr::memchr(b';', body).is_none()
+        && !mentions_advisory_lock(text)
+}
+
 /// Classifies one statement (a range from [`split`]); ranges in the result are relative to `sql`.
 pub fn classify(sql: &[u8], range: Range<usize>) -> Kind {
     let text = &sql[..range.end];
@@ -259,17 +283,6 @@ pub fn classify(sql: &[u8], range: Range<usize>) -> Kind {
     let head_end = (start..text.len())
         .find(|&i| !text[i].is_ascii_alphabetic())
         .unwrap_or(text.len());
-    const SESSION_HEADS: [&[u8]; 9] = [
-        b"set",
-        b"reset",
-        b"listen",
-        b"create",
-        b"declare",
-        b"prepare",
-        b"execute",
-        b"deallocate",
-        b"discard",
-    ];
     if !SESSION_HEADS
         .iter()
         .any(|h| h.eq_ignore_ascii_case(&text[start..head_end]))
@@ -414,6 +427,84 @@ fn mentions_advisory_lock(text: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plainly_other_only_where_split_and_classify_find_nothing() {
+        let cases: &[&str] = &[
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 5;",
+            "select 1 ;  -- trailing\n",
+            "SELECT 'a;b', $$c;d$$, E'\\';' FROM t",
+            "/* SET x = 1; */ SELECT 1",
+            "UPDATE t SET a = 1 WHERE id = 2",
+            "  SET search_path = app",
+            "set statement_timeout to 5",
+            "RESET ALL",
+            "SELECT 1; SET x = 2",
+            "SELECT 1;;",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT 'pg_advisory_lock'",
+            "LISTEN channel",
+            "CREATE TEMP TABLE t (a int)",
+            "PREPARE p AS SELECT 1",
+            "EXECUTE p",
+            "DEALLOCATE ALL",
+            "DISCARD ALL",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "SELECT \"a;b\" FROM t",
+            "(SELECT 1)",
+            "",
+            ";",
+        ];
+        for sql in cases {
+            let text = sql.as_bytes();
+            let shape = crate::fingerprint::shape(text).text;
+            let ranges: Vec<_> = split(text).collect();
+            let other = ranges
+                .iter()
+                .all(|r| classify(text, r.clone()) == Kind::Other);
+            if plainly_other(text, &shape) {
+                assert!(
+                    other,
+                    "{sql}: plainly other, but split/classify say {ranges:?}"
+                );
+            }
+        }
+        // The common cases do take the short way.
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 5;",
+            "UPDATE t SET a = 1",
+        ] {
+            let text = sql.as_bytes();
+            assert!(
+                plainly_other(text, &crate::fingerprint::shape(text).text),
+                "{sql}"
+            );
+        }
+    }
+
+    #[test]
+    fn identifier_ends_as_the_table_says() {
+        // Every byte value, at every position of an eight-byte chunk and at the end of the text.
+        for b in 0..=255u8 {
+            for at in 0..10 {
+                let mut text = vec![b'a'; at];
+                text.push(b);
+                text.extend_from_slice(b"bc");
+                let expected = if IDENT[usize::from(b)] {
+                    text.len()
+                } else {
+                    at
+                };
+                assert_eq!(ident_end(&text, 0), expected, "byte {b:#x} at {at}");
+                assert_eq!(
+                    ident_end(&text[..=at], 0),
+                    if IDENT[usize::from(b)] { at + 1 } else { at }
+                );
+            }
+        }
+        assert_eq!(ident_end(b"abc", 3), 3);
+        assert_eq!(ident_end(b"abc def", 1), 3);
+    }
 
     fn kinds(sql: &str) -> Vec<Kind> {
         let sql = sql.as_bytes();

@@ -717,7 +717,7 @@ impl Session {
                 if let Some(shape) = shape {
                     self.observe_statement(shape.hash, shape.read, &text, &text);
                 }
-                self.on_query(&message, &text)?;
+                self.on_query(&message, &text, shape.is_some())?;
                 self.last_statement = Some(text);
             }
             b'P' => self.on_parse(message)?,
@@ -750,7 +750,15 @@ impl Session {
         Ok(())
     }
 
-    fn on_query(&mut self, message: &[u8], text: &[u8]) -> Result<(), PgError> {
+    /// `shaped`: `shape_buffer` holds this Query's shape.
+    fn on_query(&mut self, message: &[u8], text: &[u8], shaped: bool) -> Result<(), PgError> {
+        if shaped && sql::plainly_other(text, &self.shape_buffer) {
+            // Most queries: nothing in them for the session to track.
+            self.to_server.extend_from_slice(message);
+            self.pending
+                .push_back(Pending::ready(false, true, Vec::new()));
+            return Ok(());
+        }
         let mut effects = Vec::new();
         let mut rewrites: Vec<(std::ops::Range<usize>, Arc<str>)> = Vec::new();
         for range in sql::split(text) {
