@@ -55,28 +55,8 @@ log "starting PostgreSQL 15"
 start_postgres off
 "$PGBIN/pgbench" -i -s 10 -q -h 127.0.0.1 -p "$PG_PORT" -U bench bench >"$WORK/pgbench-init.log" 2>&1
 
-VERIFIER=$("$PGBIN/psql" -X -q -A -t -h "$WORK" -p "$PG_PORT" -U postgres -d postgres \
-    -c "SELECT rolpassword FROM pg_authid WHERE rolname = 'bench'")
-echo "\"bench\" \"$VERIFIER\"" >"$WORK/userlist.txt"
 PGBOUNCER_PORT=$(free_port)
-cat >"$WORK/pgbouncer.ini" <<EOF
-[databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $PGBOUNCER_PORT
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $WORK/userlist.txt
-pool_mode = transaction
-default_pool_size = $POOL
-max_client_conn = 2000
-log_connections = 0
-log_disconnections = 0
-log_stats = 0
-server_tls_sslmode = disable
-EOF
+write_pgbouncer_ini "$PGBOUNCER_PORT" disable
 
 REGIONGATE_PORT=$(free_port)
 cat >"$WORK/regiongate.yaml" <<EOF

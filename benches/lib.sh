@@ -143,3 +143,33 @@ cleanup() {
     stop_postgres
     rm -rf "$WORK"
 }
+
+# Writes $WORK/pgbouncer.ini (and its auth file): PgBouncer on port $1 in transaction pooling mode, POOL
+# server connections to the bench database, server_tls_sslmode $2. Clients log in with SCRAM against bench's
+# stored verifier, as in pg_authid: PgBouncer then checks client proofs with stored keys (as regiongate does
+# with the verifier it derives once at startup) instead of running PBKDF2 for every login, and passes the
+# client's keys on to the server.
+write_pgbouncer_ini() {
+    local port=$1 sslmode=$2 verifier
+    verifier=$("$PGBIN/psql" -X -q -A -t -h "$WORK" -p "$PG_PORT" -U postgres -d postgres \
+        -c "SELECT rolpassword FROM pg_authid WHERE rolname = 'bench'")
+    echo "\"bench\" \"$verifier\"" >"$WORK/userlist.txt"
+    cat >"$WORK/pgbouncer.ini" <<EOF
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+max_client_conn = 2000
+log_connections = 0
+log_disconnections = 0
+log_stats = 0
+server_tls_sslmode = $sslmode
+EOF
+}

@@ -82,30 +82,7 @@ log "pgbench -i -s $SCALE"
 
 log "starting $PGBOUNCER_VERSION"
 PGBOUNCER_PORT=$(free_port)
-# The stored SCRAM verifier, as in pg_authid: PgBouncer then checks client proofs with stored keys (as
-# regiongate does with the verifier it derives once at startup) instead of running PBKDF2 for every login,
-# and passes the client's keys on to the server.
-VERIFIER=$("$PGBIN/psql" -X -q -A -t -h "$WORK" -p "$PG_PORT" -U postgres -d postgres \
-    -c "SELECT rolpassword FROM pg_authid WHERE rolname = 'bench'")
-echo "\"bench\" \"$VERIFIER\"" >"$WORK/userlist.txt"
-cat >"$WORK/pgbouncer.ini" <<EOF
-[databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $PGBOUNCER_PORT
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $WORK/userlist.txt
-pool_mode = transaction
-default_pool_size = $POOL
-max_client_conn = 2000
-log_connections = 0
-log_disconnections = 0
-log_stats = 0
-server_tls_sslmode = $SERVER_SSLMODE
-EOF
+write_pgbouncer_ini "$PGBOUNCER_PORT" "$SERVER_SSLMODE"
 "${AS_SERVER_USER[@]}" pgbouncer "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
 PGBOUNCER_PID=$!
 PIDS+=("$PGBOUNCER_PID")
