@@ -35,13 +35,7 @@ start_postgres on
 start_regiongate() {
     local name=$1 extra=$2 port
     port=$(free_port)
-    cat >"$WORK/$name.yaml" <<EOF
-listen: 127.0.0.1:$port
-primary: postgres://127.0.0.1:$PG_PORT/bench
-pool: { mode: transaction, size: $POOL }
-auth: { method: scram-sha-256, users: [ { name: bench, password: bench } ] }
-$extra
-EOF
+    write_regiongate_yaml "$WORK/$name.yaml" "$port" "$extra"
     RUST_LOG=warn "$REGIONGATE" --config "$WORK/$name.yaml" >"$WORK/$name.log" 2>&1 &
     PIDS+=($!)
     wait_listening $! "$port" "$WORK/$name.log"

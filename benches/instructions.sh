@@ -59,13 +59,7 @@ PGBOUNCER_PORT=$(free_port)
 write_pgbouncer_ini "$PGBOUNCER_PORT" disable
 
 REGIONGATE_PORT=$(free_port)
-cat >"$WORK/regiongate.yaml" <<EOF
-listen: 127.0.0.1:$REGIONGATE_PORT
-primary: postgres://127.0.0.1:$PG_PORT/bench
-pool: { mode: transaction, size: $POOL }
-auth: { method: scram-sha-256, users: [ { name: bench, password: bench } ] }
-server_tls: { mode: disable }
-EOF
+write_regiongate_yaml "$WORK/regiongate.yaml" "$REGIONGATE_PORT" "server_tls: { mode: disable }"
 OFF_PORT=$(free_port)
 sed "s/^listen: .*/listen: 127.0.0.1:$OFF_PORT/" "$WORK/regiongate.yaml" >"$WORK/regiongate-off.yaml"
 echo "nplus1: { enabled: false }" >>"$WORK/regiongate-off.yaml"

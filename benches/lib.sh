@@ -173,3 +173,16 @@ log_stats = 0
 server_tls_sslmode = $sslmode
 EOF
 }
+
+# Writes regiongate's configuration to $1: listening on port $2, transaction pooling of POOL connections to
+# the bench database on PG_PORT, clients logging in as bench/bench with SCRAM; $3, if given, adds lines.
+write_regiongate_yaml() {
+    local file=$1 port=$2 extra=${3:-}
+    cat >"$file" <<EOF
+listen: 127.0.0.1:$port
+primary: postgres://127.0.0.1:$PG_PORT/bench
+pool: { mode: transaction, size: $POOL }
+auth: { method: scram-sha-256, users: [ { name: bench, password: bench } ] }
+$extra
+EOF
+}

@@ -92,13 +92,7 @@ wait_listening "$PGBOUNCER_PID" "$PGBOUNCER_PORT" "$WORK/pgbouncer.log"
 
 log "starting regiongate"
 REGIONGATE_PORT=$(free_port)
-cat >"$WORK/regiongate.yaml" <<EOF
-listen: 127.0.0.1:$REGIONGATE_PORT
-primary: postgres://127.0.0.1:$PG_PORT/bench
-pool: { mode: transaction, size: $POOL }
-auth: { method: scram-sha-256, users: [ { name: bench, password: bench } ] }
-server_tls: { mode: $SERVER_SSLMODE }
-EOF
+write_regiongate_yaml "$WORK/regiongate.yaml" "$REGIONGATE_PORT" "server_tls: { mode: $SERVER_SSLMODE }"
 RUST_LOG=warn "$REGIONGATE" --config "$WORK/regiongate.yaml" >"$WORK/regiongate.log" 2>&1 &
 REGIONGATE_PID=$!
 PIDS+=("$REGIONGATE_PID")
