@@ -76,8 +76,31 @@ pub fn frontend_messages(data: &[u8]) {
 /// A statement text through the classifier, the fingerprints and the batching reader.
 pub fn statements(text: &[u8]) {
     let fixture = fixture();
-    let mut buffer = Vec::new();
-    let shape = crate::fingerprint::shape_id(text, &mut buffer);
+    let shape = crate::fingerprint::shape_id(text);
+    assert_eq!(shape.hash, crate::fingerprint::shape(text).hash);
+    // Two texts (split at the first NUL) that differ only in numbers must have one shape.
+    if let Some(nul) = memchr::memchr(0, text) {
+        let (a, b) = (&text[..nul], &text[nul + 1..]);
+        if crate::fingerprint::same_but_numbers(a, b) {
+            assert_eq!(
+                crate::fingerprint::shape_id(a),
+                crate::fingerprint::shape_id(b),
+                "{:?}",
+                String::from_utf8_lossy(text)
+            );
+        }
+    }
+    // The session's short way must not skip a statement it has to track.
+    if crate::sql::plainly_other(&shape) {
+        for range in crate::sql::split(text) {
+            assert_eq!(
+                crate::sql::classify(text, range),
+                crate::sql::Kind::Other,
+                "{:?}",
+                String::from_utf8_lossy(text)
+            );
+        }
+    }
     let _ = fixture.classifier.classify_shaped(text, shape.hash);
     let _ = crate::fingerprint::canonical(text);
     let _ = crate::batch::analyze(text, &["events".to_string(), "s.t".to_string()]);

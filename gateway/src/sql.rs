@@ -255,20 +255,20 @@ const SESSION_HEADS: [&[u8]; 9] = [
     b"discard",
 ];
 
-/// True when the Query `text`, whose shape ([`crate::fingerprint`]) is `shape`, is at most one statement and
-/// [`classify`] would call it [`Kind::Other`]: the caller then needs neither [`split`] nor [`classify`]. The shape has
-/// comments and string bodies taken out and its words in lower case, so a `;` in it is a statement boundary
-/// (or in a quoted identifier, and then this says false and the caller lexes) and its first word is the
-/// statement's.
-pub fn plainly_other(text: &[u8], shape: &[u8]) -> bool {
-    let body = shape.strip_suffix(b";").unwrap_or(shape);
-    let head_end = shape
-        .iter()
-        .position(|c| !c.is_ascii_alphabetic())
-        .unwrap_or(shape.len());
-    !SESSION_HEADS.contains(&&shape[..head_end])
-        && memchr::memchr(b';', body).is_none()
-        && !mentions_advisory_lock(text)
+/// True when a Query, of which one lexer pass found `shape` ([`crate::fingerprint::shape_id`]), is one
+/// statement that [`classify`] would call [`Kind::Other`]: the caller then needs neither [`split`] nor
+/// [`classify`].
+pub fn plainly_other(shape: &crate::fingerprint::ShapeId) -> bool {
+    const HEADS: [crate::fingerprint::Head; SESSION_HEADS.len()] = {
+        let mut heads = [crate::fingerprint::Head::of(b""); SESSION_HEADS.len()];
+        let mut i = 0;
+        while i < heads.len() {
+            heads[i] = crate::fingerprint::Head::of(SESSION_HEADS[i]);
+            i += 1;
+        }
+        heads
+    };
+    !shape.several && !shape.advisory_lock && !HEADS.contains(&shape.head)
 }
 
 /// Classifies one statement (a range from [`split`]); ranges in the result are relative to `sql`.
@@ -411,17 +411,18 @@ fn setting_name(first: &str, words: &mut Words<'_>) -> String {
 }
 
 /// Whether `text` mentions a session advisory lock function (`pg_advisory_lock`, `pg_try_advisory_lock`,
-/// their `_shared` forms) in any letter case. Runs on every Query: it only looks around underscores, which
-/// memchr finds quickly, instead of comparing at every byte.
-fn mentions_advisory_lock(text: &[u8]) -> bool {
+/// their `_shared` forms) in any letter case. The fingerprint lexer asks it of every long token.
+pub(crate) fn mentions_advisory_lock(text: &[u8]) -> bool {
     const NEEDLE: &[u8] = b"advisory_lock";
     const UNDERSCORE_AT: usize = 8;
-    memchr::memchr_iter(b'_', text).any(|p| {
-        p >= UNDERSCORE_AT
-            && text.len() >= p - UNDERSCORE_AT + NEEDLE.len()
-            && text[p - UNDERSCORE_AT..p - UNDERSCORE_AT + NEEDLE.len()]
-                .eq_ignore_ascii_case(NEEDLE)
-    })
+    // A plain loop over where the needle's `_` could be: the texts are mostly single tokens, too short for
+    // `memchr` to pay for its setup.
+    text.len() >= NEEDLE.len()
+        && (UNDERSCORE_AT..=text.len() - (NEEDLE.len() - UNDERSCORE_AT)).any(|p| {
+            text[p] == b'_'
+                && text[p - UNDERSCORE_AT..p - UNDERSCORE_AT + NEEDLE.len()]
+                    .eq_ignore_ascii_case(NEEDLE)
+        })
 }
 
 #[cfg(test)]
@@ -457,12 +458,12 @@ mod tests {
         ];
         for sql in cases {
             let text = sql.as_bytes();
-            let shape = crate::fingerprint::shape(text).text;
+            let shape = crate::fingerprint::shape_id(text);
             let ranges: Vec<_> = split(text).collect();
             let other = ranges
                 .iter()
                 .all(|r| classify(text, r.clone()) == Kind::Other);
-            if plainly_other(text, &shape) {
+            if plainly_other(&shape) {
                 assert!(
                     other,
                     "{sql}: plainly other, but split/classify say {ranges:?}"
@@ -475,10 +476,7 @@ mod tests {
             "UPDATE t SET a = 1",
         ] {
             let text = sql.as_bytes();
-            assert!(
-                plainly_other(text, &crate::fingerprint::shape(text).text),
-                "{sql}"
-            );
+            assert!(plainly_other(&crate::fingerprint::shape_id(text)), "{sql}");
         }
     }
 

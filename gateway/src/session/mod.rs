@@ -237,10 +237,10 @@ struct Session {
     last_statement: Option<Bytes>,
     /// DataRows relayed for the current request.
     rows: u64,
-    /// Reused for computing statement shapes, so that they allocate nothing.
-    shape_buffer: Vec<u8>,
     /// N+1 detection (None when off).
     detector: Option<crate::nplus1::Detector>,
+    /// The shapes of this client's recent Query texts (computing a shape anew costs a lexer pass).
+    recent_shapes: crate::fingerprint::Recent,
     nplus1: crate::nplus1::Settings,
 
     statements: HashMap<Bytes, Arc<Statement>>,
@@ -393,8 +393,8 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         last_answer: std::time::Instant::now(),
         last_statement: None,
         rows: 0,
-        shape_buffer: Vec::with_capacity(256),
         detector: config.nplus1.enabled.then(crate::nplus1::Detector::default),
+        recent_shapes: Default::default(),
         nplus1: crate::nplus1::Settings {
             threshold: config.nplus1.threshold,
             window: config.nplus1.window,
@@ -687,7 +687,7 @@ impl Session {
             // A Query's shape serves both routing (its cache key) and N+1 detection: compute it once.
             let shape = if tag == b'Q' && (self.detector.is_some() || self.routing_enabled()) {
                 protocol::query_text(protocol::body(&self.from_client[..len]))
-                    .map(|text| crate::fingerprint::shape_id(text, &mut self.shape_buffer))
+                    .map(|text| self.recent_shapes.shape_id(text))
             } else {
                 None
             };
@@ -715,9 +715,9 @@ impl Session {
                     .map(|t| message.slice_ref(t))
                     .ok_or_else(|| PgError::fatal("08P01", "invalid Query message"))?;
                 if let Some(shape) = shape {
-                    self.observe_statement(shape.hash, shape.read, &text, &text);
+                    self.observe_statement(shape.hash, shape.reads(), &text, &text);
                 }
-                self.on_query(&message, &text, shape.is_some())?;
+                self.on_query(&message, &text, shape)?;
                 self.last_statement = Some(text);
             }
             b'P' => self.on_parse(message)?,
@@ -750,9 +750,14 @@ impl Session {
         Ok(())
     }
 
-    /// `shaped`: `shape_buffer` holds this Query's shape.
-    fn on_query(&mut self, message: &[u8], text: &[u8], shaped: bool) -> Result<(), PgError> {
-        if shaped && sql::plainly_other(text, &self.shape_buffer) {
+    /// `shape`: what the lexer found in the Query, when the session asked (see `process_client`).
+    fn on_query(
+        &mut self,
+        message: &[u8],
+        text: &[u8],
+        shape: Option<crate::fingerprint::ShapeId>,
+    ) -> Result<(), PgError> {
+        if shape.is_some_and(|shape| sql::plainly_other(&shape)) {
             // Most queries: nothing in them for the session to track.
             self.to_server.extend_from_slice(message);
             self.pending
@@ -876,7 +881,7 @@ impl Session {
         let effect = statement_effect(text);
         // One shape for both routing's cache and N+1 detection, computed once per prepared statement.
         let fingerprint = (self.detector.is_some() || self.routing_enabled())
-            .then(|| crate::fingerprint::shape_id(text, &mut self.shape_buffer));
+            .then(|| crate::fingerprint::shape_id(text));
         let class = fingerprint
             .as_ref()
             .filter(|_| self.routing_enabled())
@@ -886,7 +891,7 @@ impl Session {
                     .load()
                     .classify_shaped(text, shape.hash)
             });
-        let (shape, reads) = fingerprint.map_or((0, false), |s| (s.hash, s.read));
+        let (shape, reads) = fingerprint.map_or((0, false), |s| (s.hash, s.reads()));
         let batch =
             crate::batch::analyze(text, &self.shared.config.load().batching.tables).map(Arc::new);
         let server_name = if name.is_empty() {
