@@ -684,8 +684,9 @@ impl Session {
                 }
                 return Ok(Progress::NeedServer);
             }
-            // A Query's shape serves both routing (its cache key) and N+1 detection: compute it once.
-            let shape = if tag == b'Q' && (self.detector.is_some() || self.routing_enabled()) {
+            // A Query's shape serves routing (its cache key), N+1 detection and the session's own tracking
+            // (a plain statement needs no closer look): compute it once.
+            let shape = if tag == b'Q' {
                 protocol::query_text(protocol::body(&self.from_client[..len]))
                     .map(|text| self.recent_shapes.shape_id(text))
             } else {
@@ -711,12 +712,13 @@ impl Session {
         }
         match tag {
             b'Q' => {
-                let text = protocol::query_text(protocol::body(&message))
-                    .map(|t| message.slice_ref(t))
-                    .ok_or_else(|| PgError::fatal("08P01", "invalid Query message"))?;
-                if let Some(shape) = shape {
-                    self.observe_statement(shape.hash, shape.reads(), &text, &text);
-                }
+                // `process_client` shapes every Query whose text it can find.
+                let text =
+                    protocol::query_text(protocol::body(&message)).map(|t| message.slice_ref(t));
+                let (Some(text), Some(shape)) = (text, shape) else {
+                    return Err(PgError::fatal("08P01", "invalid Query message"));
+                };
+                self.observe_statement(shape.hash, shape.reads(), &text, &text);
                 self.on_query(&message, &text, shape)?;
                 self.last_statement = Some(text);
             }
@@ -750,14 +752,14 @@ impl Session {
         Ok(())
     }
 
-    /// `shape`: what the lexer found in the Query, when the session asked (see `process_client`).
+    /// `shape`: what the fingerprint lexer found in the Query's text.
     fn on_query(
         &mut self,
         message: &[u8],
         text: &[u8],
-        shape: Option<crate::fingerprint::ShapeId>,
+        shape: crate::fingerprint::ShapeId,
     ) -> Result<(), PgError> {
-        if shape.is_some_and(|shape| sql::plainly_other(&shape)) {
+        if sql::plainly_other(&shape) {
             // Most queries: nothing in them for the session to track.
             self.to_server.extend_from_slice(message);
             self.pending
@@ -1713,8 +1715,16 @@ impl Session {
                 if conn.read_buf.capacity() - conn.read_buf.len() < 4096 {
                     conn.read_buf.reserve(16 * 1024);
                 }
-                let server_busy =
-                    read_server || !self.to_server.is_empty() || conn.stream.wants_flush();
+                // Inside a transaction with no request in flight the server has nothing to say: its
+                // connection dying shows at the next request, which could not have run on it anyway, so its
+                // socket is left alone (two polls per statement saved). Outside one it may speak at any
+                // time (a notification, a session-mode connection closing) and is watched.
+                let expecting = !self.pending.is_empty()
+                    || !matches!(self.status, b'T' | b'E')
+                    || self.pinned.is_some();
+                let server_busy = read_server && expecting
+                    || !self.to_server.is_empty()
+                    || conn.stream.wants_flush();
                 // Only the client can move things on: it is idle inside its transaction.
                 let idle = !self.client_idle_timeout.is_zero()
                     && self.pending.is_empty()
