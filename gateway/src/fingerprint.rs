@@ -72,6 +72,8 @@ pub struct Recent {
     /// Sets of two, the newest first: a statement whose values change its shape now and then (a negative
     /// number is `-` and a value) keeps both shapes at hand.
     sets: [[Option<Remembered>; 2]; Recent::SETS],
+    /// Bytes of text held, at most [`Recent::BUDGET`].
+    held: usize,
 }
 
 /// A text and its shape.
@@ -79,8 +81,11 @@ type Remembered = (Vec<u8>, ShapeId);
 
 impl Recent {
     const SETS: usize = 16;
-    /// Longer texts are lexed every time: they are rarely repeated, and a copy of each would cost memory.
+    /// Longer texts are lexed every time: they are rarely repeated as they are.
     const MAX_TEXT: usize = 2048;
+    /// What a session may hold in texts. A client whose statements do not fit starts over: it forgets them
+    /// all rather than keep the first ones for good.
+    const BUDGET: usize = 8 * 1024;
 
     pub fn shape_id(&mut self, sql: &[u8]) -> ShapeId {
         // The set is chosen by the first sixteen bytes with their digits blanked, so that texts of one
@@ -101,24 +106,27 @@ impl Recent {
             }
         };
         let key = blank_digits(word(0)) ^ blank_digits(word(8)).rotate_left(29);
-        let set = &mut self.sets[(key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 60) as usize];
-        for (text, id) in set.iter().flatten() {
+        let index = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 60) as usize;
+        for (text, id) in self.sets[index].iter().flatten() {
             if unquoted_same_but_numbers(text, sql) {
                 return *id;
             }
         }
         let id = shape_id(sql);
         if n <= Self::MAX_TEXT && memchr::memchr(b'"', sql).is_none() {
-            // The older entry makes way; its buffer is reused.
-            set.swap(0, 1);
-            match &mut set[0] {
-                Some((text, remembered)) => {
-                    text.clear();
-                    text.extend_from_slice(sql);
-                    *remembered = id;
-                }
-                empty => *empty = Some((sql.to_vec(), id)),
+            let older = self.sets[index][1]
+                .as_ref()
+                .map_or(0, |(text, _)| text.len());
+            if self.held - older + n > Self::BUDGET {
+                *self = Recent::default();
+            } else {
+                self.held -= older;
             }
+            self.held += n;
+            // The older entry makes way for the new one, which goes first.
+            let set = &mut self.sets[index];
+            set[1] = Some((sql.to_vec(), id));
+            set.swap(0, 1);
         }
         id
     }
