@@ -258,6 +258,38 @@ async fn session_settings_follow_the_client_and_stay_with_it() {
     assert_eq!(path, "\"$user\", public");
 }
 
+/// A session reuses the shape of a text that differs from a recent one only in numbers (fingerprint::Recent):
+/// the second SET below gets the first one's shape without lexing, and must still be tracked as a setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_differ_only_in_numbers_are_each_tracked() {
+    let gw = gateway("settings_numbers", "pool: { size: 1 }\n").await;
+    let a = gw.connect().await;
+    let b = gw.connect().await;
+    for (sql, expected) in [
+        ("SET statement_timeout = 3000", "3s"),
+        ("SET statement_timeout = 5000", "5s"),
+        ("SELECT 1; SET lock_timeout = 7000", "5s"),
+        ("SELECT 2; SET lock_timeout = 9000", "5s"),
+    ] {
+        a.batch_execute(sql).await.unwrap();
+        // b takes the only server connection in between, so a's settings must be re-applied to reach it.
+        let timeout: String = b
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(timeout, "0", "after {sql}");
+        let timeout: String = a
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(timeout, expected, "after {sql}");
+    }
+    let lock: String = a.query_one("SHOW lock_timeout", &[]).await.unwrap().get(0);
+    assert_eq!(lock, "9s");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_in_and_out() {
     let gw = gateway("copy", "").await;
