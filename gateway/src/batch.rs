@@ -763,9 +763,11 @@ async fn run(mut lease: Lease, key: &Key, rows: Vec<Queued>, position: bool) -> 
     let result = async {
         let settings = &key.settings.settings;
         if !Arc::ptr_eq(&conn.settings, settings) && conn.settings != *settings {
-            let change = crate::session::settings_change(&conn.settings, settings);
+            let change = crate::settings::change_sql(&conn.settings, settings);
             // The settings came from the clients' own sessions, where they worked.
-            run_simple(conn, &change).await?;
+            conn.run_own(&change)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
         }
         conn.settings = settings.clone();
         let mut out = BytesMut::new();
@@ -1042,19 +1044,6 @@ async fn read_answer(conn: &mut ServerConn) -> std::io::Result<Answer> {
         if conn.stream.read_buf(&mut conn.read_buf).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-    }
-}
-
-/// Runs the gateway's own simple query, discarding its answers.
-async fn run_simple(conn: &mut ServerConn, sql: &str) -> std::io::Result<()> {
-    let mut out = BytesMut::new();
-    protocol::query(&mut out, sql);
-    conn.stream.write_all(&out).await?;
-    conn.stream.flush().await?;
-    let answer = read_answer(conn).await?;
-    match answer.error {
-        None => Ok(()),
-        Some(error) => Err(std::io::Error::other(error)),
     }
 }
 

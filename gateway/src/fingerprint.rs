@@ -8,7 +8,7 @@
 //! must be shown (an N+1 report): sqlparser parses the statement and a `VisitorMut` replaces every literal
 //! with a placeholder and collapses IN lists, giving the normalized SQL people read.
 
-use crate::sql::{ident_end, is_ident_byte, mentions_advisory_lock, token_end};
+use crate::sql::{ident_end, is_ident_byte, mentions_watched, token_end};
 use sqlparser::ast::{Expr, InTarget, Value, ValueWithSpan, VisitMut, VisitorMut};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -23,8 +23,9 @@ pub struct ShapeId {
     pub head: Head,
     /// A `;` with a token after it: more than one statement.
     pub several: bool,
-    /// `advisory_lock` appears somewhere, comments and strings included (the session then looks closer).
-    pub advisory_lock: bool,
+    /// `advisory_lock`, `set_config` or `pg_temp` appears somewhere, comments and strings included (the
+    /// session then looks closer).
+    pub watched: bool,
 }
 
 impl ShapeId {
@@ -237,11 +238,11 @@ fn lex<S: Sink>(s: &[u8], lists: &mut Lists<S>) -> ShapeId {
         hash: 0,
         head: Head::default(),
         several: false,
-        advisory_lock: false,
+        watched: false,
     };
-    // `advisory_lock` is made of identifier bytes, so it lies within one token: only long ones are searched.
-    let mentions =
-        |start: usize, end: usize| end - start >= 13 && mentions_advisory_lock(&s[start..end]);
+    // The watched names are made of identifier bytes, so each lies within one token: only tokens as long as
+    // the shortest (`pg_temp`) are searched.
+    let mentions = |start: usize, end: usize| end - start >= 7 && mentions_watched(&s[start..end]);
     let mut first = true;
     let mut after_semicolon = false;
     let mut i = 0;
@@ -260,7 +261,7 @@ fn lex<S: Sink>(s: &[u8], lists: &mut Lists<S>) -> ShapeId {
             } else {
                 token = Token::Word(i, end);
             }
-            id.advisory_lock |= mentions(i, end);
+            id.watched |= mentions(i, end);
             i = end;
         } else if c.is_ascii_whitespace() {
             i += 1;
@@ -271,7 +272,7 @@ fn lex<S: Sink>(s: &[u8], lists: &mut Lists<S>) -> ShapeId {
             i += 1;
         } else {
             let mut end = token_end(s, i);
-            id.advisory_lock |= mentions(i, end);
+            id.watched |= mentions(i, end);
             token = match c {
                 b'-' | b'/' if end - i > 1 => {
                     i = end; // a comment
@@ -656,7 +657,7 @@ mod tests {
     #[test]
     fn facts_for_the_session() {
         let id = shape_id(b"  /* hint */ SELECT 1; ");
-        assert!(id.reads() && !id.several && !id.advisory_lock);
+        assert!(id.reads() && !id.several && !id.watched);
         assert_eq!(id.head, Head::of(b"select"));
         assert_eq!(shape_id(b"DeAllocate ALL").head, Head::of(b"deallocate"));
         assert_ne!(shape_id(b"deallocatex").head, Head::of(b"deallocate"));
@@ -670,9 +671,9 @@ mod tests {
             "SELECT 1 -- pg_try_advisory_lock\n",
             "SELECT \"pg_advisory_lock\"(1)",
         ] {
-            assert!(shape_id(sql.as_bytes()).advisory_lock, "{sql}");
+            assert!(shape_id(sql.as_bytes()).watched, "{sql}");
         }
-        assert!(!shape_id(b"SELECT pg_advisory_xact_lock(1)").advisory_lock);
+        assert!(!shape_id(b"SELECT pg_advisory_xact_lock(1)").watched);
     }
 
     #[test]

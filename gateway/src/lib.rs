@@ -17,6 +17,7 @@ pub mod pool;
 pub mod protocol;
 pub mod route;
 pub mod session;
+pub mod settings;
 pub mod sql;
 pub mod tls;
 

@@ -12,6 +12,7 @@ use crate::metrics::METRICS;
 use crate::protocol::PgError;
 use crate::tls::Stream;
 use bytes::BytesMut;
+pub use crate::settings::Settings;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,10 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, SemaphorePermit};
-
-/// Session settings as the SET statements that produce them, by setting name. Shared by pointer so the
-/// common case (server already matches client) is a pointer comparison.
-pub type Settings = Arc<std::collections::BTreeMap<String, String>>;
 
 /// One logged-in connection to a PostgreSQL server.
 pub struct ServerConn {
@@ -35,8 +32,10 @@ pub struct ServerConn {
     pub secret: i32,
     /// Named prepared statements that exist (or are being created) on this connection, by server-side name.
     pub prepared: HashSet<Arc<str>>,
-    /// The session settings applied to this connection.
+    /// The session settings this connection holds.
     pub settings: Settings,
+    /// The session authorization it logged in as (what `RESET SESSION AUTHORIZATION` returns to).
+    pub login_user: String,
     /// Whether the connection's unnamed statement is the one the current client last parsed.
     pub unnamed_valid: bool,
     /// Our picture of the connection may be wrong (a statement we sent for a client failed, or the server
@@ -75,8 +74,14 @@ impl ServerConn {
             .with_label_values(&[login.method, if stream.is_tls() { "yes" } else { "no" }])
             .inc();
         let now = Instant::now();
+        let login_user = login
+            .parameters
+            .iter()
+            .find(|(name, _)| name == "session_authorization")
+            .map_or_else(|| credentials.user.clone(), |(_, user)| user.clone());
         Ok((
             ServerConn {
+                login_user,
                 stream,
                 read_buf,
                 addr,
@@ -98,10 +103,101 @@ impl ServerConn {
     fn looks_alive(&mut self) -> bool {
         self.stream.is_quiet()
     }
+
+    /// Runs one simple query of the gateway's own on this idle connection and reads its answer up to
+    /// ReadyForQuery: the rows (text), the parameters the server reported, and the first error. Its answers
+    /// reach no client. An I/O error or a FATAL leaves the connection unusable (`discard` is set).
+    pub async fn run_own(&mut self, sql: &str) -> Result<OwnAnswer, OwnError> {
+        let result = self.exchange_own(sql).await;
+        if matches!(&result, Err(OwnError::Io(_))) {
+            self.discard = true;
+        }
+        result
+    }
+
+    async fn exchange_own(&mut self, sql: &str) -> Result<OwnAnswer, OwnError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut out = BytesMut::new();
+        crate::protocol::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await?;
+        let mut answer = OwnAnswer::default();
+        let mut failed = None;
+        loop {
+            while let Some(header) = crate::protocol::peek_header(&self.read_buf) {
+                let (tag, len) = header.map_err(|bad| {
+                    std::io::Error::other(format!("invalid message length {} from the server", bad.0))
+                })?;
+                if self.read_buf.len() < len {
+                    self.read_buf.reserve(len - self.read_buf.len());
+                    break;
+                }
+                let message = self.read_buf.split_to(len);
+                let body = crate::protocol::body(&message);
+                match tag {
+                    b'E' if failed.is_none() => {
+                        let error = PgError::from_server(body);
+                        if error.severity != "ERROR" {
+                            return Err(OwnError::Io(std::io::Error::other(error.message)));
+                        }
+                        failed = Some(error);
+                    }
+                    b'D' => answer.rows.push(crate::protocol::data_row_text(body)),
+                    b'S' => {
+                        if let Some((name, value)) = crate::protocol::parameter_status(body) {
+                            answer.reported.push((
+                                String::from_utf8_lossy(name).into_owned(),
+                                String::from_utf8_lossy(value).into_owned(),
+                            ));
+                        }
+                    }
+                    b'Z' => {
+                        return match failed {
+                            None => Ok(answer),
+                            Some(error) => Err(OwnError::Server(error)),
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+        }
+    }
+}
+
+/// What the server answered to one of the gateway's own queries.
+#[derive(Default, Debug)]
+pub struct OwnAnswer {
+    /// Each DataRow's columns as text (None for NULL).
+    pub rows: Vec<Vec<Option<String>>>,
+    /// ParameterStatus messages, in order.
+    pub reported: Vec<(String, String)>,
+}
+
+/// Why one of the gateway's own queries did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnError {
+    /// The connection broke (or the server ended it): it cannot be used again.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The server refused the query; the connection is idle again.
+    #[error("{}: {}", .0.code, .0.message)]
+    Server(PgError),
 }
 
 /// ParameterStatus name/value pairs a server sent at login.
 pub type ServerParameters = Arc<Vec<(String, String)>>;
+
+/// A client's startup parameters as this server takes them ([`Pool::login_state`]).
+#[derive(Debug)]
+pub struct LoginState {
+    /// The client's reset values: its session settings right after login.
+    pub reset: Settings,
+    /// The ParameterStatus values a direct connection would have reported.
+    pub reported: Vec<(String, String)>,
+}
 
 /// Which pool: server, database and the client's user (whose credentials the server connections use).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -132,6 +228,8 @@ pub struct Pool {
     permits: Arc<Semaphore>,
     /// ParameterStatus values of the first server connection, reported to clients at login.
     server_parameters: Mutex<Option<ServerParameters>>,
+    /// What each set of startup parameters comes to on this server (see [`Pool::login_state`]).
+    logins: Mutex<std::collections::HashMap<Vec<(String, String)>, Arc<LoginState>>>,
     /// Server connections open right now (idle or leased).
     open: AtomicU64,
     /// Clients waiting for a connection right now.
@@ -149,6 +247,7 @@ impl Pool {
             config,
             idle: Mutex::new(Vec::new()),
             server_parameters: Mutex::new(None),
+            logins: Mutex::new(std::collections::HashMap::new()),
             open: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
         })
@@ -274,26 +373,70 @@ impl Pool {
         }
     }
 
-    /// The server's ParameterStatus values (opening a connection to learn them the first time).
-    pub async fn server_parameters(
+    /// What a client's startup parameters (and `-c` options) come to on this server: its reset values as the
+    /// server prints them, and the ParameterStatus values to tell it at login. They are applied on a server
+    /// connection once per distinct set of parameters (and remembered), so that a value the server normalizes
+    /// (`iso,dmy` → `ISO, DMY`) is reported and replayed as a direct connection would have it, and a parameter
+    /// the server refuses after connection start (`log_disconnections`) refuses the login instead of vanishing.
+    pub async fn login_state(
         self: &Arc<Self>,
-    ) -> Result<Arc<Vec<(String, String)>>, PgError> {
-        if let Some(parameters) = self
-            .server_parameters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
-            return Ok(parameters);
+        parameters: &[(String, String)],
+    ) -> Result<Arc<LoginState>, PgError> {
+        /// Distinct parameter sets remembered; past it the map starts over.
+        const MAX_LOGINS: usize = 1024;
+        if let Some(state) = self.logins.lock().unwrap_or_else(|p| p.into_inner()).get(parameters) {
+            return Ok(state.clone());
         }
-        let lease = self.checkout().await?;
+        let mut lease = self.checkout().await?;
+        let conn = lease.conn();
+        let sql = crate::settings::startup_sql(&conn.settings, parameters);
+        let answer = match conn.run_own(&sql).await {
+            Ok(answer) => answer,
+            Err(OwnError::Server(error)) => {
+                // The whole query was one implicit transaction: the connection is as it was.
+                lease.release();
+                return Err(PgError {
+                    severity: "FATAL",
+                    message: format!(
+                        "{} (regiongate applies startup parameters on pooled server connections, after their start)",
+                        error.message
+                    ),
+                    ..error
+                });
+            }
+            Err(OwnError::Io(error)) => {
+                return Err(PgError::fatal(
+                    "08006",
+                    format!("regiongate: server {} was lost during login: {error}", self.key.server),
+                ))
+            }
+        };
+        let state: Settings = Arc::new(crate::settings::from_capture(&answer.rows, &conn.login_user));
+        conn.settings = state.clone();
         lease.release();
-        Ok(self
+        let mut reported: Vec<(String, String)> = self
             .server_parameters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or_default())
+            .as_deref()
+            .cloned()
+            .unwrap_or_default();
+        for (name, value) in answer.reported {
+            match reported.iter_mut().find(|(n, _)| *n == name) {
+                Some(entry) => entry.1 = value,
+                None => reported.push((name, value)),
+            }
+        }
+        let login = Arc::new(LoginState {
+            reset: state,
+            reported,
+        });
+        let mut logins = self.logins.lock().unwrap_or_else(|p| p.into_inner());
+        if logins.len() >= MAX_LOGINS {
+            logins.clear();
+        }
+        logins.insert(parameters.to_vec(), login.clone());
+        Ok(login)
     }
 
     /// Takes a connection back, idle since `now`.

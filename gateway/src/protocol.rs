@@ -88,6 +88,38 @@ impl PgError {
         }
     }
 
+    /// An ErrorResponse body from a server, as an error to pass on or act on.
+    pub fn from_server(body: &[u8]) -> PgError {
+        let mut error = PgError::error("XX000", "");
+        let mut rest = body;
+        while let Some((&field, tail)) = rest.split_first() {
+            if field == 0 {
+                break;
+            }
+            let Some((value, tail)) = cstr(tail) else {
+                break;
+            };
+            let text = || String::from_utf8_lossy(value).into_owned();
+            match field {
+                // 'V' is never localized; 'S' may be.
+                b'V' | b'S' => {
+                    error.severity = match value {
+                        b"FATAL" => "FATAL",
+                        b"PANIC" => "PANIC",
+                        _ if field == b'V' => "ERROR",
+                        _ => error.severity,
+                    }
+                }
+                b'C' => error.code = Cow::Owned(text()),
+                b'M' => error.message = text(),
+                b'D' => error.detail = Some(text()),
+                _ => {}
+            }
+            rest = tail;
+        }
+        error
+    }
+
     pub fn with_detail(mut self, detail: impl Into<String>) -> PgError {
         self.detail = Some(detail.into());
         self
@@ -173,6 +205,31 @@ pub fn parameter_status(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let (name, rest) = cstr(body)?;
     let (value, _) = cstr(rest)?;
     Some((name, value))
+}
+
+/// The columns of a DataRow body as text (None for NULL); a malformed body gives the columns up to the fault.
+pub fn data_row_text(body: &[u8]) -> Vec<Option<String>> {
+    let mut columns = Vec::new();
+    let Some(count) = body.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]])) else {
+        return columns;
+    };
+    let mut rest = &body[2..];
+    for _ in 0..count {
+        let Some(len) = rest.get(..4).map(|l| i32::from_be_bytes([l[0], l[1], l[2], l[3]])) else {
+            break;
+        };
+        rest = &rest[4..];
+        if len < 0 {
+            columns.push(None);
+            continue;
+        }
+        let Some(value) = rest.get(..len as usize) else {
+            break;
+        };
+        columns.push(Some(String::from_utf8_lossy(value).into_owned()));
+        rest = &rest[len as usize..];
+    }
+    columns
 }
 
 /// The text of a Query body (without its NUL), if well-formed.

@@ -13,13 +13,19 @@ use std::ops::Range;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     Other,
-    /// `SET [SESSION] name ...`: replayed verbatim on other server connections.
+    /// `SET [SESSION] name ...` (`session_authorization` and `role` included).
     Set {
         name: String,
     },
-    /// `RESET name`, or `RESET ALL` when `name` is None.
+    /// `RESET name` or `SET name TO DEFAULT`, or `RESET ALL` when `name` is None: back to the session's
+    /// connection-time value.
     Reset {
         name: Option<String>,
+    },
+    /// A statement that calls `set_config` (anywhere: FROM, a DO block's text): it may change settings for the
+    /// session. `names` are the setting names given as literals (lower case).
+    SetConfig {
+        names: Vec<String>,
     },
     /// Session state that cannot be moved between server connections.
     Pin(&'static str),
@@ -268,14 +274,15 @@ pub fn plainly_other(shape: &crate::fingerprint::ShapeId) -> bool {
         }
         heads
     };
-    !shape.several && !shape.advisory_lock && !HEADS.contains(&shape.head)
+    !shape.several && !shape.watched && !HEADS.contains(&shape.head)
 }
 
 /// Classifies one statement (a range from [`split`]); ranges in the result are relative to `sql`.
 pub fn classify(sql: &[u8], range: Range<usize>) -> Kind {
     let text = &sql[..range.end];
+    let statement = &text[range.start..];
     // Session advisory locks can hide anywhere in an expression; the transaction-scoped ones do not match.
-    if mentions_advisory_lock(&text[range.start..]) {
+    if mentions_advisory_lock(statement) {
         return Kind::Pin("session advisory lock");
     }
     // Most statements are not about the session: tell from the first word, without allocating.
@@ -283,10 +290,18 @@ pub fn classify(sql: &[u8], range: Range<usize>) -> Kind {
     let head_end = (start..text.len())
         .find(|&i| !text[i].is_ascii_alphabetic())
         .unwrap_or(text.len());
-    if !SESSION_HEADS
-        .iter()
-        .any(|h| h.eq_ignore_ascii_case(&text[start..head_end]))
-    {
+    let head = &text[start..head_end];
+    if !SESSION_HEADS.iter().any(|h| h.eq_ignore_ascii_case(head)) {
+        if mentions_watched(statement) {
+            if creates_in_pg_temp(statement, false) {
+                return Kind::Pin("temporary object");
+            }
+            if mentions(statement, b"set_config") {
+                return Kind::SetConfig {
+                    names: set_config_names(statement),
+                };
+            }
+        }
         return Kind::Other;
     }
     let mut words = Words {
@@ -307,6 +322,9 @@ pub fn classify(sql: &[u8], range: Range<usize>) -> Kind {
         },
         "listen" => Kind::Pin("LISTEN"),
         "create" => {
+            if mentions(statement, b"pg_temp") && creates_in_pg_temp(statement, true) {
+                return Kind::Pin("temporary object");
+            }
             for _ in 0..3 {
                 match words.next() {
                     Some((w, _)) if w == "temp" || w == "temporary" => {
@@ -388,9 +406,102 @@ fn classify_set(words: &mut Words<'_>) -> Kind {
     if w == "transaction" || w == "constraints" {
         return Kind::Other; // transaction-scoped
     }
-    Kind::Set {
-        name: setting_name(&w, words),
+    if w == "role" {
+        return Kind::Set {
+            name: "role".into(),
+        };
     }
+    let name = setting_name(&w, words);
+    // `SET name TO DEFAULT` / `= DEFAULT` is a RESET.
+    if value_is_default(words) {
+        return Kind::Reset { name: Some(name) };
+    }
+    Kind::Set { name }
+}
+
+/// After the setting's name: whether its value is the keyword DEFAULT (`TO DEFAULT`, `= DEFAULT`).
+fn value_is_default(words: &Words<'_>) -> bool {
+    let s = words.sql;
+    let mut i = skip_space(s, words.at);
+    if s.get(i) == Some(&b'=') {
+        i += 1;
+    } else if let Some((w, range)) = word(s, i) {
+        if w != "to" {
+            return false;
+        }
+        i = range.end;
+    }
+    matches!(word(s, i), Some((w, range)) if w == "default" && skip_space(s, range.end) >= s.len())
+}
+
+/// Whether `text` contains `needle` (lower case) in any letter case, comments and strings included.
+fn mentions(text: &[u8], needle: &[u8]) -> bool {
+    text.windows(needle.len())
+        .any(|window| window.eq_ignore_ascii_case(needle))
+}
+
+/// Whether `text` mentions one of the names [`classify`] looks further into when the first word does not
+/// say: `advisory_lock`, `set_config` or `pg_temp`, in any letter case. The fingerprint lexer asks it of
+/// every token long enough to hold one, so it looks only where an `_` is.
+pub(crate) fn mentions_watched(text: &[u8]) -> bool {
+    // Each needle with the position of its first `_`.
+    const NEEDLES: [(&[u8], usize); 3] = [
+        (b"advisory_lock", 8),
+        (b"set_config", 3),
+        (b"pg_temp", 2),
+    ];
+    memchr::memchr_iter(b'_', text).any(|p| {
+        NEEDLES.iter().any(|&(needle, at)| {
+            p >= at
+                && p - at + needle.len() <= text.len()
+                && text[p - at..p - at + needle.len()].eq_ignore_ascii_case(needle)
+        })
+    })
+}
+
+/// The lexical tokens of a statement, comments and white space skipped.
+fn tokens(s: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        i = skip_space(s, i);
+        if i >= s.len() {
+            return None;
+        }
+        let end = token_end(s, i);
+        let token = &s[i..end];
+        i = end;
+        Some(token)
+    })
+}
+
+/// Whether a statement creates something in the session's temporary schema without saying TEMP: `pg_temp`
+/// after INTO (SELECT INTO), or anywhere in a CREATE (`CREATE TABLE pg_temp.t`, `CREATE STATISTICS
+/// pg_temp.s`).
+fn creates_in_pg_temp(statement: &[u8], create: bool) -> bool {
+    let mut previous: &[u8] = b"";
+    tokens(statement).any(|token| {
+        let temp = token.eq_ignore_ascii_case(b"pg_temp") || token.eq_ignore_ascii_case(b"\"pg_temp\"");
+        let hit = temp && (create || previous.eq_ignore_ascii_case(b"into"));
+        previous = token;
+        hit
+    })
+}
+
+/// The setting names given as string literals to `set_config` calls in a statement, lower case.
+fn set_config_names(statement: &[u8]) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut tokens = tokens(statement).peekable();
+    while let Some(token) = tokens.next() {
+        if !token.eq_ignore_ascii_case(b"set_config") || tokens.peek() != Some(&&b"("[..]) {
+            continue;
+        }
+        tokens.next();
+        if let Some(literal) = tokens.peek().filter(|t| t.len() >= 2 && t[0] == b'\'') {
+            let inner = &literal[1..literal.len() - 1];
+            names.push(String::from_utf8_lossy(inner).replace("''", "'").to_ascii_lowercase());
+        }
+    }
+    names
 }
 
 /// Canonical setting names for the SET/RESET spellings that are not `name = value`.

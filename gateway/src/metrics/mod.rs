@@ -27,6 +27,9 @@ pub struct Metrics {
     pub reloads: IntCounter,
     pub slow_statements: IntCounter,
     pub statement_timeouts: IntCounter,
+    pub settings_replays: IntCounter,
+    pub settings_replay_failures: IntCounter,
+    pub settings_captures: IntCounter,
     /// `regiongate_request_seconds{role}`: series 0 is the primary, 1 the replicas (see `request_seconds`).
     request_seconds: Arc<per_thread::Histograms>,
     pub nplus1_episodes: IntCounterVec,
@@ -164,6 +167,18 @@ impl Metrics {
             statement_timeouts: counter(
                 "regiongate_statement_timeouts_total",
                 "Requests cancelled on their server for running past limits.statement_timeout",
+            ),
+            settings_replays: counter(
+                "regiongate_settings_replays_total",
+                "Server connections given a client's settings and identity before its statement",
+            ),
+            settings_replay_failures: counter(
+                "regiongate_settings_replay_failures_total",
+                "Settings replays the server refused: the connection was closed and the statement not run there",
+            ),
+            settings_captures: counter(
+                "regiongate_settings_captures_total",
+                "Reads of a session's settings after a request that may have changed them",
             ),
             request_seconds,
             nplus1_episodes: counter_vec(

@@ -168,7 +168,7 @@ impl Session {
             Some(identity) if Arc::ptr_eq(&identity.0, &self.settings) => identity,
             _ => {
                 let mut settings = (*self.settings).clone();
-                settings.remove("application_name");
+                settings.values.remove("application_name");
                 self.batch_identity.insert((
                     self.settings.clone(),
                     self.pool.key.database.as_str().into(),

@@ -7,11 +7,13 @@
 //! - named prepared statements (protocol-level Parse and SQL-level PREPARE) are tracked per client and
 //!   prepared on whichever server connection runs their Bind/Describe/EXECUTE, under server-side names the
 //!   gateway chooses (see [`StatementNames`]);
-//! - SET/RESET (and startup parameters) are replayed when a server connection's settings differ;
+//! - settings and identity (startup parameters, SET, RESET, `set_config`, SET ROLE, SET SESSION
+//!   AUTHORIZATION) are read back from the server after a request that may have changed them, and replayed
+//!   as values, before anything else, where a server connection's differ (see [`crate::settings`]);
 //! - what cannot move (LISTEN, temporary tables, WITH HOLD cursors, session advisory locks) pins the client
 //!   to its server connection for the rest of its session.
 //!
-//! The gateway's own messages (a re-prepare, a settings replay) are sent before the client's and their
+//! The gateway's own messages (a re-prepare, a settings capture) are sent before the client's and their
 //! answers are swallowed: [`Pending`] mirrors, in order, each message whose answer must be matched
 //! (ParseComplete, ReadyForQuery), so every answer from the server is attributed to the right request.
 
@@ -19,7 +21,8 @@ use crate::auth::{authenticate_client, read_first_packet, FirstPacket, Startup, 
 use crate::clients::{ClientHandle, ClientInfo, ServerTarget};
 use crate::config::{PoolMode, TlsMode};
 use crate::metrics::METRICS;
-use crate::pool::{Lease, Pool, ServerConn, Settings};
+use crate::pool::{Lease, OwnError, Pool, ServerConn, Settings};
+use crate::settings::SessionSettings;
 use crate::protocol::{self, PgError};
 use crate::sql::{self, Kind};
 use crate::tls::Stream;
@@ -90,6 +93,7 @@ struct Statement {
     parse_rest: Bytes,
     /// What running it does to the session.
     effect: StatementEffect,
+
     /// Where it may run (when read routing is on).
     class: Option<crate::route::Class>,
     /// Its fingerprint hash and whether it reads (when N+1 detection is on), computed once at Parse.
@@ -104,7 +108,7 @@ struct Statement {
 enum StatementEffect {
     None,
     Pin(&'static str),
-    Change(Effect),
+    Change(Touch),
 }
 
 /// A SQL-level prepared statement (PREPARE name AS ...).
@@ -114,12 +118,47 @@ struct SqlPrepared {
     prepare: String,
 }
 
-/// A change to the session's settings, applied once the statement that made it is known to have stuck.
-#[derive(Clone, Debug)]
-enum Effect {
-    Set { name: String, statement: String },
-    Reset(String),
-    ResetAll,
+/// What a statement may do to the session's settings: the server is asked afterwards (a capture), and a
+/// RESET is followed by the client's own reset values.
+#[derive(Clone, Debug, Default)]
+struct Touch {
+    /// Custom settings it names (`app.tenant`): invisible in `pg_settings`, so a capture asks for them.
+    custom: Vec<String>,
+    /// It resets settings to their defaults.
+    reset: Reset,
+}
+
+/// Settings a request resets, whose connection-time values the client must get back.
+#[derive(Clone, Debug, Default, PartialEq)]
+enum Reset {
+    #[default]
+    Nothing,
+    Names(Vec<String>),
+    All,
+}
+
+impl Reset {
+    fn add(&mut self, other: Reset) {
+        match (&mut *self, other) {
+            (_, Reset::Nothing) | (Reset::All, _) => {}
+            (Reset::Names(names), Reset::Names(more)) => names.extend(more),
+            (this, other) => *this = other,
+        }
+    }
+}
+
+/// The gateway's own requests: their answers never reach the client.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Own {
+    /// A re-prepare, a deferred BEGIN, a SQL-level PREPARE: nothing to read.
+    Plain,
+    /// The WAL position after a write: its DataRow is read.
+    Position,
+    /// The session's settings ([`crate::settings::capture_sql`]): its DataRows are read.
+    Capture,
+    /// The client's reset values after its RESET: its ParameterStatus messages are the client's, and its
+    /// failure (the client's transaction failed meanwhile) changes nothing.
+    Restore,
 }
 
 /// A request whose answer is still to come, in the order the server will answer.
@@ -132,26 +171,43 @@ enum Pending {
     },
     /// A Sync, Query or FunctionCall: answered by ReadyForQuery.
     Ready {
-        swallow: bool,
+        /// The gateway's own, or the client's (None).
+        own: Option<Own>,
         /// Query and FunctionCall: an error does not skip later messages.
         simple: bool,
-        effects: Vec<Effect>,
         failed: bool,
-        /// The gateway's own WAL-position query: its DataRow is read, not relayed.
-        capture: bool,
+        /// Settings the client's request resets.
+        reset: Reset,
     },
 }
 
 impl Pending {
-    /// A request answered by ReadyForQuery; `swallow` for the gateway's own.
-    fn ready(swallow: bool, simple: bool, effects: Vec<Effect>) -> Pending {
+    /// A client's request answered by ReadyForQuery.
+    fn client(simple: bool, reset: Reset) -> Pending {
         Pending::Ready {
-            swallow,
+            own: None,
             simple,
-            effects,
             failed: false,
-            capture: false,
+            reset,
         }
+    }
+
+    /// One of the gateway's own simple queries.
+    fn own(own: Own) -> Pending {
+        Pending::Ready {
+            own: Some(own),
+            simple: true,
+            failed: false,
+            reset: Reset::Nothing,
+        }
+    }
+
+    fn is_own(&self, kind: Own) -> bool {
+        matches!(self, Pending::Ready { own: Some(own), .. } if *own == kind)
+    }
+
+    fn swallowed(&self) -> bool {
+        matches!(self, Pending::Ready { own: Some(_), .. })
     }
 }
 
@@ -210,11 +266,18 @@ struct Session {
     pending: VecDeque<Pending>,
     /// Extended-protocol messages were sent since the last Sync: the server is inside that exchange.
     in_exchange: bool,
-    /// Effects of statements bound since the last Sync.
-    segment_effects: Vec<Effect>,
-    /// Effects inside the current transaction, kept until it commits.
-    transaction_effects: Vec<Effect>,
-    rolled_back: bool,
+    /// Settings reset by statements bound since the last Sync.
+    segment_reset: Reset,
+    /// A request that may have changed settings was sent: read them back before the connection goes.
+    settings_touched: bool,
+    /// The rows of a settings capture under way.
+    capture_rows: Vec<Vec<Option<String>>>,
+    /// A capture failed: what the session's settings are is unknown, so it cannot go on.
+    settings_lost: bool,
+    /// Custom settings the client named (a capture asks for them).
+    custom_settings: std::collections::BTreeSet<String>,
+    /// The session's settings right after login: what RESET returns to.
+    reset_values: Settings,
     /// The last ReadyForQuery status: I (idle), T (in a transaction), E (failed transaction).
     status: u8,
     /// Bytes left of a client message streamed through before it is complete (large CopyData), and
@@ -304,10 +367,17 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         return admin_session(shared, client, peer, &startup).await;
     }
     let pool = shared.pool_for(&startup);
-    let parameters = match pool.server_parameters().await {
-        Ok(parameters) => parameters,
+    let startup_parameters: Vec<(String, String)> = startup
+        .parameters
+        .iter()
+        .chain(startup.options.iter())
+        .cloned()
+        .collect();
+    let login = match pool.login_state(&startup_parameters).await {
+        Ok(login) => login,
         Err(mut error) => {
             error.severity = "FATAL";
+            tracing::info!(client = %peer, user = %startup.user, code = %error.code, reason = %error.message, "login refused by the server");
             return refuse(client, StartupError::Refused(error)).await;
         }
     };
@@ -324,23 +394,9 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     });
     let mut hello = BytesMut::new();
     let _ = Authentication::Ok.encode(&mut hello);
-    let client_values: HashMap<String, &str> = startup
-        .parameters
-        .iter()
-        .chain(startup.options.iter())
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str()))
-        .collect();
-    for (name, value) in parameters.iter() {
-        let value = client_values
-            .get(&name.to_ascii_lowercase())
-            .copied()
-            .unwrap_or(value);
+    // As the server reported them with the client's parameters applied (`iso,dmy` is `ISO, DMY`).
+    for (name, value) in &login.reported {
         protocol::parameter_status_message(&mut hello, name.as_bytes(), value.as_bytes());
-    }
-    if !parameters.iter().any(|(n, _)| n == "application_name") {
-        if let Some(app) = client_values.get("application_name") {
-            protocol::parameter_status_message(&mut hello, b"application_name", app.as_bytes());
-        }
     }
     protocol::backend_key_data(&mut hello, handle.pid, handle.secret);
     protocol::ready_for_query(&mut hello, b'I');
@@ -380,9 +436,12 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         timed_out: false,
         pending: VecDeque::with_capacity(8),
         in_exchange: false,
-        segment_effects: Vec::new(),
-        transaction_effects: Vec::new(),
-        rolled_back: false,
+        segment_reset: Reset::Nothing,
+        settings_touched: false,
+        capture_rows: Vec::new(),
+        settings_lost: false,
+        custom_settings: login.reset.custom_names().cloned().collect(),
+        reset_values: login.reset.clone(),
         status: b'I',
         client_skip: 0,
         client_skip_forward: false,
@@ -403,7 +462,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         statements: HashMap::new(),
         unnamed: None,
         sql_prepared: HashMap::new(),
-        settings: startup_settings(&startup),
+        settings: login.reset.clone(),
         batched: Vec::new(),
         batch_identity: None,
     };
@@ -522,46 +581,6 @@ async fn refuse(mut client: Stream, error: StartupError) {
         })
         .await;
     }
-}
-
-/// The client's startup parameters as statements to replay on server connections. `set_config` takes the
-/// value exactly as a connection option would (lists like search_path included).
-fn startup_settings(startup: &Startup) -> Settings {
-    let mut settings = std::collections::BTreeMap::new();
-    for (name, value) in startup.parameters.iter().chain(startup.options.iter()) {
-        let statement = format!(
-            "SELECT pg_catalog.set_config({}, {}, false)",
-            protocol::quote_literal(name),
-            protocol::quote_literal(value)
-        );
-        settings.insert(name.to_ascii_lowercase(), statement);
-    }
-    Arc::new(settings)
-}
-
-/// SQL that turns a server connection's settings (`from`) into the client's (`to`).
-pub(crate) fn settings_change(from: &Settings, to: &Settings) -> String {
-    let mut sql = String::new();
-    for name in from.keys().filter(|n| !to.contains_key(*n)) {
-        let reset = match name.as_str() {
-            "session characteristics" => {
-                "RESET default_transaction_isolation; RESET default_transaction_read_only; \
-                 RESET default_transaction_deferrable"
-                    .to_string()
-            }
-            "session_authorization" => "RESET SESSION AUTHORIZATION".to_string(),
-            other => format!("RESET {}", protocol::quote_ident(other)),
-        };
-        sql.push_str(&reset);
-        sql.push_str("; ");
-    }
-    for (name, statement) in to.iter() {
-        if from.get(name) != Some(statement) {
-            sql.push_str(statement);
-            sql.push_str("; ");
-        }
-    }
-    sql
 }
 
 impl Session {
@@ -731,15 +750,15 @@ impl Session {
             }
             b'S' => {
                 self.to_server.extend_from_slice(&message);
-                let effects = std::mem::take(&mut self.segment_effects);
-                self.pending
-                    .push_back(Pending::ready(false, false, effects));
+                let reset = std::mem::take(&mut self.segment_reset);
+                self.pending.push_back(Pending::client(false, reset));
                 self.in_exchange = false;
             }
             b'F' => {
+                // A function called by OID may change anything: read the settings back afterwards.
+                self.settings_touched = true;
                 self.to_server.extend_from_slice(&message);
-                self.pending
-                    .push_back(Pending::ready(false, true, Vec::new()));
+                self.pending.push_back(Pending::client(true, Reset::Nothing));
             }
             b'd' | b'c' | b'f' => self.to_server.extend_from_slice(&message),
             other => {
@@ -762,21 +781,22 @@ impl Session {
         if sql::plainly_other(&shape) {
             // Most queries: nothing in them for the session to track.
             self.to_server.extend_from_slice(message);
-            self.pending
-                .push_back(Pending::ready(false, true, Vec::new()));
+            self.pending.push_back(Pending::client(true, Reset::Nothing));
             return Ok(());
         }
-        let mut effects = Vec::new();
+        let mut reset = Reset::Nothing;
         let mut rewrites: Vec<(std::ops::Range<usize>, Arc<str>)> = Vec::new();
         for range in sql::split(text) {
-            match sql::classify(text, range.clone()) {
-                Kind::Other => {}
-                Kind::Set { name } => effects.push(Effect::Set {
-                    name,
-                    statement: String::from_utf8_lossy(&text[range]).trim().to_string(),
-                }),
-                Kind::Reset { name: Some(name) } => effects.push(Effect::Reset(name)),
-                Kind::Reset { name: None } => effects.push(Effect::ResetAll),
+            let kind = sql::classify(text, range.clone());
+            if let Some(touch) = touch_of(&kind) {
+                self.touched(&touch);
+                reset.add(touch.reset);
+            }
+            match kind {
+                Kind::Other
+                | Kind::Set { .. }
+                | Kind::Reset { .. }
+                | Kind::SetConfig { .. } => {}
                 Kind::Pin(reason) => self.pin(reason),
                 Kind::Prepare { name, at } => {
                     let server_name: Arc<str> = self.shared.statement_names.fresh("q").into();
@@ -810,10 +830,7 @@ impl Session {
                     }
                 }
                 Kind::Deallocate { name: None } => self.forget_prepared_statements(),
-                Kind::DiscardAll => {
-                    self.forget_prepared_statements();
-                    effects.push(Effect::ResetAll);
-                }
+                Kind::DiscardAll => self.forget_prepared_statements(),
             }
         }
         if rewrites.is_empty() {
@@ -829,22 +846,31 @@ impl Session {
             rewritten.extend_from_slice(&text[at..]);
             protocol::query(&mut self.to_server, &String::from_utf8_lossy(&rewritten));
         }
-        self.pending.push_back(Pending::ready(false, true, effects));
+        self.pending.push_back(Pending::client(true, reset));
         Ok(())
+    }
+
+    /// A statement that may change settings is on its way: note what a capture must ask for.
+    fn touched(&mut self, touch: &Touch) {
+        self.settings_touched = true;
+        for name in &touch.custom {
+            if !self.custom_settings.contains(name) {
+                self.custom_settings.insert(name.clone());
+            }
+        }
     }
 
     /// Runs a SQL-level PREPARE first on a server connection that lacks it (its answers swallowed).
     fn ensure_sql_prepared(&mut self, prepared: &SqlPrepared) {
         if self.conn().prepared.insert(prepared.server_name.clone()) {
-            self.send_own_query(&prepared.prepare);
+            self.send_own_query(&prepared.prepare, Own::Plain);
         }
     }
 
     /// Sends a query of the gateway's own ahead of what follows; its answers never reach the client.
-    fn send_own_query(&mut self, sql: &str) {
+    fn send_own_query(&mut self, sql: &str, own: Own) {
         protocol::query(&mut self.to_server, sql);
-        self.pending
-            .push_back(Pending::ready(true, true, Vec::new()));
+        self.pending.push_back(Pending::own(own));
     }
 
     /// DEALLOCATE ALL and DISCARD ALL drop every prepared statement of the server session.
@@ -1068,7 +1094,10 @@ impl Session {
         match effect {
             StatementEffect::None => {}
             StatementEffect::Pin(reason) => self.pin(reason),
-            StatementEffect::Change(change) => self.segment_effects.push(change.clone()),
+            StatementEffect::Change(touch) => {
+                self.touched(touch);
+                self.segment_reset.add(touch.reset.clone());
+            }
         }
     }
 
@@ -1122,6 +1151,7 @@ impl Session {
         let regions = self.regions.clone();
         let mut attempts = 0;
         let mut stale_checkouts = 0;
+        let mut replays_failed = 0;
         let result = loop {
             attempts += 1;
             let decision = if stale_checkouts >= 3 {
@@ -1154,7 +1184,15 @@ impl Session {
                     lease.release();
                     stale_checkouts += 1;
                 }
-                Ok(lease) => break Ok((lease, route)),
+                Ok(mut lease) => match self.bring_settings(&mut lease).await {
+                    Ok(()) => break Ok((lease, route)),
+                    // The connection is closed (dropped); another may take the settings, once.
+                    Err(error) if replays_failed == 0 => {
+                        replays_failed += 1;
+                        tracing::warn!(code = %error.code, reason = %error.message, "retrying the session's settings on another server connection");
+                    }
+                    Err(error) => break Err(error),
+                },
                 Err(error) => match route {
                     Route::Replica(in_flight) if attempts <= 3 => {
                         regions.ban(in_flight.id(), &error.message);
@@ -1166,22 +1204,6 @@ impl Session {
         match result {
             Ok((mut lease, route)) => {
                 let conn = lease.conn();
-                if Arc::ptr_eq(&conn.settings, &self.settings) {
-                    // The common case: nothing to compare.
-                } else if *conn.settings == *self.settings {
-                    // Same settings in two allocations: both keep the one at the lower address (the connection
-                    // takes the client's below). Every meeting spreads the lowest, so clients and connections
-                    // with equal settings converge on one Arc, and later checkouts compare pointers only.
-                    // (Adopting the connection's alone does not converge: a connection keeps the first Arc it
-                    // was given, and clients go on comparing maps at every checkout.)
-                    if Arc::as_ptr(&conn.settings) < Arc::as_ptr(&self.settings) {
-                        self.settings = conn.settings.clone();
-                    }
-                } else {
-                    let change = settings_change(&conn.settings, &self.settings);
-                    self.send_own_query(&change);
-                }
-                conn.settings = self.settings.clone();
                 self.handle.entry.set_server(Some(ServerTarget {
                     addr: conn.addr,
                     pid: conn.pid,
@@ -1205,6 +1227,53 @@ impl Session {
                     }
                     _ => self.discard_until_sync = true,
                 }
+            }
+        }
+    }
+
+    /// Gives a server connection this session's settings and identity, and waits for the server to confirm,
+    /// so that the client's statement never runs where they failed to apply (it would run with another
+    /// client's identity). On failure the connection is marked for closing.
+    async fn bring_settings(&mut self, lease: &mut Lease) -> Result<(), PgError> {
+        let conn = lease.conn();
+        if Arc::ptr_eq(&conn.settings, &self.settings) {
+            return Ok(()); // the common case: nothing to compare
+        }
+        if *conn.settings == *self.settings {
+            // Same settings in two allocations: both keep the one at the lower address. Every meeting spreads
+            // the lowest, so clients and connections with equal settings converge on one Arc, and later
+            // checkouts compare pointers only. (Adopting the connection's alone does not converge: a
+            // connection keeps the first Arc it was given, and clients go on comparing at every checkout.)
+            if Arc::as_ptr(&conn.settings) < Arc::as_ptr(&self.settings) {
+                self.settings = conn.settings.clone();
+            }
+            conn.settings = self.settings.clone();
+            return Ok(());
+        }
+        let change = crate::settings::change_sql(&conn.settings, &self.settings);
+        METRICS.settings_replays.inc();
+        match conn.run_own(&change).await {
+            Ok(_) => {
+                conn.settings = self.settings.clone();
+                Ok(())
+            }
+            Err(failure) => {
+                conn.discard = true;
+                METRICS.settings_replay_failures.inc();
+                tracing::warn!(server = %conn.addr, pid = conn.pid, reason = %failure, "could not give a server connection this session's settings; closing it");
+                let (code, message) = match failure {
+                    OwnError::Server(error) => (error.code, error.message),
+                    OwnError::Io(error) => ("08006".into(), error.to_string()),
+                };
+                Err(PgError {
+                    severity: "ERROR",
+                    code,
+                    message: format!(
+                        "regiongate: this session's settings could not be restored on a server connection \
+                         ({message}); the statement was not run"
+                    ),
+                    detail: None,
+                })
             }
         }
     }
@@ -1240,7 +1309,10 @@ impl Session {
         {
             return false;
         }
-        if !lease.conn().read_buf.is_empty() || self.capture_write_position() {
+        if !lease.conn().read_buf.is_empty()
+            || self.capture_settings()
+            || self.capture_write_position()
+        {
             return false;
         }
         let discard = self.conn().discard;
@@ -1256,6 +1328,37 @@ impl Session {
             lease.release_at(self.last_answer);
         }
         true
+    }
+
+    /// After a request that may have changed settings, asks the server what the session's settings now are,
+    /// before the connection goes back to the pool. True when it did.
+    fn capture_settings(&mut self) -> bool {
+        if !std::mem::take(&mut self.settings_touched) {
+            return false;
+        }
+        METRICS.settings_captures.inc();
+        let custom = self.custom_settings.iter();
+        let sql = crate::settings::capture_sql(custom);
+        self.capture_rows.clear();
+        self.send_own_query(&sql, Own::Capture);
+        true
+    }
+
+    /// The capture's answer is complete: the connection holds what the server said, the client that over
+    /// its reset values.
+    fn settings_captured(&mut self) {
+        let rows = std::mem::take(&mut self.capture_rows);
+        let conn = self.conn();
+        let held = crate::settings::from_capture(&rows, &conn.login_user);
+        let session = SessionSettings::over(held.clone(), &self.reset_values);
+        let held = Arc::new(held);
+        self.conn().settings = held.clone();
+        self.settings = if session == *held {
+            held
+        } else {
+            Arc::new(session)
+        };
+        self.session_budget_changed();
     }
 
     /// The server connection broke. Clients outside a transaction get an error for each request in flight
@@ -1280,10 +1383,18 @@ impl Session {
             return Ok(());
         }
         self.reads.retry_input = None;
-        if self.status != b'I' || self.pinned.is_some() {
+        // Settings changed since the last capture went with the connection, as the session would have.
+        let settings_lost = std::mem::take(&mut self.settings_touched)
+            || self.pending.iter().any(|p| p.is_own(Own::Capture));
+        if self.status != b'I' || self.pinned.is_some() || settings_lost {
+            let gone = if self.status != b'I' {
+                "the session's transaction is gone"
+            } else {
+                "the session's settings are gone"
+            };
             return Err(End::Fatal(PgError::fatal(
                 "08006",
-                format!("regiongate: the server connection was lost ({reason}); the session's transaction is gone"),
+                format!("regiongate: the server connection was lost ({reason}); {gone}"),
             )));
         }
         let error = PgError::error(
@@ -1294,9 +1405,7 @@ impl Session {
         );
         for entry in std::mem::take(&mut self.pending) {
             if let Pending::Ready {
-                swallow: false,
-                failed,
-                ..
+                own: None, failed, ..
             } = entry
             {
                 if !failed {
@@ -1312,8 +1421,7 @@ impl Session {
             error.encode(&mut self.to_client);
             self.in_exchange = false;
         }
-        self.segment_effects.clear();
-        self.transaction_effects.clear();
+        self.segment_reset = Reset::Nothing;
         Ok(())
     }
 
@@ -1337,24 +1445,26 @@ impl Session {
         if busy {
             return; // dropping the lease closes the connection
         }
-        if self.status == b'I' && self.pinned.is_none() {
+        if self.status == b'I' && self.pinned.is_none() && !self.settings_touched {
             lease.release();
             return;
         }
         let rollback = self.status != b'I';
         let reset = self.pinned.is_some();
+        // The session's changes since its last capture are not known: reset them too.
+        let reset = reset || self.settings_touched;
         tokio::spawn(async move {
             let conn = lease.conn();
             let cleaned = async {
                 if rollback {
-                    run_simple(conn, "ROLLBACK").await?;
+                    conn.run_own("ROLLBACK").await?;
                 }
                 if reset {
-                    run_simple(conn, "DISCARD ALL").await?;
+                    conn.run_own("DISCARD ALL").await?;
                     conn.prepared.clear();
                     conn.settings = Settings::default();
                 }
-                Ok::<_, std::io::Error>(())
+                Ok::<_, OwnError>(())
             };
             match tokio::time::timeout(Duration::from_secs(5), cleaned).await {
                 Ok(Ok(())) => lease.release(),
@@ -1389,10 +1499,7 @@ impl Session {
                     break;
                 }
             };
-            let swallowing = matches!(
-                self.pending.front(),
-                Some(Pending::Ready { swallow: true, .. })
-            );
+            let swallowing = self.pending.front().is_some_and(Pending::swallowed);
             if !swallowing && is_passthrough(tag) {
                 self.rows += u64::from(tag == b'D');
                 let available = buf.len() - i;
@@ -1434,6 +1541,13 @@ impl Session {
         if self.reads.retry_input.is_some() && !self.to_client.is_empty() {
             self.answered();
         }
+        if self.settings_lost {
+            return Err(End::Fatal(PgError::fatal(
+                "08006",
+                "regiongate: could not read this session's settings back from its server connection; \
+                 the session cannot go on without them",
+            )));
+        }
         match lost {
             Some(reason) => self.server_lost(&reason),
             None => Ok(()),
@@ -1457,51 +1571,55 @@ impl Session {
             b'Z' => {
                 let status = protocol::body(message).first().copied().unwrap_or(b'I');
                 self.status = status;
-                let mut swallow = false;
+                let mut answered = None;
                 while let Some(entry) = self.pending.pop_front() {
                     match entry {
                         Pending::Parse { name, .. } => self.forget_server_statement(name),
                         Pending::Ready {
-                            swallow: s,
-                            effects,
-                            failed,
-                            ..
+                            own, failed, reset, ..
                         } => {
-                            swallow = s;
-                            if !failed {
-                                self.transaction_effects.extend(effects);
-                            }
+                            answered = Some((own, failed, reset));
                             break;
                         }
                     }
                 }
-                if status == b'I' {
-                    let effects = std::mem::take(&mut self.transaction_effects);
-                    if !std::mem::take(&mut self.rolled_back) {
-                        self.apply_effects(effects);
+                match answered {
+                    Some((Some(own), failed, _)) => {
+                        if own == Own::Capture {
+                            if failed {
+                                self.settings_lost = true;
+                            } else {
+                                self.settings_captured();
+                            }
+                        }
+                        Action::Drop
+                    }
+                    Some((None, failed, reset)) => {
+                        if !failed {
+                            self.restore_reset_values(reset);
+                        }
+                        self.request_answered();
+                        Action::Forward
+                    }
+                    None => {
+                        self.request_answered();
+                        Action::Forward
                     }
                 }
-                if swallow {
-                    Action::Drop
-                } else {
-                    self.request_answered();
-                    Action::Forward
-                }
             }
-            b'C' => {
-                if protocol::body(message).starts_with(b"ROLLBACK\0") {
-                    self.rolled_back = true;
-                }
-                self.forward_unless_swallowing()
-            }
-            // Notifications are asynchronous and always the client's.
+            // Notifications are asynchronous and always the client's; so are the parameter changes the
+            // restoring of its reset values makes.
             b'A' => Action::Forward,
-            b'D' if matches!(
-                self.pending.front(),
-                Some(Pending::Ready { capture: true, .. })
-            ) =>
-            {
+            b'S' if self.pending.front().is_some_and(|p| p.is_own(Own::Restore)) => {
+                Action::Forward
+            }
+            b'D' if self.pending.front().is_some_and(|p| p.is_own(Own::Position)) => {
                 self.captured(message);
+                Action::Drop
+            }
+            b'D' if self.pending.front().is_some_and(|p| p.is_own(Own::Capture)) => {
+                self.capture_rows
+                    .push(protocol::data_row_text(protocol::body(message)));
                 Action::Drop
             }
             _ => self.forward_unless_swallowing(),
@@ -1551,16 +1669,34 @@ impl Session {
         if self
             .pending
             .iter()
-            .any(|p| matches!(p, Pending::Ready { swallow: false, .. }))
+            .any(|p| matches!(p, Pending::Ready { own: None, .. }))
         {
             self.request_started = Some(std::time::Instant::now());
         }
     }
 
     fn forward_unless_swallowing(&self) -> Action {
-        match self.pending.front() {
-            Some(Pending::Ready { swallow: true, .. }) => Action::Drop,
-            _ => Action::Forward,
+        if self.pending.front().is_some_and(Pending::swallowed) {
+            Action::Drop
+        } else {
+            Action::Forward
+        }
+    }
+
+    /// After a client's RESET succeeded: a pooled connection went back to the server's defaults, the client's
+    /// session must be at its connection-time values. Only with nothing pipelined behind the request, which
+    /// the restore would overtake; otherwise the next capture and replay correct it.
+    fn restore_reset_values(&mut self, reset: Reset) {
+        let names = match &reset {
+            Reset::Nothing => return,
+            Reset::Names(names) => Some(names.as_slice()),
+            Reset::All => None,
+        };
+        if !self.pending.is_empty() {
+            return;
+        }
+        if let Some(sql) = self.reset_values.restore_sql(names) {
+            self.send_own_query(&sql, Own::Restore);
         }
     }
 
@@ -1577,6 +1713,7 @@ impl Session {
             self.pending.front(),
             Some(Pending::Ready { simple: true, .. })
         );
+        let restoring = self.pending.front().is_some_and(|p| p.is_own(Own::Restore));
         if !simple {
             while matches!(self.pending.front(), Some(Pending::Parse { .. })) {
                 if let Some(Pending::Parse { name, .. }) = self.pending.pop_front() {
@@ -1585,16 +1722,17 @@ impl Session {
             }
         }
         let mut swallowed = false;
-        if let Some(Pending::Ready {
-            swallow, failed, ..
-        }) = self.pending.front_mut()
-        {
+        if let Some(Pending::Ready { own, failed, .. }) = self.pending.front_mut() {
             *failed = true;
-            swallowed = *swallow;
+            swallowed = own.is_some();
         }
         if fatal {
             self.conn().discard = true;
             self.server_fatal = true;
+        }
+        if restoring && !fatal {
+            // The client's transaction failed after its RESET: rolled back with it, nothing to restore.
+            return Action::Drop;
         }
         if swallowed {
             let (code, text) = protocol::error_fields(body);
@@ -1636,28 +1774,6 @@ impl Session {
                 lease.conn().prepared.remove(&name);
             }
         }
-    }
-
-    fn apply_effects(&mut self, effects: Vec<Effect>) {
-        if effects.is_empty() {
-            return;
-        }
-        let settings = Arc::make_mut(&mut self.settings);
-        for effect in effects {
-            match effect {
-                Effect::Set { name, statement } => {
-                    settings.insert(name, statement);
-                }
-                Effect::Reset(name) => {
-                    settings.remove(&name);
-                }
-                Effect::ResetAll => settings.clear(),
-            }
-        }
-        if let Some(lease) = self.lease.as_mut() {
-            lease.conn().settings = self.settings.clone();
-        }
-        self.session_budget_changed();
     }
 
     // ---- I/O ---------------------------------------------------------------------------------------------
@@ -1894,21 +2010,39 @@ fn statement_effect(text: &[u8]) -> StatementEffect {
     let Some(range) = sql::split(text).next() else {
         return StatementEffect::None;
     };
-    match sql::classify(text, range.clone()) {
+    match sql::classify(text, range) {
         Kind::Pin(reason) => StatementEffect::Pin(reason),
-        Kind::Set { name } => StatementEffect::Change(Effect::Set {
-            name,
-            statement: String::from_utf8_lossy(&text[range]).trim().to_string(),
-        }),
-        Kind::Reset { name: Some(name) } => StatementEffect::Change(Effect::Reset(name)),
-        Kind::Reset { name: None } | Kind::DiscardAll => StatementEffect::Change(Effect::ResetAll),
         // SQL-level PREPARE/EXECUTE through Parse would need the same renaming as a Query; keep the client on
         // one server connection instead.
         Kind::Prepare { .. } | Kind::Execute { .. } | Kind::Deallocate { .. } => {
             StatementEffect::Pin("SQL-level PREPARE/EXECUTE through the extended protocol")
         }
-        Kind::Other => StatementEffect::None,
+        kind => touch_of(&kind).map_or(StatementEffect::None, StatementEffect::Change),
     }
+}
+
+/// What a statement of this kind may do to the session's settings, if anything.
+fn touch_of(kind: &Kind) -> Option<Touch> {
+    let custom = |name: &String| name.contains('.').then(|| name.clone());
+    Some(match kind {
+        Kind::Set { name } => Touch {
+            custom: custom(name).into_iter().collect(),
+            reset: Reset::Nothing,
+        },
+        Kind::Reset { name: Some(name) } => Touch {
+            custom: custom(name).into_iter().collect(),
+            reset: Reset::Names(vec![name.clone()]),
+        },
+        Kind::Reset { name: None } | Kind::DiscardAll => Touch {
+            custom: Vec::new(),
+            reset: Reset::All,
+        },
+        Kind::SetConfig { names } => Touch {
+            custom: names.iter().filter_map(custom).collect(),
+            reset: Reset::Nothing,
+        },
+        _ => return None,
+    })
 }
 
 /// Who runs a session's statements, for N+1 reports.
@@ -1917,35 +2051,5 @@ fn nplus1_origin(entry: &crate::clients::ClientEntry) -> crate::nplus1::Origin<'
         user: &entry.user,
         application_name: &entry.application_name,
         client: entry.addr,
-    }
-}
-
-/// Runs one simple query on a server connection the gateway owns, discarding its answers.
-async fn run_simple(conn: &mut ServerConn, sql: &str) -> std::io::Result<()> {
-    let mut out = BytesMut::new();
-    protocol::query(&mut out, sql);
-    conn.stream.write_all(&out).await?;
-    conn.stream.flush().await?;
-    let mut failed = None;
-    loop {
-        while let Some(Ok((tag, len))) = protocol::peek_header(&conn.read_buf) {
-            if conn.read_buf.len() < len {
-                break;
-            }
-            let message = conn.read_buf.split_to(len);
-            match tag {
-                b'E' => failed = Some(protocol::error_fields(protocol::body(&message))),
-                b'Z' => {
-                    return match failed {
-                        None => Ok(()),
-                        Some((code, text)) => Err(std::io::Error::other(format!("{code}: {text}"))),
-                    }
-                }
-                _ => {}
-            }
-        }
-        if conn.stream.read_buf(&mut conn.read_buf).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
     }
 }

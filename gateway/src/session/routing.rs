@@ -289,7 +289,7 @@ impl Session {
         self.reads.exclude = Some(id);
         self.pending.clear();
         self.in_exchange = false;
-        self.segment_effects.clear();
+        self.segment_reset = Reset::Nothing;
         true
     }
 
@@ -317,13 +317,7 @@ impl Session {
             &mut self.to_server,
             "SELECT pg_catalog.pg_current_wal_lsn()",
         );
-        self.pending.push_back(Pending::Ready {
-            swallow: true,
-            simple: true,
-            effects: Vec::new(),
-            failed: false,
-            capture: true,
-        });
+        self.pending.push_back(Pending::own(Own::Position));
         true
     }
 
@@ -370,46 +364,15 @@ impl Session {
     pub(super) fn send_deferred_begin(&mut self) {
         if let Some(begin) = self.reads.deferred_begin.take() {
             self.to_server.extend_from_slice(&begin);
-            self.pending
-                .push_back(Pending::ready(true, true, Vec::new()));
+            self.pending.push_back(Pending::own(Own::Plain));
         }
     }
 
-    /// `SET regiongate.max_lag = '5s'` and its RESET.
+    /// `SET regiongate.max_lag = '5s'` and its RESET (read from the captured settings).
     pub(super) fn session_budget_changed(&mut self) {
         self.reads.session_max_lag = self
             .settings
             .get("regiongate.max_lag")
-            .and_then(|statement| setting_value(statement))
-            .and_then(|value| humantime::parse_duration(&value).ok());
-    }
-}
-
-/// The value in `SET name = value` / `SET name TO value`, unquoted.
-fn setting_value(statement: &str) -> Option<String> {
-    let lower = statement.to_ascii_lowercase();
-    let at = lower
-        .find('=')
-        .map(|i| i + 1)
-        .or_else(|| lower.find(" to ").map(|i| i + 4))?;
-    let value = statement[at..].trim().trim_end_matches(';').trim();
-    Some(value.trim_matches('\'').trim_matches('"').to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::setting_value;
-
-    #[test]
-    fn set_values() {
-        assert_eq!(
-            setting_value("SET regiongate.max_lag = '5s'").as_deref(),
-            Some("5s")
-        );
-        assert_eq!(
-            setting_value("set regiongate.max_lag to 250ms").as_deref(),
-            Some("250ms")
-        );
-        assert_eq!(setting_value("SET x").as_deref(), None);
+            .and_then(|value| humantime::parse_duration(value).ok());
     }
 }
