@@ -10,9 +10,9 @@ use crate::auth::{login_to_server, ServerLoginError};
 use crate::config::{PoolConfig, ServerUrl};
 use crate::metrics::METRICS;
 use crate::protocol::PgError;
+pub use crate::settings::Settings;
 use crate::tls::Stream;
 use bytes::BytesMut;
-pub use crate::settings::Settings;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -126,7 +126,10 @@ impl ServerConn {
         loop {
             while let Some(header) = crate::protocol::peek_header(&self.read_buf) {
                 let (tag, len) = header.map_err(|bad| {
-                    std::io::Error::other(format!("invalid message length {} from the server", bad.0))
+                    std::io::Error::other(format!(
+                        "invalid message length {} from the server",
+                        bad.0
+                    ))
                 })?;
                 if self.read_buf.len() < len {
                     self.read_buf.reserve(len - self.read_buf.len());
@@ -384,7 +387,12 @@ impl Pool {
     ) -> Result<Arc<LoginState>, PgError> {
         /// Distinct parameter sets remembered; past it the map starts over.
         const MAX_LOGINS: usize = 1024;
-        if let Some(state) = self.logins.lock().unwrap_or_else(|p| p.into_inner()).get(parameters) {
+        if let Some(state) = self
+            .logins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(parameters)
+        {
             return Ok(state.clone());
         }
         let mut lease = self.checkout().await?;
@@ -407,11 +415,17 @@ impl Pool {
             Err(OwnError::Io(error)) => {
                 return Err(PgError::fatal(
                     "08006",
-                    format!("regiongate: server {} was lost during login: {error}", self.key.server),
+                    format!(
+                        "regiongate: server {} was lost during login: {error}",
+                        self.key.server
+                    ),
                 ))
             }
         };
-        let state: Settings = Arc::new(crate::settings::from_capture(&answer.rows, &conn.login_user));
+        let state: Settings = Arc::new(crate::settings::from_capture(
+            &answer.rows,
+            &conn.login_user,
+        ));
         conn.settings = state.clone();
         lease.release();
         let mut reported: Vec<(String, String)> = self

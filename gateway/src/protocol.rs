@@ -215,7 +215,10 @@ pub fn data_row_text(body: &[u8]) -> Vec<Option<String>> {
     };
     let mut rest = &body[2..];
     for _ in 0..count {
-        let Some(len) = rest.get(..4).map(|l| i32::from_be_bytes([l[0], l[1], l[2], l[3]])) else {
+        let Some(len) = rest
+            .get(..4)
+            .map(|l| i32::from_be_bytes([l[0], l[1], l[2], l[3]]))
+        else {
             break;
         };
         rest = &rest[4..];
@@ -230,6 +233,39 @@ pub fn data_row_text(body: &[u8]) -> Vec<Option<String>> {
         rest = &rest[len as usize..];
     }
     columns
+}
+
+/// Parameter `n` (zero-based) of a Bind, from `rest`: what follows the statement name (format codes, then
+/// the values). Some(None) for NULL; None when the message has no such parameter or is malformed.
+pub fn bind_parameter(rest: &[u8], n: usize) -> Option<Option<&[u8]>> {
+    let int16 = |at: usize| {
+        rest.get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+    };
+    let formats = int16(0)?;
+    let mut at = 2 + 2 * formats;
+    let count = int16(at)?;
+    at += 2;
+    if n >= count {
+        return None;
+    }
+    for i in 0..=n {
+        let len = rest
+            .get(at..at + 4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))?;
+        at += 4;
+        let value = if len < 0 {
+            None
+        } else {
+            let value = rest.get(at..at + len as usize)?;
+            at += len as usize;
+            Some(value)
+        };
+        if i == n {
+            return Some(value);
+        }
+    }
+    None
 }
 
 /// The text of a Query body (without its NUL), if well-formed.
@@ -303,6 +339,16 @@ mod tests {
         let mut out = BytesMut::new();
         renamed(&mut out, b'B', b"portal\0", b"rg_1", b"\0\0\0\0\0\0");
         assert_eq!(&out[..], b"B\0\0\0\x16portal\0rg_1\0\0\0\0\0\0\0");
+    }
+
+    #[test]
+    fn bind_parameters_are_found_and_bounded() {
+        // No format codes; two parameters: 'app.x' and NULL.
+        let rest = b"\0\0\0\x02\0\0\0\x05app.x\xff\xff\xff\xff\0\0";
+        assert_eq!(bind_parameter(rest, 0), Some(Some(&b"app.x"[..])));
+        assert_eq!(bind_parameter(rest, 1), Some(None));
+        assert_eq!(bind_parameter(rest, 2), None);
+        assert_eq!(bind_parameter(b"\0\0\0\x01\0\0\0\x09ab", 0), None);
     }
 
     #[test]

@@ -65,16 +65,33 @@ impl SessionSettings {
         captured
     }
 
-    /// SQL that gives back the reset values of `names` (all of them for None) after a RESET on a pooled
-    /// connection (which reset them to the server's defaults). None when there is nothing to restore.
+    /// SQL that gives back the reset values of `names` (all of them for None) after a request that reset
+    /// them, on a pooled connection (which reset them to the server's defaults instead). None when there is
+    /// nothing to restore. It restores only what is reset now: a RESET that was rolled back (in a failed
+    /// request, or before a ROLLBACK in the same one) left the value set in the session, and it stays.
     pub fn restore_sql(&self, names: Option<&[String]>) -> Option<String> {
-        let mut sql = String::new();
+        let mut rows = String::new();
         for (name, value) in &self.values {
             if names.is_none_or(|names| names.iter().any(|n| n == name)) {
-                push_set(&mut sql, name, value);
+                if !rows.is_empty() {
+                    rows.push_str(", ");
+                }
+                rows.push('(');
+                rows.push_str(&quote_literal(name));
+                rows.push_str(", ");
+                rows.push_str(&quote_literal(value));
+                rows.push(')');
             }
         }
-        (!sql.is_empty()).then_some(sql)
+        if rows.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "SELECT pg_catalog.set_config(r.n, r.v, false) FROM (VALUES {rows}) AS r(n, v) \
+             WHERE CASE WHEN r.n LIKE '%.%' THEN COALESCE(pg_catalog.current_setting(r.n, true), '') = '' \
+             ELSE NOT EXISTS (SELECT FROM pg_catalog.pg_settings s \
+             WHERE pg_catalog.lower(s.name) = r.n AND s.source = 'session') END"
+        ))
     }
 }
 
@@ -125,7 +142,10 @@ fn push_set(sql: &mut String, name: &str, value: &str) {
 
 /// A setting name as RESET takes it: each dotted part quoted.
 fn quote_name(name: &str) -> String {
-    name.split('.').map(quote_ident).collect::<Vec<_>>().join(".")
+    name.split('.')
+        .map(quote_ident)
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// The query that reads a server connection's session state: rows of (name, value), with the identity under
@@ -219,7 +239,11 @@ mod tests {
 
     #[test]
     fn identity_is_reset_first_and_set_last_role_after_authorization() {
-        let from = state(&[("search_path", "s_other"), ("xmloption", "document")], Some("bob"), None);
+        let from = state(
+            &[("search_path", "s_other"), ("xmloption", "document")],
+            Some("bob"),
+            None,
+        );
         let to = state(&[("work_mem", "7MB")], Some("postgres"), Some("dave"));
         assert_eq!(
             change_sql(&from, &to),
@@ -233,7 +257,11 @@ mod tests {
     fn equal_states_need_nothing_and_a_plain_change_touches_no_identity() {
         let a = state(&[("datestyle", "SQL, DMY")], None, None);
         assert_eq!(change_sql(&a, &a), "");
-        let b = state(&[("datestyle", "ISO, YMD"), ("app.tenant", "7")], None, None);
+        let b = state(
+            &[("datestyle", "ISO, YMD"), ("app.tenant", "7")],
+            None,
+            None,
+        );
         assert_eq!(
             change_sql(&a, &b),
             "SELECT pg_catalog.set_config('app.tenant', '7', false); \
@@ -253,7 +281,10 @@ mod tests {
             row("app.tenant", Some("")),
             row("app.other", None),
         ];
-        assert_eq!(from_capture(&rows, "app"), state(&[("search_path", "s1")], None, None));
+        assert_eq!(
+            from_capture(&rows, "app"),
+            state(&[("search_path", "s1")], None, None)
+        );
         let rows = vec![
             row("*authorization", Some("bob")),
             row("*role", Some("r1")),
@@ -267,15 +298,20 @@ mod tests {
 
     #[test]
     fn reset_values_fill_what_the_session_does_not_hold() {
-        let reset = state(&[("work_mem", "7MB"), ("search_path", "pg_catalog")], None, None);
+        let reset = state(
+            &[("work_mem", "7MB"), ("search_path", "pg_catalog")],
+            None,
+            None,
+        );
         let captured = state(&[("search_path", "s1")], None, None);
         assert_eq!(
             SessionSettings::over(captured, &reset),
             state(&[("work_mem", "7MB"), ("search_path", "s1")], None, None)
         );
-        assert_eq!(
-            reset.restore_sql(Some(&["work_mem".to_string()])).as_deref(),
-            Some("SELECT pg_catalog.set_config('work_mem', '7MB', false); ")
+        let restore = reset.restore_sql(Some(&["work_mem".to_string()])).unwrap();
+        assert!(
+            restore.contains("(VALUES ('work_mem', '7MB'))"),
+            "{restore}"
         );
         assert_eq!(reset.restore_sql(Some(&["timezone".to_string()])), None);
     }

@@ -23,9 +23,11 @@ pub enum Kind {
         name: Option<String>,
     },
     /// A statement that calls `set_config` (anywhere: FROM, a DO block's text): it may change settings for the
-    /// session. `names` are the setting names given as literals (lower case).
+    /// session. `names` are the setting names given as literals (lower case), `parameters` the (zero-based)
+    /// parameters given as names (`set_config($1, $2, false)`).
     SetConfig {
         names: Vec<String>,
+        parameters: Vec<usize>,
     },
     /// Session state that cannot be moved between server connections.
     Pin(&'static str),
@@ -297,9 +299,8 @@ pub fn classify(sql: &[u8], range: Range<usize>) -> Kind {
                 return Kind::Pin("temporary object");
             }
             if mentions(statement, b"set_config") {
-                return Kind::SetConfig {
-                    names: set_config_names(statement),
-                };
+                let (names, parameters) = set_config_names(statement);
+                return Kind::SetConfig { names, parameters };
             }
         }
         return Kind::Other;
@@ -445,11 +446,8 @@ fn mentions(text: &[u8], needle: &[u8]) -> bool {
 /// every token long enough to hold one, so it looks only where an `_` is.
 pub(crate) fn mentions_watched(text: &[u8]) -> bool {
     // Each needle with the position of its first `_`.
-    const NEEDLES: [(&[u8], usize); 3] = [
-        (b"advisory_lock", 8),
-        (b"set_config", 3),
-        (b"pg_temp", 2),
-    ];
+    const NEEDLES: [(&[u8], usize); 3] =
+        [(b"advisory_lock", 8), (b"set_config", 3), (b"pg_temp", 2)];
     memchr::memchr_iter(b'_', text).any(|p| {
         NEEDLES.iter().any(|&(needle, at)| {
             p >= at
@@ -480,28 +478,47 @@ fn tokens(s: &[u8]) -> impl Iterator<Item = &[u8]> {
 fn creates_in_pg_temp(statement: &[u8], create: bool) -> bool {
     let mut previous: &[u8] = b"";
     tokens(statement).any(|token| {
-        let temp = token.eq_ignore_ascii_case(b"pg_temp") || token.eq_ignore_ascii_case(b"\"pg_temp\"");
+        let temp =
+            token.eq_ignore_ascii_case(b"pg_temp") || token.eq_ignore_ascii_case(b"\"pg_temp\"");
         let hit = temp && (create || previous.eq_ignore_ascii_case(b"into"));
         previous = token;
         hit
     })
 }
 
-/// The setting names given as string literals to `set_config` calls in a statement, lower case.
-fn set_config_names(statement: &[u8]) -> Vec<String> {
-    let mut names = Vec::new();
+/// The setting names `set_config` calls in a statement are given: string literals (lower case), and the
+/// zero-based numbers of parameters (`$1`) whose values are names.
+fn set_config_names(statement: &[u8]) -> (Vec<String>, Vec<usize>) {
+    let (mut names, mut parameters) = (Vec::new(), Vec::new());
     let mut tokens = tokens(statement).peekable();
     while let Some(token) = tokens.next() {
         if !token.eq_ignore_ascii_case(b"set_config") || tokens.peek() != Some(&&b"("[..]) {
             continue;
         }
         tokens.next();
-        if let Some(literal) = tokens.peek().filter(|t| t.len() >= 2 && t[0] == b'\'') {
-            let inner = &literal[1..literal.len() - 1];
-            names.push(String::from_utf8_lossy(inner).replace("''", "'").to_ascii_lowercase());
+        match tokens.next() {
+            Some(literal) if literal.len() >= 2 && literal[0] == b'\'' => {
+                let inner = &literal[1..literal.len() - 1];
+                names.push(
+                    String::from_utf8_lossy(inner)
+                        .replace("''", "'")
+                        .to_ascii_lowercase(),
+                );
+            }
+            // `$` is one token and its digits the next.
+            Some(b"$") => {
+                if let Some(n) = tokens
+                    .next()
+                    .and_then(|digits| std::str::from_utf8(digits).ok()?.parse::<usize>().ok())
+                    .filter(|&n| n >= 1)
+                {
+                    parameters.push(n - 1);
+                }
+            }
+            _ => {}
         }
     }
-    names
+    (names, parameters)
 }
 
 /// Canonical setting names for the SET/RESET spellings that are not `name = value`.

@@ -22,8 +22,8 @@ use crate::clients::{ClientHandle, ClientInfo, ServerTarget};
 use crate::config::{PoolMode, TlsMode};
 use crate::metrics::METRICS;
 use crate::pool::{Lease, OwnError, Pool, ServerConn, Settings};
-use crate::settings::SessionSettings;
 use crate::protocol::{self, PgError};
+use crate::settings::SessionSettings;
 use crate::sql::{self, Kind};
 use crate::tls::Stream;
 use crate::Shared;
@@ -124,6 +124,8 @@ struct SqlPrepared {
 struct Touch {
     /// Custom settings it names (`app.tenant`): invisible in `pg_settings`, so a capture asks for them.
     custom: Vec<String>,
+    /// Parameters (zero-based) whose values name settings, as in `set_config($1, $2, false)`.
+    parameters: Vec<usize>,
     /// It resets settings to their defaults.
     reset: Reset,
 }
@@ -758,7 +760,8 @@ impl Session {
                 // A function called by OID may change anything: read the settings back afterwards.
                 self.settings_touched = true;
                 self.to_server.extend_from_slice(&message);
-                self.pending.push_back(Pending::client(true, Reset::Nothing));
+                self.pending
+                    .push_back(Pending::client(true, Reset::Nothing));
             }
             b'd' | b'c' | b'f' => self.to_server.extend_from_slice(&message),
             other => {
@@ -781,7 +784,8 @@ impl Session {
         if sql::plainly_other(&shape) {
             // Most queries: nothing in them for the session to track.
             self.to_server.extend_from_slice(message);
-            self.pending.push_back(Pending::client(true, Reset::Nothing));
+            self.pending
+                .push_back(Pending::client(true, Reset::Nothing));
             return Ok(());
         }
         let mut reset = Reset::Nothing;
@@ -793,10 +797,7 @@ impl Session {
                 reset.add(touch.reset);
             }
             match kind {
-                Kind::Other
-                | Kind::Set { .. }
-                | Kind::Reset { .. }
-                | Kind::SetConfig { .. } => {}
+                Kind::Other | Kind::Set { .. } | Kind::Reset { .. } | Kind::SetConfig { .. } => {}
                 Kind::Pin(reason) => self.pin(reason),
                 Kind::Prepare { name, at } => {
                     let server_name: Arc<str> = self.shared.statement_names.fresh("q").into();
@@ -1056,6 +1057,18 @@ impl Session {
     /// A Bind of `statement` with `parameters` (the rest of the Bind message): it will run.
     fn bound(&mut self, statement: &Statement, parameters: &[u8]) {
         self.statement_effects(&statement.effect);
+        if let StatementEffect::Change(touch) = &statement.effect {
+            for &n in &touch.parameters {
+                // A name is text in either format; a parameter that is not a custom name needs no asking.
+                match protocol::bind_parameter(parameters, n) {
+                    Some(Some(name)) if name.contains(&b'.') => {
+                        let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+                        self.custom_settings.insert(name);
+                    }
+                    _ => {}
+                }
+            }
+        }
         let text =
             protocol::cstr(&statement.parse_rest).map(|(t, _)| statement.parse_rest.slice_ref(t));
         if let (Some(text), true) = (&text, self.detector.is_some()) {
@@ -1594,10 +1607,8 @@ impl Session {
                         }
                         Action::Drop
                     }
-                    Some((None, failed, reset)) => {
-                        if !failed {
-                            self.restore_reset_values(reset);
-                        }
+                    Some((None, _, reset)) => {
+                        self.restore_reset_values(reset);
                         self.request_answered();
                         Action::Forward
                     }
@@ -1610,10 +1621,12 @@ impl Session {
             // Notifications are asynchronous and always the client's; so are the parameter changes the
             // restoring of its reset values makes.
             b'A' => Action::Forward,
-            b'S' if self.pending.front().is_some_and(|p| p.is_own(Own::Restore)) => {
-                Action::Forward
-            }
-            b'D' if self.pending.front().is_some_and(|p| p.is_own(Own::Position)) => {
+            b'S' if self.pending.front().is_some_and(|p| p.is_own(Own::Restore)) => Action::Forward,
+            b'D' if self
+                .pending
+                .front()
+                .is_some_and(|p| p.is_own(Own::Position)) =>
+            {
                 self.captured(message);
                 Action::Drop
             }
@@ -1683,9 +1696,10 @@ impl Session {
         }
     }
 
-    /// After a client's RESET succeeded: a pooled connection went back to the server's defaults, the client's
-    /// session must be at its connection-time values. Only with nothing pipelined behind the request, which
-    /// the restore would overtake; otherwise the next capture and replay correct it.
+    /// After a client's request with a RESET: a pooled connection went back to the server's defaults, the
+    /// client's session must be at its connection-time values (the restore checks on the server what is reset
+    /// now). Only with nothing pipelined behind the request, which the restore would overtake; otherwise the
+    /// next capture and replay correct it.
     fn restore_reset_values(&mut self, reset: Reset) {
         let names = match &reset {
             Reset::Nothing => return,
@@ -2027,18 +2041,20 @@ fn touch_of(kind: &Kind) -> Option<Touch> {
     Some(match kind {
         Kind::Set { name } => Touch {
             custom: custom(name).into_iter().collect(),
-            reset: Reset::Nothing,
+            ..Touch::default()
         },
         Kind::Reset { name: Some(name) } => Touch {
             custom: custom(name).into_iter().collect(),
             reset: Reset::Names(vec![name.clone()]),
+            ..Touch::default()
         },
         Kind::Reset { name: None } | Kind::DiscardAll => Touch {
-            custom: Vec::new(),
             reset: Reset::All,
+            ..Touch::default()
         },
-        Kind::SetConfig { names } => Touch {
+        Kind::SetConfig { names, parameters } => Touch {
             custom: names.iter().filter_map(custom).collect(),
+            parameters: parameters.clone(),
             reset: Reset::Nothing,
         },
         _ => return None,

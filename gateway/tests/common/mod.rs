@@ -124,7 +124,7 @@ impl TestGateway {
 pub async fn connect(config: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(config, NoTls)
         .await
-        .unwrap_or_else(|e| panic!("connecting with {config}: {e}"));
+        .unwrap_or_else(|e| panic!("connecting with {config}: {e:?}"));
     tokio::spawn(async move {
         let _ = connection.await;
     });
