@@ -193,6 +193,9 @@ pub enum OwnError {
 /// ParameterStatus name/value pairs a server sent at login.
 pub type ServerParameters = Arc<Vec<(String, String)>>;
 
+/// A client's startup parameters and `-c` options, in the order it sent them.
+pub type StartupParameters = Vec<(String, String)>;
+
 /// A client's startup parameters as this server takes them ([`Pool::login_state`]).
 #[derive(Debug)]
 pub struct LoginState {
@@ -232,7 +235,7 @@ pub struct Pool {
     /// ParameterStatus values of the first server connection, reported to clients at login.
     server_parameters: Mutex<Option<ServerParameters>>,
     /// What each set of startup parameters comes to on this server (see [`Pool::login_state`]).
-    logins: Mutex<std::collections::HashMap<Vec<(String, String)>, Arc<LoginState>>>,
+    logins: Mutex<std::collections::HashMap<StartupParameters, Arc<LoginState>>>,
     /// Server connections open right now (idle or leased).
     open: AtomicU64,
     /// Clients waiting for a connection right now.

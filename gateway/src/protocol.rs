@@ -200,6 +200,40 @@ pub fn error_fields(body: &[u8]) -> (String, String) {
     (code, message)
 }
 
+/// An ErrorResponse (or NoticeResponse) rebuilt from `body` with its texts passed through `text` (message,
+/// detail, hint, context) and its position (a character count, 1-based) through `position`.
+pub fn map_error(
+    body: &[u8],
+    text: impl Fn(&str) -> String,
+    position: impl Fn(usize) -> usize,
+) -> BytesMut {
+    let mut out = BytesMut::with_capacity(body.len() + 32);
+    let at = start(&mut out, b'E');
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let Some((value, tail)) = cstr(tail) else {
+            break;
+        };
+        out.put_u8(field);
+        let value = String::from_utf8_lossy(value);
+        match field {
+            b'M' | b'D' | b'H' | b'W' => put_cstr(&mut out, text(&value).as_bytes()),
+            b'P' => match value.parse::<usize>() {
+                Ok(p) => put_cstr(&mut out, position(p).to_string().as_bytes()),
+                Err(_) => put_cstr(&mut out, value.as_bytes()),
+            },
+            _ => put_cstr(&mut out, value.as_bytes()),
+        }
+        rest = tail;
+    }
+    out.put_u8(0);
+    finish(&mut out, at);
+    out
+}
+
 /// The name and value of a ParameterStatus body.
 pub fn parameter_status(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let (name, rest) = cstr(body)?;

@@ -250,8 +250,10 @@ impl Words<'_> {
     }
 }
 
-/// First words of the statements [`classify`] looks further into.
-const SESSION_HEADS: [&[u8]; 9] = [
+/// First words of the statements [`classify`] looks further into (`explain`: it may EXECUTE a SQL-level
+/// prepared statement, see [`executed_names`]).
+const SESSION_HEADS: [&[u8]; 10] = [
+    b"explain",
     b"set",
     b"reset",
     b"listen",
@@ -413,26 +415,25 @@ fn classify_set(words: &mut Words<'_>) -> Kind {
         };
     }
     let name = setting_name(&w, words);
-    // `SET name TO DEFAULT` / `= DEFAULT` is a RESET.
-    if value_is_default(words) {
+    // `SET name TO DEFAULT` / `= DEFAULT` is a RESET, and so is `SET TIME ZONE LOCAL`.
+    if value_is_default(words, name == "timezone") {
         return Kind::Reset { name: Some(name) };
     }
     Kind::Set { name }
 }
 
-/// After the setting's name: whether its value is the keyword DEFAULT (`TO DEFAULT`, `= DEFAULT`).
-fn value_is_default(words: &Words<'_>) -> bool {
+/// After the setting's name: whether its value is the keyword DEFAULT (`TO DEFAULT`, `= DEFAULT`), or LOCAL
+/// where `local` says it is the time zone's.
+fn value_is_default(words: &Words<'_>, local: bool) -> bool {
     let s = words.sql;
     let mut i = skip_space(s, words.at);
     if s.get(i) == Some(&b'=') {
         i += 1;
-    } else if let Some((w, range)) = word(s, i) {
-        if w != "to" {
-            return false;
-        }
-        i = range.end;
+    } else if matches!(word(s, i), Some((w, _)) if w == "to") {
+        i = word(s, i).map_or(i, |(_, range)| range.end);
     }
-    matches!(word(s, i), Some((w, range)) if w == "default" && skip_space(s, range.end) >= s.len())
+    matches!(word(s, i), Some((w, range))
+        if (w == "default" || local && w == "local") && skip_space(s, range.end) >= s.len())
 }
 
 /// Whether `text` contains `needle` (lower case) in any letter case, comments and strings included.
@@ -459,6 +460,11 @@ pub(crate) fn mentions_watched(text: &[u8]) -> bool {
 
 /// The lexical tokens of a statement, comments and white space skipped.
 fn tokens(s: &[u8]) -> impl Iterator<Item = &[u8]> {
+    token_ranges(s).map(|range| &s[range])
+}
+
+/// Where the lexical tokens of `s` are.
+fn token_ranges(s: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
     let mut i = 0;
     std::iter::from_fn(move || {
         i = skip_space(s, i);
@@ -466,10 +472,29 @@ fn tokens(s: &[u8]) -> impl Iterator<Item = &[u8]> {
             return None;
         }
         let end = token_end(s, i);
-        let token = &s[i..end];
+        let range = i..end;
         i = end;
-        Some(token)
+        Some(range)
     })
+}
+
+/// SQL-level prepared statements a statement runs other than at its head: `EXPLAIN [ANALYZE] EXECUTE name`,
+/// `CREATE [TEMP] TABLE t AS EXECUTE name`. Their names (folded) and where they are, relative to `sql`.
+/// Names inside strings (a DO block's text) are not seen.
+pub fn executed_names(sql: &[u8], range: Range<usize>) -> Vec<(String, Range<usize>)> {
+    let statement = &sql[range.start..range.end];
+    let mut found = Vec::new();
+    let mut after_execute = false;
+    for token in token_ranges(statement) {
+        let text = &statement[token.clone()];
+        if after_execute {
+            if let Some((name, at)) = word(statement, token.start) {
+                found.push((name, range.start + at.start..range.start + at.end));
+            }
+        }
+        after_execute = text.eq_ignore_ascii_case(b"execute");
+    }
+    found
 }
 
 /// Whether a statement creates something in the session's temporary schema without saying TEMP: `pg_temp`

@@ -397,3 +397,180 @@ print(conn.execute("SELECT '2024-01-02'::date").fetchone()[0].isoformat())
     assert_eq!(direct, "ISO, DMY|Europe/Rome|UTF8\n2024-01-02\n");
     assert_eq!(run(gw.addr.port()), direct);
 }
+
+/// What a session is, as one row: identity, the settings clients change most, and a custom setting.
+const OBSERVE: &str = "SELECT concat_ws('|', session_user, current_user, current_setting('role'), \
+    current_setting('search_path'), current_setting('work_mem'), current_setting('DateStyle'), \
+    current_setting('TimeZone'), current_setting('application_name'), \
+    COALESCE(current_setting('app.tenant', true), ''), current_setting('default_transaction_read_only'), \
+    current_setting('statement_timeout'))";
+
+/// One random step of a session: a statement from the ways clients change their session.
+fn random_statement(rng: &mut impl rand::Rng, roles: &[String], client: usize) -> String {
+    let n = rng.random_range(1..10);
+    let role = &roles[rng.random_range(0..roles.len())];
+    let pick = |rng: &mut dyn rand::RngCore, options: &[&str]| {
+        options[rand::Rng::random_range(rng, 0..options.len())].to_string()
+    };
+    match rng.random_range(0..29) {
+        0 => format!("SET work_mem = '{n}MB'"),
+        1 => pick(
+            rng,
+            &[
+                "SET search_path = public",
+                "SET search_path = pg_catalog, public",
+                "SET SCHEMA 'pg_catalog'",
+            ],
+        ),
+        2 => pick(
+            rng,
+            &[
+                "SET datestyle = 'SQL, DMY'",
+                "SET datestyle TO iso",
+                "SET datestyle TO ymd",
+                "SET datestyle = German",
+            ],
+        ),
+        3 => pick(
+            rng,
+            &[
+                "SET TIME ZONE 'Europe/Rome'",
+                "SET timezone = 'UTC'",
+                "SET TIME ZONE LOCAL",
+            ],
+        ),
+        4 => format!("SET application_name = 'app{n}'"),
+        5 => pick(
+            rng,
+            &[
+                "RESET work_mem",
+                "RESET search_path",
+                "RESET datestyle",
+                "SET work_mem TO DEFAULT",
+            ],
+        ),
+        6 => "RESET ALL".into(),
+        7 => format!("SET SESSION AUTHORIZATION {role}"),
+        8 => pick(
+            rng,
+            &[
+                "RESET SESSION AUTHORIZATION",
+                "SET SESSION AUTHORIZATION postgres",
+                "SET SESSION AUTHORIZATION DEFAULT",
+            ],
+        ),
+        9 => format!("SET ROLE {role}"),
+        10 => pick(rng, &["RESET ROLE", "SET ROLE NONE"]),
+        11 => format!("SELECT set_config('work_mem', '{n}MB', false)"),
+        12 => format!("SELECT set_config('app.tenant', '{n}', false)"),
+        13 => format!("SELECT set_config('app.tenant', '{n}', true)"),
+        14 => "SELECT * FROM set_config('search_path', 'pg_catalog', false)".into(),
+        15 => format!("BEGIN; SET work_mem = '{n}MB'; ROLLBACK"),
+        16 => format!("BEGIN; SET LOCAL work_mem = '{n}MB'; COMMIT"),
+        17 => format!("BEGIN; SET statement_timeout = '{n}s'; COMMIT"),
+        18 => format!("SET work_mem = '{n}MB'; SELECT 1/0"),
+        19 => "BEGIN; RESET ALL; ROLLBACK".into(),
+        20 => pick(
+            rng,
+            &[
+                "SET default_transaction_read_only = on",
+                "RESET default_transaction_read_only",
+            ],
+        ),
+        21 => "RESET app.tenant".into(),
+        22 => format!("BEGIN; SET SESSION AUTHORIZATION {role}; COMMIT"),
+        23 => format!("PREPARE c{client}_{n} AS SELECT {n}"),
+        24 => format!("EXECUTE c{client}_{n}"),
+        25 => format!("EXPLAIN (COSTS OFF) EXECUTE c{client}_{n}"),
+        26 => format!("SELECT 1 FROM (SELECT 1) t WHERE EXECUTE c{client}_{n}"),
+        // Through the extended protocol (see `run`).
+        27 => format!("extended:app.tenant:{n}"),
+        _ => format!("DEALLOCATE c{client}_{n}"),
+    }
+}
+
+/// Runs one step: a simple query, or `extended:NAME:VALUE`, `set_config` with bound parameters.
+async fn run(client: &Client, sql: &str) -> Result<(), tokio_postgres::Error> {
+    match sql.strip_prefix("extended:") {
+        Some(rest) => {
+            let (name, value) = rest.split_once(':').expect("extended:NAME:VALUE");
+            client
+                .query("SELECT set_config($1, $2, false)", &[&name, &value])
+                .await
+                .map(|_| ())
+        }
+        None => client.simple_query(sql).await.map(|_| ()),
+    }
+}
+
+/// The general property: clients sharing one server connection, each changing its identity and settings
+/// at random, are each at every step exactly where a direct session that received the same statements is.
+/// `ISOLATION_SEED` picks another sequence; `ISOLATION_STEPS` a longer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_sessions_sharing_a_server_connection_match_direct_sessions() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("ISOLATION_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(18);
+    let steps: usize = std::env::var("ISOLATION_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(400);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let gw = superuser_gateway("iso_property", "pool: { size: 1 }\n").await;
+    let admin = common::direct(&gw.database).await;
+    let mut roles = Vec::new();
+    for name in ["alice", "bob", "carol"] {
+        roles.push(role(&admin, &gw.database, name).await);
+    }
+    // alice may become bob; carol is no one's.
+    admin
+        .batch_execute(&format!("GRANT {} TO {}", roles[1], roles[0]))
+        .await
+        .unwrap();
+    let options = [
+        "",
+        "-c work_mem=7MB -c search_path=pg_catalog",
+        "-c DateStyle=SQL,DMY -c TimeZone=Asia/Tokyo -c app.tenant=3",
+    ];
+    let mut clients = Vec::new();
+    for option in options {
+        clients.push((
+            connect(&through(&gw, option)).await,
+            connect(&direct_to(&gw.database, option)).await,
+        ));
+    }
+    for step in 0..steps {
+        let i = rng.random_range(0..clients.len());
+        if rng.random_range(0..40) == 0 {
+            clients[i] = (
+                connect(&through(&gw, options[i])).await,
+                connect(&direct_to(&gw.database, options[i])).await,
+            );
+            continue;
+        }
+        let sql = random_statement(&mut rng, &roles, i);
+        let (through_gateway, direct) = &clients[i];
+        // The whole error: SQLSTATE, message (statement names as the client wrote them) and position.
+        let outcome = |result: Result<(), tokio_postgres::Error>| match result {
+            Ok(()) => "ok".to_string(),
+            Err(error) => match error.as_db_error() {
+                Some(db) => format!("{} {} {:?}", db.code().code(), db.message(), db.position()),
+                None => format!("{error:?}"),
+            },
+        };
+        let got = outcome(run(through_gateway, &sql).await);
+        let expected = outcome(run(direct, &sql).await);
+        assert_eq!(
+            got, expected,
+            "step {step} (seed {seed}), client {i}: {sql}"
+        );
+        let got = one(through_gateway, OBSERVE).await;
+        let expected = one(direct, OBSERVE).await;
+        assert_eq!(
+            got, expected,
+            "step {step} (seed {seed}), client {i}, after: {sql}"
+        );
+    }
+}

@@ -163,6 +163,32 @@ enum Own {
     Restore,
 }
 
+/// A name the gateway put in place of the client's, in a Query it rewrote, in characters: where the client's
+/// was, how long it was, and how long the replacement is (for error positions).
+#[derive(Clone, Copy, Debug, Default)]
+struct Shift {
+    at: usize,
+    was: usize,
+    now: usize,
+}
+
+/// An error position (1-based, in characters) in a rewritten Query, as a position in the client's text.
+fn unshift(position: usize, shifts: &[Shift]) -> usize {
+    let mut moved: isize = 0;
+    let zero_based = position.saturating_sub(1) as isize;
+    for shift in shifts {
+        let start = shift.at as isize + moved;
+        if zero_based < start {
+            break;
+        }
+        if zero_based < start + shift.now as isize {
+            return shift.at + 1; // inside the replacement: the client's name starts here
+        }
+        moved += shift.now as isize - shift.was as isize;
+    }
+    (zero_based - moved).max(0) as usize + 1
+}
+
 /// A request whose answer is still to come, in the order the server will answer.
 enum Pending {
     /// A Parse: answered by ParseComplete (or skipped after an error). `name` is the server-side statement it
@@ -180,6 +206,8 @@ enum Pending {
         failed: bool,
         /// Settings the client's request resets.
         reset: Reset,
+        /// Names the gateway replaced in the client's Query.
+        shifts: Vec<Shift>,
     },
 }
 
@@ -191,6 +219,7 @@ impl Pending {
             simple,
             failed: false,
             reset,
+            shifts: Vec::new(),
         }
     }
 
@@ -201,6 +230,7 @@ impl Pending {
             simple: true,
             failed: false,
             reset: Reset::Nothing,
+            shifts: Vec::new(),
         }
     }
 
@@ -796,9 +826,30 @@ impl Session {
                 self.touched(&touch);
                 reset.add(touch.reset);
             }
+            if !self.sql_prepared.is_empty()
+                && !matches!(
+                    kind,
+                    Kind::Execute { .. } | Kind::Prepare { .. } | Kind::Deallocate { .. }
+                )
+            {
+                // EXPLAIN EXECUTE p, CREATE TABLE t AS EXECUTE p.
+                for (name, at) in sql::executed_names(text, range.clone()) {
+                    if let Some(prepared) = self.sql_prepared.get(&name).cloned() {
+                        self.ensure_sql_prepared(&prepared);
+                        rewrites.push((at, prepared.server_name.clone()));
+                    }
+                }
+            }
             match kind {
                 Kind::Other | Kind::Set { .. } | Kind::Reset { .. } | Kind::SetConfig { .. } => {}
                 Kind::Pin(reason) => self.pin(reason),
+                Kind::Prepare { name, at } if self.sql_prepared.contains_key(&name) => {
+                    // PostgreSQL refuses a second PREPARE of a name with 42P05 and keeps the first: let the
+                    // server say so, under the name the first has there.
+                    let existing = self.sql_prepared[&name].clone();
+                    self.ensure_sql_prepared(&existing);
+                    rewrites.push((at, existing.server_name.clone()));
+                }
                 Kind::Prepare { name, at } => {
                     let server_name: Arc<str> = self.shared.statement_names.fresh("q").into();
                     let mut prepare =
@@ -834,20 +885,32 @@ impl Session {
                 Kind::DiscardAll => self.forget_prepared_statements(),
             }
         }
+        let mut request = Pending::client(true, reset);
         if rewrites.is_empty() {
             self.to_server.extend_from_slice(message);
         } else {
+            rewrites.sort_by_key(|(range, _)| range.start);
             let mut rewritten = Vec::with_capacity(text.len() + 16);
             let mut at = 0;
+            let mut shifts = Vec::with_capacity(rewrites.len());
+            let chars = |bytes: &[u8]| String::from_utf8_lossy(bytes).chars().count();
             for (range, name) in &rewrites {
+                shifts.push(Shift {
+                    at: chars(&text[..range.start]),
+                    was: chars(&text[range.clone()]),
+                    now: name.chars().count(),
+                });
                 rewritten.extend_from_slice(&text[at..range.start]);
                 rewritten.extend_from_slice(name.as_bytes());
                 at = range.end;
             }
             rewritten.extend_from_slice(&text[at..]);
             protocol::query(&mut self.to_server, &String::from_utf8_lossy(&rewritten));
+            if let Pending::Ready { shifts: s, .. } = &mut request {
+                *s = shifts;
+            }
         }
-        self.pending.push_back(Pending::client(true, reset));
+        self.pending.push_back(request);
         Ok(())
     }
 
@@ -1779,7 +1842,53 @@ impl Session {
             .encode(&mut out);
             return Action::Replace(out.freeze());
         }
+        if memchr::memmem::find(body, b"__rg_").is_some() || self.front_shifts().is_some() {
+            // Say it in the client's words: its statement names, and positions in the text it sent.
+            let shifts = self.front_shifts().cloned().unwrap_or_default();
+            let replaced = protocol::map_error(
+                body,
+                |text| self.client_names(text),
+                |position| unshift(position, &shifts),
+            );
+            return Action::Replace(replaced.freeze());
+        }
         Action::Forward
+    }
+
+    /// How the gateway's renaming moved text in the client's request being answered.
+    fn front_shifts(&self) -> Option<&Vec<Shift>> {
+        match self.pending.front() {
+            Some(Pending::Ready { shifts, .. }) if !shifts.is_empty() => Some(shifts),
+            _ => None,
+        }
+    }
+
+    /// `text` with the server-side names of this client's prepared statements put back as the client's.
+    fn client_names(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(at) = rest.find("__rg_") {
+            out.push_str(&rest[..at]);
+            let end = rest[at..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(rest.len(), |n| at + n);
+            let server = &rest[at..end];
+            let client = self
+                .sql_prepared
+                .iter()
+                .find(|(_, p)| &*p.server_name == server)
+                .map(|(name, _)| name.clone())
+                .or_else(|| {
+                    self.statements
+                        .iter()
+                        .find(|(_, s)| &*s.server_name == server)
+                        .map(|(name, _)| String::from_utf8_lossy(name).into_owned())
+                });
+            out.push_str(client.as_deref().unwrap_or(server));
+            rest = &rest[end..];
+        }
+        out.push_str(rest);
+        out
     }
 
     fn forget_server_statement(&mut self, name: Option<Arc<str>>) {
