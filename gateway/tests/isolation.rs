@@ -574,3 +574,44 @@ async fn random_sessions_sharing_a_server_connection_match_direct_sessions() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_rows_follow_the_search_path_set_with_set_config() {
+    let gw = superuser_gateway("iso_batch_path", "batching:\n  tables: [events]\n").await;
+    let admin = common::direct(&gw.database).await;
+    admin
+        .batch_execute(
+            "CREATE SCHEMA myschema; CREATE TABLE public.events (x int); CREATE TABLE myschema.events (x int)",
+        )
+        .await
+        .unwrap();
+    let client = connect(&through(&gw, "")).await;
+    one(
+        &client,
+        "SELECT set_config('search_path', 'myschema', false)",
+    )
+    .await;
+    for x in 0..5 {
+        client
+            .simple_query(&format!("INSERT INTO events VALUES ({x})"))
+            .await
+            .unwrap();
+    }
+    let count = |table: &'static str| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(count("myschema.events").await, 5);
+    assert_eq!(count("public.events").await, 0);
+    let batched = regiongate::metrics::METRICS
+        .batched_rows
+        .with_label_values(&["events", "committed"])
+        .get();
+    assert!(batched >= 5, "the rows went through batching: {batched}");
+}

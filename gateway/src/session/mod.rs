@@ -306,6 +306,8 @@ struct Session {
     capture_rows: Vec<Vec<Option<String>>>,
     /// A capture failed: what the session's settings are is unknown, so it cannot go on.
     settings_lost: bool,
+    /// A capture was sent: the client's next message waits for the connection's release.
+    capturing: bool,
     /// Custom settings the client named (a capture asks for them).
     custom_settings: std::collections::BTreeSet<String>,
     /// The session's settings right after login: what RESET returns to.
@@ -472,6 +474,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         settings_touched: false,
         capture_rows: Vec::new(),
         settings_lost: false,
+        capturing: false,
         custom_settings: login.reset.custom_names().cloned().collect(),
         reset_values: login.reset.clone(),
         status: b'I',
@@ -673,7 +676,9 @@ impl Session {
                 self.client_skip -= n;
                 continue;
             }
-            if self.to_server.len() >= HIGH_WATER || self.reads.draining {
+            // While the session's settings are read back, its next request waits: it is decided (routed,
+            // batched) with them, after the connection is released.
+            if self.to_server.len() >= HIGH_WATER || self.reads.draining || self.capturing {
                 return Ok(Progress::Idle);
             }
             let (tag, len) = match protocol::peek_header(&self.from_client) {
@@ -1392,6 +1397,7 @@ impl Session {
             return false;
         }
         let discard = self.conn().discard;
+        self.capturing = false;
         self.handle.entry.set_server(None);
         self.route = None;
         self.reads.draining = false;
@@ -1417,6 +1423,7 @@ impl Session {
         let sql = crate::settings::capture_sql(custom);
         self.capture_rows.clear();
         self.send_own_query(&sql, Own::Capture);
+        self.capturing = true;
         true
     }
 
@@ -1452,6 +1459,7 @@ impl Session {
         self.lease = None;
         self.route = None;
         self.reads.draining = false;
+        self.capturing = false;
         self.handle.entry.set_server(None);
         self.server_skip = 0;
         self.to_server.clear();
