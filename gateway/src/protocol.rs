@@ -155,6 +155,10 @@ pub fn query(out: &mut BytesMut, sql: &str) {
     finish(out, at);
 }
 
+pub fn sync(out: &mut BytesMut) {
+    out.put_slice(&[b'S', 0, 0, 0, 4]);
+}
+
 pub fn terminate(out: &mut BytesMut) {
     out.put_slice(&[b'X', 0, 0, 0, 4]);
 }

@@ -281,6 +281,15 @@ pub fn plainly_other(shape: &crate::fingerprint::ShapeId) -> bool {
     !shape.several && !shape.watched && !HEADS.contains(&shape.head)
 }
 
+/// Whether a Query, by its first word, may change what prepared statements mean: ALTER and DROP (a column
+/// type changed, a type dropped and created again). CREATE OR REPLACE starts with CREATE and is caught by
+/// the server's own error instead (see the session's `stale_statement`).
+pub fn changes_schema(shape: &crate::fingerprint::ShapeId) -> bool {
+    const ALTER: crate::fingerprint::Head = crate::fingerprint::Head::of(b"alter");
+    const DROP: crate::fingerprint::Head = crate::fingerprint::Head::of(b"drop");
+    shape.head == ALTER || shape.head == DROP
+}
+
 /// Classifies one statement (a range from [`split`]); ranges in the result are relative to `sql`.
 pub fn classify(sql: &[u8], range: Range<usize>) -> Kind {
     let text = &sql[..range.end];

@@ -615,3 +615,179 @@ async fn batched_rows_follow_the_search_path_set_with_set_config() {
         .get();
     assert!(batched >= 5, "the rows went through batching: {batched}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_and_deallocated_statements_are_freed_on_the_server() {
+    let gw = superuser_gateway("iso_close", "pool: { size: 1 }\n").await;
+    let client = connect(&through(&gw, "")).await;
+    // tokio-postgres closes a statement when it is dropped.
+    for i in 0..300 {
+        let statement = client.prepare(&format!("SELECT {i}")).await.unwrap();
+        client.query(&statement, &[]).await.unwrap();
+    }
+    let held: i64 = client
+        .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(held < 10, "the server still holds {held} statements");
+    // DEALLOCATE in SQL of a statement prepared with the protocol (libpq before 17 evicts so).
+    let fresh = connect(&through(&gw, "")).await;
+    let kept = fresh.prepare("SELECT 'kept'").await.unwrap();
+    fresh.query(&kept, &[]).await.unwrap();
+    // tokio-postgres shows the statement's name only in its Debug form.
+    let debug = format!("{kept:?}");
+    let name = debug
+        .split("name: \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a statement name");
+    let other = connect(&through(&gw, "")).await;
+    other.simple_query("SELECT 1").await.unwrap(); // the statement may be anywhere now
+    fresh
+        .batch_execute(&format!("DEALLOCATE {name}"))
+        .await
+        .expect("PostgreSQL deallocates a protocol-level statement by name");
+    let gone = fresh.query(&kept, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&gone), "26000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_prepared_statements_run_wherever_postgresql_runs_them() {
+    let gw = superuser_gateway("iso_execute", "pool: { size: 2 }\n").await;
+    let a = connect(&through(&gw, "")).await;
+    let b = connect(&through(&gw, "")).await;
+    a.batch_execute("PREPARE s1 AS SELECT 41 + 1 AS answer")
+        .await
+        .unwrap();
+    b.batch_execute("PREPARE s1 AS SELECT 'b'").await.unwrap();
+    let plan = one(&a, "EXPLAIN (COSTS OFF) EXECUTE s1").await;
+    assert!(plan.contains("Result"), "{plan}");
+    a.batch_execute("CREATE TEMP TABLE t AS EXECUTE s1")
+        .await
+        .unwrap();
+    assert_eq!(one(&a, "SELECT answer::text FROM t").await, "42");
+    // EXECUTE through the extended protocol (drivers that prepare everything, psql's \gdesc).
+    let row = a.query_one("EXECUTE s1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    // PostgreSQL's own answers: a duplicate is 42P05 in the client's words, and the first one stays.
+    let duplicate = a.simple_query("PREPARE s1 AS SELECT 0").await.unwrap_err();
+    assert_eq!(sqlstate(&duplicate), "42P05");
+    assert_eq!(
+        duplicate.as_db_error().unwrap().message(),
+        "prepared statement \"s1\" already exists"
+    );
+    assert_eq!(one(&a, "EXECUTE s1").await, "42");
+    let missing = b.simple_query("SELECT 1; EXECUTE nope").await.unwrap_err();
+    assert_eq!(
+        missing.as_db_error().unwrap().message(),
+        "prepared statement \"nope\" does not exist"
+    );
+    // An error's position points into the text the client sent, not the renamed one.
+    let error = b
+        .simple_query("EXECUTE s1; SELECT nosuchcolumn")
+        .await
+        .unwrap_err();
+    let direct = connect(&direct_to(&gw.database, "")).await;
+    direct
+        .batch_execute("PREPARE s1 AS SELECT 'b'")
+        .await
+        .unwrap();
+    let expected = direct
+        .simple_query("EXECUTE s1; SELECT nosuchcolumn")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.as_db_error().unwrap().position(),
+        expected.as_db_error().unwrap().position()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_prepared_after_a_schema_change_see_the_new_schema() {
+    let gw = superuser_gateway("iso_schema", "pool: { size: 1 }\n").await;
+    let first = connect(&through(&gw, "")).await;
+    first
+        .batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let before = first.prepare("SELECT * FROM t").await.unwrap();
+    first.query(&before, &[]).await.unwrap();
+    // Through the gateway.
+    first
+        .batch_execute("ALTER TABLE t ADD COLUMN y int DEFAULT 2")
+        .await
+        .unwrap();
+    let second = connect(&through(&gw, "")).await;
+    let rows = second.query("SELECT * FROM t", &[]).await.unwrap();
+    assert_eq!(rows[0].len(), 2);
+    // Behind the gateway's back: the statement fails once, as a direct one prepared before would, and is
+    // prepared anew after that.
+    let admin = common::direct(&gw.database).await;
+    admin
+        .batch_execute("ALTER TABLE t ADD COLUMN z int DEFAULT 3")
+        .await
+        .unwrap();
+    let third = connect(&through(&gw, "")).await;
+    let rows = match third.query("SELECT * FROM t", &[]).await {
+        Ok(rows) => rows,
+        Err(error) => {
+            assert_eq!(sqlstate(&error), "0A000", "{error:?}");
+            third.query("SELECT * FROM t", &[]).await.unwrap()
+        }
+    };
+    assert_eq!(rows[0].len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_mid_query_has_its_query_cancelled_on_the_server() {
+    let gw = superuser_gateway("iso_gone", "pool: { size: 2 }\n").await;
+    let admin = common::direct(&gw.database).await;
+    admin
+        .batch_execute("CREATE TABLE locked (x int); INSERT INTO locked VALUES (1)")
+        .await
+        .unwrap();
+    let (client, connection) = tokio_postgres::connect(&through(&gw, ""), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute("BEGIN; UPDATE locked SET x = 2")
+        .await
+        .unwrap();
+    let sleeping = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(20)").await });
+    let running = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)' AND state = 'active'";
+    assert!(
+        common::eventually(std::time::Duration::from_secs(5), || async {
+            admin
+                .query_one(running, &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        })
+        .await
+    );
+    // The client dies: its socket closes.
+    driver.abort();
+    sleeping.abort();
+    let started = std::time::Instant::now();
+    assert!(
+        common::eventually(std::time::Duration::from_secs(5), || async {
+            admin
+                .query_one(running, &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 0
+        })
+        .await,
+        "the query ran on after its client was gone"
+    );
+    // Its row lock went with it.
+    admin
+        .batch_execute("SET lock_timeout = '2s'; UPDATE locked SET x = 3")
+        .await
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}

@@ -80,6 +80,14 @@ impl StatementNames {
         name
     }
 
+    /// After a schema change (or the server saying a statement's result type changed), statements are
+    /// prepared anew under fresh names: one prepared before it may no longer describe what its text means
+    /// now ("cached plan must not change result type"), and a client preparing that text now must get what a
+    /// direct connection would. Old names stay valid for the clients that prepared them, as on one backend.
+    fn forget_all(&self) {
+        self.names.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// A name no server connection has seen.
     fn fresh(&self, kind: &str) -> String {
         format!("__rg_{kind}{}", self.next.fetch_add(1, Ordering::Relaxed))
@@ -816,6 +824,9 @@ impl Session {
         text: &[u8],
         shape: crate::fingerprint::ShapeId,
     ) -> Result<(), PgError> {
+        if sql::changes_schema(&shape) {
+            self.shared.statement_names.forget_all();
+        }
         if sql::plainly_other(&shape) {
             // Most queries: nothing in them for the session to track.
             self.to_server.extend_from_slice(message);
@@ -884,6 +895,9 @@ impl Session {
                         self.ensure_sql_prepared(&prepared);
                         self.conn().prepared.remove(&prepared.server_name);
                         rewrites.push((at, prepared.server_name.clone()));
+                    } else if let Some(server_name) = self.deallocate_protocol_statement(&name) {
+                        // A protocol-level statement deallocated in SQL (libpq before 17 evicts this way).
+                        rewrites.push((at, server_name));
                     }
                 }
                 Kind::Deallocate { name: None } => self.forget_prepared_statements(),
@@ -927,6 +941,31 @@ impl Session {
                 self.custom_settings.insert(name.clone());
             }
         }
+    }
+
+    /// `DEALLOCATE name` of a protocol-level statement: the client forgets it, and the server-side name to
+    /// deallocate instead, made to exist on this connection first (a Parse and Sync of the gateway's own), as
+    /// PostgreSQL would find it. None when the client has no such statement, or mid-exchange.
+    fn deallocate_protocol_statement(&mut self, name: &str) -> Option<Arc<str>> {
+        if self.in_exchange || !self.statements.contains_key(name.as_bytes()) {
+            return None;
+        }
+        let statement = self.statements.remove(name.as_bytes())?;
+        let conn = self.conn();
+        if !conn.prepared.remove(&statement.server_name) {
+            protocol::parse_renamed(
+                &mut self.to_server,
+                statement.server_name.as_bytes(),
+                &statement.parse_rest,
+            );
+            protocol::sync(&mut self.to_server);
+            self.pending.push_back(Pending::Parse {
+                swallow: true,
+                name: None,
+            });
+            self.pending.push_back(Pending::own(Own::Plain));
+        }
+        Some(statement.server_name.clone())
     }
 
     /// Runs a SQL-level PREPARE first on a server connection that lacks it (its answers swallowed).
@@ -1011,12 +1050,22 @@ impl Session {
         let body = protocol::body(&message);
         let (name, rest) =
             protocol::cstr(body).ok_or_else(|| PgError::fatal("08P01", "invalid Parse message"))?;
-        let statement = self.new_statement(name, message.slice_ref(rest));
+        let renamed = self.sql_prepared_in_parse(rest);
+        let rest: &[u8] = renamed.as_deref().unwrap_or(rest);
+        let rest_bytes = match &renamed {
+            Some(renamed) => renamed.clone(),
+            None => message.slice_ref(rest),
+        };
+        let statement = self.new_statement(name, rest_bytes);
         self.in_exchange = true;
         if name.is_empty() {
             self.unnamed = Some(statement);
             self.conn().unnamed_valid = true;
-            self.to_server.extend_from_slice(&message);
+            if renamed.is_some() {
+                protocol::parse_renamed(&mut self.to_server, b"", rest);
+            } else {
+                self.to_server.extend_from_slice(&message);
+            }
             self.pending.push_back(Pending::Parse {
                 swallow: false,
                 name: None,
@@ -1045,6 +1094,36 @@ impl Session {
             });
         }
         Ok(())
+    }
+
+    /// A Parse whose text runs a SQL-level prepared statement of this client (`EXECUTE p`, as drivers that
+    /// prepare everything send it): the Parse body with the server-side name, the statement made ready on
+    /// this connection, and the client pinned to it (the name lives there). None when there is no such name.
+    fn sql_prepared_in_parse(&mut self, rest: &[u8]) -> Option<Bytes> {
+        if self.sql_prepared.is_empty() {
+            return None;
+        }
+        let (text, after) = protocol::cstr(rest)?;
+        let range = sql::split(text).next()?;
+        let mut names = sql::executed_names(text, range);
+        names.retain(|(name, _)| self.sql_prepared.contains_key(name));
+        if names.is_empty() {
+            return None;
+        }
+        let mut renamed = BytesMut::with_capacity(rest.len() + 16);
+        let mut at = 0;
+        for (name, range) in names {
+            let prepared = self.sql_prepared[&name].clone();
+            self.ensure_sql_prepared(&prepared);
+            renamed.extend_from_slice(&text[at..range.start]);
+            renamed.extend_from_slice(prepared.server_name.as_bytes());
+            at = range.end;
+        }
+        renamed.extend_from_slice(&text[at..]);
+        renamed.extend_from_slice(b"\0");
+        renamed.extend_from_slice(after);
+        self.pin("SQL-level PREPARE/EXECUTE through the extended protocol");
+        Some(renamed.freeze())
     }
 
     /// Bind and Describe name a statement: prepare it on this server connection if it lacks it, and use the
@@ -1193,12 +1272,25 @@ impl Session {
             if name.is_empty() {
                 self.unnamed = None;
                 self.conn().unnamed_valid = false;
-            } else {
-                // The server-side statement is shared with other clients: keep it. Forwarding the Close with
-                // the client's name (never a server-side name) still yields the CloseComplete in its place.
-                self.statements.remove(name);
+            } else if let Some(statement) = self.statements.remove(name) {
+                // Close it on the server too, so that a session preparing and closing statements does not
+                // grow the server's memory. Another client that shares it prepares it again when it needs it.
+                let conn = self.conn();
+                if conn.prepared.remove(&statement.server_name) {
+                    protocol::renamed(
+                        &mut self.to_server,
+                        b'C',
+                        b"S",
+                        statement.server_name.as_bytes(),
+                        b"",
+                    );
+                    self.in_exchange = true;
+                    return Ok(());
+                }
             }
         }
+        // Not on this server connection: closing a name that does not exist still yields the CloseComplete
+        // the client expects.
         self.to_server.extend_from_slice(&message);
         self.in_exchange = true;
         Ok(())
@@ -1527,6 +1619,25 @@ impl Session {
             || !lease.conn().read_buf.is_empty()
             || lease.conn().discard;
         if busy {
+            if !self.pending.is_empty() && !lease.conn().discard {
+                // A request is running for a client that is gone: stop it now rather than when the server
+                // next writes to the closed socket (a pg_sleep holding row locks would run on). The closed
+                // connection then ends the backend, which rolls its transaction back.
+                let conn = lease.conn();
+                let target = ServerTarget {
+                    addr: conn.addr,
+                    pid: conn.pid,
+                    secret: conn.secret,
+                };
+                tracing::info!(
+                    server_pid = target.pid,
+                    "client left mid-request: cancelling it on the server"
+                );
+                tokio::spawn(async move {
+                    crate::clients::cancel_server(target).await;
+                    drop(lease);
+                });
+            }
             return; // dropping the lease closes the connection
         }
         if self.status == b'I' && self.pinned.is_none() && !self.settings_touched {
@@ -1850,6 +1961,12 @@ impl Session {
             .encode(&mut out);
             return Action::Replace(out.freeze());
         }
+        if stale_statement(body) {
+            tracing::info!(
+                "a prepared statement's result type changed: statements are prepared anew"
+            );
+            self.shared.statement_names.forget_all();
+        }
         if memchr::memmem::find(body, b"__rg_").is_some() || self.front_shifts().is_some() {
             // Say it in the client's words: its statement names, and positions in the text it sent.
             let shifts = self.front_shifts().cloned().unwrap_or_default();
@@ -2150,6 +2267,13 @@ fn statement_effect(text: &[u8]) -> StatementEffect {
         }
         kind => touch_of(&kind).map_or(StatementEffect::None, StatementEffect::Change),
     }
+}
+
+/// Whether an error says a prepared statement no longer matches the schema.
+fn stale_statement(body: &[u8]) -> bool {
+    let (code, message) = protocol::error_fields(body);
+    (code == "0A000" && message.starts_with("cached plan must not change result type"))
+        || (code == "XX000" && message.starts_with("cache lookup failed for type"))
 }
 
 /// What a statement of this kind may do to the session's settings, if anything.
