@@ -92,8 +92,9 @@ impl Drop for ClientHandle {
 }
 
 impl Clients {
-    /// Registers a new client under a fresh random cancel key.
-    pub fn register(self: &Arc<Self>, info: ClientInfo) -> ClientHandle {
+    /// Registers a new client under a fresh random cancel key: a random pid, or the pid of the backend it
+    /// holds for its whole session (session pool mode), and always a random secret.
+    pub fn register(self: &Arc<Self>, backend_pid: Option<i32>, info: ClientInfo) -> ClientHandle {
         let entry = Arc::new(ClientEntry {
             addr: info.addr,
             user: info.user,
@@ -106,7 +107,7 @@ impl Clients {
         });
         let mut clients = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let pid = rand::random::<i32>() & i32::MAX;
+            let pid = backend_pid.unwrap_or_else(|| rand::random::<i32>() & i32::MAX);
             let secret = rand::random::<i32>();
             if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry((pid, secret)) {
                 slot.insert(entry.clone());

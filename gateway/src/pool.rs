@@ -563,6 +563,11 @@ impl Lease {
         &self.pool
     }
 
+    /// The server's process id for this connection.
+    pub fn pid(&self) -> i32 {
+        self.conn.as_ref().map_or(0, |conn| conn.pid)
+    }
+
     /// Returns the connection to the pool; the caller vouches that it is idle ('I') and clean.
     pub fn release(self) {
         self.release_at(Instant::now());

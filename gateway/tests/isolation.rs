@@ -791,3 +791,54 @@ async fn a_client_gone_mid_query_has_its_query_cancelled_on_the_server() {
         .unwrap();
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
+
+#[test]
+fn session_mode_gives_the_client_its_backend_and_the_backends_fatal() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let gw = runtime.block_on(superuser_gateway(
+        "iso_session_pid",
+        "pool: { mode: session, size: 3 }\n",
+    ));
+    let script = r#"
+import sys, threading, time, psycopg
+dsn = sys.argv[1]
+conn = psycopg.connect(dsn, autocommit=True)
+pid = conn.info.backend_pid
+print(conn.execute("SELECT pg_backend_pid()").fetchone()[0] == pid)
+# The client's cancel key reaches its query.
+threading.Timer(0.5, conn.cancel).start()
+try:
+    conn.execute("SELECT pg_sleep(10)")
+    print("not cancelled")
+except psycopg.Error as e:
+    print(e.sqlstate)
+# Another session ends this backend by the pid the client was given.
+other = psycopg.connect(dsn, autocommit=True)
+print(other.execute("SELECT pg_terminate_backend(%s)", [pid]).fetchone()[0])
+time.sleep(0.2)
+try:
+    conn.execute("SELECT 1")
+    print("still alive")
+except psycopg.Error as e:
+    print(e.sqlstate)
+"#;
+    let output = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres password={} dbname={}",
+            gw.addr.port(),
+            testbed::SUPERUSER_PASSWORD,
+            gw.database
+        ))
+        .output()
+        .expect("python3 with psycopg (pip install 'psycopg[binary]')");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "True\n57014\nTrue\n57P01\n"
+    );
+}

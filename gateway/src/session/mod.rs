@@ -267,6 +267,8 @@ enum Progress {
 enum End {
     /// Client disconnected or terminated.
     Client,
+    /// The server ended the session's backend and the client was sent its FATAL (still to be written).
+    Backend,
     /// The client is told this, then the connection closes.
     Fatal(PgError),
 }
@@ -316,6 +318,8 @@ struct Session {
     settings_lost: bool,
     /// A capture was sent: the client's next message waits for the connection's release.
     capturing: bool,
+    /// The server's FATAL went to the client: the session ends with it, quietly.
+    fatal_forwarded: bool,
     /// Custom settings the client named (a capture asks for them).
     custom_settings: std::collections::BTreeSet<String>,
     /// The session's settings right after login: what RESET returns to.
@@ -423,17 +427,34 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             return refuse(client, StartupError::Refused(error)).await;
         }
     };
-    let handle = shared.clients.register(ClientInfo {
-        addr: peer,
-        user: startup.user.clone(),
-        database: startup.database.clone(),
-        application_name: startup
-            .parameters
-            .iter()
-            .find(|(k, _)| k == "application_name")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default(),
-    });
+    // Session mode is one client, one backend, from the start: the client gets the backend's own pid (with a
+    // secret of the gateway's), so that pg_terminate_backend, NOTIFY's sender pid and the like match.
+    let session_lease = if pool.config().mode == PoolMode::Session {
+        match pool.checkout().await {
+            Ok(lease) => Some(lease),
+            Err(mut error) => {
+                error.severity = "FATAL";
+                return refuse(client, StartupError::Refused(error)).await;
+            }
+        }
+    } else {
+        None
+    };
+    let backend_pid = session_lease.as_ref().map(|lease| lease.pid());
+    let handle = shared.clients.register(
+        backend_pid,
+        ClientInfo {
+            addr: peer,
+            user: startup.user.clone(),
+            database: startup.database.clone(),
+            application_name: startup
+                .parameters
+                .iter()
+                .find(|(k, _)| k == "application_name")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default(),
+        },
+    );
     let mut hello = BytesMut::new();
     let _ = Authentication::Ok.encode(&mut hello);
     // As the server reported them with the client's parameters applied (`iso,dmy` is `ISO, DMY`).
@@ -442,9 +463,6 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     }
     protocol::backend_key_data(&mut hello, handle.pid, handle.secret);
     protocol::ready_for_query(&mut hello, b'I');
-    if client.write_all(&hello).await.is_err() || client.flush().await.is_err() {
-        return;
-    }
 
     let config = shared.config.load();
     let span = tracing::info_span!("session", client = %peer, user = %startup.user, database = %startup.database);
@@ -483,6 +501,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         capture_rows: Vec::new(),
         settings_lost: false,
         capturing: false,
+        fatal_forwarded: false,
         custom_settings: login.reset.custom_names().cloned().collect(),
         reset_values: login.reset.clone(),
         status: b'I',
@@ -509,10 +528,34 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         batched: Vec::new(),
         batch_identity: None,
     };
-    let end = session.run().instrument(span.clone()).await;
+    let end = async {
+        if let Some(mut lease) = session_lease {
+            if let Err(mut error) = session.bring_settings(&mut lease).await {
+                error.severity = "FATAL";
+                return End::Fatal(error);
+            }
+            session.take_lease(lease, Route::Primary);
+        }
+        let client = &mut session.client;
+        if client.write_all(&hello).await.is_err() || client.flush().await.is_err() {
+            return End::Client;
+        }
+        session.run().await
+    }
+    .instrument(span.clone())
+    .await;
     METRICS.client_connections.dec();
     match end {
         End::Client => span.in_scope(|| tracing::debug!("client disconnected")),
+        End::Backend => {
+            span.in_scope(|| tracing::info!("the server ended the session's backend"));
+            let (client, out) = (&mut session.client, &session.to_client);
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                client.write_all(out).await?;
+                client.flush().await
+            })
+            .await;
+        }
         End::Fatal(error) => {
             span.in_scope(|| tracing::info!(code = %error.code, reason = %error.message, "closing client connection"));
             METRICS.error_sent(&error.code);
@@ -1375,21 +1418,7 @@ impl Session {
             }
         };
         match result {
-            Ok((mut lease, route)) => {
-                let conn = lease.conn();
-                self.handle.entry.set_server(Some(ServerTarget {
-                    addr: conn.addr,
-                    pid: conn.pid,
-                    secret: conn.secret,
-                }));
-                if matches!(route, Route::Replica(_)) {
-                    self.reads.retry_input = Some(BytesMut::new());
-                }
-                self.route = Some(route);
-                self.lease = Some(lease);
-                self.send_deferred_begin();
-                METRICS.transactions.inc();
-            }
+            Ok((lease, route)) => self.take_lease(lease, route),
             Err(error) => {
                 METRICS.error_sent(&error.code);
                 error.encode(&mut self.to_client);
@@ -1402,6 +1431,23 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// The session holds a server connection (with its settings) from now on, until it is released.
+    fn take_lease(&mut self, mut lease: Lease, route: Route) {
+        let conn = lease.conn();
+        self.handle.entry.set_server(Some(ServerTarget {
+            addr: conn.addr,
+            pid: conn.pid,
+            secret: conn.secret,
+        }));
+        if matches!(route, Route::Replica(_)) {
+            self.reads.retry_input = Some(BytesMut::new());
+        }
+        self.route = Some(route);
+        self.lease = Some(lease);
+        self.send_deferred_begin();
+        METRICS.transactions.inc();
     }
 
     /// Gives a server connection this session's settings and identity, and waits for the server to confirm,
@@ -1562,6 +1608,9 @@ impl Session {
         // Settings changed since the last capture went with the connection, as the session would have.
         let settings_lost = std::mem::take(&mut self.settings_touched)
             || self.pending.iter().any(|p| p.is_own(Own::Capture));
+        if self.fatal_forwarded {
+            return Err(End::Backend);
+        }
         if self.status != b'I' || self.pinned.is_some() || settings_lost {
             let gone = if self.status != b'I' {
                 "the session's transaction is gone"
@@ -1936,6 +1985,11 @@ impl Session {
             // Our picture of this connection is wrong; do not hand it to anyone else.
             self.conn().discard = true;
             return Action::Drop;
+        }
+        if fatal && (self.status != b'I' || self.pinned.is_some()) {
+            // The session ends with its backend, as on a direct connection: the client gets the server's own
+            // FATAL (57P01 for pg_terminate_backend), and nothing after it.
+            self.fatal_forwarded = true;
         }
         if fatal && self.status == b'I' && self.pinned.is_none() {
             // The server connection is going away, but the client's session is not: tell it as an ERROR.
