@@ -252,8 +252,10 @@ impl Words<'_> {
 
 /// First words of the statements [`classify`] looks further into (`explain`: it may EXECUTE a SQL-level
 /// prepared statement, see [`executed_names`]).
-const SESSION_HEADS: [&[u8]; 10] = [
+const SESSION_HEADS: [&[u8]; 12] = [
     b"explain",
+    b"do",
+    b"call",
     b"set",
     b"reset",
     b"listen",
@@ -333,6 +335,12 @@ pub fn classify(sql: &[u8], range: Range<usize>) -> Kind {
             None => Kind::Other,
         },
         "listen" => Kind::Pin("LISTEN"),
+        // A DO block or a procedure may SET anything (SET ROLE included): the session's settings are read
+        // back after it.
+        "do" | "call" => {
+            let (names, parameters) = set_config_names(statement);
+            Kind::SetConfig { names, parameters }
+        }
         "create" => {
             if mentions(statement, b"pg_temp") && creates_in_pg_temp(statement, true) {
                 return Kind::Pin("temporary object");
@@ -520,12 +528,28 @@ fn creates_in_pg_temp(statement: &[u8], create: bool) -> bool {
     })
 }
 
+/// What is inside a dollar-quoted string token (`$$…$$`, `$tag$…$tag$`).
+fn dollar_quoted_body(token: &[u8]) -> Option<&[u8]> {
+    if token.first() != Some(&b'$') {
+        return None;
+    }
+    let tag_end = dollar_tag(token, 0)?;
+    let tag_len = tag_end;
+    (token.len() >= 2 * tag_len).then(|| &token[tag_end..token.len() - tag_len])
+}
+
 /// The setting names `set_config` calls in a statement are given: string literals (lower case), and the
 /// zero-based numbers of parameters (`$1`) whose values are names.
 fn set_config_names(statement: &[u8]) -> (Vec<String>, Vec<usize>) {
     let (mut names, mut parameters) = (Vec::new(), Vec::new());
     let mut tokens = tokens(statement).peekable();
     while let Some(token) = tokens.next() {
+        if let Some(body) = dollar_quoted_body(token) {
+            // A DO block's or a function's body: its own set_config calls.
+            let (more_names, _) = set_config_names(body);
+            names.extend(more_names);
+            continue;
+        }
         if !token.eq_ignore_ascii_case(b"set_config") || tokens.peek() != Some(&&b"("[..]) {
             continue;
         }
@@ -724,6 +748,78 @@ mod tests {
             }
         );
         assert_eq!(kinds("DISCARD ALL")[0], Kind::DiscardAll);
+        let reset = |name: &str| Kind::Reset {
+            name: Some(name.into()),
+        };
+        assert_eq!(kinds("SET work_mem TO DEFAULT")[0], reset("work_mem"));
+        assert_eq!(kinds("set work_mem = default")[0], reset("work_mem"));
+        assert_eq!(kinds("SET TIME ZONE LOCAL")[0], reset("timezone"));
+        assert_eq!(
+            kinds("SET search_path = local")[0],
+            Kind::Set {
+                name: "search_path".into()
+            }
+        );
+        assert_eq!(
+            kinds("SET ROLE bob")[0],
+            Kind::Set {
+                name: "role".into()
+            }
+        );
+    }
+
+    #[test]
+    fn set_config_is_found_wherever_it_is_called() {
+        let set_config = |names: &[&str], parameters: &[usize]| Kind::SetConfig {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            parameters: parameters.to_vec(),
+        };
+        assert_eq!(
+            kinds("SELECT set_config('App.Tenant', '1', false)")[0],
+            set_config(&["app.tenant"], &[])
+        );
+        assert_eq!(
+            kinds("select * from pg_catalog.set_config('search_path', 'x', false)")[0],
+            set_config(&["search_path"], &[])
+        );
+        assert_eq!(
+            kinds("SELECT set_config($2, $1, false)")[0],
+            set_config(&[], &[1])
+        );
+        assert_eq!(
+            kinds("DO $body$ BEGIN PERFORM set_config('app.x', '1', false); END $body$")[0],
+            set_config(&["app.x"], &[])
+        );
+        assert_eq!(kinds("CALL p()")[0], set_config(&[], &[]));
+        // Not a call: a mention in a string or a comment still looks closer, and finds no name.
+        assert_eq!(
+            kinds("SELECT 'set_config' -- set_config(")[0],
+            set_config(&[], &[])
+        );
+        assert_eq!(kinds("SELECT 1")[0], Kind::Other);
+    }
+
+    #[test]
+    fn objects_in_pg_temp_pin_and_mentions_do_not() {
+        let pin = Kind::Pin("temporary object");
+        assert_eq!(kinds("CREATE TABLE pg_temp.t (x int)")[0], pin);
+        assert_eq!(kinds("create statistics PG_TEMP.s on a, b from t")[0], pin);
+        assert_eq!(kinds("SELECT 1 AS x INTO pg_temp.t")[0], pin);
+        assert_eq!(kinds("SELECT * FROM pg_temp.t")[0], Kind::Other);
+        assert_eq!(
+            kinds("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'pg_temp%'")[0],
+            Kind::Other
+        );
+    }
+
+    #[test]
+    fn sql_level_executes_inside_other_statements_are_found() {
+        let sql = b"EXPLAIN (ANALYZE) EXECUTE s1(2); CREATE TEMP TABLE t AS EXECUTE \"S2\"";
+        let found: Vec<String> = split(sql)
+            .flat_map(|range| executed_names(sql, range))
+            .map(|(name, at)| format!("{name}@{}", String::from_utf8_lossy(&sql[at])))
+            .collect();
+        assert_eq!(found, ["s1@s1", "S2@\"S2\""]);
     }
 
     #[test]

@@ -260,6 +260,18 @@ async fn set_config_for_the_session_stays_with_its_client() {
     let region = "SELECT coalesce(current_setting('app.region', true), '')";
     assert_eq!(one(&other, region).await, "");
     assert_eq!(one(&bound, region).await, "eu");
+    // In a DO block, with SET ROLE too.
+    let block = connect(&through(&gw, "")).await;
+    block
+        .batch_execute(&format!(
+            "DO $$ BEGIN PERFORM set_config('app.tenant', '5', false); EXECUTE 'SET ROLE {low}'; END $$"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(one(&other, seen).await, "");
+    assert_eq!(one(&other, "SELECT current_user").await, "postgres");
+    assert_eq!(one(&block, seen).await, "5");
+    assert_eq!(one(&block, "SELECT current_user").await, low);
     // Transaction-local: gone at COMMIT, as directly.
     tenant
         .batch_execute("BEGIN; SELECT set_config('app.tenant', '7', true); COMMIT")
