@@ -91,14 +91,7 @@ impl PgError {
     /// An ErrorResponse body from a server, as an error to pass on or act on.
     pub fn from_server(body: &[u8]) -> PgError {
         let mut error = PgError::error("XX000", "");
-        let mut rest = body;
-        while let Some((&field, tail)) = rest.split_first() {
-            if field == 0 {
-                break;
-            }
-            let Some((value, tail)) = cstr(tail) else {
-                break;
-            };
+        for (field, value) in error_field_values(body) {
             let text = || String::from_utf8_lossy(value).into_owned();
             match field {
                 // 'V' is never localized; 'S' may be.
@@ -115,7 +108,6 @@ impl PgError {
                 b'D' => error.detail = Some(text()),
                 _ => {}
             }
-            rest = tail;
         }
         error
     }
@@ -182,24 +174,30 @@ pub fn renamed(out: &mut BytesMut, tag: u8, head: &[u8], name: &[u8], rest: &[u8
     finish(out, at);
 }
 
+/// The fields of an ErrorResponse or NoticeResponse body: (type byte, value), up to the terminator.
+pub fn error_field_values(body: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut rest = body;
+    std::iter::from_fn(move || {
+        let (&field, tail) = rest.split_first()?;
+        if field == 0 {
+            return None;
+        }
+        let (value, tail) = cstr(tail)?;
+        rest = tail;
+        Some((field, value))
+    })
+}
+
 /// The SQLSTATE and message of an ErrorResponse body, for logs and decisions.
 pub fn error_fields(body: &[u8]) -> (String, String) {
     let mut code = String::new();
     let mut message = String::new();
-    let mut rest = body;
-    while let Some((&field, tail)) = rest.split_first() {
-        if field == 0 {
-            break;
-        }
-        let Some((value, tail)) = cstr(tail) else {
-            break;
-        };
+    for (field, value) in error_field_values(body) {
         match field {
             b'C' => code = String::from_utf8_lossy(value).into_owned(),
             b'M' => message = String::from_utf8_lossy(value).into_owned(),
             _ => {}
         }
-        rest = tail;
     }
     (code, message)
 }
@@ -213,14 +211,7 @@ pub fn map_error(
 ) -> BytesMut {
     let mut out = BytesMut::with_capacity(body.len() + 32);
     let at = start(&mut out, b'E');
-    let mut rest = body;
-    while let Some((&field, tail)) = rest.split_first() {
-        if field == 0 {
-            break;
-        }
-        let Some((value, tail)) = cstr(tail) else {
-            break;
-        };
+    for (field, value) in error_field_values(body) {
         out.put_u8(field);
         let value = String::from_utf8_lossy(value);
         match field {
@@ -231,7 +222,6 @@ pub fn map_error(
             },
             _ => put_cstr(&mut out, value.as_bytes()),
         }
-        rest = tail;
     }
     out.put_u8(0);
     finish(&mut out, at);

@@ -463,15 +463,18 @@ fn mentions(text: &[u8], needle: &[u8]) -> bool {
 /// say: `advisory_lock`, `set_config` or `pg_temp`, in any letter case. The fingerprint lexer asks it of
 /// every token long enough to hold one, so it looks only where an `_` is.
 pub(crate) fn mentions_watched(text: &[u8]) -> bool {
-    // Each needle with the position of its first `_`.
-    const NEEDLES: [(&[u8], usize); 3] =
-        [(b"advisory_lock", 8), (b"set_config", 3), (b"pg_temp", 2)];
-    memchr::memchr_iter(b'_', text).any(|p| {
-        NEEDLES.iter().any(|&(needle, at)| {
-            p >= at
-                && p - at + needle.len() <= text.len()
-                && text[p - at..p - at + needle.len()].eq_ignore_ascii_case(needle)
-        })
+    // Whether `needle`, whose first `_` is at `at`, lies in `text` with that `_` at `p`.
+    fn at_underscore(text: &[u8], p: usize, needle: &[u8], at: usize) -> bool {
+        p >= at
+            && p - at + needle.len() <= text.len()
+            && text[p - at..p - at + needle.len()].eq_ignore_ascii_case(needle)
+    }
+    // A plain loop: the texts are mostly single short tokens, too short for `memchr` to pay for its setup.
+    (2..text.len()).any(|p| {
+        text[p] == b'_'
+            && (at_underscore(text, p, b"pg_temp", 2)
+                || at_underscore(text, p, b"set_config", 3)
+                || at_underscore(text, p, b"advisory_lock", 8))
     })
 }
 

@@ -300,27 +300,18 @@ async fn reset_returns_to_the_clients_connection_time_values() {
     assert_eq!(one(&b, observe).await, "\"$user\", public|4MB");
     assert_eq!(one(&a, observe).await, "pg_catalog|7MB");
     for client in [&a, &direct] {
-        client.batch_execute("SET work_mem = '9MB'").await.unwrap();
-        client.batch_execute("RESET work_mem").await.unwrap();
-        assert_eq!(one(client, "SHOW work_mem").await, "7MB");
-        client.batch_execute("SET work_mem = '9MB'").await.unwrap();
-        client
-            .batch_execute("SET work_mem TO DEFAULT")
-            .await
-            .unwrap();
-        assert_eq!(one(client, "SHOW work_mem").await, "7MB");
-        // A RESET in a request that fails is rolled back with it.
-        client.batch_execute("SET work_mem = '9MB'").await.unwrap();
-        client
-            .batch_execute("RESET work_mem; SELECT 1/0")
-            .await
-            .unwrap_err();
-        assert_eq!(one(client, "SHOW work_mem").await, "9MB");
-        client
-            .batch_execute("BEGIN; RESET work_mem; ROLLBACK")
-            .await
-            .unwrap();
-        assert_eq!(one(client, "SHOW work_mem").await, "9MB");
+        // A RESET in a request that fails, or before a ROLLBACK, is rolled back with it.
+        for (reset, fails, expected) in [
+            ("RESET work_mem", false, "7MB"),
+            ("SET work_mem TO DEFAULT", false, "7MB"),
+            ("RESET work_mem; SELECT 1/0", true, "9MB"),
+            ("BEGIN; RESET work_mem; ROLLBACK", false, "9MB"),
+        ] {
+            client.batch_execute("SET work_mem = '9MB'").await.unwrap();
+            let result = client.batch_execute(reset).await;
+            assert_eq!(result.is_err(), fails, "{reset}: {result:?}");
+            assert_eq!(one(client, "SHOW work_mem").await, expected, "{reset}");
+        }
         client.batch_execute("DISCARD ALL").await.unwrap();
     }
     assert_eq!(one(&a, observe).await, one(&direct, observe).await);
@@ -397,10 +388,10 @@ print(conn.execute("SELECT '2024-01-02'::date").fetchone()[0].isoformat())
             .env("PGTZ", "europe/rome")
             .env("PGCLIENTENCODING", "utf8")
             .output()
-            .expect("python3 with psycopg (pip install 'psycopg[binary]')");
+            .expect("python3 (./test.sh provides it, with psycopg)");
         assert!(
             output.status.success(),
-            "{}",
+            "(./test.sh installs psycopg) {}",
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8_lossy(&output.stdout).into_owned()
@@ -843,10 +834,10 @@ except psycopg.Error as e:
             gw.database
         ))
         .output()
-        .expect("python3 with psycopg (pip install 'psycopg[binary]')");
+        .expect("python3 (./test.sh provides it, with psycopg)");
     assert!(
         output.status.success(),
-        "{}",
+        "(./test.sh installs psycopg) {}",
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(

@@ -22,10 +22,10 @@ fn run_orm_shop(url: &str, mode: &str) {
     let output = Command::new("python3")
         .args([script, url, mode])
         .output()
-        .expect("python3 with sqlalchemy and psycopg (pip install sqlalchemy 'psycopg[binary]')");
+        .expect("python3 (./test.sh provides it, with sqlalchemy and psycopg)");
     assert!(
         output.status.success(),
-        "orm_shop.py {mode}: {}{}",
+        "orm_shop.py {mode} (./test.sh installs its packages): {}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );

@@ -187,7 +187,7 @@ async fn metrics_parse_with_promtool_and_health_endpoints_answer() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("promtool (Debian package prometheus) must be installed");
+        .expect("promtool (Debian package prometheus; ./test.sh installs it)");
     promtool
         .stdin
         .take()

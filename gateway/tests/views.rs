@@ -619,11 +619,15 @@ async fn the_demo_views_serve_a_sqlalchemy_dashboard_through_the_gateway() {
         Command::new("python3")
             .args([dashboard, &url])
             .output()
-            .expect("python3 with sqlalchemy and psycopg")
+            .expect("python3 (./test.sh provides it, with sqlalchemy and psycopg)")
     })
     .await
     .unwrap();
-    assert!(output.status.success(), "dashboard.py: {}", text(&output));
+    assert!(
+        output.status.success(),
+        "dashboard.py (./test.sh installs its packages): {}",
+        text(&output)
+    );
     let panels: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(
         panels["revenue_by_region"].as_array().unwrap().len(),

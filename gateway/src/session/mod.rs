@@ -212,11 +212,18 @@ enum Pending {
         /// Query and FunctionCall: an error does not skip later messages.
         simple: bool,
         failed: bool,
-        /// Settings the client's request resets.
-        reset: Reset,
-        /// Names the gateway replaced in the client's Query.
-        shifts: Vec<Shift>,
+        /// What little requests carry (boxed: most carry nothing, and the queue moves its entries).
+        extra: Option<Box<Extra>>,
     },
+}
+
+/// What a client's request may carry besides its place in the queue.
+#[derive(Default)]
+struct Extra {
+    /// Settings the request resets.
+    reset: Reset,
+    /// Names the gateway replaced in the client's Query.
+    shifts: Vec<Shift>,
 }
 
 impl Pending {
@@ -226,8 +233,12 @@ impl Pending {
             own: None,
             simple,
             failed: false,
-            reset,
-            shifts: Vec::new(),
+            extra: (reset != Reset::Nothing).then(|| {
+                Box::new(Extra {
+                    reset,
+                    shifts: Vec::new(),
+                })
+            }),
         }
     }
 
@@ -237,8 +248,7 @@ impl Pending {
             own: Some(own),
             simple: true,
             failed: false,
-            reset: Reset::Nothing,
-            shifts: Vec::new(),
+            extra: None,
         }
     }
 
@@ -968,8 +978,8 @@ impl Session {
             }
             rewritten.extend_from_slice(&text[at..]);
             protocol::query(&mut self.to_server, &String::from_utf8_lossy(&rewritten));
-            if let Pending::Ready { shifts: s, .. } = &mut request {
-                *s = shifts;
+            if let Pending::Ready { extra, .. } = &mut request {
+                extra.get_or_insert_with(Box::default).shifts = shifts;
             }
         }
         self.pending.push_back(request);
@@ -1820,9 +1830,9 @@ impl Session {
                     match entry {
                         Pending::Parse { name, .. } => self.forget_server_statement(name),
                         Pending::Ready {
-                            own, failed, reset, ..
+                            own, failed, extra, ..
                         } => {
-                            answered = Some((own, failed, reset));
+                            answered = Some((own, failed, extra));
                             break;
                         }
                     }
@@ -1838,8 +1848,10 @@ impl Session {
                         }
                         Action::Drop
                     }
-                    Some((None, _, reset)) => {
-                        self.restore_reset_values(reset);
+                    Some((None, _, extra)) => {
+                        if let Some(extra) = extra {
+                            self.restore_reset_values(extra.reset);
+                        }
                         self.request_answered();
                         Action::Forward
                     }
@@ -2037,7 +2049,9 @@ impl Session {
     /// How the gateway's renaming moved text in the client's request being answered.
     fn front_shifts(&self) -> Option<&Vec<Shift>> {
         match self.pending.front() {
-            Some(Pending::Ready { shifts, .. }) if !shifts.is_empty() => Some(shifts),
+            Some(Pending::Ready {
+                extra: Some(extra), ..
+            }) if !extra.shifts.is_empty() => Some(&extra.shifts),
             _ => None,
         }
     }
