@@ -108,7 +108,15 @@ impl ServerConn {
     /// ReadyForQuery: the rows (text), the parameters the server reported, and the first error. Its answers
     /// reach no client. An I/O error or a FATAL leaves the connection unusable (`discard` is set).
     pub async fn run_own(&mut self, sql: &str) -> Result<OwnAnswer, OwnError> {
-        let result = self.exchange_own(sql).await;
+        /// The gateway's own queries are small: a server that takes longer is not answering.
+        const OWN_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+        let result = match tokio::time::timeout(OWN_QUERY_TIMEOUT, self.exchange_own(sql)).await {
+            Ok(result) => result,
+            Err(_) => Err(OwnError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {OWN_QUERY_TIMEOUT:?}"),
+            ))),
+        };
         if matches!(&result, Err(OwnError::Io(_))) {
             self.discard = true;
         }
@@ -400,7 +408,7 @@ impl Pool {
         }
         let mut lease = self.checkout().await?;
         let conn = lease.conn();
-        let sql = crate::settings::startup_sql(&conn.settings, parameters);
+        let sql = crate::settings::startup_sql(parameters);
         let answer = match conn.run_own(&sql).await {
             Ok(answer) => answer,
             Err(OwnError::Server(error)) => {

@@ -17,7 +17,7 @@
 //! returns to them on a direct connection, while a pooled connection resets to the server's defaults. The
 //! session restores them after such a RESET ([`SessionSettings::restore_sql`]).
 
-use crate::protocol::{quote_ident, quote_literal};
+use crate::protocol::quote_literal;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -88,9 +88,11 @@ impl SessionSettings {
         }
         Some(format!(
             "SELECT pg_catalog.set_config(r.n, r.v, false) FROM (VALUES {rows}) AS r(n, v) \
-             WHERE CASE WHEN r.n LIKE '%.%' THEN COALESCE(pg_catalog.current_setting(r.n, true), '') = '' \
+             WHERE CASE WHEN pg_catalog.strpos(r.n, '.') OPERATOR(pg_catalog.>) 0 \
+             THEN COALESCE(pg_catalog.current_setting(r.n, true), '') OPERATOR(pg_catalog.=) '' \
              ELSE NOT EXISTS (SELECT FROM pg_catalog.pg_settings s \
-             WHERE pg_catalog.lower(s.name) = r.n AND s.source = 'session') END"
+             WHERE pg_catalog.lower(s.name) OPERATOR(pg_catalog.=) r.n \
+             AND s.source OPERATOR(pg_catalog.=) 'session') END"
         ))
     }
 }
@@ -105,12 +107,13 @@ pub fn change_sql(from: &SessionSettings, to: &SessionSettings) -> String {
     // As the login user, so that resetting a superuser-only setting is allowed; this also resets the role.
     let identity_from_login = from.authorization.is_some() || from.role.is_some();
     if identity_from_login {
-        sql.push_str("RESET SESSION AUTHORIZATION; ");
+        sql.push_str("RESET SESSION AUTHORIZATION; RESET ROLE; ");
     }
     for name in from.values.keys().filter(|n| !to.values.contains_key(*n)) {
-        sql.push_str("RESET ");
-        sql.push_str(&quote_name(name));
-        sql.push_str("; ");
+        // A NULL value resets, and takes the name as a string (no identifier rules, no length cut).
+        sql.push_str("SELECT pg_catalog.set_config(");
+        sql.push_str(&quote_literal(name));
+        sql.push_str(", NULL, false); ");
     }
     for (name, value) in &to.values {
         if from.values.get(name) != Some(value) {
@@ -140,20 +143,14 @@ fn push_set(sql: &mut String, name: &str, value: &str) {
     sql.push_str(", false); ");
 }
 
-/// A setting name as RESET takes it: each dotted part quoted.
-fn quote_name(name: &str) -> String {
-    name.split('.')
-        .map(quote_ident)
-        .collect::<Vec<_>>()
-        .join(".")
-}
-
 /// The query that reads a server connection's session state: rows of (name, value), with the identity under
 /// `*`-prefixed names no setting has. `custom` are the custom settings to read besides `pg_settings`.
 pub fn capture_sql<'a>(custom: impl Iterator<Item = &'a String>) -> String {
+    // Operators are named with their schema: the client's search_path may hold operators of its own.
     let mut sql = String::from(
         "SELECT pg_catalog.lower(name), pg_catalog.current_setting(name) FROM pg_catalog.pg_settings \
-         WHERE source = 'session' AND name NOT IN (",
+         WHERE source OPERATOR(pg_catalog.=) 'session' \
+         AND NOT name OPERATOR(pg_catalog.=) ANY (ARRAY[",
     );
     for (i, name) in TRANSACTION_SCOPED.iter().enumerate() {
         if i > 0 {
@@ -162,7 +159,8 @@ pub fn capture_sql<'a>(custom: impl Iterator<Item = &'a String>) -> String {
         sql.push_str(&quote_literal(name));
     }
     sql.push_str(
-        ") UNION ALL SELECT '*authorization', pg_catalog.current_setting('session_authorization') \
+        "]::pg_catalog.text[]) \
+         UNION ALL SELECT '*authorization', pg_catalog.current_setting('session_authorization') \
          UNION ALL SELECT '*role', pg_catalog.current_setting('role')",
     );
     let custom: BTreeSet<&String> = custom.collect();
@@ -174,15 +172,17 @@ pub fn capture_sql<'a>(custom: impl Iterator<Item = &'a String>) -> String {
             }
             sql.push_str(&quote_literal(name));
         }
-        sql.push_str("]::text[]) AS n");
+        sql.push_str("]::pg_catalog.text[]) AS n");
     }
     sql
 }
 
 /// SQL that clears a connection holding `from`, applies a client's startup parameters as its session
 /// settings, and captures the result.
-pub fn startup_sql(from: &SessionSettings, parameters: &[(String, String)]) -> String {
-    let mut sql = change_sql(from, &SessionSettings::default());
+pub fn startup_sql(parameters: &[(String, String)]) -> String {
+    // From the connection's own defaults, whatever its label says: what is captured here is remembered for
+    // every client with these parameters.
+    let mut sql = String::from("RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL; ");
     for (name, value) in parameters {
         push_set(&mut sql, name, value);
     }
@@ -247,7 +247,9 @@ mod tests {
         let to = state(&[("work_mem", "7MB")], Some("postgres"), Some("dave"));
         assert_eq!(
             change_sql(&from, &to),
-            "RESET SESSION AUTHORIZATION; RESET \"search_path\"; RESET \"xmloption\"; \
+            "RESET SESSION AUTHORIZATION; RESET ROLE; \
+             SELECT pg_catalog.set_config('search_path', NULL, false); \
+             SELECT pg_catalog.set_config('xmloption', NULL, false); \
              SELECT pg_catalog.set_config('work_mem', '7MB', false); \
              SET SESSION AUTHORIZATION 'postgres'; SET ROLE 'dave'; "
         );
@@ -267,7 +269,11 @@ mod tests {
             "SELECT pg_catalog.set_config('app.tenant', '7', false); \
              SELECT pg_catalog.set_config('datestyle', 'ISO, YMD', false); "
         );
-        assert_eq!(change_sql(&b, &a), "RESET \"app\".\"tenant\"; SELECT pg_catalog.set_config('datestyle', 'SQL, DMY', false); ");
+        assert_eq!(
+            change_sql(&b, &a),
+            "SELECT pg_catalog.set_config('app.tenant', NULL, false); \
+             SELECT pg_catalog.set_config('datestyle', 'SQL, DMY', false); "
+        );
     }
 
     #[test]
@@ -319,7 +325,10 @@ mod tests {
     #[test]
     fn capture_names_custom_settings() {
         let sql = capture_sql([String::from("app.tenant")].iter());
-        assert!(sql.contains("unnest(ARRAY['app.tenant']::text[])"), "{sql}");
+        assert!(
+            sql.contains("unnest(ARRAY['app.tenant']::pg_catalog.text[])"),
+            "{sql}"
+        );
         assert!(!capture_sql(std::iter::empty()).contains("unnest"));
     }
 }

@@ -531,6 +531,13 @@ fn creates_in_pg_temp(statement: &[u8], create: bool) -> bool {
     })
 }
 
+/// Whether a statement calls `set_config` anywhere (a PREPARE's, EXPLAIN's, CREATE ... AS or DECLARE's
+/// query included): the setting names and name parameters it gives, as for [`Kind::SetConfig`].
+pub fn set_config_in(sql: &[u8], range: Range<usize>) -> Option<(Vec<String>, Vec<usize>)> {
+    let statement = &sql[range];
+    mentions(statement, b"set_config").then(|| set_config_names(statement))
+}
+
 /// What is inside a dollar-quoted string token (`$$…$$`, `$tag$…$tag$`).
 fn dollar_quoted_body(token: &[u8]) -> Option<&[u8]> {
     if token.first() != Some(&b'$') {
@@ -548,9 +555,18 @@ fn set_config_names(statement: &[u8]) -> (Vec<String>, Vec<usize>) {
     let mut tokens = tokens(statement).peekable();
     while let Some(token) = tokens.next() {
         if let Some(body) = dollar_quoted_body(token) {
-            // A DO block's or a function's body: its own set_config calls.
+            // A DO block's or a function's body: its own set_config calls and SETs of custom settings.
             let (more_names, _) = set_config_names(body);
             names.extend(more_names);
+            for token in token_ranges(body) {
+                if body[token.clone()].eq_ignore_ascii_case(b"set") {
+                    if let Some((name, _)) = word(body, token.end) {
+                        if name.contains('.') {
+                            names.push(name);
+                        }
+                    }
+                }
+            }
             continue;
         }
         if !token.eq_ignore_ascii_case(b"set_config") || tokens.peek() != Some(&&b"("[..]) {

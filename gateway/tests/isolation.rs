@@ -415,7 +415,7 @@ fn random_statement(rng: &mut impl rand::Rng, roles: &[String], client: usize) -
     let pick = |rng: &mut dyn rand::RngCore, options: &[&str]| {
         options[rand::Rng::random_range(rng, 0..options.len())].to_string()
     };
-    match rng.random_range(0..29) {
+    match rng.random_range(0..32) {
         0 => format!("SET work_mem = '{n}MB'"),
         1 => pick(
             rng,
@@ -488,6 +488,10 @@ fn random_statement(rng: &mut impl rand::Rng, roles: &[String], client: usize) -
         26 => format!("SELECT 1 FROM (SELECT 1) t WHERE EXECUTE c{client}_{n}"),
         // Through the extended protocol (see `run`).
         27 => format!("extended:app.tenant:{n}"),
+        // set_config where the first word says nothing of settings.
+        28 => format!("PREPARE c{client}_{n} AS SELECT set_config('app.tenant', 'p{n}', false)"),
+        29 => format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT set_config('work_mem', '{n}MB', false)"),
+        30 => format!("DO $$ BEGIN SET app.tenant = 'do{n}'; END $$"),
         _ => format!("DEALLOCATE c{client}_{n}"),
     }
 }

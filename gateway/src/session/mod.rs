@@ -124,6 +124,8 @@ struct SqlPrepared {
     server_name: Arc<str>,
     /// The PREPARE statement under the server-side name, to run on connections that lack it.
     prepare: String,
+    /// What running it does to the settings (it calls `set_config`).
+    touch: Option<Touch>,
 }
 
 /// What a statement may do to the session's settings: the server is asked afterwards (a capture), and a
@@ -328,6 +330,8 @@ struct Session {
     settings_lost: bool,
     /// A capture was sent: the client's next message waits for the connection's release.
     capturing: bool,
+    /// The last capture failed once and was sent again.
+    capture_retried: bool,
     /// The server's FATAL went to the client: the session ends with it, quietly.
     fatal_forwarded: bool,
     /// Custom settings the client named (a capture asks for them).
@@ -511,6 +515,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         capture_rows: Vec::new(),
         settings_lost: false,
         capturing: false,
+        capture_retried: false,
         fatal_forwarded: false,
         custom_settings: login.reset.custom_names().cloned().collect(),
         reset_values: login.reset.clone(),
@@ -891,9 +896,12 @@ impl Session {
         let mut rewrites: Vec<(std::ops::Range<usize>, Arc<str>)> = Vec::new();
         for range in sql::split(text) {
             let kind = sql::classify(text, range.clone());
-            if let Some(touch) = touch_of(&kind) {
-                self.touched(&touch);
-                reset.add(touch.reset);
+            // A set_config in a statement classified by its head (PREPARE, EXPLAIN, CREATE ... AS, DECLARE)
+            // changes settings all the same.
+            let touch = touch_of(&kind).or_else(|| hidden_set_config(text, range.clone()));
+            if let Some(touch) = &touch {
+                self.touched(touch);
+                reset.add(touch.reset.clone());
             }
             if !self.sql_prepared.is_empty()
                 && !matches!(
@@ -904,6 +912,9 @@ impl Session {
                 // EXPLAIN EXECUTE p, CREATE TABLE t AS EXECUTE p.
                 for (name, at) in sql::executed_names(text, range.clone()) {
                     if let Some(prepared) = self.sql_prepared.get(&name).cloned() {
+                        if let Some(touch) = &prepared.touch {
+                            self.touched(touch);
+                        }
                         self.ensure_sql_prepared(&prepared);
                         rewrites.push((at, prepared.server_name.clone()));
                     }
@@ -920,6 +931,7 @@ impl Session {
                     rewrites.push((at, existing.server_name.clone()));
                 }
                 Kind::Prepare { name, at } => {
+                    let prepared_touch = touch;
                     let server_name: Arc<str> = self.shared.statement_names.fresh("q").into();
                     let mut prepare =
                         String::from_utf8_lossy(&text[range.start..at.start]).into_owned();
@@ -932,11 +944,15 @@ impl Session {
                         Arc::new(SqlPrepared {
                             server_name,
                             prepare,
+                            touch: prepared_touch,
                         }),
                     );
                 }
                 Kind::Execute { name, at } => {
                     if let Some(prepared) = self.sql_prepared.get(&name).cloned() {
+                        if let Some(touch) = &prepared.touch {
+                            self.touched(touch);
+                        }
                         self.ensure_sql_prepared(&prepared);
                         rewrites.push((at, prepared.server_name.clone()));
                     }
@@ -1161,6 +1177,18 @@ impl Session {
         let mut names = sql::executed_names(text, range);
         names.retain(|(name, _)| self.sql_prepared.contains_key(name));
         if names.is_empty() {
+            return None;
+        }
+        // Preparing one here takes a simple Query, which cannot go in the middle of an extended exchange:
+        // then the server answers for the name as it is (26000).
+        let missing = names.iter().any(|(name, _)| {
+            let server_name = &self.sql_prepared[name].server_name;
+            !self
+                .lease
+                .as_mut()
+                .is_some_and(|l| l.conn().prepared.contains(server_name))
+        });
+        if missing && self.in_exchange {
             return None;
         }
         let mut renamed = BytesMut::with_capacity(rest.len() + 16);
@@ -1840,10 +1868,15 @@ impl Session {
                 match answered {
                     Some((Some(own), failed, _)) => {
                         if own == Own::Capture {
-                            if failed {
-                                self.settings_lost = true;
-                            } else {
+                            if !failed {
+                                self.capture_retried = false;
                                 self.settings_captured();
+                            } else if !std::mem::replace(&mut self.capture_retried, true) {
+                                // A cancel that arrived late (the client's, or the statement timeout's)
+                                // can hit the capture: the connection is idle and unchanged, ask again.
+                                self.settings_touched = true;
+                            } else {
+                                self.settings_lost = true;
                             }
                         }
                         Action::Drop
@@ -1949,7 +1982,7 @@ impl Session {
             Reset::Names(names) => Some(names.as_slice()),
             Reset::All => None,
         };
-        if !self.pending.is_empty() {
+        if !self.pending.is_empty() || self.in_exchange {
             return;
         }
         if let Some(sql) = self.reset_values.restore_sql(names) {
@@ -1991,6 +2024,10 @@ impl Session {
             // The client's transaction failed after its RESET: rolled back with it, nothing to restore.
             return Action::Drop;
         }
+        let capture = self.pending.front().is_some_and(|p| p.is_own(Own::Capture));
+        if swallowed && capture && !fatal {
+            return Action::Drop; // asked again (see the ReadyForQuery handling)
+        }
         if swallowed {
             let (code, text) = protocol::error_fields(body);
             tracing::warn!(code, reason = %text, "a statement the gateway sent for the client failed");
@@ -2026,6 +2063,11 @@ impl Session {
             )
             .encode(&mut out);
             return Action::Replace(out.freeze());
+        }
+        if duplicate_server_statement(body) {
+            // The gateway's picture of the connection's statements is wrong (a Close the server skipped
+            // after an error): it cannot prepare that statement there again, so nobody gets it.
+            self.conn().discard = true;
         }
         if stale_statement(body) {
             tracing::info!(
@@ -2326,15 +2368,29 @@ fn statement_effect(text: &[u8]) -> StatementEffect {
     let Some(range) = sql::split(text).next() else {
         return StatementEffect::None;
     };
-    match sql::classify(text, range) {
+    match sql::classify(text, range.clone()) {
         Kind::Pin(reason) => StatementEffect::Pin(reason),
         // SQL-level PREPARE/EXECUTE through Parse would need the same renaming as a Query; keep the client on
         // one server connection instead.
         Kind::Prepare { .. } | Kind::Execute { .. } | Kind::Deallocate { .. } => {
             StatementEffect::Pin("SQL-level PREPARE/EXECUTE through the extended protocol")
         }
-        kind => touch_of(&kind).map_or(StatementEffect::None, StatementEffect::Change),
+        kind => touch_of(&kind)
+            .or_else(|| hidden_set_config(text, range))
+            .map_or(StatementEffect::None, StatementEffect::Change),
     }
+}
+
+/// A set_config call in a statement whose kind says nothing of settings.
+fn hidden_set_config(text: &[u8], range: std::ops::Range<usize>) -> Option<Touch> {
+    let (names, parameters) = sql::set_config_in(text, range)?;
+    touch_of(&Kind::SetConfig { names, parameters })
+}
+
+/// Whether an error says a statement of the gateway's naming exists already.
+fn duplicate_server_statement(body: &[u8]) -> bool {
+    let (code, message) = protocol::error_fields(body);
+    code == "42P05" && message.contains("\"__rg_s")
 }
 
 /// Whether an error says a prepared statement no longer matches the schema.
