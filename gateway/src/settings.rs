@@ -177,8 +177,8 @@ pub fn capture_sql<'a>(custom: impl Iterator<Item = &'a String>) -> String {
     sql
 }
 
-/// SQL that clears a connection holding `from`, applies a client's startup parameters as its session
-/// settings, and captures the result.
+/// SQL that clears a connection's session settings and identity, applies a client's startup parameters as
+/// its session settings, and captures the result.
 pub fn startup_sql(parameters: &[(String, String)]) -> String {
     // From the connection's own defaults, whatever its label says: what is captured here is remembered for
     // every client with these parameters.

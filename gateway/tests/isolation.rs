@@ -849,3 +849,30 @@ except psycopg.Error as e:
         "True\n57014\nTrue\n57P01\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_settings_changed_inside_functions_stay_with_their_client() {
+    let gw = superuser_gateway("iso_functions", "pool: { size: 1 }\n").await;
+    let admin = common::direct(&gw.database).await;
+    let low = role(&admin, &gw.database, "low").await;
+    // The statements that call these never name set_config: only the server's ParameterStatus tells.
+    admin
+        .batch_execute(&format!(
+            "CREATE FUNCTION style_dmy() RETURNS void LANGUAGE sql \
+               AS $$ SELECT set_config('DateStyle', 'SQL, DMY', false) $$; \
+             CREATE FUNCTION become_low() RETURNS void LANGUAGE sql \
+               AS $$ SELECT set_config('role', '{low}', false) $$"
+        ))
+        .await
+        .unwrap();
+    let styled = connect(&through(&gw, "")).await;
+    let lowered = connect(&through(&gw, "")).await;
+    let other = connect(&through(&gw, "")).await;
+    one(&styled, "SELECT style_dmy()::text").await;
+    assert_eq!(one(&other, "SHOW DateStyle").await, "ISO, MDY");
+    assert_eq!(one(&styled, "SHOW DateStyle").await, "SQL, DMY");
+    // A superuser becoming an ordinary role changes is_superuser, which the server reports.
+    one(&lowered, "SELECT become_low()::text").await;
+    assert_eq!(one(&other, "SELECT current_user").await, "postgres");
+    assert_eq!(one(&lowered, "SELECT current_user").await, low);
+}

@@ -1898,6 +1898,13 @@ impl Session {
             // restoring of its reset values makes.
             b'A' => Action::Forward,
             b'S' if self.pending.front().is_some_and(|p| p.is_own(Own::Restore)) => Action::Forward,
+            b'S' => {
+                // A reported setting changed (DateStyle, session_authorization, is_superuser after a change
+                // of role, ...), maybe inside a function the gateway cannot see into: read the settings back.
+                let action = self.forward_unless_swallowing();
+                self.settings_touched |= matches!(action, Action::Forward);
+                action
+            }
             b'D' if self
                 .pending
                 .front()
