@@ -187,6 +187,9 @@ pub async fn read_first_packet<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     offer_tls: bool,
 ) -> Result<FirstPacket, StartupError> {
+    // Each encryption request is answered once, as PostgreSQL does (ProcessStartupPacket's ssl_done and
+    // gss_done): asked again, it is a packet of an unknown protocol.
+    let (mut ssl_done, mut gss_done) = (false, false);
     loop {
         let mut len_bytes = [0u8; 4];
         if stream.read_exact(&mut len_bytes).await.is_err() {
@@ -203,12 +206,20 @@ pub async fn read_first_packet<S: AsyncRead + AsyncWrite + Unpin>(
         stream.read_exact(&mut packet).await?;
         let code = i32::from_be_bytes([packet[0], packet[1], packet[2], packet[3]]);
         match code {
-            SSL_REQUEST if offer_tls => {
+            SSL_REQUEST if offer_tls && !ssl_done => {
                 stream.write_all(b"S").await?;
+                stream.flush().await?;
                 return Ok(FirstPacket::Tls);
             }
-            SSL_REQUEST | GSSENC_REQUEST => {
+            SSL_REQUEST if !ssl_done => {
+                ssl_done = true;
                 stream.write_all(b"N").await?;
+                stream.flush().await?;
+            }
+            GSSENC_REQUEST if !gss_done => {
+                gss_done = true;
+                stream.write_all(b"N").await?;
+                stream.flush().await?;
             }
             CANCEL_REQUEST if packet.len() == 12 => {
                 let pid = i32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);

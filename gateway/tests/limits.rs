@@ -182,3 +182,34 @@ async fn a_request_past_the_statement_timeout_is_cancelled_with_57014_and_the_se
     let quick: Vec<_> = db.simple_query("SELECT pg_sleep(0.1)").await.unwrap();
     assert!(!quick.is_empty());
 }
+
+/// PostgreSQL answers each encryption request once; a second one is a packet of an unknown protocol, refused
+/// at once (never left waiting for the startup timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_encryption_request_is_refused_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = common::gateway("limits_double_ssl", "").await;
+    for code in [80877103i32, 80877104] {
+        let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let mut request = Vec::new();
+        request.extend_from_slice(&8i32.to_be_bytes());
+        request.extend_from_slice(&code.to_be_bytes());
+        socket.write_all(&request).await.unwrap();
+        let mut answer = [0u8; 1];
+        socket.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"N", "{code}");
+        socket.write_all(&request).await.unwrap();
+        let mut refusal = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut refusal))
+            .await
+            .expect("an answer, not a wait for the startup timeout")
+            .unwrap();
+        assert_eq!(refusal.first(), Some(&b'E'), "{code}: {refusal:?}");
+        let text = String::from_utf8_lossy(&refusal);
+        assert!(text.contains("0A000"), "{text}");
+        assert!(
+            text.contains("unsupported frontend protocol 1234."),
+            "{text}"
+        );
+    }
+}

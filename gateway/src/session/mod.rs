@@ -613,7 +613,8 @@ async fn first_packet(
                 return Ok(None);
             }
         };
-        first = read_first_packet(&mut client, false).await;
+        // Offered again only to be refused below, as PostgreSQL refuses a second SSLRequest.
+        first = read_first_packet(&mut client, true).await;
     }
     match first {
         Ok(FirstPacket::Startup(startup)) => Ok(Some((startup, client))),
@@ -623,7 +624,10 @@ async fn first_packet(
         }
         Ok(FirstPacket::Tls) => Err((
             client,
-            StartupError::Refused(PgError::fatal("08P01", "SSLRequest inside TLS")),
+            StartupError::Refused(PgError::fatal(
+                "0A000",
+                "unsupported frontend protocol 1234.5679: server supports 3.0 (an SSLRequest inside TLS)",
+            )),
         )),
         Err(error) => Err((client, error)),
     }
