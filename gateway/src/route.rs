@@ -253,11 +253,22 @@ impl Classifier {
         match statement {
             Statement::Query(query) => self.query_access(query),
             Statement::Explain {
-                statement, analyze, ..
+                statement,
+                analyze,
+                options,
+                ..
             } => {
-                let inner = self.statement_access(statement);
-                if *analyze {
-                    inner
+                // EXPLAIN ANALYZE runs the statement; so does `EXPLAIN (ANALYZE [true|on|1]) ...`.
+                let analyzed = *analyze
+                    || options.iter().flatten().any(|option| {
+                        option.name.value.eq_ignore_ascii_case("analyze")
+                            && option.arg.as_ref().is_none_or(|arg| {
+                                let arg = arg.to_string().to_ascii_lowercase();
+                                !matches!(arg.trim_matches('\''), "false" | "off" | "0" | "no")
+                            })
+                    });
+                if analyzed {
+                    self.statement_access(statement)
                 } else {
                     Access::Read
                 }
@@ -409,6 +420,9 @@ mod tests {
             "VALUES (1), (2)",
             "SELECT a FROM t UNION SELECT b FROM u",
             "EXPLAIN SELECT 1",
+            "EXPLAIN (COSTS OFF) DELETE FROM t",
+            "EXPLAIN (ANALYZE false) DELETE FROM t",
+            "EXPLAIN (ANALYZE off, VERBOSE) DELETE FROM t",
             "BEGIN READ ONLY",
             "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
             "SET TRANSACTION READ ONLY",
@@ -439,6 +453,9 @@ mod tests {
             "CREATE TABLE t (a int)",
             "LISTEN chan",
             "EXPLAIN ANALYZE DELETE FROM t",
+            "EXPLAIN (ANALYZE) DELETE FROM t",
+            "EXPLAIN (analyze true, BUFFERS) UPDATE t SET a = 1",
+            "EXPLAIN (VERBOSE, ANALYZE 1) INSERT INTO t VALUES (1)",
             "SELECT 1; INSERT INTO t VALUES (1)",
             "this is not sql",
             "SELECT (SELECT nextval('s'))",

@@ -139,6 +139,12 @@ async fn reads_go_to_the_nearest_replica_and_writes_to_the_primary() {
     for _ in 0..20 {
         assert_eq!(server_port(&reader, "").await, env.port_of("eu-west"));
     }
+    // EXPLAIN with options in parentheses runs the statement when ANALYZE is among them: a write, which a
+    // replica would refuse ("cannot execute DELETE in a read-only transaction").
+    reader
+        .batch_execute("EXPLAIN (ANALYZE, COSTS OFF) DELETE FROM items WHERE id = -1")
+        .await
+        .expect("EXPLAIN (ANALYZE) of a write goes to the primary");
     // Writes, sequence calls and locking reads would fail on a replica ("read-only transaction"): they must
     // all reach the primary.
     for i in 0..20 {
