@@ -18,15 +18,16 @@
 //! This module knows statements, queues and the primary's connections; the session decides what to hand it.
 
 use crate::metrics::METRICS;
-use crate::pool::{Lease, Pool, ServerConn, Settings};
-use crate::protocol::{self, PgError};
+use crate::pool::{Lease, Pool, Settings};
+use crate::protocol::{self, tag, PgError};
+use crate::server::{self, ServerConn, WAL_POSITION};
 use crate::Shared;
 use bytes::{BufMut, Bytes, BytesMut};
 use regions::Lsn;
 use std::collections::{HashMap, VecDeque};
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 /// PostgreSQL accepts at most this many parameters in one statement (the Bind message counts them in 16 bits).
@@ -619,10 +620,9 @@ async fn flush(shared: Arc<Shared>, queue: Arc<Queue>, rows: Vec<Queued>, bytes:
             run(lease, key, rows, position).await
         }
         Err(error) => {
-            let reason = error.message.trim_start_matches("regiongate: ");
             let error = PgError::error(
                 "08006",
-                format!("regiongate: cannot insert this row: {reason}"),
+                format!("regiongate: cannot insert this row: {error}"),
             );
             for queued in rows {
                 let _ = queued.reply.send(Outcome::Failed(error.clone()));
@@ -752,31 +752,25 @@ impl Flushed {
     }
 }
 
-/// The query that reads the primary's WAL position after a batch, so that its clients' next reads wait for
-/// a replica that has the rows (read your writes). Sent in the same write as the batch: no extra round trip.
-const WAL_POSITION: &str = "SELECT pg_catalog.pg_current_wal_lsn()";
-
 /// Runs a batch as one statement on `lease`; if it fails, runs its rows one by one. With `position`, reads
-/// the WAL position after it for read-your-writes.
+/// the WAL position after it for read-your-writes: its clients' next reads wait for a replica that has the
+/// rows. The position query goes in the same write as the batch: no extra round trip.
 async fn run(mut lease: Lease, key: &Key, rows: Vec<Queued>, position: bool) -> Flushed {
     let conn = lease.conn();
     let result = async {
-        let settings = &key.settings.settings;
-        if !Arc::ptr_eq(&conn.settings, settings) && conn.settings != *settings {
-            let change = crate::settings::change_sql(&conn.settings, settings);
+        let mut settings = key.settings.settings.clone();
+        if conn.settings_differ(&mut settings) {
             // The settings came from the clients' own sessions, where they worked.
-            conn.run_own(&change)
+            conn.replay_settings(&settings)
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
         }
-        conn.settings = settings.clone();
         let mut out = BytesMut::new();
         batch_statement(&mut out, key, &rows);
         if position {
             protocol::query(&mut out, WAL_POSITION);
         }
-        conn.stream.write_all(&out).await?;
-        conn.stream.flush().await?;
+        conn.send(&out).await?;
         let answer = read_answer(conn).await?;
         let lsn = if position {
             read_answer(conn).await?.lsn()
@@ -830,11 +824,7 @@ async fn run(mut lease: Lease, key: &Key, rows: Vec<Queued>, position: bool) -> 
     if position {
         protocol::query(&mut out, WAL_POSITION);
     }
-    let sent = async {
-        conn.stream.write_all(&out).await?;
-        conn.stream.flush().await
-    };
-    if let Err(io) = sent.await {
+    if let Err(io) = conn.send(&out).await {
         return lost(io, rows);
     }
     let mut answers = Vec::with_capacity(rows.len());
@@ -853,7 +843,7 @@ async fn run(mut lease: Lease, key: &Key, rows: Vec<Queued>, position: bool) -> 
         None
     };
     for (queued, mut answer) in rows.into_iter().zip(answers) {
-        if queued.row.drop_parse_complete && answer.starts_with(b"1\0\0\0\x04") {
+        if queued.row.drop_parse_complete && answer.first() == Some(&tag::PARSE_COMPLETE) {
             let _ = answer.split_to(5);
         }
         let _ = queued.reply.send(Outcome::Answered(answer.freeze(), lsn));
@@ -888,37 +878,37 @@ fn batch_statement(out: &mut BytesMut, key: &Key, rows: &[Queued]) {
         protocol::query(out, &sql);
         return;
     };
-    let at = protocol::start(out, b'P');
-    protocol::put_cstr(out, b"");
-    protocol::put_cstr(out, sql.as_bytes());
-    out.put_i16((types.len() * rows.len()) as i16);
-    for _ in rows {
-        for &oid in types {
-            out.put_u32(oid);
-        }
-    }
-    protocol::finish(out, at);
-    let at = protocol::start(out, b'B');
-    protocol::put_cstr(out, b"");
-    protocol::put_cstr(out, b"");
-    out.put_i16((per_row * rows.len()) as i16);
-    for queued in rows {
-        if let Values::Bound { formats, .. } = &queued.row.values {
-            for &format in formats {
-                out.put_i16(format);
+    protocol::message(out, tag::PARSE, |out| {
+        protocol::put_cstr(out, b"");
+        protocol::put_cstr(out, sql.as_bytes());
+        out.put_i16((types.len() * rows.len()) as i16);
+        for _ in rows {
+            for &oid in types {
+                out.put_u32(oid);
             }
         }
-    }
-    out.put_i16((per_row * rows.len()) as i16);
-    for queued in rows {
-        if let Values::Bound { values, .. } = &queued.row.values {
-            out.put_slice(values);
+    });
+    protocol::message(out, tag::BIND, |out| {
+        protocol::put_cstr(out, b"");
+        protocol::put_cstr(out, b"");
+        out.put_i16((per_row * rows.len()) as i16);
+        for queued in rows {
+            if let Values::Bound { formats, .. } = &queued.row.values {
+                for &format in formats {
+                    out.put_i16(format);
+                }
+            }
         }
-    }
-    out.put_i16(0);
-    protocol::finish(out, at);
-    out.put_slice(b"E\0\0\0\x09\0\0\0\0\0");
-    out.put_slice(b"S\0\0\0\x04");
+        out.put_i16((per_row * rows.len()) as i16);
+        for queued in rows {
+            if let Values::Bound { values, .. } = &queued.row.values {
+                out.put_slice(values);
+            }
+        }
+        out.put_i16(0);
+    });
+    protocol::execute(out, b"", 0);
+    protocol::sync(out);
 }
 
 /// The batch as COPY … FROM STDIN: the Query, one CopyData with every row, CopyDone, in one write. Should the
@@ -928,7 +918,7 @@ fn copy_statement(out: &mut BytesMut, form: CopyForm, target: &str, rows: &[Queu
     let binary = form == CopyForm::Binary;
     let format = if binary { " (FORMAT binary)" } else { "" };
     protocol::query(out, &format!("COPY {target} FROM STDIN{format}"));
-    let at = protocol::start(out, b'd');
+    let at = protocol::start(out, tag::COPY_DATA);
     if binary {
         // Signature, flags, header extension length ("Binary Format" in the COPY documentation).
         out.put_slice(b"PGCOPY\n\xff\r\n\0");
@@ -977,7 +967,7 @@ fn copy_statement(out: &mut BytesMut, form: CopyForm, target: &str, rows: &[Queu
         out.put_i16(-1);
     }
     protocol::finish(out, at);
-    out.put_slice(b"c\0\0\0\x04");
+    protocol::copy_done(out);
 }
 
 /// The answers to one request, up to and including its ReadyForQuery.
@@ -988,16 +978,13 @@ struct Answer {
 }
 
 impl Answer {
-    /// The WAL position in the answer to [`WAL_POSITION`]: the first DataRow's only column.
+    /// The WAL position in the answer to [`WAL_POSITION`]: its DataRow.
     fn lsn(&self) -> Option<Lsn> {
         let mut rest = &self.bytes[..];
-        while let Some(Ok((tag, len))) = protocol::peek_header(rest) {
+        while let Some(Ok((message_tag, len))) = protocol::peek_header(rest) {
             let message = rest.get(..len)?;
-            if tag == b'D' {
-                // int16 column count, int32 length, text.
-                let body = protocol::body(message);
-                let text = body.get(6..)?;
-                return std::str::from_utf8(text).ok()?.parse().ok();
+            if message_tag == tag::DATA_ROW {
+                return server::wal_position(protocol::body(message));
             }
             rest = &rest[len..];
         }
@@ -1005,46 +992,36 @@ impl Answer {
     }
 }
 
-/// Reads the answers to one request (up to ReadyForQuery).
+/// Reads the answers to one request (up to ReadyForQuery): what its clients get, its error, how many rows it
+/// inserted.
 async fn read_answer(conn: &mut ServerConn) -> std::io::Result<Answer> {
     let mut answer = Answer {
         bytes: BytesMut::new(),
         error: None,
         inserted: None,
     };
-    loop {
-        while let Some(header) = protocol::peek_header(&conn.read_buf) {
-            let (tag, len) = header.map_err(|bad| {
-                std::io::Error::other(format!("invalid message length {} from the server", bad.0))
-            })?;
-            if conn.read_buf.len() < len {
-                conn.read_buf.reserve(len - conn.read_buf.len());
-                break;
+    conn.read_answers(|message_tag, message| {
+        match message_tag {
+            tag::ERROR_RESPONSE => {
+                let (code, text) = protocol::error_fields(protocol::body(&message));
+                answer.error = Some(format!("{code}: {text}"));
             }
-            let message = conn.read_buf.split_to(len);
-            match tag {
-                b'E' => {
-                    let (code, text) = protocol::error_fields(protocol::body(&message));
-                    answer.error = Some(format!("{code}: {text}"));
-                }
-                b'C' => {
-                    answer.inserted = protocol::cstr(protocol::body(&message))
-                        .and_then(|(tag, _)| std::str::from_utf8(tag).ok())
-                        .and_then(|tag| tag.rsplit(' ').next()?.parse().ok());
-                }
-                // The batch's own notices and parameter changes belong to no one client.
-                b'S' | b'N' | b'A' => continue,
-                _ => {}
+            tag::COMMAND_COMPLETE => {
+                answer.inserted = protocol::cstr(protocol::body(&message))
+                    .and_then(|(command, _)| std::str::from_utf8(command).ok())
+                    .and_then(|command| command.rsplit(' ').next()?.parse().ok());
             }
-            answer.bytes.unsplit(message);
-            if tag == b'Z' {
-                return Ok(answer);
+            // The batch's own notices and parameter changes belong to no one client.
+            tag::PARAMETER_STATUS | tag::NOTICE_RESPONSE | tag::NOTIFICATION_RESPONSE => {
+                return ControlFlow::Continue(())
             }
+            _ => {}
         }
-        if conn.stream.read_buf(&mut conn.read_buf).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
+        answer.bytes.unsplit(message);
+        ControlFlow::Continue(())
+    })
+    .await?;
+    Ok(answer)
 }
 
 #[cfg(test)]

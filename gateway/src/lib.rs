@@ -16,6 +16,7 @@ pub mod nplus1;
 pub mod pool;
 pub mod protocol;
 pub mod route;
+pub mod server;
 pub mod session;
 pub mod settings;
 pub mod sql;

@@ -4,199 +4,19 @@
 //! pool's size bounds connections, open or being opened), then the most recently used idle connection
 //! (warm caches, and the others can age out), or opens a new one. A [`Lease`] owns the connection while a
 //! client uses it: [`Lease::release`] returns it idle and clean; dropping a lease closes the connection, so a
-//! connection in an unknown state can never reach the next client.
+//! connection in an unknown state can never reach the next client. A client that leaves its connection in a
+//! transaction or with session state has it cleaned up by [`Lease::clean_up`] before anyone else gets it.
 
-use crate::auth::{login_to_server, ServerLoginError};
+use crate::auth::ServerLoginError;
 use crate::config::{PoolConfig, ServerUrl};
 use crate::metrics::METRICS;
 use crate::protocol::PgError;
+use crate::server::{OwnError, ServerConn};
 pub use crate::settings::Settings;
-use crate::tls::Stream;
-use bytes::BytesMut;
-use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, SemaphorePermit};
-
-/// One logged-in connection to a PostgreSQL server.
-pub struct ServerConn {
-    pub stream: Stream,
-    /// Bytes read from the server but not yet handled.
-    pub read_buf: BytesMut,
-    pub addr: SocketAddr,
-    /// The server's own cancel key for this connection.
-    pub pid: i32,
-    pub secret: i32,
-    /// Named prepared statements that exist (or are being created) on this connection, by server-side name.
-    pub prepared: HashSet<Arc<str>>,
-    /// The session settings this connection holds.
-    pub settings: Settings,
-    /// The session authorization it logged in as (what `RESET SESSION AUTHORIZATION` returns to).
-    pub login_user: String,
-    /// Whether the connection's unnamed statement is the one the current client last parsed.
-    pub unnamed_valid: bool,
-    /// Our picture of the connection may be wrong (a statement we sent for a client failed, or the server
-    /// said FATAL): close it instead of returning it to the pool.
-    pub discard: bool,
-    created: Instant,
-    idle_since: Instant,
-}
-
-impl ServerConn {
-    /// Opens and logs in.
-    async fn connect(
-        url: &ServerUrl,
-        credentials: &ServerCredentials,
-        database: &str,
-    ) -> Result<(ServerConn, Vec<(String, String)>), ServerLoginError> {
-        let tcp = TcpStream::connect((url.host.as_str(), url.port)).await?;
-        tcp.set_nodelay(true)?;
-        let addr = tcp.peer_addr()?;
-        let mut stream = crate::tls::connect_server(tcp, &credentials.tls, &url.host)
-            .await
-            .map_err(ServerLoginError::Protocol)?;
-        let mut read_buf = BytesMut::with_capacity(16 * 1024);
-        let end_point = stream.server_end_point();
-        let login = login_to_server(
-            &mut stream,
-            &mut read_buf,
-            &credentials.user,
-            credentials.password.as_deref(),
-            database,
-            end_point,
-        )
-        .await?;
-        METRICS
-            .server_logins
-            .with_label_values(&[login.method, if stream.is_tls() { "yes" } else { "no" }])
-            .inc();
-        let now = Instant::now();
-        let login_user = login
-            .parameters
-            .iter()
-            .find(|(name, _)| name == "session_authorization")
-            .map_or_else(|| credentials.user.clone(), |(_, user)| user.clone());
-        Ok((
-            ServerConn {
-                login_user,
-                stream,
-                read_buf,
-                addr,
-                pid: login.pid,
-                secret: login.secret,
-                prepared: HashSet::new(),
-                settings: Settings::default(),
-                unnamed_valid: false,
-                discard: false,
-                created: now,
-                idle_since: now,
-            },
-            login.parameters,
-        ))
-    }
-
-    /// False when the server closed the connection or sent something while idle (a FATAL on shutdown or
-    /// termination).
-    fn looks_alive(&mut self) -> bool {
-        self.stream.is_quiet()
-    }
-
-    /// Runs one simple query of the gateway's own on this idle connection and reads its answer up to
-    /// ReadyForQuery: the rows (text), the parameters the server reported, and the first error. Its answers
-    /// reach no client. An I/O error or a FATAL leaves the connection unusable (`discard` is set).
-    pub async fn run_own(&mut self, sql: &str) -> Result<OwnAnswer, OwnError> {
-        /// The gateway's own queries are small: a server that takes longer is not answering.
-        const OWN_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-        let result = match tokio::time::timeout(OWN_QUERY_TIMEOUT, self.exchange_own(sql)).await {
-            Ok(result) => result,
-            Err(_) => Err(OwnError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within {OWN_QUERY_TIMEOUT:?}"),
-            ))),
-        };
-        if matches!(&result, Err(OwnError::Io(_))) {
-            self.discard = true;
-        }
-        result
-    }
-
-    async fn exchange_own(&mut self, sql: &str) -> Result<OwnAnswer, OwnError> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut out = BytesMut::new();
-        crate::protocol::query(&mut out, sql);
-        self.stream.write_all(&out).await?;
-        self.stream.flush().await?;
-        let mut answer = OwnAnswer::default();
-        let mut failed = None;
-        loop {
-            while let Some(header) = crate::protocol::peek_header(&self.read_buf) {
-                let (tag, len) = header.map_err(|bad| {
-                    std::io::Error::other(format!(
-                        "invalid message length {} from the server",
-                        bad.0
-                    ))
-                })?;
-                if self.read_buf.len() < len {
-                    self.read_buf.reserve(len - self.read_buf.len());
-                    break;
-                }
-                let message = self.read_buf.split_to(len);
-                let body = crate::protocol::body(&message);
-                match tag {
-                    b'E' if failed.is_none() => {
-                        let error = PgError::from_server(body);
-                        if error.severity != "ERROR" {
-                            return Err(OwnError::Io(std::io::Error::other(error.message)));
-                        }
-                        failed = Some(error);
-                    }
-                    b'D' => answer.rows.push(crate::protocol::data_row_text(body)),
-                    b'S' => {
-                        if let Some((name, value)) = crate::protocol::parameter_status(body) {
-                            answer.reported.push((
-                                String::from_utf8_lossy(name).into_owned(),
-                                String::from_utf8_lossy(value).into_owned(),
-                            ));
-                        }
-                    }
-                    b'Z' => {
-                        return match failed {
-                            None => Ok(answer),
-                            Some(error) => Err(OwnError::Server(error)),
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
-            }
-        }
-    }
-}
-
-/// What the server answered to one of the gateway's own queries.
-#[derive(Default, Debug)]
-pub struct OwnAnswer {
-    /// Each DataRow's columns as text (None for NULL).
-    pub rows: Vec<Vec<Option<String>>>,
-    /// ParameterStatus messages, in order.
-    pub reported: Vec<(String, String)>,
-}
-
-/// Why one of the gateway's own queries did not succeed.
-#[derive(Debug, thiserror::Error)]
-pub enum OwnError {
-    /// The connection broke (or the server ended it): it cannot be used again.
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    /// The server refused the query; the connection is idle again.
-    #[error("{}: {}", .0.code, .0.message)]
-    Server(PgError),
-}
 
 /// ParameterStatus name/value pairs a server sent at login.
 pub type ServerParameters = Arc<Vec<(String, String)>>;
@@ -211,6 +31,46 @@ pub struct LoginState {
     pub reset: Settings,
     /// The ParameterStatus values a direct connection would have reported.
     pub reported: Vec<(String, String)>,
+}
+
+/// Why a pool could not give a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    /// Every connection of the pool stayed busy for the checkout timeout.
+    #[error("no server connection free in pool {pool} (size {size}) within {waited:?}")]
+    Exhausted {
+        pool: String,
+        size: usize,
+        waited: Duration,
+    },
+    /// The server refused the login (authentication, an unknown database, too many connections).
+    #[error("server {server}: {message}")]
+    Refused {
+        server: ServerUrl,
+        code: String,
+        message: String,
+    },
+    /// No connection could be opened (refused, timed out, TLS, a broken login exchange).
+    #[error("cannot connect to server {server}: {reason}")]
+    Unreachable { server: ServerUrl, reason: String },
+}
+
+impl CheckoutError {
+    /// What a client whose request needed the connection is told. A server's refusal keeps its SQLSTATE
+    /// (authentication and unknown-database errors are the client's to see).
+    pub fn to_client(&self) -> PgError {
+        let code: std::borrow::Cow<'static, str> = match self {
+            CheckoutError::Exhausted { .. } => "53300".into(),
+            CheckoutError::Refused { code, .. } => code.clone().into(),
+            CheckoutError::Unreachable { .. } => "08006".into(),
+        };
+        PgError {
+            severity: "ERROR",
+            code,
+            message: format!("regiongate: {self}"),
+            detail: None,
+        }
+    }
 }
 
 /// Which pool: server, database and the client's user (whose credentials the server connections use).
@@ -278,7 +138,7 @@ impl Pool {
 
     /// A connection for a client: waits up to the checkout timeout for a free slot, then reuses an idle
     /// connection or opens one.
-    pub async fn checkout(self: &Arc<Self>) -> Result<Lease, PgError> {
+    pub async fn checkout(self: &Arc<Self>) -> Result<Lease, CheckoutError> {
         // The slot is held by the lease, which gives it back when dropped (no owned permit: that would clone
         // the semaphore's Arc at every checkout).
         match self.permits.try_acquire() {
@@ -292,13 +152,11 @@ impl Pool {
                 _ => {
                     METRICS.pool_timeouts.inc();
                     tracing::warn!(pool = %self.name, size = self.config.size, "pool exhausted: checkout timed out");
-                    return Err(PgError::error(
-                        "53300",
-                        format!(
-                            "regiongate: no server connection free in pool {} (size {}) within {:?}",
-                            self.name, self.config.size, self.config.checkout_timeout
-                        ),
-                    ));
+                    return Err(CheckoutError::Exhausted {
+                        pool: self.name.clone(),
+                        size: self.config.size,
+                        waited: self.config.checkout_timeout,
+                    });
                 }
             },
         }
@@ -340,7 +198,7 @@ impl Pool {
         waited
     }
 
-    async fn open_connection(&self) -> Result<Box<ServerConn>, PgError> {
+    async fn open_connection(&self) -> Result<Box<ServerConn>, CheckoutError> {
         let database = &self.key.database;
         let connect = ServerConn::connect(&self.key.server, &self.credentials, database);
         let result = match tokio::time::timeout(self.config.connect_timeout, connect).await {
@@ -361,27 +219,22 @@ impl Pool {
                 if cached.is_none() {
                     *cached = Some(Arc::new(parameters));
                 }
-                tracing::debug!(pool = %self.name, pid = conn.pid, "server connection opened");
+                tracing::debug!(pool = %self.name, pid = conn.pid(), "server connection opened");
                 Ok(Box::new(conn))
             }
             Err(error) => {
                 METRICS.server_connect_errors.inc();
                 tracing::warn!(pool = %self.name, %error, "cannot open a server connection");
                 Err(match error {
-                    // Authentication and unknown-database errors keep their SQLSTATE: the client must see them.
-                    ServerLoginError::Server { code, message } => PgError {
-                        severity: "ERROR",
-                        code: code.into(),
-                        message: format!("regiongate: server {}: {message}", self.key.server),
-                        detail: None,
+                    ServerLoginError::Server { code, message } => CheckoutError::Refused {
+                        server: self.key.server.clone(),
+                        code,
+                        message,
                     },
-                    other => PgError::error(
-                        "08006",
-                        format!(
-                            "regiongate: cannot connect to server {}: {other}",
-                            self.key.server
-                        ),
-                    ),
+                    other => CheckoutError::Unreachable {
+                        server: self.key.server.clone(),
+                        reason: other.to_string(),
+                    },
                 })
             }
         }
@@ -406,7 +259,7 @@ impl Pool {
         {
             return Ok(state.clone());
         }
-        let mut lease = self.checkout().await?;
+        let mut lease = self.checkout().await.map_err(|e| e.to_client())?;
         let conn = lease.conn();
         let sql = crate::settings::startup_sql(parameters);
         let answer = match conn.run_own(&sql).await {
@@ -435,9 +288,9 @@ impl Pool {
         };
         let state: Settings = Arc::new(crate::settings::from_capture(
             &answer.rows,
-            &conn.login_user,
+            conn.login_user(),
         ));
-        conn.settings = state.clone();
+        conn.captured_settings(state.clone());
         lease.release();
         let mut reported: Vec<(String, String)> = self
             .server_parameters
@@ -466,12 +319,11 @@ impl Pool {
 
     /// Takes a connection back, idle since `now`.
     fn checkin(&self, mut conn: Box<ServerConn>, now: Instant) {
-        conn.idle_since = now;
-        conn.unnamed_valid = false;
+        conn.checked_in(now);
         // Retire a connection past its lifetime, or holding too many statements (rather than track which are
         // still wanted).
         if now.duration_since(conn.created) >= self.config.max_lifetime
-            || conn.prepared.len() > self.config.max_prepared_statements
+            || conn.statement_count() > self.config.max_prepared_statements
         {
             self.closed_one();
             return;
@@ -545,7 +397,7 @@ impl Pool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|c| (c.pid, c.idle_since.elapsed()))
+            .map(|c| (c.pid(), c.idle_since.elapsed()))
             .collect()
     }
 
@@ -573,7 +425,7 @@ impl Lease {
 
     /// The server's process id for this connection.
     pub fn pid(&self) -> i32 {
-        self.conn.as_ref().map_or(0, |conn| conn.pid)
+        self.conn.as_ref().map_or(0, |conn| conn.pid())
     }
 
     /// Returns the connection to the pool; the caller vouches that it is idle ('I') and clean.
@@ -586,6 +438,21 @@ impl Lease {
         if let Some(conn) = self.conn.take() {
             self.pool.checkin(conn, now);
         }
+    }
+}
+
+impl Lease {
+    /// Returns a connection its client left in a transaction (`rollback`) or with session state it cannot
+    /// pass on (`reset`: DISCARD ALL), once cleaned up in the background; one that cannot be cleaned within a
+    /// few seconds is closed.
+    pub fn clean_up(mut self, rollback: bool, reset: bool) {
+        tokio::spawn(async move {
+            let cleaned = self.conn().clean_up(rollback, reset);
+            match tokio::time::timeout(Duration::from_secs(5), cleaned).await {
+                Ok(Ok(())) => self.release(),
+                _ => tracing::debug!("could not reset a server connection; closing it"),
+            }
+        });
     }
 }
 

@@ -4,6 +4,12 @@
 //! the five-byte header of most messages and forwards their bytes untouched; it decodes the bodies of just
 //! the messages it must act on (Query, Parse, Bind, Describe, Close, ReadyForQuery, ErrorResponse,
 //! CommandComplete, ParameterStatus, BackendKeyData). See "Message Formats" in the protocol documentation.
+//!
+//! This is the one codec for traffic: frames are read and built here, and feature code names the messages it
+//! writes ([`command_complete`], [`execute`], ...) instead of spelling tag bytes. Two other crates speak the
+//! protocol at the edges, where a whole exchange is theirs: pgwire decodes the client's StartupMessage, runs
+//! SCRAM on the client side of authentication and serves the admin console; postgres-protocol computes the
+//! client half of SCRAM and md5 when the gateway logs in to a server. Neither touches a forwarded message.
 
 use bytes::{BufMut, BytesMut};
 use std::borrow::Cow;
@@ -137,22 +143,153 @@ impl PgError {
     }
 }
 
-pub fn ready_for_query(out: &mut BytesMut, status: u8) {
-    out.put_slice(&[b'Z', 0, 0, 0, 5, status]);
+/// Message tags, by name. The same byte means different messages in the two directions (`D` is Describe from
+/// a client and DataRow from a server), so each constant says which side sends it.
+pub mod tag {
+    // Frontend (client to server).
+    pub const QUERY: u8 = b'Q';
+    pub const PARSE: u8 = b'P';
+    pub const BIND: u8 = b'B';
+    pub const DESCRIBE: u8 = b'D';
+    pub const EXECUTE: u8 = b'E';
+    pub const SYNC: u8 = b'S';
+    pub const FLUSH: u8 = b'H';
+    pub const CLOSE: u8 = b'C';
+    pub const FUNCTION_CALL: u8 = b'F';
+    pub const TERMINATE: u8 = b'X';
+    pub const COPY_FAIL: u8 = b'f';
+    // Both directions.
+    pub const COPY_DATA: u8 = b'd';
+    pub const COPY_DONE: u8 = b'c';
+    // Backend (server to client).
+    pub const PARSE_COMPLETE: u8 = b'1';
+    pub const BIND_COMPLETE: u8 = b'2';
+    pub const CLOSE_COMPLETE: u8 = b'3';
+    pub const NO_DATA: u8 = b'n';
+    pub const COMMAND_COMPLETE: u8 = b'C';
+    pub const DATA_ROW: u8 = b'D';
+    pub const ERROR_RESPONSE: u8 = b'E';
+    pub const NOTICE_RESPONSE: u8 = b'N';
+    pub const NOTIFICATION_RESPONSE: u8 = b'A';
+    pub const PARAMETER_STATUS: u8 = b'S';
+    pub const READY_FOR_QUERY: u8 = b'Z';
+    pub const AUTHENTICATION: u8 = b'R';
+    pub const ROW_DESCRIPTION: u8 = b'T';
+    pub const PARAMETER_DESCRIPTION: u8 = b't';
+    pub const PORTAL_SUSPENDED: u8 = b's';
+    pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+    pub const COPY_IN_RESPONSE: u8 = b'G';
+    pub const COPY_OUT_RESPONSE: u8 = b'H';
+    pub const COPY_BOTH_RESPONSE: u8 = b'W';
+    pub const FUNCTION_CALL_RESPONSE: u8 = b'V';
+    pub const BACKEND_KEY_DATA: u8 = b'K';
 }
 
-pub fn query(out: &mut BytesMut, sql: &str) {
-    let at = start(out, b'Q');
-    put_cstr(out, sql.as_bytes());
+/// A transaction status, as ReadyForQuery carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxStatus {
+    /// `I`: not in a transaction block.
+    Idle,
+    /// `T`: in a transaction block.
+    InTransaction,
+    /// `E`: in a failed transaction block (statements are refused until it ends).
+    Failed,
+}
+
+impl TxStatus {
+    /// The status a ReadyForQuery body's byte gives (anything unknown is read as idle).
+    pub fn from_byte(byte: u8) -> TxStatus {
+        match byte {
+            b'T' => TxStatus::InTransaction,
+            b'E' => TxStatus::Failed,
+            _ => TxStatus::Idle,
+        }
+    }
+
+    pub fn byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => b'I',
+            TxStatus::InTransaction => b'T',
+            TxStatus::Failed => b'E',
+        }
+    }
+
+    pub fn is_idle(self) -> bool {
+        self == TxStatus::Idle
+    }
+}
+
+/// A message with an empty body (ParseComplete, Sync, ...).
+#[inline]
+fn empty(out: &mut BytesMut, tag: u8) {
+    out.put_slice(&[tag, 0, 0, 0, 4]);
+}
+
+/// Writes a whole message: the tag, then what `body` writes, with the length filled in.
+#[inline]
+pub fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    let at = start(out, tag);
+    body(out);
     finish(out, at);
 }
 
+pub fn ready_for_query(out: &mut BytesMut, status: TxStatus) {
+    out.put_slice(&[tag::READY_FOR_QUERY, 0, 0, 0, 5, status.byte()]);
+}
+
+pub fn authentication_ok(out: &mut BytesMut) {
+    out.put_slice(&[tag::AUTHENTICATION, 0, 0, 0, 8, 0, 0, 0, 0]);
+}
+
+/// CommandComplete with its command tag (`INSERT 0 1`, `BEGIN`).
+pub fn command_complete(out: &mut BytesMut, command: &str) {
+    message(out, tag::COMMAND_COMPLETE, |out| {
+        put_cstr(out, command.as_bytes())
+    });
+}
+
+pub fn parse_complete(out: &mut BytesMut) {
+    empty(out, tag::PARSE_COMPLETE);
+}
+
+pub fn bind_complete(out: &mut BytesMut) {
+    empty(out, tag::BIND_COMPLETE);
+}
+
+pub fn no_data(out: &mut BytesMut) {
+    empty(out, tag::NO_DATA);
+}
+
+/// Describe of a portal.
+pub fn describe_portal(out: &mut BytesMut, portal: &[u8]) {
+    message(out, tag::DESCRIBE, |out| {
+        out.put_u8(b'P');
+        put_cstr(out, portal);
+    });
+}
+
+/// Execute of a portal; `max_rows` 0 runs it to completion.
+pub fn execute(out: &mut BytesMut, portal: &[u8], max_rows: i32) {
+    message(out, tag::EXECUTE, |out| {
+        put_cstr(out, portal);
+        out.put_i32(max_rows);
+    });
+}
+
+pub fn copy_done(out: &mut BytesMut) {
+    empty(out, tag::COPY_DONE);
+}
+
+pub fn query(out: &mut BytesMut, sql: &str) {
+    message(out, tag::QUERY, |out| put_cstr(out, sql.as_bytes()));
+}
+
 pub fn sync(out: &mut BytesMut) {
-    out.put_slice(&[b'S', 0, 0, 0, 4]);
+    empty(out, tag::SYNC);
 }
 
 pub fn terminate(out: &mut BytesMut) {
-    out.put_slice(&[b'X', 0, 0, 0, 4]);
+    empty(out, tag::TERMINATE);
 }
 
 /// A Parse message naming the statement `name`; `rest` is the original body after the name (query text,
@@ -360,6 +497,30 @@ mod tests {
             error_fields(body(&out)),
             ("53300".to_string(), "no connection".to_string())
         );
+    }
+
+    #[test]
+    fn named_messages_are_framed_as_the_protocol_spells_them() {
+        let mut out = BytesMut::new();
+        command_complete(&mut out, "INSERT 0 1");
+        ready_for_query(&mut out, TxStatus::Idle);
+        assert_eq!(&out[..], b"C\0\0\0\x0fINSERT 0 1\0Z\0\0\0\x05I");
+        out.clear();
+        parse_complete(&mut out);
+        bind_complete(&mut out);
+        no_data(&mut out);
+        describe_portal(&mut out, b"");
+        execute(&mut out, b"", 0);
+        sync(&mut out);
+        copy_done(&mut out);
+        authentication_ok(&mut out);
+        assert_eq!(
+            &out[..],
+            &b"1\0\0\0\x042\0\0\0\x04n\0\0\0\x04D\0\0\0\x06P\0E\0\0\0\x09\0\0\0\0\0S\0\0\0\x04c\0\0\0\x04R\0\0\0\x08\0\0\0\0"[..]
+        );
+        for status in [TxStatus::Idle, TxStatus::InTransaction, TxStatus::Failed] {
+            assert_eq!(TxStatus::from_byte(status.byte()), status);
+        }
     }
 
     #[test]

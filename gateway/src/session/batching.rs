@@ -6,8 +6,14 @@
 //! the unnamed portal. Consecutive batchable exchanges a client pipelined are queued together, then answered in
 //! order. Anything else takes the ordinary path.
 
-use super::*;
+use super::duplex::client_gone;
+use super::{End, Session};
 use crate::batch::{self, CopyForm, Insert, Key, Outcome, Row, Values};
+use crate::metrics::METRICS;
+use crate::protocol::{self, tag, PgError, TxStatus};
+use crate::settings::Settings;
+use bytes::{Buf, Bytes, BytesMut};
+use std::sync::Arc;
 
 /// At most this many pipelined exchanges of one client are queued before their answers are awaited.
 const MAX_PIPELINED: usize = 256;
@@ -22,6 +28,10 @@ pub(super) struct Waiting {
     extended: bool,
 }
 
+/// What batch keys of one session carry, made once per change of its settings (the first): database, user,
+/// and the settings without what does not matter to a batch.
+pub(super) type Identity = (Settings, Arc<str>, Arc<str>, batch::SettingsKey);
+
 /// The messages of one extended-protocol exchange at the front of the buffer.
 struct Exchange<'a> {
     parse: Option<(&'a [u8], &'a [u8])>,
@@ -35,7 +45,10 @@ struct Exchange<'a> {
 impl Session {
     /// Takes the batchable exchanges at the front of the client's buffer. True when it took any.
     pub(super) fn take_batchable(&mut self) -> Result<bool, PgError> {
-        if self.status != b'I' || self.pinned.is_some() || self.reads.deferred_begin.is_some() {
+        if !self.state.status().is_idle()
+            || self.pinned.is_some()
+            || self.reads.deferred_begin.is_some()
+        {
             return Ok(false);
         }
         self.follow_reload();
@@ -48,11 +61,11 @@ impl Session {
             return Ok(false);
         }
         while self.batched.len() < MAX_PIPELINED {
-            let waiting = match protocol::peek_header(&self.from_client) {
-                Some(Ok((b'Q', len))) if self.from_client.len() >= len => {
+            let waiting = match protocol::peek_header(&self.io.from_client) {
+                Some(Ok((tag::QUERY, len))) if self.io.from_client.len() >= len => {
                     self.take_query(len, tables)
                 }
-                Some(Ok((b'P' | b'B', _))) => self.take_extended(tables)?,
+                Some(Ok((tag::PARSE | tag::BIND, _))) => self.take_extended(tables)?,
                 _ => None,
             };
             match waiting {
@@ -64,9 +77,9 @@ impl Session {
     }
 
     fn take_query(&mut self, len: usize, tables: &[String]) -> Option<Waiting> {
-        let text = protocol::query_text(protocol::body(&self.from_client[..len]))?;
+        let text = protocol::query_text(protocol::body(&self.io.from_client[..len]))?;
         let insert = batch::analyze(text, tables)?;
-        let message = self.from_client.split_to(len).freeze();
+        let message = self.io.from_client.split_to(len).freeze();
         let copy = Key::copy_form(&insert, None, &[]);
         Some(Waiting {
             key: self.batch_key(&insert, None, copy),
@@ -83,11 +96,11 @@ impl Session {
     }
 
     fn take_extended(&mut self, tables: &[String]) -> Result<Option<Waiting>, PgError> {
-        let Some(len) = extended_exchange(&self.from_client).map(|e| e.len) else {
+        let Some(len) = extended_exchange(&self.io.from_client).map(|e| e.len) else {
             return Ok(None);
         };
         // A copy of just this exchange, so that the session can be updated while it is read.
-        let bytes = Bytes::copy_from_slice(&self.from_client[..len]);
+        let bytes = Bytes::copy_from_slice(&self.io.from_client[..len]);
         let exchange = extended_exchange(&bytes).expect("the same bytes");
         // The statement: the one parsed in this exchange, or one the client prepared earlier.
         let (statement, parsed) = match exchange.parse {
@@ -101,17 +114,10 @@ impl Session {
                     Some(bytes.slice_ref(name)),
                 )
             }
-            None => {
-                let statement = if exchange.statement_name.is_empty() {
-                    self.unnamed.as_ref()
-                } else {
-                    self.statements.get(exchange.statement_name)
-                };
-                match statement {
-                    Some(statement) => (statement.clone(), None),
-                    None => return Ok(None),
-                }
-            }
+            None => match self.statements.get(exchange.statement_name) {
+                Some(statement) => (statement.clone(), None),
+                None => return Ok(None),
+            },
         };
         let Some(insert) = statement
             .batch
@@ -136,16 +142,11 @@ impl Session {
             formats,
             values: bytes.slice_ref(values),
         };
-        self.from_client.advance(len);
+        self.io.from_client.advance(len);
         let parse = parsed.is_some();
         if let Some(name) = parsed {
             // The gateway answers this Parse; the session remembers the statement as on_parse would.
-            if name.is_empty() {
-                self.unnamed = Some(statement);
-            } else {
-                self.check_statement_room(&name)?;
-                self.statements.insert(name, statement);
-            }
+            self.statements.insert(name, statement)?;
         }
         Ok(Some(Waiting {
             key: self.batch_key(&insert, Some(types), copy),
@@ -165,12 +166,12 @@ impl Session {
     /// row means, and leaving it in would keep apart clients that differ only in their name.
     fn batch_key(&mut self, insert: &Insert, types: Option<Vec<u32>>, copy: CopyForm) -> Key {
         let identity = match &self.batch_identity {
-            Some(identity) if Arc::ptr_eq(&identity.0, &self.settings) => identity,
+            Some(identity) if Arc::ptr_eq(&identity.0, &self.settings.current) => identity,
             _ => {
-                let mut settings = (*self.settings).clone();
+                let mut settings = (*self.settings.current).clone();
                 settings.values.remove("application_name");
                 self.batch_identity.insert((
-                    self.settings.clone(),
+                    self.settings.current.clone(),
                     self.pool.key.database.as_str().into(),
                     self.pool.key.user.as_str().into(),
                     batch::SettingsKey::new(Arc::new(settings)),
@@ -198,7 +199,7 @@ impl Session {
             let submit = batch::submit(&self.shared, entry.key.clone(), row);
             tokio::select! {
                 ticket = submit => tickets.push(ticket),
-                _ = client_gone(&mut self.client, &mut self.from_client) => return Err(End::Client),
+                _ = client_gone(&mut self.io.client, &mut self.io.from_client) => return Err(End::Client),
             }
         }
         for (entry, ticket) in waiting.iter().zip(tickets) {
@@ -207,59 +208,40 @@ impl Session {
                     "XX000",
                     "regiongate: the batch of this row was abandoned",
                 ))),
-                _ = client_gone(&mut self.client, &mut self.from_client) => return Err(End::Client),
+                _ = client_gone(&mut self.io.client, &mut self.io.from_client) => return Err(End::Client),
             };
+            let out = &mut self.io.to_client;
             match outcome {
                 Outcome::Committed(lsn) => {
-                    self.wrote_at(lsn);
+                    if let Some(lsn) = lsn {
+                        self.reads.wrote_at(lsn);
+                    }
                     if entry.parse {
-                        self.to_client.extend_from_slice(b"1\0\0\0\x04");
+                        protocol::parse_complete(out);
                     }
                     if entry.extended {
-                        self.to_client.extend_from_slice(b"2\0\0\0\x04");
+                        protocol::bind_complete(out);
                     }
                     if entry.describe {
-                        self.to_client.extend_from_slice(b"n\0\0\0\x04");
+                        protocol::no_data(out);
                     }
-                    self.to_client
-                        .extend_from_slice(b"C\0\0\0\x0fINSERT 0 1\0Z\0\0\0\x05I");
+                    protocol::command_complete(out, "INSERT 0 1");
+                    protocol::ready_for_query(out, TxStatus::Idle);
                 }
                 Outcome::Answered(answers, lsn) => {
-                    self.wrote_at(lsn);
-                    self.to_client.extend_from_slice(&answers);
+                    if let Some(lsn) = lsn {
+                        self.reads.wrote_at(lsn);
+                    }
+                    out.extend_from_slice(&answers);
                 }
                 Outcome::Failed(error) => {
                     METRICS.error_sent(&error.code);
-                    error.encode(&mut self.to_client);
-                    protocol::ready_for_query(&mut self.to_client, b'I');
+                    error.encode(out);
+                    protocol::ready_for_query(out, TxStatus::Idle);
                 }
             }
         }
         Ok(())
-    }
-}
-
-impl Session {
-    /// Read your writes after a batched insert: later reads wait for a replica at this WAL position.
-    fn wrote_at(&mut self, lsn: Option<regions::Lsn>) {
-        if let Some(lsn) = lsn {
-            self.reads.min_lsn = Some(self.reads.min_lsn.map_or(lsn, |old| old.max(lsn)));
-        }
-    }
-}
-
-/// Completes only when the client has gone (end of stream or a broken socket). Bytes it sends meanwhile are
-/// kept for later, up to the high-water mark; past it, only the answers are awaited.
-async fn client_gone(client: &mut Stream, buffer: &mut BytesMut) {
-    loop {
-        if buffer.len() >= HIGH_WATER {
-            return std::future::pending().await;
-        }
-        buffer.reserve(4096);
-        match client.read_buf(buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
     }
 }
 
@@ -285,32 +267,32 @@ fn extended_exchange(buf: &[u8]) -> Option<Exchange<'_>> {
         at += len;
         Some((tag, protocol::body(message)))
     };
-    let (mut tag, mut body) = next(b"PB")?;
+    let (mut message_tag, mut body) = next(&[tag::PARSE, tag::BIND])?;
     let mut parse = None;
-    if tag == b'P' {
+    if message_tag == tag::PARSE {
         parse = Some(protocol::cstr(body)?);
-        (tag, body) = next(b"B")?;
+        (message_tag, body) = next(&[tag::BIND])?;
     }
-    debug_assert_eq!(tag, b'B');
+    debug_assert_eq!(message_tag, tag::BIND);
     let (portal, rest) = protocol::cstr(body)?;
     let (statement_name, bind_rest) = protocol::cstr(rest)?;
     if !portal.is_empty() {
         return None;
     }
-    let (mut tag, mut body) = next(b"DE")?;
+    let (mut message_tag, mut body) = next(&[tag::DESCRIBE, tag::EXECUTE])?;
     let mut describe = false;
-    if tag == b'D' {
+    if message_tag == tag::DESCRIBE {
         if body != b"P\0" {
             return None;
         }
         describe = true;
-        (tag, body) = next(b"E")?;
+        (message_tag, body) = next(&[tag::EXECUTE])?;
     }
-    debug_assert_eq!(tag, b'E');
+    debug_assert_eq!(message_tag, tag::EXECUTE);
     if protocol::cstr(body)?.0 != b"" {
         return None;
     }
-    next(b"S")?;
+    next(&[tag::SYNC])?;
     Some(Exchange {
         parse,
         bind_rest,
@@ -370,11 +352,12 @@ fn bound_values<'a>(
 fn alone_messages(parse_rest: &[u8], bind_rest: &[u8], describe: bool) -> Bytes {
     let mut out = BytesMut::with_capacity(parse_rest.len() + bind_rest.len() + 40);
     protocol::parse_renamed(&mut out, b"", parse_rest);
-    protocol::renamed(&mut out, b'B', b"\0", b"", bind_rest);
+    protocol::renamed(&mut out, tag::BIND, b"\0", b"", bind_rest);
     if describe {
-        out.extend_from_slice(b"D\0\0\0\x06P\0");
+        protocol::describe_portal(&mut out, b"");
     }
-    out.extend_from_slice(b"E\0\0\0\x09\0\0\0\0\0S\0\0\0\x04");
+    protocol::execute(&mut out, b"", 0);
+    protocol::sync(&mut out);
     out.freeze()
 }
 

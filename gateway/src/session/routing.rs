@@ -7,9 +7,16 @@
 //! client is idle again. A write pipelined behind reads that went to a replica waits until the replica has
 //! answered them, then goes to the primary.
 
-use super::*;
+use super::state::Own;
+use super::Session;
+use crate::metrics::METRICS;
+use crate::pool::Pool;
+use crate::protocol::{self, tag, PgError, TxStatus};
 use crate::route::{hint::Hint, Access, Class};
+use bytes::{Bytes, BytesMut};
 use regions::{Decision, Lsn, ReadRequest, Reason, ReplicaId, Target};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Where the attached server connection is.
 pub(super) enum Route {
@@ -43,6 +50,69 @@ pub(super) struct Reads {
     pub counters: Vec<(CounterKey, prometheus::IntCounter)>,
 }
 
+impl Reads {
+    /// Where an exchange of this class goes, given the session's routing state and the regions' picture:
+    /// writes, primary hints and transactions that are not read only to the primary; reads to the nearest
+    /// replica within their budget (a view read by the freshness of its views, from `views`).
+    pub fn decide<V: std::ops::Deref<Target = views::Views>>(
+        &mut self,
+        class: &Class,
+        regions: &regions::Regions,
+        views: impl FnOnce() -> V,
+    ) -> Result<Decision, regions::NoFit> {
+        // An explicit transaction goes to the primary unless it is read only.
+        let in_transaction = self.deferred_begin.is_some();
+        if class.hint == Some(Hint::Primary) {
+            return Ok(primary(regions, Reason::Hint));
+        }
+        if class.access == Access::Write {
+            self.wrote = true;
+            return Ok(primary(regions, Reason::Write));
+        }
+        if in_transaction && !class.read_only_transaction {
+            // Writes later in the transaction are noted as they pass (see `admit`).
+            return Ok(primary(regions, Reason::Write));
+        }
+        let max_lag = match class.hint {
+            Some(Hint::MaxLag(lag)) => lag,
+            _ => self.session_max_lag.unwrap_or(self.budget),
+        };
+        let request = ReadRequest {
+            max_lag,
+            min_lsn: if regions.routing.read_your_writes {
+                self.min_lsn
+            } else {
+                None
+            },
+            exclude: self.exclude,
+        };
+        // A read of views only is judged by the views' freshness on each replica, unless a hint set a lag.
+        if class.views != 0 && !matches!(class.hint, Some(Hint::MaxLag(_))) {
+            let views = views();
+            let now = std::time::Instant::now();
+            let fresh = |replica: ReplicaId| views.fits(class.views, replica, now);
+            regions.choose_with(&request, Some(&fresh))
+        } else {
+            regions.choose(&request)
+        }
+    }
+
+    /// Read your writes: later reads wait for a replica at this WAL position (or later).
+    pub fn wrote_at(&mut self, lsn: Lsn) {
+        self.min_lsn = Some(self.min_lsn.map_or(lsn, |old| old.max(lsn)));
+    }
+}
+
+/// A decision for the primary.
+pub(super) fn primary(regions: &regions::Regions, reason: Reason) -> Decision {
+    Decision {
+        target: Target::Primary,
+        reason,
+        region: regions.primary_region.clone(),
+        fresh_until: None,
+    }
+}
+
 /// Labels of a routing counter: region (by name), primary or replica, reason.
 pub(super) type CounterKey = (Option<Arc<str>>, bool, Reason);
 
@@ -61,26 +131,21 @@ impl Session {
     ) -> Option<Class> {
         let body = protocol::body(message);
         match tag {
-            b'Q' => protocol::query_text(body).map(|text| match shape {
+            tag::QUERY => protocol::query_text(body).map(|text| match shape {
                 Some(shape) => self.shared.classifier.load().classify_shaped(text, shape),
                 None => self.shared.classifier.load().classify(text),
             }),
-            b'P' => {
+            tag::PARSE => {
                 let (_, rest) = protocol::cstr(body)?;
                 let (text, _) = protocol::cstr(rest)?;
                 Some(self.shared.classifier.load().classify(text))
             }
-            b'B' => {
+            tag::BIND => {
                 let (_, rest) = protocol::cstr(body)?;
                 let (name, _) = protocol::cstr(rest)?;
-                let statement = if name.is_empty() {
-                    self.unnamed.as_ref()
-                } else {
-                    self.statements.get(name)
-                };
-                statement.and_then(|s| s.class)
+                self.statements.get(name).and_then(|s| s.class)
             }
-            b'F' => Some(Class {
+            tag::FUNCTION_CALL => Some(Class {
                 access: Access::Write,
                 hint: None,
                 bare_begin: false,
@@ -103,11 +168,12 @@ impl Session {
         // Views read by the exchange's statements; any read of something else makes it a plain read.
         let mut only_views = true;
         let mut at = 0;
-        while let Some(Ok((tag, len))) = protocol::peek_header(&self.from_client[at..]) {
-            if self.from_client.len() - at < len {
+        let buffer = &self.io.from_client;
+        while let Some(Ok((message_tag, len))) = protocol::peek_header(&buffer[at..]) {
+            if buffer.len() - at < len {
                 break;
             }
-            if let Some(class) = self.message_class(tag, &self.from_client[at..at + len], None) {
+            if let Some(class) = self.message_class(message_tag, &buffer[at..at + len], None) {
                 combined.access = combined.access.and(class.access);
                 combined.hint = combined.hint.or(class.hint);
                 combined.read_only_transaction |= class.read_only_transaction;
@@ -117,7 +183,7 @@ impl Session {
                 }
             }
             at += len;
-            if matches!(tag, b'S' | b'Q' | b'F') {
+            if matches!(message_tag, tag::SYNC | tag::QUERY | tag::FUNCTION_CALL) {
                 break;
             }
         }
@@ -129,56 +195,19 @@ impl Session {
 
     /// Where the next exchange goes.
     pub(super) fn decide(&mut self, regions: &regions::Regions) -> Result<Decision, PgError> {
-        let write = |reason| Decision {
-            target: Target::Primary,
-            reason,
-            region: regions.primary_region.clone(),
-            fresh_until: None,
-        };
         if !self.routing_enabled() {
-            return Ok(write(if self.pinned.is_some() {
+            let reason = if self.pinned.is_some() {
                 Reason::Write
             } else {
                 Reason::NoReplicas
-            }));
+            };
+            return Ok(primary(regions, reason));
         }
         let class = self.next_exchange_class();
-        // An explicit transaction goes to the primary unless it is read only.
-        let in_transaction = self.reads.deferred_begin.is_some();
-        if class.hint == Some(Hint::Primary) {
-            return Ok(write(Reason::Hint));
-        }
-        if class.access == Access::Write {
-            self.reads.wrote = true;
-            return Ok(write(Reason::Write));
-        }
-        if in_transaction && !class.read_only_transaction {
-            // Writes later in the transaction are noted as they pass (see `admit`).
-            return Ok(write(Reason::Write));
-        }
-        let max_lag = match class.hint {
-            Some(Hint::MaxLag(lag)) => lag,
-            _ => self.reads.session_max_lag.unwrap_or(self.reads.budget),
-        };
-        let request = ReadRequest {
-            max_lag,
-            min_lsn: if regions.routing.read_your_writes {
-                self.reads.min_lsn
-            } else {
-                None
-            },
-            exclude: self.reads.exclude,
-        };
-        // A read of views only is judged by the views' freshness on each replica, unless a hint set a lag.
-        let chosen = if class.views != 0 && !matches!(class.hint, Some(Hint::MaxLag(_))) {
-            let views = self.shared.views();
-            let now = std::time::Instant::now();
-            let fresh = |replica: ReplicaId| views.fits(class.views, replica, now);
-            regions.choose_with(&request, Some(&fresh))
-        } else {
-            regions.choose(&request)
-        };
-        chosen.map_err(|no_fit| PgError::error("57P03", format!("regiongate: {no_fit}")))
+        let shared = &self.shared;
+        self.reads
+            .decide(&class, regions, || shared.views())
+            .map_err(|no_fit| PgError::error("57P03", format!("regiongate: {no_fit}")))
     }
 
     /// Counts and logs a routing decision.
@@ -238,17 +267,23 @@ impl Session {
     /// Called for each client message about to be forwarded. Returns false when the message must wait: it
     /// needs the primary, the session is on a replica between transactions, so it waits for the replica's
     /// answers and a release.
-    pub(super) fn admit(&mut self, tag: u8, len: usize, shape: Option<u64>) -> bool {
-        if !self.routing_enabled() || !matches!(tag, b'Q' | b'P' | b'B' | b'F') {
+    pub(super) fn admit(&mut self, message_tag: u8, len: usize, shape: Option<u64>) -> bool {
+        if !self.routing_enabled()
+            || !matches!(
+                message_tag,
+                tag::QUERY | tag::PARSE | tag::BIND | tag::FUNCTION_CALL
+            )
+        {
             return true;
         }
-        let Some(class) = self.message_class(tag, &self.from_client[..len], shape) else {
+        let Some(class) = self.message_class(message_tag, &self.io.from_client[..len], shape)
+        else {
             return true;
         };
         let needs_primary = class.access == Access::Write || class.hint == Some(Hint::Primary);
         match self.route {
             Some(Route::Replica(_))
-                if needs_primary && self.status == b'I' && !self.in_exchange =>
+                if needs_primary && self.state.status().is_idle() && !self.state.in_exchange() =>
             {
                 self.reads.draining = true;
                 false
@@ -284,12 +319,10 @@ impl Session {
         }
         tracing::info!(replica = %regions.replica_urls[id], reason, "retrying a read elsewhere");
         let mut requeued = input;
-        requeued.extend_from_slice(&self.from_client);
-        self.from_client = requeued;
+        requeued.extend_from_slice(&self.io.from_client);
+        self.io.from_client = requeued;
         self.reads.exclude = Some(id);
-        self.pending.clear();
-        self.in_exchange = false;
-        self.segment_reset = Reset::Nothing;
+        self.state.clear();
         true
     }
 
@@ -313,58 +346,38 @@ impl Session {
         if !self.regions.routing.read_your_writes {
             return false;
         }
-        protocol::query(
-            &mut self.to_server,
-            "SELECT pg_catalog.pg_current_wal_lsn()",
-        );
-        self.pending.push_back(Pending::own(Own::Position));
+        self.send_own_query(crate::server::WAL_POSITION, Own::Position);
         true
-    }
-
-    /// The DataRow answering [`capture_write_position`].
-    pub(super) fn captured(&mut self, message: &[u8]) {
-        let body = protocol::body(message);
-        // int16 column count, int32 length, text.
-        if body.len() < 6 {
-            return;
-        }
-        let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
-        let Some(text) = usize::try_from(len).ok().and_then(|l| body.get(6..6 + l)) else {
-            return;
-        };
-        if let Some(lsn) = std::str::from_utf8(text)
-            .ok()
-            .and_then(|t| t.parse::<Lsn>().ok())
-        {
-            self.reads.min_lsn = Some(self.reads.min_lsn.map_or(lsn, |old| old.max(lsn)));
-        }
     }
 
     /// A bare `BEGIN` from an idle client is answered here: whether the transaction may read from a replica
     /// depends on its next statement (`SET TRANSACTION READ ONLY`). True when it took the message.
     pub(super) fn defer_begin(&mut self, len: usize) -> bool {
-        if !self.routing_enabled() || self.status != b'I' || self.reads.deferred_begin.is_some() {
+        if !self.routing_enabled()
+            || !self.state.status().is_idle()
+            || self.reads.deferred_begin.is_some()
+        {
             return false;
         }
         let is_bare_begin = self
-            .message_class(b'Q', &self.from_client[..len], None)
+            .message_class(tag::QUERY, &self.io.from_client[..len], None)
             .is_some_and(|c| c.bare_begin);
         if !is_bare_begin {
             return false;
         }
-        let message = self.from_client.split_to(len).freeze();
+        let message = self.io.from_client.split_to(len).freeze();
         self.reads.deferred_begin = Some(message);
-        self.status = b'T';
-        self.to_client.extend_from_slice(b"C\0\0\0\x0aBEGIN\0");
-        protocol::ready_for_query(&mut self.to_client, b'T');
+        self.state.begin_answered();
+        protocol::command_complete(&mut self.io.to_client, "BEGIN");
+        protocol::ready_for_query(&mut self.io.to_client, TxStatus::InTransaction);
         true
     }
 
     /// Sends a deferred BEGIN ahead of the transaction's first statement, its answers swallowed.
     pub(super) fn send_deferred_begin(&mut self) {
         if let Some(begin) = self.reads.deferred_begin.take() {
-            self.to_server.extend_from_slice(&begin);
-            self.pending.push_back(Pending::own(Own::Plain));
+            self.io.to_server.extend_from_slice(&begin);
+            self.state.own(Own::Plain);
         }
     }
 
@@ -372,7 +385,109 @@ impl Session {
     pub(super) fn session_budget_changed(&mut self) {
         self.reads.session_max_lag = self
             .settings
+            .current
             .get("regiongate.max_lag")
             .and_then(|value| humantime::parse_duration(value).ok());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regions with one replica in the home region, not yet seen up by a monitor.
+    fn regions(when_no_replica_fits: &str) -> Arc<regions::Regions> {
+        let text = format!(
+            "primary: {{ url: 'postgres://p/app', region: us-east }}\nhome_region: eu-west\n\
+             auth: {{ method: trust }}\nregions:\n  - {{ name: eu-west, replicas: [ 'postgres://r1/app' ] }}\n\
+             routing: {{ max_lag: 5s, when_no_replica_fits: {when_no_replica_fits} }}\n"
+        );
+        let config = crate::config::Config::parse(&text, "test").unwrap();
+        crate::Shared::new(config, None).regions()
+    }
+
+    fn class(access: Access) -> Class {
+        Class {
+            access,
+            hint: None,
+            bare_begin: false,
+            read_only_transaction: false,
+            views: 0,
+        }
+    }
+
+    fn no_views() -> Arc<views::Views> {
+        unreachable!("no statement here reads a view")
+    }
+
+    #[tokio::test]
+    async fn writes_hints_and_transactions_that_may_write_go_to_the_primary() {
+        let regions = regions("error");
+        let mut reads = Reads::default();
+        let decision = reads
+            .decide(&class(Access::Write), &regions, no_views)
+            .unwrap();
+        assert_eq!(
+            (decision.target, decision.reason),
+            (Target::Primary, Reason::Write)
+        );
+        assert!(
+            reads.wrote,
+            "a write asks for the WAL position before release"
+        );
+        assert_eq!(decision.region.as_deref(), Some("us-east"));
+
+        let hinted = Class {
+            hint: Some(Hint::Primary),
+            ..class(Access::Read)
+        };
+        let decision = reads.decide(&hinted, &regions, no_views).unwrap();
+        assert_eq!(decision.reason, Reason::Hint);
+
+        // BEGIN answered by the gateway, then a read: the transaction may write later.
+        reads.deferred_begin = Some(Bytes::from_static(b"Q\0\0\0\x0aBEGIN\0"));
+        let decision = reads
+            .decide(&class(Access::Read), &regions, no_views)
+            .unwrap();
+        assert_eq!(
+            (decision.target, decision.reason),
+            (Target::Primary, Reason::Write)
+        );
+    }
+
+    #[tokio::test]
+    async fn reads_are_chosen_by_the_regions_and_fail_when_none_fits_and_that_is_configured() {
+        // The replica has not been seen up: with `error`, a read gets the regions' refusal.
+        let mut reads = Reads::default();
+        assert!(reads
+            .decide(&class(Access::Read), &regions("error"), no_views)
+            .is_err());
+        // A read-only transaction is a read.
+        reads.deferred_begin = Some(Bytes::from_static(b"Q\0\0\0\x0aBEGIN\0"));
+        let read_only = Class {
+            read_only_transaction: true,
+            ..class(Access::Read)
+        };
+        assert!(reads
+            .decide(&read_only, &regions("error"), no_views)
+            .is_err());
+        // With `primary`, it falls back to the primary, saying why.
+        reads.deferred_begin = None;
+        let decision = reads
+            .decide(&class(Access::Read), &regions("primary"), no_views)
+            .unwrap();
+        assert_eq!(
+            (decision.target, decision.reason),
+            (Target::Primary, Reason::Down)
+        );
+        assert!(!reads.wrote);
+    }
+
+    #[test]
+    fn the_newest_write_position_is_kept() {
+        let mut reads = Reads::default();
+        reads.wrote_at("0/20".parse().unwrap());
+        reads.wrote_at("0/10".parse().unwrap());
+        assert_eq!(reads.min_lsn, Some("0/20".parse().unwrap()));
     }
 }

@@ -1,0 +1,235 @@
+//! A session's bytes: the client's stream, what it sent and what it is owed, what waits for the server, and
+//! the one place that waits for sockets. Writes are buffered and go out when a socket is ready; reading from
+//! one side stops while too much waits for the other (backpressure).
+
+use crate::server::ServerConn;
+use crate::tls::Stream;
+use bytes::{Buf, BytesMut};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Stop reading from one side while this much is waiting to be written to the other (backpressure).
+pub const HIGH_WATER: usize = 256 * 1024;
+
+pub struct Duplex {
+    pub client: Stream,
+    /// Client bytes not yet handled.
+    pub from_client: BytesMut,
+    pub to_client: BytesMut,
+    pub to_server: BytesMut,
+    /// Bytes left of a client message streamed through before it is complete (large CopyData), and
+    /// whether they go to the server or are dropped.
+    pub client_skip: usize,
+    pub client_skip_forward: bool,
+    /// Bytes left of a server message streamed through before it is complete (large DataRow).
+    pub server_skip: usize,
+}
+
+/// What to wait for besides the client, decided by the session.
+pub struct Watch {
+    /// The server may speak (an answer is owed, or it is idle and may send a notification or close).
+    pub server: bool,
+    /// Only the client can move things on: it may be idle this long.
+    pub idle: Option<Duration>,
+    /// The request in flight ends at this instant (`limits.statement_timeout`).
+    pub deadline: Option<Instant>,
+}
+
+pub enum IoEvent {
+    /// The request in flight ran past `limits.statement_timeout`.
+    StatementTimeout,
+    /// The client sent nothing for `limits.client_idle_timeout` while nothing else was going on.
+    ClientIdle,
+    ClientRead(std::io::Result<usize>),
+    ClientWrite(std::io::Result<usize>),
+    ServerRead(std::io::Result<usize>),
+    ServerWrite(std::io::Result<usize>),
+}
+
+/// A write that failed, and on which side.
+pub enum Broken {
+    Client,
+    Server,
+}
+
+impl Duplex {
+    pub fn new(client: Stream) -> Duplex {
+        Duplex {
+            client,
+            from_client: BytesMut::with_capacity(8 * 1024),
+            to_client: BytesMut::with_capacity(16 * 1024),
+            to_server: BytesMut::with_capacity(8 * 1024),
+            client_skip: 0,
+            client_skip_forward: false,
+            server_skip: 0,
+        }
+    }
+
+    /// Whether a whole client message is in the buffer.
+    pub fn has_complete_message(&self) -> bool {
+        matches!(crate::protocol::peek_header(&self.from_client), Some(Ok((_, len))) if self.from_client.len() >= len)
+    }
+
+    /// Nothing of the client's half-sent message is going to the server.
+    pub fn between_messages(&self) -> bool {
+        self.server_skip == 0 && !(self.client_skip > 0 && self.client_skip_forward)
+    }
+
+    /// Writes what can be written without waiting.
+    pub fn flush_now(&mut self, server: Option<&mut ServerConn>) -> Result<(), Broken> {
+        if !self.to_server.is_empty() {
+            if let Some(conn) = server {
+                let (stream, _) = conn.io();
+                while !self.to_server.is_empty() {
+                    match stream.try_write(&self.to_server) {
+                        Ok(n) => self.to_server.advance(n),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(_) => return Err(Broken::Server),
+                    }
+                }
+            }
+        }
+        while !self.to_client.is_empty() {
+            match self.client.try_write(&self.to_client) {
+                Ok(n) => self.to_client.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(Broken::Client),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes everything owed to the client, waiting for it (before the session waits for a server).
+    pub async fn flush_client(&mut self) {
+        if !self.to_client.is_empty() {
+            let _ = self.client.write_all(&self.to_client).await;
+            let _ = self.client.flush().await;
+            self.to_client.clear();
+        }
+    }
+
+    /// The session is over: writes `last` (its final words) within a second, then gives up.
+    pub async fn goodbye(&mut self, last: &[u8]) {
+        let client = &mut self.client;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            client.write_all(last).await?;
+            client.flush().await
+        })
+        .await;
+    }
+
+    /// Waits until a socket is ready and moves bytes: reads from the client and the server, and writes
+    /// what is waiting for either.
+    pub async fn wait(&mut self, server: Option<&mut ServerConn>, watch: Watch) -> IoEvent {
+        let read_client = self.to_server.len() < HIGH_WATER;
+        let read_server = self.to_client.len() < HIGH_WATER;
+        if self.from_client.capacity() - self.from_client.len() < 4096 {
+            self.from_client.reserve(8192);
+        }
+        let client = stream_io(
+            &mut self.client,
+            &mut self.from_client,
+            &mut self.to_client,
+            read_client,
+            IoEvent::ClientRead,
+            IoEvent::ClientWrite,
+        );
+        let Some(conn) = server else {
+            return match watch.idle {
+                None => client.await,
+                Some(idle) => match tokio::time::timeout(idle, client).await {
+                    Ok(event) => event,
+                    Err(_) => IoEvent::ClientIdle,
+                },
+            };
+        };
+        let (stream, read_buf) = conn.io();
+        if read_buf.capacity() - read_buf.len() < 4096 {
+            read_buf.reserve(16 * 1024);
+        }
+        let server_busy =
+            read_server && watch.server || !self.to_server.is_empty() || stream.wants_flush();
+        let server = stream_io(
+            stream,
+            read_buf,
+            &mut self.to_server,
+            read_server,
+            IoEvent::ServerRead,
+            IoEvent::ServerWrite,
+        );
+        let idle = watch.idle.unwrap_or_default();
+        // Biased: no random branch order to draw; at most one or two are ready at a time anyway.
+        tokio::select! {
+            biased;
+            event = server, if server_busy => event,
+            event = client => event,
+            _ = sleep_for(idle), if watch.idle.is_some() => IoEvent::ClientIdle,
+            _ = sleep_until(watch.deadline), if watch.deadline.is_some() => IoEvent::StatementTimeout,
+        }
+    }
+}
+
+/// One side (client or server) of [`Duplex::wait`]: reads into `from` (when `read`), writes `to`, and over
+/// TLS flushes records rustls still holds; completes with the first of these that happened, as the caller's
+/// event. One future for both directions, because a TLS stream cannot be split into halves that wait
+/// independently.
+fn stream_io<'a>(
+    stream: &'a mut Stream,
+    from: &'a mut BytesMut,
+    to: &'a mut BytesMut,
+    read: bool,
+    on_read: fn(std::io::Result<usize>) -> IoEvent,
+    on_write: fn(std::io::Result<usize>) -> IoEvent,
+) -> impl std::future::Future<Output = IoEvent> + 'a {
+    std::future::poll_fn(move |cx| {
+        if read {
+            if let Poll::Ready(r) =
+                tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *stream), cx, from)
+            {
+                return Poll::Ready(on_read(r));
+            }
+        }
+        if !to.is_empty() {
+            if let Poll::Ready(r) = std::pin::Pin::new(&mut *stream).poll_write(cx, to) {
+                if let Ok(n) = r {
+                    to.advance(n);
+                }
+                return Poll::Ready(on_write(r));
+            }
+        } else if stream.wants_flush() {
+            if let Poll::Ready(r) = std::pin::Pin::new(&mut *stream).poll_flush(cx) {
+                return Poll::Ready(on_write(r.map(|()| 0)));
+            }
+        }
+        Poll::Pending
+    })
+}
+
+/// Sleeps for `duration`. Unlike `tokio::time::sleep`, creating it reads no clock: select! creates the
+/// futures of disabled branches too, and this one is created at every wait for I/O.
+async fn sleep_for(duration: Duration) {
+    tokio::time::sleep(duration).await
+}
+
+/// Sleeps until `deadline`.
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+/// Completes only when the client has gone (end of stream or a broken socket). Bytes it sends meanwhile are
+/// kept for later, up to the high-water mark; past it, only the answers are awaited.
+pub async fn client_gone(client: &mut Stream, buffer: &mut BytesMut) {
+    loop {
+        if buffer.len() >= HIGH_WATER {
+            return std::future::pending().await;
+        }
+        buffer.reserve(4096);
+        match client.read_buf(buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! What a session tells about its requests: how long each took (histogram, slow-statement log), how many
+//! rows it returned, the statement timeout's clock, and the statements the N+1 detector is fed.
+
+use crate::clients::ClientEntry;
+use crate::fingerprint::{self, Recent};
+use crate::metrics::METRICS;
+use crate::nplus1;
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+pub struct Observer {
+    /// When the oldest unanswered request (Query, Sync, FunctionCall) was sent, for the latency histogram
+    /// and slow-statement log.
+    started: Option<Instant>,
+    /// When the last request was answered: the server connection's idle-since when it goes back to the
+    /// pool right after, so that a transaction reads the clock twice, not three or four times.
+    pub last_answer: Instant,
+    /// The statement text of the last Query or Bind, for the slow-statement log.
+    last_statement: Option<Bytes>,
+    /// DataRows relayed for the current request.
+    pub rows: u64,
+    /// N+1 detection (None when off).
+    detector: Option<nplus1::Detector>,
+    nplus1: nplus1::Settings,
+    /// The shapes of this client's recent Query texts (computing a shape anew costs a lexer pass).
+    pub recent_shapes: Recent,
+    /// `log.slow_statement`.
+    pub slow_after: Duration,
+    /// `limits.statement_timeout`, and whether the request in flight was cancelled for it already.
+    pub statement_timeout: Duration,
+    pub timed_out: bool,
+}
+
+impl Observer {
+    pub fn new(config: &crate::config::Config) -> Observer {
+        Observer {
+            started: None,
+            last_answer: Instant::now(),
+            last_statement: None,
+            rows: 0,
+            detector: config.nplus1.enabled.then(nplus1::Detector::default),
+            nplus1: nplus1::Settings {
+                threshold: config.nplus1.threshold,
+                window: config.nplus1.window,
+                log_parameters: config.nplus1.log_parameters,
+            },
+            recent_shapes: Recent::default(),
+            slow_after: config.log.slow_statement,
+            statement_timeout: config.limits.statement_timeout,
+            timed_out: false,
+        }
+    }
+
+    /// Whether N+1 detection is on (statements are shaped at Parse for it).
+    pub fn detecting(&self) -> bool {
+        self.detector.is_some()
+    }
+
+    /// A request (Query, Sync, FunctionCall) was sent: its clock starts, unless an older one still runs.
+    pub fn request_sent(&mut self) {
+        if self.started.is_none() {
+            self.started = Some(Instant::now());
+        }
+    }
+
+    /// When the request in flight passes `limits.statement_timeout` (None: no limit, or cancelled already).
+    pub fn deadline(&self) -> Option<Instant> {
+        let started = self.started?;
+        (!self.statement_timeout.is_zero() && !self.timed_out)
+            .then(|| started + self.statement_timeout)
+    }
+
+    pub fn set_statement(&mut self, text: Option<Bytes>) {
+        self.last_statement = text;
+    }
+
+    /// The last statement, shortened for a log line.
+    pub fn statement(&self, max: usize) -> String {
+        self.last_statement
+            .as_deref()
+            .map(|s| String::from_utf8_lossy(&s[..s.len().min(max)]).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Feeds the N+1 detector one statement about to run; `values` are what tells one run of it from another.
+    pub fn statement_runs(
+        &mut self,
+        shape: u64,
+        read: bool,
+        text: &Bytes,
+        values: &[u8],
+        patterns: &nplus1::Patterns,
+        entry: &ClientEntry,
+    ) {
+        let Some(detector) = self.detector.as_mut() else {
+            return;
+        };
+        let sample = self
+            .nplus1
+            .log_parameters
+            .then(|| String::from_utf8_lossy(&values[..values.len().min(200)]).into_owned());
+        detector.observe(
+            nplus1::Statement {
+                shape,
+                read,
+                text,
+                values: fingerprint::hash_bytes(values),
+                sample,
+                // A Query has just started the request clock: no second reading.
+                at: self.started.unwrap_or_else(Instant::now),
+            },
+            &self.nplus1,
+            patterns,
+            &origin(entry),
+        );
+    }
+
+    /// A client request got its ReadyForQuery: time it, and log it if it was slow. `more` when another
+    /// client request is pipelined behind it.
+    pub fn answered(&mut self, replica: bool, server: Option<SocketAddr>, more: bool) {
+        self.timed_out = false;
+        let Some(started) = self.started.take() else {
+            return;
+        };
+        self.last_answer = Instant::now();
+        let elapsed = self.last_answer.saturating_duration_since(started);
+        let rows = std::mem::take(&mut self.rows);
+        let role = if replica { "replica" } else { "primary" };
+        let server = Server(server);
+        tracing::debug!(
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            role,
+            %server,
+            rows,
+            statement = %self.statement(200),
+            "request"
+        );
+        METRICS.request_seconds(replica, elapsed.as_secs_f64());
+        if elapsed >= self.slow_after {
+            METRICS.slow_statements.inc();
+            tracing::warn!(
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                %server,
+                role,
+                statement = self.statement(500),
+                "slow statement"
+            );
+        }
+        // A pipelined request behind this one has been waiting since now at the latest.
+        if more {
+            self.started = Some(Instant::now());
+        }
+    }
+
+    /// The session ends: a run of N+1 statements in progress is reported.
+    pub fn finish(&mut self, patterns: &nplus1::Patterns, entry: &ClientEntry) {
+        if let Some(mut detector) = self.detector.take() {
+            detector.finish(&self.nplus1, patterns, &origin(entry));
+        }
+    }
+}
+
+/// A server address for a log line (formatted only when the line is written).
+struct Server(Option<SocketAddr>);
+
+impl std::fmt::Display for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Who runs a session's statements, for N+1 reports.
+fn origin(entry: &ClientEntry) -> nplus1::Origin<'_> {
+    nplus1::Origin {
+        user: &entry.user,
+        application_name: &entry.application_name,
+        client: entry.addr,
+    }
+}

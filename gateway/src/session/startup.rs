@@ -1,0 +1,249 @@
+//! A client's way in: its first packets (a CancelRequest, TLS), authentication, the admin console, and the
+//! login state it starts its session with.
+
+use crate::auth::{authenticate_client, read_first_packet, FirstPacket, Startup, StartupError};
+use crate::clients::{ClientHandle, ClientInfo};
+use crate::config::{PoolMode, TlsMode};
+use crate::metrics::METRICS;
+use crate::pool::{Lease, LoginState, Pool};
+use crate::protocol::{self, PgError, TxStatus};
+use crate::tls::Stream;
+use crate::Shared;
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// How long a client may take to send its startup packet and authenticate.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An authenticated client of a database, ready for its session.
+pub struct LoggedIn {
+    pub startup: Startup,
+    pub client: Stream,
+    /// The primary's pool for its database and user.
+    pub pool: Arc<Pool>,
+    /// Its startup parameters as the server takes them.
+    pub login: Arc<LoginState>,
+    /// Session pool mode: the client's own server connection, held from now on.
+    pub lease: Option<Lease>,
+    pub handle: ClientHandle,
+    /// AuthenticationOk, ParameterStatus, BackendKeyData, ReadyForQuery: sent once the session is set up.
+    pub hello: BytesMut,
+}
+
+/// Takes a new connection through startup and authentication. None when it went no further (refused, a
+/// cancel request, the admin console, a client that went quiet): whatever it was owed was sent.
+pub async fn log_in(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Option<LoggedIn> {
+    let _ = tcp.set_nodelay(true);
+    let (startup, mut client) =
+        match tokio::time::timeout(STARTUP_TIMEOUT, first_packet(shared, tcp)).await {
+            Ok(Ok(Some(pair))) => pair,
+            Ok(Ok(None)) => return None,
+            Ok(Err((client, error))) => return refuse(client, error).await,
+            Err(_) => return None, // the client went quiet during startup: nothing to tell it
+        };
+    let mode = shared.config.load().tls.mode;
+    if mode == TlsMode::Require && !client.is_tls() {
+        let error = PgError::fatal(
+            "28000",
+            "regiongate requires TLS (tls.mode: require): connect with sslmode=require or stricter",
+        );
+        return refuse(client, StartupError::Refused(error)).await;
+    }
+    let limits = shared.config.load().limits.clone();
+    if let Err(error) = shared.admission.login_allowed(peer.ip(), &limits) {
+        tracing::warn!(client = %peer, user = %startup.user, "login refused: too many failed logins from this address");
+        return refuse(client, StartupError::Refused(error)).await;
+    }
+    let credentials = shared.credentials.load_full();
+    let auth = authenticate_client(&mut client, &credentials, &startup);
+    match tokio::time::timeout(STARTUP_TIMEOUT, auth).await {
+        Ok(Ok(())) => shared.admission.login_succeeded(peer.ip()),
+        Ok(Err(error)) => {
+            if let StartupError::Refused(e) = &error {
+                // The message names the user, never a password or proof.
+                tracing::warn!(client = %peer, user = %startup.user, code = %e.code, reason = %e.message, "login refused");
+                if matches!(&*e.code, "28P01" | "28000") {
+                    shared.admission.login_failed(peer.ip(), &limits);
+                }
+            }
+            return refuse(client, error).await;
+        }
+        Err(_) => {
+            let error = PgError::fatal("08P01", "authentication timed out");
+            return refuse(client, StartupError::Refused(error)).await;
+        }
+    }
+    if startup.database == crate::admin::DATABASE {
+        admin_session(shared.clone(), client, peer, &startup).await;
+        return None;
+    }
+    let pool = shared.pool_for(&startup);
+    let startup_parameters: Vec<(String, String)> = startup
+        .parameters
+        .iter()
+        .chain(startup.options.iter())
+        .cloned()
+        .collect();
+    let login = match pool.login_state(&startup_parameters).await {
+        Ok(login) => login,
+        Err(mut error) => {
+            error.severity = "FATAL";
+            tracing::info!(client = %peer, user = %startup.user, code = %error.code, reason = %error.message, "login refused by the server");
+            return refuse(client, StartupError::Refused(error)).await;
+        }
+    };
+    // Session mode is one client, one backend, from the start: the client gets the backend's own pid (with a
+    // secret of the gateway's), so that pg_terminate_backend, NOTIFY's sender pid and the like match.
+    let lease = if pool.config().mode == PoolMode::Session {
+        match pool.checkout().await {
+            Ok(lease) => Some(lease),
+            Err(error) => {
+                let mut error = error.to_client();
+                error.severity = "FATAL";
+                return refuse(client, StartupError::Refused(error)).await;
+            }
+        }
+    } else {
+        None
+    };
+    let backend_pid = lease.as_ref().map(|lease| lease.pid());
+    let handle = shared.clients.register(
+        backend_pid,
+        ClientInfo {
+            addr: peer,
+            user: startup.user.clone(),
+            database: startup.database.clone(),
+            application_name: startup
+                .parameters
+                .iter()
+                .find(|(k, _)| k == "application_name")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default(),
+        },
+    );
+    let mut hello = BytesMut::new();
+    protocol::authentication_ok(&mut hello);
+    // As the server reported them with the client's parameters applied (`iso,dmy` is `ISO, DMY`).
+    for (name, value) in &login.reported {
+        protocol::parameter_status_message(&mut hello, name.as_bytes(), value.as_bytes());
+    }
+    protocol::backend_key_data(&mut hello, handle.pid, handle.secret);
+    protocol::ready_for_query(&mut hello, TxStatus::Idle);
+    Some(LoggedIn {
+        startup,
+        client,
+        pool,
+        login,
+        lease,
+        handle,
+        hello,
+    })
+}
+
+/// The client's first packets: the StartupMessage (with the stream, upgraded to TLS if the client asked and
+/// TLS is configured), or None after a CancelRequest was handled.
+async fn first_packet(
+    shared: &Shared,
+    tcp: TcpStream,
+) -> Result<Option<(Startup, Stream)>, (Stream, StartupError)> {
+    let acceptor = shared.tls.load_full();
+    let mut client = Stream::Plain(tcp);
+    let offer_tls = acceptor.is_some() && shared.config.load().tls.mode != TlsMode::Disable;
+    let mut first = read_first_packet(&mut client, offer_tls).await;
+    if let (Ok(FirstPacket::Tls), Some(acceptor)) = (&first, acceptor.as_ref()) {
+        let Stream::Plain(tcp) = client else {
+            unreachable!("TLS is offered on plain connections only")
+        };
+        client = match acceptor.accept(tcp).await {
+            Ok(tls) => Stream::Tls(Box::new(tls.into())),
+            Err(error) => {
+                // No TLS session to send an error over: the client sees its handshake fail.
+                tracing::info!(%error, "TLS handshake failed");
+                METRICS
+                    .clients_refused
+                    .with_label_values(&["tls_handshake"])
+                    .inc();
+                return Ok(None);
+            }
+        };
+        // Offered again only to be refused below, as PostgreSQL refuses a second SSLRequest.
+        first = read_first_packet(&mut client, true).await;
+    }
+    match first {
+        Ok(FirstPacket::Startup(startup)) => Ok(Some((startup, client))),
+        Ok(FirstPacket::Cancel { pid, secret }) => {
+            shared.clients.cancel(pid, secret).await;
+            Ok(None)
+        }
+        Ok(FirstPacket::Tls) => Err((
+            client,
+            StartupError::Refused(PgError::fatal(
+                "0A000",
+                "unsupported frontend protocol 1234.5679: server supports 3.0 (an SSLRequest inside TLS)",
+            )),
+        )),
+        Err(error) => Err((client, error)),
+    }
+}
+
+/// An authenticated client asked for the admin console: admins get it, others a clear refusal.
+async fn admin_session(
+    shared: Arc<Shared>,
+    mut client: Stream,
+    peer: SocketAddr,
+    startup: &Startup,
+) {
+    let config = shared.config.load_full();
+    if !config.admin.users.contains(&startup.user) {
+        tracing::warn!(client = %peer, user = %startup.user, "admin console refused");
+        let error = PgError::fatal(
+            "42501",
+            format!(
+                "permission denied: user \"{}\" is not an admin of this gateway (admin.users)",
+                startup.user
+            ),
+        );
+        refuse::<()>(client, StartupError::Refused(error)).await;
+        return;
+    }
+    let mut hello = BytesMut::new();
+    protocol::authentication_ok(&mut hello);
+    for (name, value) in [
+        ("server_version", "15.0 (regiongate admin console)"),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+    ] {
+        protocol::parameter_status_message(&mut hello, name.as_bytes(), value.as_bytes());
+    }
+    protocol::backend_key_data(&mut hello, 0, 0);
+    protocol::ready_for_query(&mut hello, TxStatus::Idle);
+    if client.write_all(&hello).await.is_ok() && client.flush().await.is_ok() {
+        tracing::info!(client = %peer, user = %startup.user, "admin console opened");
+        crate::admin::serve(shared, client, peer).await;
+    }
+}
+
+/// Tells a client why it is refused (when there is something to tell), and ends its connection.
+async fn refuse<T>(mut client: Stream, error: StartupError) -> Option<T> {
+    if let StartupError::Refused(error) = error {
+        METRICS
+            .clients_refused
+            .with_label_values(&[&*error.code])
+            .inc();
+        let mut out = BytesMut::new();
+        error.encode(&mut out);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            client.write_all(&out).await?;
+            client.flush().await
+        })
+        .await;
+    }
+    None
+}
