@@ -10,6 +10,7 @@ pub mod fingerprint;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod lexer;
 pub mod limits;
 pub mod metrics;
 pub mod nplus1;
