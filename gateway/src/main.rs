@@ -43,6 +43,7 @@ fn main() -> Result<()> {
     match cli.command {
         Some(Command::CheckConfig { file }) => {
             let config = Config::load(&file)?;
+            regiongate::tls::configured_acceptor(&config)?;
             println!(
                 "{}: ok ({} users, pool mode {:?}, size {})",
                 file.display(),
@@ -100,9 +101,7 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
 
 fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     runtime(config.workers)?.block_on(async move {
-        let gateway = Gateway::bind_from(config.clone(), path)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let gateway = Gateway::bind_from(config, path).await?;
         let shared = gateway.shared.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
