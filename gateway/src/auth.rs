@@ -9,10 +9,10 @@
 
 use crate::config::{is_md5_hash, AuthMethod, Config};
 use crate::protocol::{self, PgError};
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
+use crate::scram::{parse_scram_verifier, ScramVerifier};
+use crate::tls::SSL_REQUEST;
 use bytes::{Bytes, BytesMut};
-use pgwire::api::auth::sasl::scram::{gen_salted_password, ScramSecret, ScramServerAuth};
+use pgwire::api::auth::sasl::scram::ScramServerAuth;
 use pgwire::messages::startup::{Authentication, PasswordMessageFamily};
 use pgwire::messages::{DecodeContext, Message};
 use std::collections::HashMap;
@@ -20,77 +20,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Packets before authentication are small; PostgreSQL caps the startup packet at 10000 bytes too.
 const MAX_STARTUP_PACKET: usize = 10_000;
-pub(crate) const SSL_REQUEST: i32 = 80877103;
 const GSSENC_REQUEST: i32 = 80877104;
 const CANCEL_REQUEST: i32 = 80877102;
-
-/// A SCRAM-SHA-256 verifier as PostgreSQL stores it: what the server needs to check a client proof.
-#[derive(Clone)]
-pub struct ScramVerifier {
-    salt: Vec<u8>,
-    iterations: usize,
-    stored_key: Vec<u8>,
-    server_key: Vec<u8>,
-}
-
-impl ScramVerifier {
-    /// Derives a verifier from a clear-text password with a fresh random salt (4096 iterations, as PostgreSQL).
-    pub fn from_password(password: &str) -> ScramVerifier {
-        let salt: [u8; 16] = rand::random();
-        let salted = gen_salted_password(password, &salt, 4096);
-        match ScramSecret::verifier_from_salted_password(salt.to_vec(), salted, 4096) {
-            ScramSecret::Verifier {
-                salt,
-                iterations,
-                stored_key,
-                server_key,
-            } => ScramVerifier {
-                salt,
-                iterations,
-                stored_key,
-                server_key,
-            },
-            ScramSecret::SaltedPassword { .. } => {
-                unreachable!("verifier_from_salted_password returns a verifier")
-            }
-        }
-    }
-
-    fn secret(&self) -> ScramSecret {
-        ScramSecret::Verifier {
-            salt: self.salt.clone(),
-            iterations: self.iterations,
-            stored_key: self.stored_key.clone(),
-            server_key: self.server_key.clone(),
-        }
-    }
-}
-
-/// Parses `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` (base64 parts), the `pg_authid` format.
-pub fn parse_scram_verifier(text: &str) -> Result<ScramVerifier, String> {
-    let bad = || {
-        "not a SCRAM verifier (SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>)"
-            .to_string()
-    };
-    let rest = text.strip_prefix("SCRAM-SHA-256$").ok_or_else(bad)?;
-    let (params, keys) = rest.split_once('$').ok_or_else(bad)?;
-    let (iterations, salt) = params.split_once(':').ok_or_else(bad)?;
-    let (stored_key, server_key) = keys.split_once(':').ok_or_else(bad)?;
-    let decode = |s: &str| STANDARD.decode(s).map_err(|_| bad());
-    let verifier = ScramVerifier {
-        iterations: iterations.parse().map_err(|_| bad())?,
-        salt: decode(salt)?,
-        stored_key: decode(stored_key)?,
-        server_key: decode(server_key)?,
-    };
-    if verifier.stored_key.len() != 32
-        || verifier.server_key.len() != 32
-        || verifier.iterations == 0
-    {
-        return Err(bad());
-    }
-    Ok(verifier)
-}
 
 /// What the gateway checks each user's login against, derived once per configuration.
 pub struct Credentials {
@@ -172,6 +103,19 @@ pub enum StartupError {
     Disconnected,
     /// The client is told this error, then the connection is closed.
     Refused(PgError),
+    /// Its credentials did not match (a wrong password, an unknown user, a mechanism it cannot use): told
+    /// like `Refused`, and counted against its address ([`crate::limits::Admission`]).
+    Denied(PgError),
+}
+
+impl StartupError {
+    /// What the client is told, if anything.
+    pub fn error(&self) -> Option<&PgError> {
+        match self {
+            StartupError::Disconnected => None,
+            StartupError::Refused(error) | StartupError::Denied(error) => Some(error),
+        }
+    }
 }
 
 impl From<std::io::Error> for StartupError {
@@ -333,7 +277,7 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     startup: &Startup,
 ) -> Result<(), StartupError> {
     let failed = || {
-        StartupError::Refused(PgError::fatal(
+        StartupError::Denied(PgError::fatal(
             "28P01",
             format!(
                 "password authentication failed for user \"{}\"",
@@ -345,7 +289,7 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     match credentials.method {
         AuthMethod::Trust => match secret {
             Some(_) => Ok(()),
-            None => Err(StartupError::Refused(PgError::fatal(
+            None => Err(StartupError::Denied(PgError::fatal(
                 "28000",
                 format!(
                     "no such user \"{}\" in the regiongate configuration",
@@ -391,7 +335,7 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
             let (mechanism, client_first) = sasl_initial_response(&body)
                 .ok_or_else(|| protocol_violation("malformed SASLInitialResponse message"))?;
             if mechanism != b"SCRAM-SHA-256" {
-                return Err(StartupError::Refused(PgError::fatal(
+                return Err(StartupError::Denied(PgError::fatal(
                     "28000",
                     format!(
                         "SASL mechanism {:?} is not supported; use SCRAM-SHA-256",
@@ -498,35 +442,6 @@ pub struct ServerLogin {
     pub method: &'static str,
 }
 
-/// The tls-server-end-point channel binding data of a server certificate (RFC 5929, section 4.1): its hash
-/// with the hash function of its signature, SHA-256 in place of MD5 and SHA-1. None for signatures without
-/// such a hash function (Ed25519, RSASSA-PSS), which PostgreSQL cannot bind to either.
-pub fn tls_server_end_point(certificate: &[u8]) -> Option<Vec<u8>> {
-    use sha2::Digest;
-    use x509_cert::der::Decode;
-    let parsed = x509_cert::Certificate::from_der(certificate).ok()?;
-    let algorithm = parsed.signature_algorithm.oid.to_string();
-    Some(match algorithm.as_str() {
-        // md5WithRSA, sha1WithRSA, sha256WithRSA, ecdsa-with-SHA1, ecdsa-with-SHA256, dsa-with-SHA1/SHA256
-        "1.2.840.113549.1.1.4"
-        | "1.2.840.113549.1.1.5"
-        | "1.2.840.113549.1.1.11"
-        | "1.2.840.10045.4.1"
-        | "1.2.840.10045.4.3.2"
-        | "1.2.840.10040.4.3"
-        | "2.16.840.1.101.3.4.3.2" => sha2::Sha256::digest(certificate).to_vec(),
-        // sha384WithRSA, ecdsa-with-SHA384
-        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => {
-            sha2::Sha384::digest(certificate).to_vec()
-        }
-        // sha512WithRSA, ecdsa-with-SHA512
-        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => {
-            sha2::Sha512::digest(certificate).to_vec()
-        }
-        _ => return None,
-    })
-}
-
 /// A server refused or broke the login.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerLoginError {
@@ -539,7 +454,7 @@ pub enum ServerLoginError {
 }
 
 /// Logs in to a server over `stream` (already connected) and reads until its first ReadyForQuery.
-/// `end_point` is the TLS server certificate's hash when the stream is TLS ([`tls_server_end_point`]): SCRAM
+/// `end_point` is the TLS server certificate's hash when the stream is TLS ([`crate::tls::tls_server_end_point`]): SCRAM
 /// then binds to the channel when the server offers it (SCRAM-SHA-256-PLUS), as libpq does by default, so that
 /// an authentication relayed by someone in the middle fails.
 pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
@@ -709,15 +624,6 @@ mod tests {
         ] {
             assert_eq!(sasl_initial_response(bad), None, "{bad:?}");
         }
-    }
-
-    #[test]
-    fn verifier_text_round_trip() {
-        let text = postgres_protocol::password::scram_sha_256(b"secret");
-        let verifier = parse_scram_verifier(&text).unwrap();
-        assert_eq!(verifier.iterations, 4096);
-        assert!(parse_scram_verifier("SCRAM-SHA-256$4096:abc").is_err());
-        assert!(parse_scram_verifier("md5abc").is_err());
     }
 
     #[test]

@@ -83,18 +83,18 @@ pub fn analyze(text: &[u8], tables: &[String]) -> Option<Insert> {
     if !keyword(text, &mut at, "insert") || !keyword(text, &mut at, "into") {
         return None;
     }
-    let target_start = crate::sql::skip_space(text, at);
+    let target_start = crate::lexer::skip_space(text, at);
     let table = name(text, &mut at, true)?;
     if !enabled(&table, tables) {
         return None;
     }
-    at = crate::sql::skip_space(text, at);
+    at = crate::lexer::skip_space(text, at);
     let mut columns = Vec::new();
     if text.get(at) == Some(&b'(') {
         at += 1;
         loop {
             columns.push(name(text, &mut at, false)?);
-            at = crate::sql::skip_space(text, at);
+            at = crate::lexer::skip_space(text, at);
             match text.get(at) {
                 Some(b',') => at += 1,
                 Some(b')') => {
@@ -109,7 +109,7 @@ pub fn analyze(text: &[u8], tables: &[String]) -> Option<Insert> {
     if !keyword(text, &mut at, "values") {
         return None;
     }
-    let open = crate::sql::skip_space(text, at);
+    let open = crate::lexer::skip_space(text, at);
     let (tuple, params) = row_tuple(text, open)?;
     let sql = std::str::from_utf8(text).ok()?;
     let elements = row_elements(text, tuple.clone());
@@ -134,20 +134,20 @@ fn row_elements(text: &[u8], tuple: std::ops::Range<usize>) -> Vec<std::ops::Ran
     let mut elements = Vec::new();
     let (mut i, end) = (tuple.start + 1, tuple.end - 1);
     let mut depth = 0usize;
-    let mut start = crate::sql::skip_space(text, i);
+    let mut start = crate::lexer::skip_space(text, i);
     let mut last = start;
     while i < end {
-        i = crate::sql::skip_space(text, i);
+        i = crate::lexer::skip_space(text, i);
         if i >= end {
             break;
         }
-        let token_end = crate::sql::token_end(text, i);
+        let token_end = crate::lexer::token_end(text, i);
         match text[i] {
             b'(' | b'[' => depth += 1,
             b')' | b']' => depth = depth.saturating_sub(1),
             b',' if depth == 0 => {
                 elements.push(start..last);
-                start = crate::sql::skip_space(text, i + 1);
+                start = crate::lexer::skip_space(text, i + 1);
                 last = start;
                 i += 1;
                 continue;
@@ -176,7 +176,7 @@ fn copy_line(sql: &str, elements: &[std::ops::Range<usize>]) -> Option<String> {
             continue;
         }
         let inner = text.strip_prefix('\'')?.strip_suffix('\'')?;
-        if inner.contains('\\') || crate::sql::token_end(text.as_bytes(), 0) != text.len() {
+        if inner.contains('\\') || crate::lexer::token_end(text.as_bytes(), 0) != text.len() {
             return None;
         }
         copy_escape(&mut line, inner.replace("''", "'").as_bytes());
@@ -209,11 +209,11 @@ pub fn enabled(table: &str, tables: &[String]) -> bool {
 
 /// Consumes the keyword `word` (any case) at `at`, after white space and comments.
 fn keyword(text: &[u8], at: &mut usize, word: &str) -> bool {
-    let start = crate::sql::skip_space(text, *at);
+    let start = crate::lexer::skip_space(text, *at);
     if start >= text.len() {
         return false;
     }
-    let end = crate::sql::token_end(text, start);
+    let end = crate::lexer::token_end(text, start);
     if text[start..end].eq_ignore_ascii_case(word.as_bytes()) {
         *at = end;
         true
@@ -227,9 +227,9 @@ fn keyword(text: &[u8], at: &mut usize, word: &str) -> bool {
 fn name(text: &[u8], at: &mut usize, qualified: bool) -> Option<String> {
     let mut parts = Vec::new();
     loop {
-        let start = crate::sql::skip_space(text, *at);
+        let start = crate::lexer::skip_space(text, *at);
         let first = *text.get(start)?;
-        let end = crate::sql::token_end(text, start);
+        let end = crate::lexer::token_end(text, start);
         let part = if first == b'"' {
             let inner = text.get(start + 1..end.checked_sub(1)?)?;
             if end <= start + 1 || text[end - 1] != b'"' {
@@ -243,7 +243,7 @@ fn name(text: &[u8], at: &mut usize, qualified: bool) -> Option<String> {
         };
         parts.push(part);
         *at = end;
-        let next = crate::sql::skip_space(text, *at);
+        let next = crate::lexer::skip_space(text, *at);
         if qualified && text.get(next) == Some(&b'.') {
             *at = next + 1;
             continue;
@@ -262,11 +262,11 @@ fn row_tuple(text: &[u8], open: usize) -> Option<(std::ops::Range<usize>, usize)
     let mut depth = 0usize;
     let mut params = 0;
     let close = loop {
-        i = crate::sql::skip_space(text, i);
+        i = crate::lexer::skip_space(text, i);
         if i >= text.len() {
             return None;
         }
-        let end = crate::sql::token_end(text, i);
+        let end = crate::lexer::token_end(text, i);
         match text[i] {
             b'(' => depth += 1,
             b')' => {
@@ -294,9 +294,9 @@ fn row_tuple(text: &[u8], open: usize) -> Option<(std::ops::Range<usize>, usize)
         }
         i = end;
     };
-    let mut rest = crate::sql::skip_space(text, close);
+    let mut rest = crate::lexer::skip_space(text, close);
     if text.get(rest) == Some(&b';') {
-        rest = crate::sql::skip_space(text, rest + 1);
+        rest = crate::lexer::skip_space(text, rest + 1);
     }
     (rest == text.len()).then_some((open..close, params))
 }
@@ -324,7 +324,7 @@ fn push_renumbered(out: &mut String, tuple: &str, offset: usize) {
             copied = i;
             continue;
         }
-        i = crate::sql::token_end(text, i);
+        i = crate::lexer::token_end(text, i);
     }
     out.push_str(&tuple[copied..]);
 }

@@ -9,6 +9,7 @@ pub use regions::ServerUrl;
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The whole file.
@@ -59,6 +60,23 @@ pub struct Config {
     /// Materialized views the gateway creates, refreshes and routes reads of (see the `views` crate).
     #[serde(default)]
     pub views: Vec<views::ViewSpec>,
+    /// Where the configuration was read from, for errors found after parsing ([`Config::invalid`]).
+    #[serde(skip)]
+    source: Source,
+}
+
+/// A configuration's file name and text.
+#[derive(Clone, Default)]
+struct Source {
+    origin: String,
+    text: Arc<str>,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the text: it may hold passwords.
+        f.debug_tuple("Source").field(&self.origin).finish()
+    }
 }
 
 /// Client-facing TLS.
@@ -394,7 +412,7 @@ impl Config {
     /// Parses and validates; `origin` names the file in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let deserializer = serde_norway::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let key = e.path().to_string();
             ConfigError::Invalid {
                 path: origin.to_string(),
@@ -406,25 +424,30 @@ impl Config {
                 message: e.into_inner().to_string(),
             }
         })?;
-        views::validate(&config.views).map_err(|(key, message)| ConfigError::Invalid {
-            path: origin.to_string(),
-            message: match line_of(text, &key) {
+        config.source = Source {
+            origin: origin.to_string(),
+            text: text.into(),
+        };
+        views::validate(&config.views).map_err(|(key, message)| config.invalid(&key, message))?;
+        config
+            .validate()
+            .map_err(|(key, message)| config.invalid(key, message))?;
+        Ok(config)
+    }
+
+    /// The error for a value at `key` that is wrong, naming the file, the key and its line, as validation
+    /// does. For what is checked outside this module, where the value is taken into use (a certificate that
+    /// does not load).
+    pub fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        let message = message.into();
+        ConfigError::Invalid {
+            path: self.source.origin.clone(),
+            key: key.to_string(),
+            message: match line_of(&self.source.text, key) {
                 Some(line) => format!("{message} (line {line})"),
                 None => message,
             },
-            key,
-        })?;
-        config
-            .validate()
-            .map_err(|(key, message)| ConfigError::Invalid {
-                path: origin.to_string(),
-                key: key.to_string(),
-                message: match line_of(text, key) {
-                    Some(line) => format!("{message} (line {line})"),
-                    None => message,
-                },
-            })?;
-        Ok(config)
+        }
     }
 
     fn validate(&self) -> Result<(), (&'static str, String)> {
@@ -477,7 +500,7 @@ impl Config {
                         ),
                     ));
                 }
-                crate::auth::parse_scram_verifier(password)
+                crate::scram::parse_scram_verifier(password)
                     .map_err(|e| ("auth.users", format!("user {:?}: {e}", user.name)))?;
             }
             if is_md5_hash(password) && self.auth.method == AuthMethod::ScramSha256 {
@@ -528,13 +551,14 @@ impl Config {
         }
         self.server_tls.validate()?;
         if self.tls.mode != TlsMode::Disable {
+            // Whether the files hold a usable certificate and key is checked where the acceptor is built
+            // (`tls::configured_acceptor`), which reports it through `Config::invalid`.
             if self.tls.cert.is_none() || self.tls.key.is_none() {
                 return Err((
                     "tls",
                     "tls.mode allow or require needs tls.cert and tls.key".into(),
                 ));
             }
-            crate::tls::acceptor(&self.tls).map_err(|e| ("tls.cert", e))?;
         }
         if self.batching.max_rows == 0 {
             return Err(("batching.max_rows", "must be at least 1".into()));

@@ -8,7 +8,7 @@
 //! must be shown (an N+1 report): sqlparser parses the statement and a `VisitorMut` replaces every literal
 //! with a placeholder and collapses IN lists, giving the normalized SQL people read.
 
-use crate::sql::{ident_end, is_ident_byte, mentions_watched, token_end};
+use crate::lexer::{ident_end, is_ident_byte, token_end};
 use sqlparser::ast::{Expr, InTarget, Value, ValueWithSpan, VisitMut, VisitorMut};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -63,6 +63,26 @@ impl Head {
             len: word.len(),
         }
     }
+}
+
+/// Whether `text` mentions one of the names the session's classifier (`sql::classify`) looks further into
+/// when the first word does not say: `advisory_lock`, `set_config` or `pg_temp`, in any letter case. What
+/// [`ShapeId::watched`] tells; the classifier asks it too, so that the two agree. The fingerprint lexer asks
+/// it of every token long enough to hold one, so it looks only where an `_` is.
+pub fn mentions_watched(text: &[u8]) -> bool {
+    // Whether `needle`, whose first `_` is at `at`, lies in `text` with that `_` at `p`.
+    fn at_underscore(text: &[u8], p: usize, needle: &[u8], at: usize) -> bool {
+        p >= at
+            && p - at + needle.len() <= text.len()
+            && text[p - at..p - at + needle.len()].eq_ignore_ascii_case(needle)
+    }
+    // A plain loop: the texts are mostly single short tokens, too short for `memchr` to pay for its setup.
+    (2..text.len()).any(|p| {
+        text[p] == b'_'
+            && (at_underscore(text, p, b"pg_temp", 2)
+                || at_underscore(text, p, b"set_config", 3)
+                || at_underscore(text, p, b"advisory_lock", 8))
+    })
 }
 
 /// The shapes of a session's recent Query texts. Applications send the same few statements over and over

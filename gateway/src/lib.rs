@@ -10,12 +10,14 @@ pub mod fingerprint;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod lexer;
 pub mod limits;
 pub mod metrics;
 pub mod nplus1;
 pub mod pool;
 pub mod protocol;
 pub mod route;
+pub mod scram;
 pub mod server;
 pub mod session;
 pub mod settings;
@@ -24,12 +26,13 @@ pub mod tls;
 
 use crate::auth::{Credentials, Startup};
 use crate::clients::Clients;
-use crate::config::Config;
 use crate::config::ServerUrl;
+use crate::config::{Config, ConfigError};
 use crate::metrics::METRICS;
-use crate::pool::{Pool, PoolKey, ServerCredentials};
+use crate::pool::{Pool, PoolKey};
 use crate::protocol::PgError;
 use crate::route::Classifier;
+use crate::server::ServerCredentials;
 use crate::session::StatementNames;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
@@ -127,8 +130,35 @@ fn new_regions(config: &Config) -> Arc<Regions> {
     )
 }
 
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("this gateway was not started from a file")]
+    NoFile,
+    /// The file does not read, parse or validate, or its certificate does not load.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
 impl Shared {
-    pub fn new(config: Config, config_path: Option<std::path::PathBuf>) -> Arc<Shared> {
+    /// `tls` is the client-facing acceptor built from `config` ([`tls::configured_acceptor`]).
+    pub fn new(
+        config: Config,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        config_path: Option<std::path::PathBuf>,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             regions: ArcSwap::new(new_regions(&config)),
             monitors: Mutex::new(Vec::new()),
@@ -139,8 +169,7 @@ impl Shared {
             })),
             classifier: ArcSwap::new(new_classifier(&config)),
             credentials: ArcSwap::from_pointee(Credentials::new(&config)),
-            // The configuration was validated, which built the acceptor once already.
-            tls: ArcSwap::from_pointee(tls::acceptor(&config.tls).unwrap_or_default()),
+            tls: ArcSwap::from_pointee(tls),
             batcher: batch::Batcher::new(config.batching.max_queued_rows),
             admission: limits::Admission::default(),
             config: ArcSwap::from_pointee(config),
@@ -191,16 +220,17 @@ impl Shared {
     /// monitors), pool settings. Pools whose server left the configuration, or whose settings changed, are
     /// dropped from the map: sessions pick up fresh pools at their next transaction, and the old pools close
     /// their connections as they come back. An invalid file changes nothing.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), ReloadError> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
-        let path = self
-            .config_path
-            .as_ref()
-            .ok_or("this gateway was not started from a file")?;
-        let new = Config::load(path).map_err(|e| {
-            tracing::error!(error = %e, "configuration reload refused; the old configuration stays");
-            e.to_string()
-        })?;
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
+        let (new, acceptor) = Config::load(path)
+            .and_then(|new| {
+                let acceptor = tls::configured_acceptor(&new)?;
+                Ok((new, acceptor))
+            })
+            .inspect_err(|e| {
+                tracing::error!(error = %e, "configuration reload refused; the old configuration stays");
+            })?;
         let old = self.config.load_full();
         let servers: Vec<ServerUrl> = std::iter::once(new.primary.url.clone())
             .chain(new.regions.iter().flat_map(|r| r.replicas.iter().cloned()))
@@ -222,8 +252,7 @@ impl Shared {
             new.primary, new.home_region, new.regions, new.routing, new.name, new.server_tls
         );
         self.credentials.store(Arc::new(Credentials::new(&new)));
-        self.tls
-            .store(Arc::new(tls::acceptor(&new.tls).unwrap_or_default()));
+        self.tls.store(Arc::new(acceptor));
         self.classifier.store(new_classifier(&new));
         if topology_changed {
             self.regions.store(new_regions(&new));
@@ -368,23 +397,30 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub async fn bind(config: Config) -> std::io::Result<Gateway> {
+    pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         Gateway::bind_from(config, None).await
     }
 
     /// Binds with the file the configuration came from (for RELOAD and SIGHUP), and starts the monitors and
-    /// the metrics listener.
+    /// the metrics listener. A certificate that does not load refuses the configuration before anything is
+    /// bound.
     pub async fn bind_from(
         config: Config,
         path: Option<std::path::PathBuf>,
-    ) -> std::io::Result<Gateway> {
-        let listener = TcpListener::bind(config.listen).await?;
+    ) -> Result<Gateway, StartError> {
+        let acceptor = tls::configured_acceptor(&config)?;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Listen { addr, source })
+        };
+        let listener = bind(config.listen).await?;
         let metrics_listen = config.metrics.listen;
-        let shared = Shared::new(config.clone(), path);
+        let shared = Shared::new(config.clone(), acceptor, path);
         shared.start_monitors();
         shared.start_views(&config);
         if let Some(addr) = metrics_listen {
-            let listener = TcpListener::bind(addr).await?;
+            let listener = bind(addr).await?;
             tokio::spawn(http::serve(shared.clone(), listener));
         }
         Ok(Gateway { shared, listener })

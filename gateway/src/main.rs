@@ -1,4 +1,5 @@
-//! The `regiongate` command line: run the gateway, check a configuration, or run a local demo.
+//! The `regiongate` command line: run the gateway, check a configuration, or apply migrations. (A local
+//! demo topology with the gateway in front of it is the testbed's `testbed-demo`.)
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -29,12 +30,6 @@ enum Command {
         #[arg(long, default_value = "migrations")]
         dir: PathBuf,
     },
-    /// Start a throwaway local PostgreSQL and run the gateway in front of it.
-    Demo {
-        /// Where clients connect.
-        #[arg(long, default_value = "127.0.0.1:6432")]
-        listen: String,
-    },
 }
 
 fn main() -> Result<()> {
@@ -43,6 +38,7 @@ fn main() -> Result<()> {
     match cli.command {
         Some(Command::CheckConfig { file }) => {
             let config = Config::load(&file)?;
+            regiongate::tls::configured_acceptor(&config)?;
             println!(
                 "{}: ok ({} users, pool mode {:?}, size {})",
                 file.display(),
@@ -52,7 +48,6 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Some(Command::Demo { listen }) => demo(&listen),
         Some(Command::Migrate { dir }) => {
             let file = cli.config.context(
                 "migrate needs the gateway's configuration: regiongate migrate --config FILE",
@@ -62,7 +57,7 @@ fn main() -> Result<()> {
         }
         None => {
             let file = cli.config.context(
-                "no configuration: run `regiongate --config FILE`, or `regiongate demo`",
+                "no configuration: run `regiongate --config FILE` (or, for a local demo topology, `testbed-demo`)",
             )?;
             let config = Config::load(&file)?;
             serve(config, Some(file))
@@ -100,9 +95,7 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
 
 fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     runtime(config.workers)?.block_on(async move {
-        let gateway = Gateway::bind_from(config.clone(), path)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let gateway = Gateway::bind_from(config, path).await?;
         let shared = gateway.shared.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
@@ -145,46 +138,4 @@ async fn shutdown_signal() {
         _ = term.recv() => {},
     }
     tracing::info!("shutting down");
-}
-
-/// A multi-region topology on this machine (from the testbed): a primary in us-east, replicas in eu-west and
-/// ap-south, each behind a latency relay, and the gateway in front of them with eu-west as its home region.
-fn demo(listen: &str) -> Result<()> {
-    use std::time::Duration;
-    use testbed::{RegionSpec, Topology};
-    println!("Starting PostgreSQL 15: a primary and three streaming replicas...");
-    let topology = Topology::start(
-        "us-east",
-        Duration::from_millis(40),
-        &[
-            RegionSpec::new("eu-west", 1, Duration::from_millis(1)),
-            RegionSpec::new("ap-south", 2, Duration::from_millis(60)),
-        ],
-    )?;
-    topology
-        .primary
-        .cluster
-        .create_user_and_db("app", "app", "app")?;
-    let yaml = format!(
-        "listen: {listen}\nhome_region: eu-west\n{}auth:\n  method: scram-sha-256\n  users:\n    - {{ name: app, password: app }}\n\
-         admin: {{ users: [ app ] }}\nmetrics: {{ listen: '127.0.0.1:9930' }}\n",
-        topology.gateway_yaml("app")
-    );
-    let config = Config::parse(&yaml, "demo")?;
-    println!("\nTopology (one-way latency from this gateway):");
-    println!("  primary   us-east   {}  40 ms", topology.primary.addr());
-    for (region, node) in topology.replicas() {
-        let delay = if region == "eu-west" { "1 ms" } else { "60 ms" };
-        println!("  replica   {region:<9} {}  {delay}", node.addr());
-    }
-    println!(
-        "\nregiongate listens on {listen} (home region eu-west). Try:\n\n    \
-         psql 'postgres://app:app@{listen}/app' -c 'SELECT inet_server_port(), pg_is_in_recovery()'\n    \
-         psql 'postgres://app:app@{listen}/app' -c 'CREATE TABLE t (x int); INSERT INTO t VALUES (1)'\n\n\
-         Reads go to eu-west, writes to us-east. The admin console: psql 'postgres://app:app@{listen}/regiongate' \
-         -c 'SHOW REPLICAS'; metrics: curl http://127.0.0.1:9930/metrics. Ctrl-C stops everything."
-    );
-    let result = serve(config, None);
-    drop(topology);
-    result
 }

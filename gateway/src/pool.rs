@@ -11,7 +11,7 @@ use crate::auth::ServerLoginError;
 use crate::config::{PoolConfig, ServerUrl};
 use crate::metrics::METRICS;
 use crate::protocol::PgError;
-use crate::server::{OwnError, ServerConn};
+use crate::server::{OwnError, ServerConn, ServerCredentials};
 pub use crate::settings::Settings;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,14 +79,6 @@ pub struct PoolKey {
     pub server: ServerUrl,
     pub database: String,
     pub user: String,
-}
-
-/// How server connections of a pool log in.
-#[derive(Clone)]
-pub struct ServerCredentials {
-    pub user: String,
-    pub password: Option<String>,
-    pub tls: regions::ServerTls,
 }
 
 pub struct Pool {

@@ -11,7 +11,6 @@ use crate::auth::{login_to_server, ServerLoginError};
 use crate::clients::ServerTarget;
 use crate::config::ServerUrl;
 use crate::metrics::METRICS;
-use crate::pool::ServerCredentials;
 use crate::protocol::{self, tag, PgError};
 use crate::settings::Settings;
 use crate::tls::Stream;
@@ -34,6 +33,14 @@ pub fn wal_position(data_row_body: &[u8]) -> Option<regions::Lsn> {
     let len = i32::from_be_bytes(data_row_body.get(2..6)?.try_into().ok()?);
     let text = data_row_body.get(6..6 + usize::try_from(len).ok()?)?;
     std::str::from_utf8(text).ok()?.parse().ok()
+}
+
+/// How server connections of a pool log in.
+#[derive(Clone)]
+pub struct ServerCredentials {
+    pub user: String,
+    pub password: Option<String>,
+    pub tls: regions::ServerTls,
 }
 
 /// One logged-in connection to a PostgreSQL server.

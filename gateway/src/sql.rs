@@ -1,12 +1,16 @@
-//! A small SQL lexer for what transaction pooling must know about a statement: where statements start and end
-//! in a multi-statement Query, and whether one changes session state (SET, RESET, PREPARE, EXECUTE,
-//! DEALLOCATE, DISCARD) or ties the client to its server connection (LISTEN, temporary tables, WITH HOLD
-//! cursors, session advisory locks).
+//! What transaction pooling must know about a statement: where statements start and end in a multi-statement
+//! Query, and whether one changes session state (SET, RESET, PREPARE, EXECUTE, DEALLOCATE, DISCARD) or ties
+//! the client to its server connection (LISTEN, temporary tables, WITH HOLD cursors, session advisory locks).
 //!
-//! It understands quoting (strings, E'' escapes, quoted identifiers, dollar quotes) and comments, so a
-//! semicolon or keyword inside them is never mistaken for syntax. It is not a parser: statements it does not
+//! It reads statements through the shared [`crate::lexer`], which understands quoting (strings, E'' escapes,
+//! quoted identifiers, dollar quotes) and comments, so a semicolon or keyword inside them is never mistaken
+//! for syntax. It is not a parser: statements it does not
 //! recognise are [`Kind::Other`], which is always safe (forwarded untouched).
 
+use crate::fingerprint::{mentions_watched, Head, ShapeId};
+use crate::lexer::{
+    dollar_quoted_body, is_ident_byte, skip_quoted, skip_space, skip_token, token_ranges, tokens,
+};
 use std::ops::Range;
 
 /// What a statement means for the session.
@@ -93,125 +97,6 @@ impl Iterator for Statements<'_> {
     }
 }
 
-/// The end of the lexical unit starting at `i` (see [`skip_token`]), for other scanners of SQL text.
-pub fn token_end(s: &[u8], i: usize) -> usize {
-    skip_token(s, i).min(s.len())
-}
-
-/// Skips one lexical unit starting at `i` (a quoted string, identifier, comment, dollar-quoted body, or one
-/// byte) and returns the index after it. Unterminated quotes run to the end, as the server would see them.
-fn skip_token(s: &[u8], i: usize) -> usize {
-    match s[i] {
-        b'\'' => {
-            let escapes =
-                i > 0 && matches!(s[i - 1], b'e' | b'E') && (i < 2 || !is_ident_byte(s[i - 2]));
-            skip_quoted(s, i + 1, b'\'', escapes)
-        }
-        b'"' => skip_quoted(s, i + 1, b'"', false),
-        b'-' if s.get(i + 1) == Some(&b'-') => match memchr::memchr(b'\n', &s[i..]) {
-            Some(n) => i + n + 1,
-            None => s.len(),
-        },
-        b'/' if s.get(i + 1) == Some(&b'*') => {
-            let mut depth = 1;
-            let mut j = i + 2;
-            while j < s.len() && depth > 0 {
-                if s[j] == b'/' && s.get(j + 1) == Some(&b'*') {
-                    depth += 1;
-                    j += 2;
-                } else if s[j] == b'*' && s.get(j + 1) == Some(&b'/') {
-                    depth -= 1;
-                    j += 2;
-                } else {
-                    j += 1;
-                }
-            }
-            j
-        }
-        b'$' if i == 0 || !is_ident_byte(s[i - 1]) => match dollar_tag(s, i) {
-            Some(tag_end) => {
-                let tag = &s[i..tag_end];
-                match memchr::memmem::find(&s[tag_end..], tag) {
-                    Some(n) => tag_end + n + tag.len(),
-                    None => s.len(),
-                }
-            }
-            None => i + 1,
-        },
-        c if is_ident_byte(c) => ident_end(s, i + 1),
-        _ => i + 1,
-    }
-}
-
-fn skip_quoted(s: &[u8], mut j: usize, quote: u8, escapes: bool) -> usize {
-    while j < s.len() {
-        if escapes && s[j] == b'\\' {
-            j += 2;
-        } else if s[j] == quote {
-            if s.get(j + 1) == Some(&quote) {
-                j += 2;
-            } else {
-                return j + 1;
-            }
-        } else {
-            j += 1;
-        }
-    }
-    s.len()
-}
-
-/// If `s[i..]` opens a dollar quote (`$$` or `$tag$`), the index after its opening tag.
-fn dollar_tag(s: &[u8], i: usize) -> Option<usize> {
-    let mut j = i + 1;
-    if j < s.len() && (s[j].is_ascii_digit()) {
-        return None; // $1 is a parameter
-    }
-    while j < s.len() && (s[j].is_ascii_alphanumeric() || s[j] == b'_' || s[j] >= 0x80) {
-        j += 1;
-    }
-    (j < s.len() && s[j] == b'$').then_some(j + 1)
-}
-
-/// Bytes that continue an identifier (or a number), as a table: lexing statements is on the hot path.
-static IDENT: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut c = 0;
-    while c < 256 {
-        let b = c as u8;
-        table[c] = b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
-        c += 1;
-    }
-    table
-};
-
-pub fn is_ident_byte(c: u8) -> bool {
-    IDENT[usize::from(c)]
-}
-
-/// The end of the identifier bytes from `i`.
-pub fn ident_end(s: &[u8], i: usize) -> usize {
-    s[i.min(s.len())..]
-        .iter()
-        .position(|&c| !is_ident_byte(c))
-        .map_or(s.len(), |n| i + n)
-}
-
-/// Skips white space and comments.
-pub fn skip_space(s: &[u8], mut i: usize) -> usize {
-    loop {
-        while i < s.len() && s[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if i + 1 < s.len()
-            && ((s[i] == b'-' && s[i + 1] == b'-') || (s[i] == b'/' && s[i + 1] == b'*'))
-        {
-            i = skip_token(s, i);
-        } else {
-            return i;
-        }
-    }
-}
-
 /// Reads the word (identifier, possibly quoted or dotted) at or after `i`: its folded value and byte range.
 pub fn word(sql: &[u8], i: usize) -> Option<(String, Range<usize>)> {
     let s = sql;
@@ -270,12 +155,12 @@ const SESSION_HEADS: [&[u8]; 12] = [
 /// True when a Query, of which one lexer pass found `shape` ([`crate::fingerprint::shape_id`]), is one
 /// statement that [`classify`] would call [`Kind::Other`]: the caller then needs neither [`split`] nor
 /// [`classify`].
-pub fn plainly_other(shape: &crate::fingerprint::ShapeId) -> bool {
-    const HEADS: [crate::fingerprint::Head; SESSION_HEADS.len()] = {
-        let mut heads = [crate::fingerprint::Head::of(b""); SESSION_HEADS.len()];
+pub fn plainly_other(shape: &ShapeId) -> bool {
+    const HEADS: [Head; SESSION_HEADS.len()] = {
+        let mut heads = [Head::of(b""); SESSION_HEADS.len()];
         let mut i = 0;
         while i < heads.len() {
-            heads[i] = crate::fingerprint::Head::of(SESSION_HEADS[i]);
+            heads[i] = Head::of(SESSION_HEADS[i]);
             i += 1;
         }
         heads
@@ -286,9 +171,9 @@ pub fn plainly_other(shape: &crate::fingerprint::ShapeId) -> bool {
 /// Whether a Query, by its first word, may change what prepared statements mean: ALTER and DROP (a column
 /// type changed, a type dropped and created again). CREATE OR REPLACE starts with CREATE and is caught by
 /// the server's own error instead (see the session's `stale_statement`).
-pub fn changes_schema(shape: &crate::fingerprint::ShapeId) -> bool {
-    const ALTER: crate::fingerprint::Head = crate::fingerprint::Head::of(b"alter");
-    const DROP: crate::fingerprint::Head = crate::fingerprint::Head::of(b"drop");
+pub fn changes_schema(shape: &ShapeId) -> bool {
+    const ALTER: Head = Head::of(b"alter");
+    const DROP: Head = Head::of(b"drop");
     shape.head == ALTER || shape.head == DROP
 }
 
@@ -459,45 +344,6 @@ fn mentions(text: &[u8], needle: &[u8]) -> bool {
         .any(|window| window.eq_ignore_ascii_case(needle))
 }
 
-/// Whether `text` mentions one of the names [`classify`] looks further into when the first word does not
-/// say: `advisory_lock`, `set_config` or `pg_temp`, in any letter case. The fingerprint lexer asks it of
-/// every token long enough to hold one, so it looks only where an `_` is.
-pub(crate) fn mentions_watched(text: &[u8]) -> bool {
-    // Whether `needle`, whose first `_` is at `at`, lies in `text` with that `_` at `p`.
-    fn at_underscore(text: &[u8], p: usize, needle: &[u8], at: usize) -> bool {
-        p >= at
-            && p - at + needle.len() <= text.len()
-            && text[p - at..p - at + needle.len()].eq_ignore_ascii_case(needle)
-    }
-    // A plain loop: the texts are mostly single short tokens, too short for `memchr` to pay for its setup.
-    (2..text.len()).any(|p| {
-        text[p] == b'_'
-            && (at_underscore(text, p, b"pg_temp", 2)
-                || at_underscore(text, p, b"set_config", 3)
-                || at_underscore(text, p, b"advisory_lock", 8))
-    })
-}
-
-/// The lexical tokens of a statement, comments and white space skipped.
-fn tokens(s: &[u8]) -> impl Iterator<Item = &[u8]> {
-    token_ranges(s).map(|range| &s[range])
-}
-
-/// Where the lexical tokens of `s` are.
-fn token_ranges(s: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
-    let mut i = 0;
-    std::iter::from_fn(move || {
-        i = skip_space(s, i);
-        if i >= s.len() {
-            return None;
-        }
-        let end = token_end(s, i);
-        let range = i..end;
-        i = end;
-        Some(range)
-    })
-}
-
 /// SQL-level prepared statements a statement runs other than at its head: `EXPLAIN [ANALYZE] EXECUTE name`,
 /// `CREATE [TEMP] TABLE t AS EXECUTE name`. Their names (folded) and where they are, relative to `sql`.
 /// Names inside strings (a DO block's text) are not seen.
@@ -536,16 +382,6 @@ fn creates_in_pg_temp(statement: &[u8], create: bool) -> bool {
 pub fn set_config_in(sql: &[u8], range: Range<usize>) -> Option<(Vec<String>, Vec<usize>)> {
     let statement = &sql[range];
     mentions(statement, b"set_config").then(|| set_config_names(statement))
-}
-
-/// What is inside a dollar-quoted string token (`$$…$$`, `$tag$…$tag$`).
-fn dollar_quoted_body(token: &[u8]) -> Option<&[u8]> {
-    if token.first() != Some(&b'$') {
-        return None;
-    }
-    let tag_end = dollar_tag(token, 0)?;
-    let tag_len = tag_end;
-    (token.len() >= 2 * tag_len).then(|| &token[tag_end..token.len() - tag_len])
 }
 
 /// The setting names `set_config` calls in a statement are given: string literals (lower case), and the
@@ -616,7 +452,7 @@ fn setting_name(first: &str, words: &mut Words<'_>) -> String {
 }
 
 /// Whether `text` mentions a session advisory lock function (`pg_advisory_lock`, `pg_try_advisory_lock`,
-/// their `_shared` forms) in any letter case. The fingerprint lexer asks it of every long token.
+/// their `_shared` forms) in any letter case.
 pub(crate) fn mentions_advisory_lock(text: &[u8]) -> bool {
     const NEEDLE: &[u8] = b"advisory_lock";
     const UNDERSCORE_AT: usize = 8;
@@ -683,30 +519,6 @@ mod tests {
             let text = sql.as_bytes();
             assert!(plainly_other(&crate::fingerprint::shape_id(text)), "{sql}");
         }
-    }
-
-    #[test]
-    fn identifier_ends_as_the_table_says() {
-        // Every byte value, at every position of an eight-byte chunk and at the end of the text.
-        for b in 0..=255u8 {
-            for at in 0..10 {
-                let mut text = vec![b'a'; at];
-                text.push(b);
-                text.extend_from_slice(b"bc");
-                let expected = if IDENT[usize::from(b)] {
-                    text.len()
-                } else {
-                    at
-                };
-                assert_eq!(ident_end(&text, 0), expected, "byte {b:#x} at {at}");
-                assert_eq!(
-                    ident_end(&text[..=at], 0),
-                    if IDENT[usize::from(b)] { at + 1 } else { at }
-                );
-            }
-        }
-        assert_eq!(ident_end(b"abc", 3), 3);
-        assert_eq!(ident_end(b"abc def", 1), 3);
     }
 
     fn kinds(sql: &str) -> Vec<Kind> {

@@ -7,7 +7,7 @@
 //!
 //! Towards servers the gateway is the one asking, as `server_tls.mode` says (see `regions::tls`).
 
-use crate::config::TlsConfig;
+use crate::config::{Config, ConfigError, TlsConfig, TlsMode};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::io;
@@ -18,6 +18,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
+
+/// The SSLRequest code ("SSL Session Encryption"): a client's first packet asking for TLS, and what the
+/// gateway sends a server to ask the same.
+pub(crate) const SSL_REQUEST: i32 = 80877103;
 
 /// Builds the acceptor from the certificate chain and key files (PEM). The error names the file and what is
 /// wrong with it.
@@ -43,6 +47,18 @@ pub fn acceptor(config: &TlsConfig) -> Result<Option<TlsAcceptor>, String> {
     Ok(Some(TlsAcceptor::from(Arc::new(server))))
 }
 
+/// The client-facing acceptor for a configuration about to be taken into use (at startup, by a reload, by
+/// `check-config`). Configuration validation does not build it: the configuration knows no TLS. A
+/// certificate or key that does not load refuses the configuration with the key `tls.cert` named, as
+/// validation names keys, unless `tls.mode` is `disable`, which never offers TLS and so has no acceptor.
+pub fn configured_acceptor(config: &Config) -> Result<Option<TlsAcceptor>, ConfigError> {
+    match acceptor(&config.tls) {
+        Ok(acceptor) => Ok(acceptor),
+        Err(_) if config.tls.mode == TlsMode::Disable => Ok(None),
+        Err(message) => Err(config.invalid("tls.cert", message)),
+    }
+}
+
 /// Asks a server for TLS on a fresh connection and runs the handshake, as `server_tls.mode` says: a server
 /// that declines gets the plain connection under `prefer` and is refused under the stricter modes. The error
 /// says why, for the client's 08006 and the log.
@@ -57,7 +73,7 @@ pub async fn connect_server(
     // SSLRequest ("SSL Session Encryption"): length 8 and the code; the server answers one byte.
     let mut request = [0u8; 8];
     request[..4].copy_from_slice(&8i32.to_be_bytes());
-    request[4..].copy_from_slice(&crate::auth::SSL_REQUEST.to_be_bytes());
+    request[4..].copy_from_slice(&SSL_REQUEST.to_be_bytes());
     let answer = async {
         tcp.write_all(&request).await?;
         tcp.read_u8().await
@@ -82,6 +98,35 @@ pub async fn connect_server(
     Ok(Stream::Tls(Box::new(stream.into())))
 }
 
+/// The tls-server-end-point channel binding data of a server certificate (RFC 5929, section 4.1): its hash
+/// with the hash function of its signature, SHA-256 in place of MD5 and SHA-1. None for signatures without
+/// such a hash function (Ed25519, RSASSA-PSS), which PostgreSQL cannot bind to either.
+pub fn tls_server_end_point(certificate: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    use x509_cert::der::Decode;
+    let parsed = x509_cert::Certificate::from_der(certificate).ok()?;
+    let algorithm = parsed.signature_algorithm.oid.to_string();
+    Some(match algorithm.as_str() {
+        // md5WithRSA, sha1WithRSA, sha256WithRSA, ecdsa-with-SHA1, ecdsa-with-SHA256, dsa-with-SHA1/SHA256
+        "1.2.840.113549.1.1.4"
+        | "1.2.840.113549.1.1.5"
+        | "1.2.840.113549.1.1.11"
+        | "1.2.840.10045.4.1"
+        | "1.2.840.10045.4.3.2"
+        | "1.2.840.10040.4.3"
+        | "2.16.840.1.101.3.4.3.2" => sha2::Sha256::digest(certificate).to_vec(),
+        // sha384WithRSA, ecdsa-with-SHA384
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => {
+            sha2::Sha384::digest(certificate).to_vec()
+        }
+        // sha512WithRSA, ecdsa-with-SHA512
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => {
+            sha2::Sha512::digest(certificate).to_vec()
+        }
+        _ => return None,
+    })
+}
+
 /// A connection to a client or a server: plain TCP, or TLS over it.
 pub enum Stream {
     Plain(TcpStream),
@@ -99,7 +144,7 @@ impl Stream {
             return None;
         };
         let certificate = stream.get_ref().1.peer_certificates()?.first()?;
-        crate::auth::tls_server_end_point(certificate)
+        tls_server_end_point(certificate)
     }
 
     /// True while the peer has neither closed the connection nor sent anything: what an idle pooled server

@@ -253,23 +253,46 @@ async fn tokio_postgres_over_rustls_moves_large_results_and_copies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broken_certificate_is_refused_at_load_with_the_key_named() {
+async fn a_broken_certificate_is_refused_at_startup_and_reload_with_the_key_named() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.pem");
     std::fs::write(&bad, "not a certificate").unwrap();
-    let text = format!(
-        "listen: 127.0.0.1:0\nprimary: postgres://127.0.0.1:5432/x\nauth: {{ method: trust }}\n\
-         tls: {{ mode: require, cert: {0}, key: {0} }}\n",
+    let plain =
+        "listen: 127.0.0.1:0\nprimary: postgres://127.0.0.1:5432/x\nauth: { method: trust }\n";
+    let broken = format!(
+        "{plain}tls: {{ mode: require, cert: {0}, key: {0} }}\n",
         bad.display()
     );
+    let config = regiongate::config::Config::parse(&broken, "test")
+        .expect("the file is valid: its certificate is loaded where it is taken into use");
+    let error = match regiongate::Gateway::bind(config).await {
+        Ok(_) => panic!("a broken certificate must be refused"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        error.contains("tls.cert") && error.contains("line 4"),
+        "{error}"
+    );
+    // A reload to a broken certificate is refused too, and the gateway keeps running without it.
+    let file = dir.path().join("gateway.yaml");
+    std::fs::write(&file, plain).unwrap();
+    let config = regiongate::config::Config::load(&file).unwrap();
+    let gateway = regiongate::Gateway::bind_from(config, Some(file.clone()))
+        .await
+        .unwrap();
+    std::fs::write(&file, &broken).unwrap();
+    let error = gateway
+        .shared
+        .reload()
+        .expect_err("a broken certificate must refuse the reload");
+    assert!(
+        matches!(error, regiongate::ReloadError::Invalid(_))
+            && error.to_string().contains("tls.cert"),
+        "{error}"
+    );
+    assert!(gateway.shared.tls.load().is_none());
+    let text = format!("{plain}tls: {{ mode: allow }}\n");
     let error = regiongate::config::Config::parse(&text, "test")
-        .expect_err("a broken certificate must be refused")
-        .to_string();
-    assert!(error.contains("tls.cert"), "{error}");
-    let text =
-        "listen: 127.0.0.1:0\nprimary: postgres://127.0.0.1:5432/x\nauth: { method: trust }\n\
-                tls: { mode: allow }\n";
-    let error = regiongate::config::Config::parse(text, "test")
         .expect_err("TLS without a certificate must be refused")
         .to_string();
     assert!(error.contains("tls.cert and tls.key"), "{error}");
@@ -542,7 +565,7 @@ fn the_channel_binding_hash_is_the_certificates_sha256_for_an_rsa_sha256_signatu
     use rustls::pki_types::pem::PemObject;
     let der = rustls::pki_types::CertificateDer::from_pem_file(&cert).unwrap();
     let ours =
-        regiongate::auth::tls_server_end_point(&der).expect("an RSA-SHA256 certificate binds");
+        regiongate::tls::tls_server_end_point(&der).expect("an RSA-SHA256 certificate binds");
     let output = Command::new("openssl")
         .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
         .arg(&cert)

@@ -403,7 +403,7 @@ mod tests {
              routing: {{ max_lag: 5s, when_no_replica_fits: {when_no_replica_fits} }}\n"
         );
         let config = crate::config::Config::parse(&text, "test").unwrap();
-        crate::Shared::new(config, None).regions()
+        crate::Shared::new(config, None, None).regions()
     }
 
     fn class(access: Access) -> Class {

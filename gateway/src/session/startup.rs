@@ -63,12 +63,12 @@ pub async fn log_in(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> O
     match tokio::time::timeout(STARTUP_TIMEOUT, auth).await {
         Ok(Ok(())) => shared.admission.login_succeeded(peer.ip()),
         Ok(Err(error)) => {
-            if let StartupError::Refused(e) = &error {
+            if let Some(e) = error.error() {
                 // The message names the user, never a password or proof.
                 tracing::warn!(client = %peer, user = %startup.user, code = %e.code, reason = %e.message, "login refused");
-                if matches!(&*e.code, "28P01" | "28000") {
-                    shared.admission.login_failed(peer.ip(), &limits);
-                }
+            }
+            if let StartupError::Denied(_) = error {
+                shared.admission.login_failed(peer.ip(), &limits);
             }
             return refuse(client, error).await;
         }
@@ -232,7 +232,7 @@ async fn admin_session(
 
 /// Tells a client why it is refused (when there is something to tell), and ends its connection.
 async fn refuse<T>(mut client: Stream, error: StartupError) -> Option<T> {
-    if let StartupError::Refused(error) = error {
+    if let Some(error) = error.error() {
         METRICS
             .clients_refused
             .with_label_values(&[&*error.code])
