@@ -139,7 +139,9 @@ impl Pool {
                 METRICS.pool_wait_seconds.observe(0, 0.0);
                 permit.forget();
             }
-            Err(_) => match self.wait_for_permit().await {
+            // Boxed, as is the opening of a connection: rare, and a session's future is as large as the largest
+            // thing it awaits, which every idle client would carry.
+            Err(_) => match Box::pin(self.wait_for_permit()).await {
                 Ok(Ok(permit)) => permit.forget(),
                 _ => {
                     METRICS.pool_timeouts.inc();
@@ -167,7 +169,7 @@ impl Pool {
                     }
                     self.closed_one();
                 }
-                None => break self.open_connection().await?,
+                None => break Box::pin(self.open_connection()).await?,
             }
         };
         lease.conn = Some(conn);
@@ -405,6 +407,7 @@ pub struct Lease {
 }
 
 impl Lease {
+    #[inline]
     pub fn conn(&mut self) -> &mut ServerConn {
         self.conn
             .as_mut()

@@ -120,16 +120,19 @@ impl ServerConn {
         ))
     }
 
+    #[inline]
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// The server's process id for this connection.
+    #[inline]
     pub fn pid(&self) -> i32 {
         self.pid
     }
 
     /// Where a cancel for what runs on this connection goes, with the server's own key.
+    #[inline]
     pub fn cancel_target(&self) -> ServerTarget {
         ServerTarget {
             addr: self.addr,
@@ -146,11 +149,13 @@ impl ServerConn {
     // ---- what the server session holds -----------------------------------------------------------------
 
     /// Whether the statement `name` exists (or is being created) here.
+    #[inline]
     pub fn has_statement(&self, name: &str) -> bool {
         self.prepared.contains(name)
     }
 
     /// Notes that a Parse (or PREPARE) creating `name` is on its way. False when it exists already.
+    #[inline]
     pub fn note_statement(&mut self, name: Arc<str>) -> bool {
         self.prepared.insert(name)
     }
@@ -166,15 +171,18 @@ impl ServerConn {
         self.unnamed_valid = false;
     }
 
+    #[inline]
     pub fn statement_count(&self) -> usize {
         self.prepared.len()
     }
 
     /// Whether the unnamed statement is the current client's last Parse.
+    #[inline]
     pub fn unnamed_valid(&self) -> bool {
         self.unnamed_valid
     }
 
+    #[inline]
     pub fn set_unnamed_valid(&mut self, valid: bool) {
         self.unnamed_valid = valid;
     }
@@ -193,6 +201,7 @@ impl ServerConn {
     /// with equal settings converge on one Arc and later checkouts compare pointers only. (Adopting the
     /// connection's alone does not converge: a connection keeps the first Arc it was given, and clients would
     /// go on comparing at every checkout.)
+    #[inline]
     pub fn settings_differ(&mut self, wanted: &mut Settings) -> bool {
         if Arc::ptr_eq(&self.settings, wanted) {
             return false; // the common case: nothing to compare
@@ -228,17 +237,20 @@ impl ServerConn {
         self.discard = true;
     }
 
+    #[inline]
     pub fn is_discarded(&self) -> bool {
         self.discard
     }
 
     /// Whether it can go back to the pool as far as the connection itself knows: nothing unread, nothing in
     /// doubt. (Whether the server owes answers is the session's protocol state.)
+    #[inline]
     pub fn is_clean(&self) -> bool {
         self.read_buf.is_empty() && !self.discard
     }
 
     /// Back in the pool: the unnamed statement belongs to no client any more.
+    #[inline]
     pub(crate) fn checked_in(&mut self, now: Instant) {
         self.idle_since = now;
         self.unnamed_valid = false;
@@ -254,11 +266,13 @@ impl ServerConn {
     // ---- bytes -------------------------------------------------------------------------------------------
 
     /// The stream and its read buffer, for a session relaying bytes.
+    #[inline]
     pub fn io(&mut self) -> (&mut Stream, &mut BytesMut) {
         (&mut self.stream, &mut self.read_buf)
     }
 
     /// Bytes read from the server and not handled yet.
+    #[inline]
     pub fn read_buf(&mut self) -> &mut BytesMut {
         &mut self.read_buf
     }

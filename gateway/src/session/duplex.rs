@@ -1,6 +1,12 @@
 //! A session's bytes: the client's stream, what it sent and what it is owed, what waits for the server, and
 //! the one place that waits for sockets. Writes are buffered and go out when a socket is ready; reading from
 //! one side stops while too much waits for the other (backpressure).
+//!
+//! An idle client holds no buffers: while it has nothing buffered and no server connection, its buffers go
+//! to a per-thread stock of spare ones and it waits for its socket to become readable without one (plain
+//! TCP; a TLS stream needs a buffer to read into, and rustls holds its own). The next message takes them back
+//! from the stock, so a busy session reuses warm buffers instead of allocating at every transaction, and tens
+//! of thousands of idle clients cost no buffer memory.
 
 use crate::server::ServerConn;
 use crate::tls::Stream;
@@ -57,9 +63,9 @@ impl Duplex {
     pub fn new(client: Stream) -> Duplex {
         Duplex {
             client,
-            from_client: BytesMut::with_capacity(8 * 1024),
-            to_client: BytesMut::with_capacity(16 * 1024),
-            to_server: BytesMut::with_capacity(8 * 1024),
+            from_client: BytesMut::new(),
+            to_client: BytesMut::new(),
+            to_server: BytesMut::new(),
             client_skip: 0,
             client_skip_forward: false,
             server_skip: 0,
@@ -67,11 +73,13 @@ impl Duplex {
     }
 
     /// Whether a whole client message is in the buffer.
+    #[inline]
     pub fn has_complete_message(&self) -> bool {
         matches!(crate::protocol::peek_header(&self.from_client), Some(Ok((_, len))) if self.from_client.len() >= len)
     }
 
     /// Nothing of the client's half-sent message is going to the server.
+    #[inline]
     pub fn between_messages(&self) -> bool {
         self.server_skip == 0 && !(self.client_skip > 0 && self.client_skip_forward)
     }
@@ -122,6 +130,19 @@ impl Duplex {
     /// Waits until a socket is ready and moves bytes: reads from the client and the server, and writes
     /// what is waiting for either.
     pub async fn wait(&mut self, server: Option<&mut ServerConn>, watch: Watch) -> IoEvent {
+        if server.is_none()
+            && self.from_client.is_empty()
+            && self.to_client.is_empty()
+            && self.to_server.is_empty()
+        {
+            if let Some(event) = self.idle(watch.idle).await {
+                return event;
+            }
+        }
+        if self.from_client.capacity() == 0 {
+            // The client speaks again (or has not spoken yet): buffers for its exchange.
+            self.take_buffers();
+        }
         let read_client = self.to_server.len() < HIGH_WATER;
         let read_server = self.to_client.len() < HIGH_WATER;
         if self.from_client.capacity() - self.from_client.len() < 4096 {
@@ -166,6 +187,158 @@ impl Duplex {
             event = client => event,
             _ = sleep_for(idle), if watch.idle.is_some() => IoEvent::ClientIdle,
             _ = sleep_until(watch.deadline), if watch.deadline.is_some() => IoEvent::StatementTimeout,
+        }
+    }
+}
+
+impl Duplex {
+    /// The client is idle with nothing buffered: its buffers go to the stock while it waits for its socket to
+    /// become readable (or `idle` to pass: [`IoEvent::ClientIdle`]), and come back with its next bytes. None
+    /// over TLS, where reading takes a buffer of the session's own.
+    async fn idle(&mut self, idle: Option<Duration>) -> Option<IoEvent> {
+        if !matches!(self.client, Stream::Plain(_)) {
+            return None;
+        }
+        self.give_buffers();
+        loop {
+            if let Some(read) = self.read_idle() {
+                return Some(IoEvent::ClientRead(read));
+            }
+            let Stream::Plain(tcp) = &self.client else {
+                unreachable!("checked above")
+            };
+            // poll_read_ready uses the socket's one reader slot; `readable()` would queue a waiter behind a
+            // lock, which costs more at every transaction.
+            let readable = std::future::poll_fn(|cx| tcp.poll_read_ready(cx));
+            let ready = match idle {
+                None => readable.await,
+                Some(idle) => match tokio::time::timeout(idle, readable).await {
+                    Ok(ready) => ready,
+                    Err(_) => return Some(IoEvent::ClientIdle),
+                },
+            };
+            if let Err(error) = ready {
+                self.take_buffers();
+                return Some(IoEvent::ClientRead(Err(error)));
+            }
+        }
+    }
+
+    /// Reads what an idle client sent, if anything, into the thread's probe buffer, and only then takes
+    /// buffers (None: nothing there). A read that would block also clears tokio's readiness, which a read
+    /// that got data leaves set.
+    fn read_idle(&mut self) -> Option<std::io::Result<usize>> {
+        let Stream::Plain(tcp) = &self.client else {
+            unreachable!("idle waits are for plain TCP")
+        };
+        let buffers = [
+            &mut self.from_client,
+            &mut self.to_client,
+            &mut self.to_server,
+        ];
+        spare::STOCK.with_borrow_mut(|stock| {
+            let read = match tcp.try_read(&mut stock.probe[..]) {
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return None,
+                read => read,
+            };
+            let [from_client, to_client, to_server] = buffers;
+            stock.take_into(from_client, to_client, to_server);
+            if let Ok(n) = read {
+                from_client.extend_from_slice(&stock.probe[..n]);
+            }
+            Some(read)
+        })
+    }
+}
+
+impl Duplex {
+    /// Gives the three buffers (empty) to the stock as one set.
+    fn give_buffers(&mut self) {
+        if self.from_client.capacity() == 0 {
+            return;
+        }
+        let set = [
+            std::mem::take(&mut self.from_client),
+            std::mem::take(&mut self.to_client),
+            std::mem::take(&mut self.to_server),
+        ];
+        spare::give(set);
+    }
+
+    /// Takes a set of buffers from the stock, or new ones.
+    fn take_buffers(&mut self) {
+        spare::STOCK.with_borrow_mut(|stock| {
+            stock.take_into(
+                &mut self.from_client,
+                &mut self.to_client,
+                &mut self.to_server,
+            )
+        });
+    }
+}
+
+/// The per-thread stock of spare buffer sets (see the module's doc): one TLS access and one push or pop per
+/// idle wait, cheaper than an allocation and a free per buffer.
+mod spare {
+    use bytes::BytesMut;
+    use std::cell::RefCell;
+
+    /// Sets kept per thread; past this they are freed.
+    const SETS: usize = 256;
+    /// A set holding a buffer grown larger than this (a big result) is freed rather than kept.
+    const LARGEST: usize = 64 * 1024;
+
+    pub struct Stock {
+        sets: Vec<[BytesMut; 3]>,
+        /// What an idle client's first read goes into, before it has buffers of its own (zeroed once per
+        /// thread, not per read).
+        pub probe: [u8; 4096],
+    }
+
+    thread_local! {
+        pub static STOCK: RefCell<Stock> = const {
+            RefCell::new(Stock {
+                sets: Vec::new(),
+                probe: [0; 4096],
+            })
+        };
+    }
+
+    pub fn give(set: [BytesMut; 3]) {
+        debug_assert!(set.iter().all(BytesMut::is_empty));
+        if set.iter().any(|b| b.capacity() > LARGEST) {
+            return;
+        }
+        STOCK.with_borrow_mut(|stock| {
+            if stock.sets.len() < SETS {
+                stock.sets.push(set);
+            }
+        });
+    }
+
+    impl Stock {
+        /// Gives a session without buffers a set from the stock, or new ones.
+        pub fn take_into(
+            &mut self,
+            from_client: &mut BytesMut,
+            to_client: &mut BytesMut,
+            to_server: &mut BytesMut,
+        ) {
+            if from_client.capacity() != 0 {
+                return;
+            }
+            match self.sets.pop() {
+                Some([from, to, server]) => {
+                    *from_client = from;
+                    *to_client = to;
+                    *to_server = server;
+                }
+                None => {
+                    from_client.reserve(8 * 1024);
+                    to_client.reserve(16 * 1024);
+                    to_server.reserve(8 * 1024);
+                }
+            }
         }
     }
 }

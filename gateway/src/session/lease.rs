@@ -15,7 +15,9 @@ impl Session {
     /// request with the error. A replica that cannot give a connection is banned and the choice made again.
     pub(super) async fn attach(&mut self) {
         // Let the client see answers already due before it waits for a connection.
-        self.io.flush_client().await;
+        if !self.io.to_client.is_empty() {
+            self.io.flush_client().await;
+        }
         if self.shared.is_paused() {
             self.shared.wait_unpaused().await;
         }

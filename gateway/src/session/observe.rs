@@ -20,11 +20,14 @@ pub struct Observer {
     last_statement: Option<Bytes>,
     /// DataRows relayed for the current request.
     pub rows: u64,
-    /// N+1 detection (None when off).
-    detector: Option<nplus1::Detector>,
+    /// N+1 detection: whether it is on, and its state, boxed at the first statement (a client that never
+    /// runs one does not carry it).
+    detecting: bool,
+    detector: Option<Box<nplus1::Detector>>,
     nplus1: nplus1::Settings,
-    /// The shapes of this client's recent Query texts (computing a shape anew costs a lexer pass).
-    pub recent_shapes: Recent,
+    /// The shapes of this client's recent Query texts (computing a shape anew costs a lexer pass); boxed on
+    /// first use, so that a client that never queries does not carry its 1.8 KB.
+    recent_shapes: Option<Box<Recent>>,
     /// `log.slow_statement`.
     pub slow_after: Duration,
     /// `limits.statement_timeout`, and whether the request in flight was cancelled for it already.
@@ -39,25 +42,36 @@ impl Observer {
             last_answer: Instant::now(),
             last_statement: None,
             rows: 0,
-            detector: config.nplus1.enabled.then(nplus1::Detector::default),
+            detecting: config.nplus1.enabled,
+            detector: None,
             nplus1: nplus1::Settings {
                 threshold: config.nplus1.threshold,
                 window: config.nplus1.window,
                 log_parameters: config.nplus1.log_parameters,
             },
-            recent_shapes: Recent::default(),
+            recent_shapes: None,
             slow_after: config.log.slow_statement,
             statement_timeout: config.limits.statement_timeout,
             timed_out: false,
         }
     }
 
+    /// The shape of a Query's text.
+    #[inline]
+    pub fn shape(&mut self, text: &[u8]) -> fingerprint::ShapeId {
+        self.recent_shapes
+            .get_or_insert_with(Box::default)
+            .shape_id(text)
+    }
+
     /// Whether N+1 detection is on (statements are shaped at Parse for it).
+    #[inline]
     pub fn detecting(&self) -> bool {
-        self.detector.is_some()
+        self.detecting
     }
 
     /// A request (Query, Sync, FunctionCall) was sent: its clock starts, unless an older one still runs.
+    #[inline]
     pub fn request_sent(&mut self) {
         if self.started.is_none() {
             self.started = Some(Instant::now());
@@ -65,12 +79,14 @@ impl Observer {
     }
 
     /// When the request in flight passes `limits.statement_timeout` (None: no limit, or cancelled already).
+    #[inline]
     pub fn deadline(&self) -> Option<Instant> {
         let started = self.started?;
         (!self.statement_timeout.is_zero() && !self.timed_out)
             .then(|| started + self.statement_timeout)
     }
 
+    #[inline]
     pub fn set_statement(&mut self, text: Option<Bytes>) {
         self.last_statement = text;
     }
@@ -93,9 +109,10 @@ impl Observer {
         patterns: &nplus1::Patterns,
         entry: &ClientEntry,
     ) {
-        let Some(detector) = self.detector.as_mut() else {
+        if !self.detecting {
             return;
-        };
+        }
+        let detector = self.detector.get_or_insert_with(Box::default);
         let sample = self
             .nplus1
             .log_parameters

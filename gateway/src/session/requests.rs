@@ -25,7 +25,7 @@ impl Session {
         if sql::plainly_other(&shape) {
             // Most queries: nothing in them for the session to track.
             self.io.to_server.extend_from_slice(message);
-            self.state.query(Reset::Nothing, Vec::new());
+            self.state.plain_query();
             return Ok(());
         }
         let mut reset = Reset::Nothing;

@@ -98,6 +98,7 @@ impl Reads {
     }
 
     /// Read your writes: later reads wait for a replica at this WAL position (or later).
+    #[inline]
     pub fn wrote_at(&mut self, lsn: Lsn) {
         self.min_lsn = Some(self.min_lsn.map_or(lsn, |old| old.max(lsn)));
     }

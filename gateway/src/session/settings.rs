@@ -142,29 +142,37 @@ impl Tracker {
     }
 
     /// While the session's settings are read back, its next request waits.
+    #[inline]
     pub fn capturing(&self) -> bool {
         self.capturing
     }
 
     /// The capture was answered, or its connection is gone.
+    #[inline]
     pub fn capture_over(&mut self) {
         self.capturing = false;
     }
 
+    #[inline]
     pub fn is_lost(&self) -> bool {
         self.lost
     }
 
     /// The query that reads the session's settings back, when a request may have changed them. It starts a
     /// capture.
+    #[inline]
     pub fn capture_sql(&mut self) -> Option<String> {
         if !std::mem::take(&mut self.touched) {
             return None;
         }
+        Some(self.start_capture())
+    }
+
+    fn start_capture(&mut self) -> String {
         METRICS.settings_captures.inc();
         self.rows.clear();
         self.capturing = true;
-        Some(crate::settings::capture_sql(self.custom.iter()))
+        crate::settings::capture_sql(self.custom.iter())
     }
 
     pub fn capture_row(&mut self, row: Vec<Option<String>>) {
@@ -216,7 +224,8 @@ impl Tracker {
             return Ok(());
         }
         METRICS.settings_replays.inc();
-        let Err(failure) = conn.replay_settings(&self.current).await else {
+        // Boxed: rare, and large (see `Pool::checkout`).
+        let Err(failure) = Box::pin(conn.replay_settings(&self.current)).await else {
             return Ok(());
         };
         METRICS.settings_replay_failures.inc();

@@ -122,7 +122,8 @@ pub struct ProtocolState {
 impl Default for ProtocolState {
     fn default() -> Self {
         ProtocolState {
-            pending: VecDeque::with_capacity(8),
+            // Allocated at the first request, not at login: most clients wait most of the time.
+            pending: VecDeque::new(),
             in_exchange: false,
             status: TxStatus::Idle,
             segment_reset: Reset::Nothing,
@@ -136,22 +137,26 @@ impl ProtocolState {
 
     /// A Parse; `swallow` when it is the gateway's (a re-prepare), `name` the server-side statement it
     /// creates (None for the unnamed one).
+    #[inline]
     pub fn parse(&mut self, swallow: bool, name: Option<Arc<str>>) {
         self.pending.push_back(Pending::Parse { swallow, name });
         self.in_exchange = true;
     }
 
     /// Another extended-protocol message (Bind, Describe, Execute, Close, Flush): the exchange goes on.
+    #[inline]
     pub fn extended(&mut self) {
         self.in_exchange = true;
     }
 
     /// A statement bound in this exchange resets settings.
+    #[inline]
     pub fn resets(&mut self, reset: Reset) {
         self.segment_reset.add(reset);
     }
 
     /// The client's Sync: its exchange is answered by one ReadyForQuery.
+    #[inline]
     pub fn sync(&mut self) {
         let reset = std::mem::take(&mut self.segment_reset);
         self.pending.push_back(client(false, reset, Vec::new()));
@@ -159,11 +164,24 @@ impl ProtocolState {
     }
 
     /// The client's Query (or FunctionCall), with what it resets and the names the gateway replaced in it.
+    #[inline]
     pub fn query(&mut self, reset: Reset, shifts: Vec<Shift>) {
         self.pending.push_back(client(true, reset, shifts));
     }
 
+    /// The client's Query that resets nothing and was sent as it came (most of them).
+    #[inline]
+    pub fn plain_query(&mut self) {
+        self.pending.push_back(Pending::Ready {
+            own: None,
+            simple: true,
+            failed: false,
+            extra: None,
+        });
+    }
+
     /// One of the gateway's own simple queries.
+    #[inline]
     pub fn own(&mut self, own: Own) {
         self.pending.push_back(Pending::Ready {
             own: Some(own),
@@ -189,24 +207,29 @@ impl ProtocolState {
 
     // ---- what is known -----------------------------------------------------------------------------------
 
+    #[inline]
     pub fn status(&self) -> TxStatus {
         self.status
     }
 
     /// Nothing owed, no exchange open: the server waits for the next request.
+    #[inline]
     pub fn quiet(&self) -> bool {
         self.pending.is_empty() && !self.in_exchange
     }
 
     /// Quiet and outside a transaction: the connection may go back to the pool.
+    #[inline]
     pub fn settled(&self) -> bool {
         self.quiet() && self.status.is_idle()
     }
 
+    #[inline]
     pub fn owes_answers(&self) -> bool {
         !self.pending.is_empty()
     }
 
+    #[inline]
     pub fn in_exchange(&self) -> bool {
         self.in_exchange
     }
@@ -221,6 +244,7 @@ impl ProtocolState {
     }
 
     /// Whether one of the gateway's own requests of this kind is pending.
+    #[inline]
     pub fn awaits(&self, kind: Own) -> bool {
         self.pending
             .iter()
@@ -228,6 +252,7 @@ impl ProtocolState {
     }
 
     /// Whether a client's request is pending.
+    #[inline]
     pub fn client_request_pending(&self) -> bool {
         self.pending
             .iter()
@@ -235,6 +260,7 @@ impl ProtocolState {
     }
 
     /// How the gateway's renaming moved text in the client's request being answered.
+    #[inline]
     pub fn front_shifts(&self) -> Option<&[Shift]> {
         match self.pending.front() {
             Some(Pending::Ready {
@@ -245,6 +271,7 @@ impl ProtocolState {
     }
 
     /// Server-side statements found not to exist since the last call.
+    #[inline]
     pub fn take_forgotten(&mut self) -> Option<std::vec::Drain<'_, Arc<str>>> {
         (!self.forgotten.is_empty()).then(|| self.forgotten.drain(..))
     }
@@ -252,6 +279,7 @@ impl ProtocolState {
     // ---- what the server says ----------------------------------------------------------------------------
 
     /// One server message (`body` after tag and length): what to do with it.
+    #[inline]
     pub fn on_message(&mut self, message_tag: u8, body: &[u8]) -> Step {
         match message_tag {
             tag::PARSE_COMPLETE => {
@@ -370,6 +398,7 @@ impl ProtocolState {
     }
 }
 
+#[inline]
 fn client(simple: bool, reset: Reset, shifts: Vec<Shift>) -> Pending {
     Pending::Ready {
         own: None,
