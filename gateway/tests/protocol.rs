@@ -538,3 +538,59 @@ async fn pipelined_extended_queries_in_one_exchange() {
     let results = futures_util::future::join_all(queries).await;
     assert_eq!(results, (0..200).map(|i| i * 10).collect::<Vec<_>>());
 }
+
+/// An idle client holds no buffers: its next bytes are read into a per-thread probe, then into buffers from a
+/// per-thread stock that other sessions use too. Queries larger than the probe, sent after the client idled,
+/// from several clients at once, must each arrive whole and only at their own session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_queries_arrive_whole_through_shared_buffers() {
+    let gw = gateway("idle-buffers", "").await;
+    let mut tasks = Vec::new();
+    for c in 0..6 {
+        let client = gw.connect().await;
+        tasks.push(tokio::spawn(async move {
+            for round in 0..5 {
+                // Long enough to be read in several parts (the probe holds 4 KiB), and the client's own.
+                let text = format!("{c}-{round}-").repeat(4000);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let rows = client
+                    .simple_query(&format!("SELECT md5('{text}'), length('{text}')"))
+                    .await
+                    .unwrap();
+                let row = first_row(&rows);
+                let expected = format!("{:x}", md5::compute(text.as_bytes()));
+                assert_eq!(
+                    row.get(0),
+                    Some(expected.as_str()),
+                    "client {c} round {round}"
+                );
+                assert_eq!(row.get(1), Some(text.len().to_string().as_str()));
+                // Small ones in between, answered while buffers go back and forth.
+                for i in 0..10 {
+                    let rows = client
+                        .simple_query(&format!("SELECT '{c}-{i}'"))
+                        .await
+                        .unwrap();
+                    let row = first_row(&rows);
+                    assert_eq!(row.get(0), Some(format!("{c}-{i}").as_str()));
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("a client's queries were answered within a minute")
+            .unwrap();
+    }
+}
+
+fn first_row(messages: &[SimpleQueryMessage]) -> &tokio_postgres::SimpleQueryRow {
+    messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .expect("a row")
+}
