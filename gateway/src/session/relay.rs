@@ -244,11 +244,14 @@ impl Session {
     }
 }
 
-/// Server messages relayed without a look at their bodies (and streamed through when large).
+/// Server messages relayed without a look at their bodies (and streamed through when large), unless they
+/// answer one of the gateway's own requests. CommandComplete is among them: the protocol state has nothing to
+/// learn from it, and it comes with every statement.
 fn is_passthrough(message_tag: u8) -> bool {
     matches!(
         message_tag,
         tag::DATA_ROW
+            | tag::COMMAND_COMPLETE
             | tag::ROW_DESCRIPTION
             | tag::PARAMETER_DESCRIPTION
             | tag::NO_DATA
