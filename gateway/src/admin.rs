@@ -49,7 +49,7 @@ const HELP: &[(&str, &str)] = &[
     ),
     (
         "SHOW ROUTES",
-        "routing decisions by region, role and reason",
+        "routing decisions by region, role and reason; transactions by start and outcome",
     ),
     ("SHOW STATS", "totals since start"),
     ("SHOW CONFIG", "the configuration in force (no secrets)"),
@@ -617,11 +617,34 @@ fn regiongate_primary_up() -> bool {
 }
 
 fn routes() -> Response {
+    let mut rows: Vec<Vec<String>> = counts(&METRICS.routed, &["region", "role", "reason"])
+        .map(|(labels, count)| [vec!["exchange".to_string()], labels, vec![count]].concat())
+        .collect();
+    // Transactions that could write: where they started, and how they ended.
+    rows.extend(
+        counts(&METRICS.transactions_routed, &["start", "outcome"]).map(|(labels, count)| {
+            [
+                vec!["transaction".to_string(), String::new()],
+                labels,
+                vec![count],
+            ]
+            .concat()
+        }),
+    );
+    rows.sort();
+    table(&["routed", "region", "role", "reason", "count"], rows)
+}
+
+/// Each child of a counter family: the values of `labels`, in that order, and its count.
+fn counts(
+    family: &prometheus::IntCounterVec,
+    labels: &[&str],
+) -> impl Iterator<Item = (Vec<String>, String)> {
     use prometheus::core::Collector;
-    let mut rows = Vec::new();
-    for family in METRICS.routed.collect() {
-        for metric in family.get_metric() {
-            let label = |name: &str| {
+    let mut out = Vec::new();
+    for collected in family.collect() {
+        for metric in collected.get_metric() {
+            let value = |name: &str| {
                 metric
                     .get_label()
                     .iter()
@@ -629,16 +652,14 @@ fn routes() -> Response {
                     .map(|l| l.value().to_string())
                     .unwrap_or_default()
             };
-            rows.push(vec![
-                label("region"),
-                label("role"),
-                label("reason"),
+            let values = labels.iter().map(|name| value(name)).collect();
+            out.push((
+                values,
                 (metric.get_counter().get_value() as u64).to_string(),
-            ]);
+            ));
         }
     }
-    rows.sort();
-    table(&["region", "role", "reason", "count"], rows)
+    out.into_iter()
 }
 
 fn stats() -> Response {

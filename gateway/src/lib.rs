@@ -66,6 +66,8 @@ pub struct Shared {
     /// the views or the topology).
     views: ArcSwap<views::Views>,
     pub classifier: ArcSwap<Classifier>,
+    /// Transaction shapes that wrote recently: they start on the primary.
+    pub writing_shapes: route::WritingShapes,
     /// Client-facing TLS, when configured (replaced by a reload).
     pub tls: ArcSwap<Option<tokio_rustls::TlsAcceptor>>,
     /// The file the configuration came from, for RELOAD and SIGHUP.
@@ -168,6 +170,7 @@ impl Shared {
                 ..views_setup(&config)
             })),
             classifier: ArcSwap::new(new_classifier(&config)),
+            writing_shapes: route::WritingShapes::default(),
             credentials: ArcSwap::from_pointee(Credentials::new(&config)),
             tls: ArcSwap::from_pointee(tls),
             batcher: batch::Batcher::new(config.batching.max_queued_rows),

@@ -48,13 +48,14 @@ const SIDE_EFFECT_FUNCTIONS: &[&str] = &[
 ];
 
 /// Where a statement (or a whole Query message) may run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Access {
     /// A replica may serve it.
     Read,
     /// It needs the primary.
     Write,
     /// A session statement (SET, SHOW of a setting, DISCARD): anywhere, it decides nothing.
+    #[default]
     Any,
 }
 
@@ -70,18 +71,125 @@ impl Access {
 }
 
 /// What routing needs to know about a statement text.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Class {
     pub access: Access,
     /// A `/* regiongate: ... */` comment at its start.
     pub hint: Option<Hint>,
-    /// It is exactly `BEGIN`/`START TRANSACTION` with no modes: the transaction's first statement decides.
-    pub bare_begin: bool,
-    /// It makes the transaction read only (`BEGIN READ ONLY`, `SET TRANSACTION READ ONLY`).
-    pub read_only_transaction: bool,
+    /// It is exactly one `BEGIN`/`START TRANSACTION` (with any modes): the gateway may answer it itself and
+    /// decide where the transaction runs at its first statement.
+    pub begin: bool,
+    /// It opens a transaction (a `BEGIN` among its statements).
+    pub begins: bool,
+    /// The transaction modes its `BEGIN` or `SET TRANSACTION` set.
+    pub modes: TxModes,
     /// A read of configured materialized views and nothing else: the set of views (bit i = the i-th view of
     /// the configuration), which routing checks against each replica's copy of them. 0 for anything else.
     pub views: u64,
+}
+
+/// Isolation levels as PostgreSQL runs them (READ UNCOMMITTED runs as READ COMMITTED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    ReadCommitted,
+    RepeatableRead,
+    Serializable,
+}
+
+impl Isolation {
+    /// The value of `transaction_isolation` or `default_transaction_isolation`, as `current_setting` shows it.
+    pub fn from_setting(value: &str) -> Option<Isolation> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "serializable" => Some(Isolation::Serializable),
+            "repeatable read" => Some(Isolation::RepeatableRead),
+            "read committed" | "read uncommitted" => Some(Isolation::ReadCommitted),
+            _ => None,
+        }
+    }
+}
+
+/// Transaction modes, each when it was said (None: the session's default applies).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxModes {
+    pub isolation: Option<Isolation>,
+    pub read_only: Option<bool>,
+    pub deferrable: Option<bool>,
+}
+
+impl TxModes {
+    /// These modes, and `base`'s where these say nothing (a later statement's modes over an earlier one's).
+    pub fn or(self, base: TxModes) -> TxModes {
+        TxModes {
+            isolation: self.isolation.or(base.isolation),
+            read_only: self.read_only.or(base.read_only),
+            deferrable: self.deferrable.or(base.deferrable),
+        }
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only == Some(true)
+    }
+
+    /// A standby refuses serializable mode, except for `READ ONLY DEFERRABLE`, which waits for a snapshot
+    /// that cannot see anomalies ("Hot Standby" in the PostgreSQL documentation).
+    pub fn needs_primary(&self) -> bool {
+        self.isolation == Some(Isolation::Serializable)
+            && !(self.read_only() && self.deferrable == Some(true))
+    }
+}
+
+/// A transaction statement read token by token: `BEGIN`/`START TRANSACTION` (true) or `SET TRANSACTION`
+/// (false), with the modes it sets. None for any other statement, or modes it does not know (sqlparser then
+/// decides, and what it cannot parse goes to the primary). sqlparser has no `DEFERRABLE`, hence this.
+pub fn transaction_statement(text: &[u8]) -> Option<(bool, TxModes)> {
+    let lower: Vec<String> = crate::lexer::tokens(text)
+        .take_while(|t| *t != b";")
+        .map(|t| String::from_utf8_lossy(t).to_ascii_lowercase())
+        .collect();
+    let words: Vec<&str> = lower.iter().map(String::as_str).collect();
+    let (begins, mut rest) = match words.as_slice() {
+        ["begin", "work" | "transaction", rest @ ..] => (true, rest),
+        ["begin", rest @ ..] => (true, rest),
+        ["start", "transaction", rest @ ..] => (true, rest),
+        ["set", "transaction", rest @ ..] if !rest.is_empty() => (false, rest),
+        _ => return None,
+    };
+    let mut modes = TxModes::default();
+    loop {
+        rest = match rest {
+            [] => return Some((begins, modes)),
+            [",", rest @ ..] => rest,
+            ["isolation", "level", "serializable", rest @ ..] => {
+                modes.isolation = Some(Isolation::Serializable);
+                rest
+            }
+            ["isolation", "level", "repeatable", "read", rest @ ..] => {
+                modes.isolation = Some(Isolation::RepeatableRead);
+                rest
+            }
+            ["isolation", "level", "read", "committed" | "uncommitted", rest @ ..] => {
+                modes.isolation = Some(Isolation::ReadCommitted);
+                rest
+            }
+            ["read", "only", rest @ ..] => {
+                modes.read_only = Some(true);
+                rest
+            }
+            ["read", "write", rest @ ..] => {
+                modes.read_only = Some(false);
+                rest
+            }
+            ["deferrable", rest @ ..] => {
+                modes.deferrable = Some(true);
+                rest
+            }
+            ["not", "deferrable", rest @ ..] => {
+                modes.deferrable = Some(false);
+                rest
+            }
+            _ => return None,
+        };
+    }
 }
 
 /// Classifies statement texts, with a cache keyed by the statement's shape (see `fingerprint`): literals do
@@ -147,12 +255,40 @@ impl Classifier {
         let write = Class {
             access: Access::Write,
             hint,
-            bare_begin: false,
-            read_only_transaction: false,
+            begin: false,
+            begins: false,
+            modes: TxModes::default(),
             views: 0,
         };
         if text.len() > MAX_PARSED_LEN {
             return write;
+        }
+        // Transaction statements, by tokens: their modes, and whether every statement is one.
+        let (mut count, mut transaction_only, mut begins) = (0, true, false);
+        let mut modes = TxModes::default();
+        for range in crate::sql::split(text) {
+            count += 1;
+            match transaction_statement(&text[range]) {
+                Some((begin, said)) => {
+                    begins |= begin;
+                    modes = said.or(modes);
+                }
+                None => transaction_only = false,
+            }
+        }
+        let transaction = Class {
+            access: if modes.read_only() {
+                Access::Read
+            } else {
+                Access::Any
+            },
+            begin: count == 1 && begins,
+            begins,
+            modes,
+            ..write
+        };
+        if count > 0 && transaction_only {
+            return transaction;
         }
         let Ok(sql) = std::str::from_utf8(text) else {
             return write;
@@ -160,20 +296,10 @@ impl Classifier {
         let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
             return write;
         };
-        let bare_begin = statements.len() == 1
-            && matches!(&statements[0], Statement::StartTransaction { modes, .. } if modes.is_empty());
         let access = statements
             .iter()
             .map(|s| self.statement_access(s))
             .fold(Access::Any, Access::and);
-        let read_only = TransactionMode::AccessMode(TransactionAccessMode::ReadOnly);
-        let read_only_transaction = statements.iter().any(|s| match s {
-            Statement::StartTransaction { modes, .. } => modes.contains(&read_only),
-            Statement::Set(sqlparser::ast::Set::SetTransaction { modes, .. }) => {
-                modes.contains(&read_only)
-            }
-            _ => false,
-        });
         let views = if access == Access::Read {
             self.views_read(&statements)
         } else {
@@ -181,10 +307,8 @@ impl Classifier {
         };
         Class {
             access,
-            hint,
-            bare_begin,
-            read_only_transaction,
             views,
+            ..transaction
         }
     }
 
@@ -273,23 +397,18 @@ impl Classifier {
                     Access::Read
                 }
             }
-            Statement::StartTransaction { modes, .. } => {
+            // A transaction's statements decide where it runs; its opening and its modes decide nothing
+            // (read only makes it a read).
+            Statement::StartTransaction { modes, .. }
+            | Statement::Set(sqlparser::ast::Set::SetTransaction { modes, .. }) => {
                 if modes.contains(&TransactionMode::AccessMode(
                     TransactionAccessMode::ReadOnly,
                 )) {
                     Access::Read
                 } else {
-                    Access::Write
+                    Access::Any
                 }
             }
-            Statement::Set(sqlparser::ast::Set::SetTransaction { modes, .. })
-                if modes.contains(&TransactionMode::AccessMode(
-                    TransactionAccessMode::ReadOnly,
-                )) =>
-            {
-                Access::Read
-            }
-            Statement::Set(sqlparser::ast::Set::SetTransaction { .. }) => Access::Write,
             Statement::Set(_)
             | Statement::Reset(_)
             | Statement::Discard { .. }
@@ -342,6 +461,48 @@ impl Classifier {
         match query.visit(&mut finder) {
             ControlFlow::Break(()) => Access::Write,
             ControlFlow::Continue(()) => Access::Read,
+        }
+    }
+}
+
+/// Which transactions wrote, recently, by how they start (their first statement's shape, for one user and
+/// database): those start on the primary, so that a read-then-write transaction pays a replay while its
+/// shape is learned, not at every run. Bounded like the N+1 shapes; an entry is forgotten when a transaction
+/// of its shape ends without writing, or after ten minutes.
+pub struct WritingShapes {
+    shapes: moka::sync::Cache<u64, ()>,
+}
+
+impl Default for WritingShapes {
+    fn default() -> Self {
+        WritingShapes {
+            shapes: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
+        }
+    }
+}
+
+impl WritingShapes {
+    /// The key of a transaction shape: its first statement's shape, for this user and database.
+    pub fn key(user: &str, database: &str, shape: u64) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (user, database, shape).hash(&mut hasher);
+        hasher.finish()
+    }
+
+    pub fn predicts_write(&self, key: u64) -> bool {
+        self.shapes.contains_key(&key)
+    }
+
+    /// A transaction of this shape ended, having written or not.
+    pub fn learn(&self, key: u64, wrote: bool) {
+        if wrote {
+            self.shapes.insert(key, ());
+        } else {
+            self.shapes.invalidate(&key);
         }
     }
 }
@@ -449,7 +610,6 @@ mod tests {
             "SELECT lo_create(0)",
             "SELECT audit_log('x')",
             "SELECT * INTO new_table FROM t",
-            "BEGIN",
             "CREATE TABLE t (a int)",
             "LISTEN chan",
             "EXPLAIN ANALYZE DELETE FROM t",
@@ -472,15 +632,63 @@ mod tests {
         assert_eq!(access("SHOW work_mem"), Access::Any);
         assert_eq!(access("DISCARD ALL"), Access::Any);
         assert_eq!(access("SET x = 1; SELECT 1"), Access::Read);
+        // A transaction's opening decides nothing: its statements do.
+        assert_eq!(access("BEGIN"), Access::Any);
+        assert_eq!(access("BEGIN ISOLATION LEVEL REPEATABLE READ"), Access::Any);
+        assert_eq!(
+            access("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            Access::Any
+        );
+        assert_eq!(access("BEGIN; INSERT INTO t VALUES (1)"), Access::Write);
     }
 
     #[test]
-    fn bare_begin_is_recognised() {
+    fn transaction_openings_and_their_modes_are_recognised() {
         let classifier = Classifier::new(&[]);
-        assert!(classifier.classify(b"BEGIN").bare_begin);
-        assert!(classifier.classify(b"start transaction").bare_begin);
-        assert!(!classifier.classify(b"BEGIN READ ONLY").bare_begin);
-        assert!(!classifier.classify(b"BEGIN; SELECT 1").bare_begin);
+        let class = |sql: &str| classifier.classify(sql.as_bytes());
+        assert!(class("BEGIN").begin);
+        assert!(class("start transaction").begin);
+        assert!(class("BEGIN READ ONLY").begin);
+        assert!(!class("BEGIN; SELECT 1").begin);
+        assert!(class("BEGIN; SELECT 1").begins);
+        assert!(!class("SET TRANSACTION READ ONLY").begins);
+        assert_eq!(class("BEGIN").modes, TxModes::default());
+        let serializable = Some(Isolation::Serializable);
+        let modes = class("BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY DEFERRABLE").modes;
+        assert_eq!(
+            modes,
+            TxModes {
+                isolation: serializable,
+                read_only: Some(true),
+                deferrable: Some(true)
+            }
+        );
+        assert!(!modes.needs_primary());
+        assert!(class("BEGIN TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+            .modes
+            .needs_primary());
+        assert!(class("begin read only isolation level serializable")
+            .modes
+            .needs_primary());
+        assert!(class("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+            .modes
+            .needs_primary());
+        assert_eq!(
+            class("START TRANSACTION ISOLATION LEVEL READ UNCOMMITTED")
+                .modes
+                .isolation,
+            Some(Isolation::ReadCommitted)
+        );
+        // The later statement's modes win.
+        let later = class(
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        );
+        assert_eq!(later.modes.isolation, Some(Isolation::RepeatableRead));
+        assert_eq!(class("SELECT 1").modes, TxModes::default());
+        assert_eq!(
+            Isolation::from_setting("repeatable read"),
+            Some(Isolation::RepeatableRead)
+        );
     }
 
     #[test]

@@ -146,9 +146,12 @@ fn push_set(sql: &mut String, name: &str, value: &str) {
 /// The query that reads a server connection's session state: rows of (name, value), with the identity under
 /// `*`-prefixed names no setting has. `custom` are the custom settings to read besides `pg_settings`.
 pub fn capture_sql<'a>(custom: impl Iterator<Item = &'a String>) -> String {
-    // Operators are named with their schema: the client's search_path may hold operators of its own.
+    // Operators are named with their schema: the client's search_path may hold operators of its own. The
+    // isolation is the one a standby allows, whatever the session's default (it may be serializable, which a
+    // replica refuses to read in).
     let mut sql = String::from(
-        "SELECT pg_catalog.lower(name), pg_catalog.current_setting(name) FROM pg_catalog.pg_settings \
+        "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; \
+         SELECT pg_catalog.lower(name), pg_catalog.current_setting(name) FROM pg_catalog.pg_settings \
          WHERE source OPERATOR(pg_catalog.=) 'session' \
          AND NOT name OPERATOR(pg_catalog.=) ANY (ARRAY[",
     );

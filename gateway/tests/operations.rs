@@ -175,7 +175,7 @@ async fn metrics_parse_with_promtool_and_health_endpoints_answer() {
         "regiongate_pool_wait_seconds_bucket",
         "regiongate_request_seconds_bucket{role=\"primary\"",
         "regiongate_routed_total",
-        "regiongate_transactions_total",
+        "regiongate_server_checkouts_total",
         "regiongate_server_errors_total{class=\"22\"}",
     ] {
         assert!(body.contains(name), "{name} missing:\n{body}");

@@ -162,8 +162,9 @@ async fn reads_go_to_the_nearest_replica_and_writes_to_the_primary() {
             .await
             .unwrap();
     }
-    // A transaction stays on one server: the primary for a plain BEGIN... (a new session: this one wrote, and
-    // reads its writes from the primary until the replicas are measured to have replayed them)
+    // A transaction starts where its first statement belongs (a new session: this one wrote, and reads its
+    // writes from the primary until the replicas are measured to have replayed them); with
+    // `routing.transactions: primary` (tested below) a plain BEGIN runs on the primary.
     let client = env.client().await;
     client.batch_execute("BEGIN").await.unwrap();
     let ports: Vec<u16> = vec![
@@ -171,7 +172,7 @@ async fn reads_go_to_the_nearest_replica_and_writes_to_the_primary() {
         server_port(&client, "").await,
     ];
     client.batch_execute("COMMIT").await.unwrap();
-    assert_eq!(ports, vec![env.primary_port(); 2]);
+    assert_eq!(ports, vec![env.port_of("eu-west"); 2]);
     // ...a replica when it is read only, either way it is said.
     client.batch_execute("BEGIN READ ONLY").await.unwrap();
     assert_eq!(server_port(&client, "").await, env.port_of("eu-west"));
@@ -433,4 +434,391 @@ async fn a_read_that_waited_for_a_connection_past_the_budget_is_routed_again() {
     );
     assert_eq!(count, 1);
     env.eu_west().resume_replay().unwrap();
+}
+
+/// The primary's connection string for the app database (for checks that bypass the gateway).
+impl Env {
+    async fn direct_primary(&self) -> Client {
+        common::connect(&format!(
+            "host=127.0.0.1 port={} user=app password={APP_PASSWORD} dbname=app",
+            self.primary_port()
+        ))
+        .await
+    }
+
+    /// Waits until the eu-west replica shows what the primary committed: `sql` returns `expected`.
+    async fn wait_eu_west_shows(&self, sql: &str, expected: i64) {
+        let replica = common::connect(&format!(
+            "host=127.0.0.1 port={} user=app password={APP_PASSWORD} dbname=app",
+            self.port_of("eu-west")
+        ))
+        .await;
+        let shown = common::eventually(Duration::from_secs(20), || async {
+            replica
+                .query_one(sql, &[])
+                .await
+                .is_ok_and(|row| row.get::<_, i64>(0) == expected)
+        })
+        .await;
+        assert!(shown, "eu-west never showed {sql} = {expected}");
+    }
+
+    fn transactions(&self, start: &str, outcome: &str) -> u64 {
+        regiongate::metrics::METRICS
+            .transactions_routed
+            .with_label_values(&[start, outcome])
+            .get()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_that_read_run_on_the_replica_and_move_to_the_primary_at_their_first_write() {
+    let env = start("max_lag: 5s").await;
+    let direct = env.direct_primary().await;
+    direct
+        .batch_execute(
+            "CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL);
+             INSERT INTO accounts VALUES (1, 100), (2, 100), (3, 0)",
+        )
+        .await
+        .unwrap();
+    env.wait_eu_west_shows("SELECT count(*) FROM accounts", 3)
+        .await;
+    let client = env.client().await;
+    let replica = env.port_of("eu-west");
+    // BEGIN as a simple query, as psycopg and most ORMs send it, then reads through the extended protocol;
+    // and BEGIN through the extended protocol, as prepared-statement drivers send it.
+    for extended_begin in [false, true] {
+        let mut on_replica = 0;
+        for _ in 0..20 {
+            if extended_begin {
+                client.execute("BEGIN", &[]).await.unwrap();
+            } else {
+                client.batch_execute("BEGIN").await.unwrap();
+            }
+            let port = server_port(&client, "").await;
+            let row = client
+                .query_one("SELECT balance FROM accounts WHERE id = $1", &[&1])
+                .await
+                .unwrap();
+            assert_eq!(row.get::<_, i32>(0), 100);
+            client.batch_execute("COMMIT").await.unwrap();
+            on_replica += u32::from(port == replica);
+        }
+        assert!(
+            on_replica >= 18,
+            "{on_replica} of 20 read-only transactions on the replica (extended BEGIN: {extended_begin})"
+        );
+    }
+    // Read, write, read the write: the transaction moves to the primary at its write and sees it there.
+    let moved_before = env.transactions("replica", "moved");
+    client.batch_execute("BEGIN").await.unwrap();
+    let before: i32 = client
+        .query_one("SELECT balance FROM accounts WHERE id = $1", &[&2])
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .execute(
+            "UPDATE accounts SET balance = balance - 10 WHERE id = $1",
+            &[&2],
+        )
+        .await
+        .unwrap();
+    let row = client
+        .query_one(
+            "SELECT balance, inet_server_port() FROM accounts WHERE id = $1",
+            &[&2],
+        )
+        .await
+        .unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        (row.get::<_, i32>(0), row.get::<_, i32>(1) as u16),
+        (before - 10, env.primary_port())
+    );
+    assert!(env.transactions("replica", "moved") > moved_before);
+    let committed: i32 = direct
+        .query_one("SELECT balance FROM accounts WHERE id = 2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(committed, 90);
+    // The session's next transaction sees its commit (read your writes).
+    client.batch_execute("BEGIN").await.unwrap();
+    let seen: i32 = client
+        .query_one("SELECT balance FROM accounts WHERE id = $1", &[&2])
+        .await
+        .unwrap()
+        .get(0);
+    client.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(seen, 90);
+
+    // SET LOCAL and a statement prepared inside the transaction are sent again, in order, and hold on the
+    // primary after the move.
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .batch_execute("SET LOCAL work_mem = '5MB'")
+        .await
+        .unwrap();
+    let named = client
+        .prepare("SELECT balance FROM accounts WHERE id = $1")
+        .await
+        .unwrap();
+    client.query_one(&named, &[&1]).await.unwrap();
+    client
+        .execute("UPDATE accounts SET balance = balance WHERE id = $1", &[&1])
+        .await
+        .unwrap();
+    let row = client
+        .query_one(
+            "SELECT current_setting('work_mem'), inet_server_port()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i32>(1) as u16),
+        ("5MB".to_string(), env.primary_port())
+    );
+    let balance: i32 = client.query_one(&named, &[&1]).await.unwrap().get(0);
+    assert_eq!(balance, 100);
+    client.batch_execute("COMMIT").await.unwrap();
+    // An error on the replica aborts the transaction there, as on PostgreSQL: nothing moves.
+    client.batch_execute("BEGIN").await.unwrap();
+    let error = client.query_one("SELECT 1 / 0", &[]).await.unwrap_err();
+    assert_eq!(common::sqlstate(&error), "22012");
+    let error = client
+        .execute("UPDATE accounts SET balance = 0 WHERE id = $1", &[&1])
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&error), "25P02");
+    client.batch_execute("ROLLBACK").await.unwrap();
+
+    // Four clients incrementing one counter with SELECT ... FOR UPDATE, then UPDATE: exact.
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let worker = env.client().await;
+        workers.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                worker.batch_execute("BEGIN").await.unwrap();
+                let value: i32 = worker
+                    .query_one(
+                        "SELECT balance FROM accounts WHERE id = $1 FOR UPDATE",
+                        &[&3],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                worker
+                    .execute(
+                        "UPDATE accounts SET balance = $1 WHERE id = $2",
+                        &[&(value + 1), &3],
+                    )
+                    .await
+                    .unwrap();
+                worker.batch_execute("COMMIT").await.unwrap();
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let counter: i32 = direct
+        .query_one("SELECT balance FROM accounts WHERE id = 3", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(counter, 40);
+
+    // psycopg 3 without autocommit: reads in its implicit transactions reach the replica; a transaction that
+    // writes commits on the primary.
+    let script = r#"
+import sys, psycopg
+conn = psycopg.connect(sys.argv[1])
+replica = int(sys.argv[2])
+on_replica = 0
+for i in range(20):
+    port = conn.execute("SELECT inet_server_port()").fetchone()[0]
+    conn.execute("SELECT balance FROM accounts WHERE id = %s", (1,)).fetchone()
+    conn.commit()
+    on_replica += port == replica
+before = conn.execute("SELECT balance FROM accounts WHERE id = %s", (1,)).fetchone()[0]
+conn.execute("UPDATE accounts SET balance = balance + 5 WHERE id = %s", (1,))
+after = conn.execute("SELECT balance FROM accounts WHERE id = %s", (1,)).fetchone()[0]
+conn.commit()
+print(on_replica, after - before)
+"#;
+    let output = tokio::task::spawn_blocking({
+        let dsn = format!(
+            "host=127.0.0.1 port={} user=app password={APP_PASSWORD} dbname=app",
+            env.addr.port()
+        );
+        move || {
+            std::process::Command::new("python3")
+                .args(["-c", script, &dsn, &replica.to_string()])
+                .output()
+                .expect("python3 (./test.sh provides it, with psycopg)")
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "(./test.sh installs psycopg) {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed = String::from_utf8_lossy(&output.stdout);
+    let numbers: Vec<u32> = printed
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(numbers[0] >= 18, "psycopg: {printed}");
+    assert_eq!(numbers[1], 5, "psycopg: {printed}");
+    let metrics = regiongate::metrics::METRICS.render();
+    assert!(
+        metrics.contains("regiongate_transactions_total{outcome=\"read-only\",start=\"replica\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_a_read_the_primary_answers_differently_gets_40001_and_commits_nothing() {
+    // A budget the paused replica stays within, so that the transaction starts there.
+    let env = start("max_lag: 1h").await;
+    let direct = env.direct_primary().await;
+    direct
+        .batch_execute("CREATE TABLE stock (id int PRIMARY KEY, left_over int NOT NULL); INSERT INTO stock VALUES (1, 5)")
+        .await
+        .unwrap();
+    env.wait_eu_west_shows("SELECT count(*) FROM stock", 1)
+        .await;
+    env.eu_west().pause_replay().unwrap();
+    direct
+        .batch_execute("UPDATE stock SET left_over = 0 WHERE id = 1")
+        .await
+        .unwrap();
+    let client = env.client().await;
+    let aborted_before = env.transactions("replica", "aborted");
+    client.batch_execute("BEGIN").await.unwrap();
+    let seen: i32 = client
+        .query_one("SELECT left_over FROM stock WHERE id = $1", &[&1])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        seen, 5,
+        "the transaction should have read the paused replica"
+    );
+    // The decision made on stale data is refused...
+    let error = client
+        .execute(
+            "UPDATE stock SET left_over = $1 WHERE id = $2",
+            &[&(seen - 1), &1],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&error), "40001", "{error:?}");
+    let message = error.as_db_error().unwrap().message().to_string();
+    assert!(
+        message.contains("SELECT left_over FROM stock WHERE id = $1"),
+        "{message}"
+    );
+    // ...the transaction is aborted, as after any error...
+    let error = client.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(common::sqlstate(&error), "25P02");
+    client.batch_execute("ROLLBACK").await.unwrap();
+    // ...and nothing was committed.
+    let left: i32 = direct
+        .query_one("SELECT left_over FROM stock WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    assert_eq!(env.transactions("replica", "aborted"), aborted_before + 1);
+    // Its retry starts on the primary (the shape wrote) and decides on what is there now.
+    client.batch_execute("BEGIN").await.unwrap();
+    let row = client
+        .query_one("SELECT left_over FROM stock WHERE id = $1", &[&1])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 0);
+    client
+        .execute("UPDATE stock SET left_over = $1 WHERE id = $2", &[&10, &1])
+        .await
+        .unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
+    let left: i32 = direct
+        .query_one("SELECT left_over FROM stock WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 10);
+    env.eu_west().resume_replay().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_then_write_transaction_shape_is_learned_and_moves_rarely() {
+    // The primary near, so that a thousand transactions stay quick.
+    let env = start_with(Duration::from_millis(1), "max_lag: 5s").await;
+    let direct = env.direct_primary().await;
+    direct
+        .batch_execute("CREATE TABLE visits (page int PRIMARY KEY, n int NOT NULL); INSERT INTO visits VALUES (7, 0)")
+        .await
+        .unwrap();
+    env.wait_eu_west_shows("SELECT count(*) FROM visits", 1)
+        .await;
+    let client = env.client().await;
+    let moved_before = env.transactions("replica", "moved");
+    let predicted_before = env.transactions("primary", "predicted");
+    for i in 0..1000 {
+        client.batch_execute("BEGIN").await.unwrap();
+        let n: i32 = client
+            .query_one("SELECT n FROM visits WHERE page = $1", &[&7])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, i);
+        client
+            .execute("UPDATE visits SET n = $1 WHERE page = $2", &[&(n + 1), &7])
+            .await
+            .unwrap();
+        client.batch_execute("COMMIT").await.unwrap();
+    }
+    let moved = env.transactions("replica", "moved") - moved_before;
+    let predicted = env.transactions("primary", "predicted") - predicted_before;
+    assert!(moved <= 10, "{moved} of 1000 moved");
+    assert!(predicted >= 990, "{predicted} of 1000 predicted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_can_be_kept_on_the_primary_by_configuration() {
+    let env = start("max_lag: 5s, transactions: primary").await;
+    let client = env.client().await;
+    client.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(server_port(&client, "").await, env.primary_port());
+    client.batch_execute("COMMIT").await.unwrap();
+    // Read-only and autocommit reads still go to the replica.
+    client.batch_execute("BEGIN READ ONLY").await.unwrap();
+    assert_eq!(server_port(&client, "").await, env.port_of("eu-west"));
+    client.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(server_port(&client, "").await, env.port_of("eu-west"));
+    // Serializable goes to the primary, however it is asked for, unless READ ONLY DEFERRABLE.
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY")
+        .await
+        .unwrap();
+    assert_eq!(server_port(&client, "").await, env.primary_port());
+    client.batch_execute("COMMIT").await.unwrap();
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE")
+        .await
+        .unwrap();
+    assert_eq!(server_port(&client, "").await, env.port_of("eu-west"));
+    client.batch_execute("COMMIT").await.unwrap();
+    client
+        .batch_execute("SET default_transaction_isolation = serializable")
+        .await
+        .unwrap();
+    assert_eq!(server_port(&client, "").await, env.primary_port());
 }

@@ -80,8 +80,66 @@ pub struct Routing {
     pub ban_time: Duration,
     /// Functions (beyond the built-in list) whose calls make a statement a write.
     pub side_effect_functions: Vec<String>,
-    /// Budgets for particular users and databases.
+    /// Where transactions that may write start (see [`Transactions`]).
+    pub transactions: Transactions,
+    /// Budgets (and transaction routing) for particular users and databases.
     pub budgets: Vec<Budget>,
+}
+
+/// How transactions are routed: `routing.transactions: validated` (or `primary`), or a map with `mode` and
+/// `max_replay_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transactions {
+    pub mode: TransactionRouting,
+    /// What a transaction on a replica may record for its replay on the primary; past it, a write in it is
+    /// refused with 40001.
+    pub max_replay_bytes: usize,
+}
+
+impl Default for Transactions {
+    fn default() -> Self {
+        Transactions {
+            mode: TransactionRouting::Validated,
+            max_replay_bytes: 64 << 10,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Transactions {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Mode(TransactionRouting),
+            Map(Map),
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Map {
+            mode: Option<TransactionRouting>,
+            max_replay_bytes: Option<usize>,
+        }
+        let default = Transactions::default();
+        Ok(match Form::deserialize(deserializer)? {
+            Form::Mode(mode) => Transactions { mode, ..default },
+            Form::Map(map) => Transactions {
+                mode: map.mode.unwrap_or(default.mode),
+                max_replay_bytes: map.max_replay_bytes.unwrap_or(default.max_replay_bytes),
+            },
+        })
+    }
+}
+
+/// Where a transaction that may write starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransactionRouting {
+    /// Where its first statement belongs; a replica's transaction moves to the primary at its first write,
+    /// after its reads are run there again and found to answer the same.
+    #[default]
+    Validated,
+    /// On the primary.
+    Primary,
 }
 
 impl Default for Routing {
@@ -94,24 +152,42 @@ impl Default for Routing {
             monitor_interval: Duration::from_millis(250),
             ban_time: Duration::from_secs(5),
             side_effect_functions: Vec::new(),
+            transactions: Transactions::default(),
             budgets: Vec::new(),
         }
     }
 }
 
-/// A staleness budget for a user, a database, or both.
+/// A staleness budget, or a transaction routing, for a user, a database, or both.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Budget {
     pub user: Option<String>,
     pub database: Option<String>,
-    #[serde(with = "duration")]
-    pub max_lag: Duration,
+    #[serde(default, with = "optional_duration")]
+    pub max_lag: Option<Duration>,
+    pub transactions: Option<TransactionRouting>,
 }
 
 impl Routing {
     /// The budget for a user and database: the most specific matching entry, else the default.
     pub fn budget_for(&self, user: &str, database: &str) -> Duration {
+        self.most_specific(user, database, |b| b.max_lag)
+            .unwrap_or(self.max_lag)
+    }
+
+    /// The transaction routing for a user and database: the most specific matching entry, else the default.
+    pub fn transactions_for(&self, user: &str, database: &str) -> TransactionRouting {
+        self.most_specific(user, database, |b| b.transactions)
+            .unwrap_or(self.transactions.mode)
+    }
+
+    fn most_specific<T>(
+        &self,
+        user: &str,
+        database: &str,
+        field: impl Fn(&Budget) -> Option<T>,
+    ) -> Option<T> {
         let matches = |b: &&Budget| {
             b.user.as_deref().is_none_or(|u| u == user)
                 && b.database.as_deref().is_none_or(|d| d == database)
@@ -119,9 +195,23 @@ impl Routing {
         self.budgets
             .iter()
             .filter(matches)
-            .max_by_key(|b| b.user.is_some() as u8 + b.database.is_some() as u8)
-            .map(|b| b.max_lag)
-            .unwrap_or(self.max_lag)
+            .filter_map(|b| {
+                Some((
+                    b.user.is_some() as u8 + b.database.is_some() as u8,
+                    field(b)?,
+                ))
+            })
+            .max_by_key(|(specific, _)| *specific)
+            .map(|(_, value)| value)
+    }
+}
+
+mod optional_duration {
+    use serde::Deserializer;
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
     }
 }
 
@@ -155,6 +245,35 @@ mod tests {
         assert_eq!(routing.budget_for("a", "d"), Duration::from_secs(9));
         assert_eq!(routing.budget_for("b", "d"), Duration::from_secs(2));
         assert_eq!(routing.budget_for("b", "x"), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn transaction_routing_is_a_mode_or_a_map_and_per_user_like_budgets() {
+        let routing: Routing = serde_norway::from_str(
+            "transactions: primary\nbudgets:\n  - { user: a, max_lag: 5s }\n  - { user: b, transactions: validated }\n",
+        )
+        .unwrap();
+        assert_eq!(routing.transactions.mode, TransactionRouting::Primary);
+        assert_eq!(routing.transactions.max_replay_bytes, 64 << 10);
+        assert_eq!(
+            routing.transactions_for("a", "x"),
+            TransactionRouting::Primary
+        );
+        assert_eq!(
+            routing.transactions_for("b", "x"),
+            TransactionRouting::Validated
+        );
+        assert_eq!(routing.budget_for("b", "x"), Duration::from_secs(1));
+        let routing: Routing =
+            serde_norway::from_str("transactions: { max_replay_bytes: 1000 }\n").unwrap();
+        assert_eq!(
+            routing.transactions,
+            Transactions {
+                mode: TransactionRouting::Validated,
+                max_replay_bytes: 1000
+            }
+        );
+        assert!(serde_norway::from_str::<Routing>("transactions: sometimes\n").is_err());
     }
 
     #[test]

@@ -108,6 +108,14 @@ pub enum Reason {
     NoReplicas,
     /// A read of materialized views only, sent to the nearest replica whose copies of them were fresh enough.
     ViewFresh,
+    /// Serializable isolation, which a standby refuses (unless READ ONLY DEFERRABLE).
+    Serializable,
+    /// A transaction that may write, with `routing.transactions: primary`.
+    Transaction,
+    /// A transaction whose first statement began transactions that wrote, recently.
+    Predicted,
+    /// A transaction that started on a replica and moved to the primary at its first write.
+    Moved,
 }
 
 impl Reason {
@@ -121,6 +129,10 @@ impl Reason {
             Reason::ReadYourWrites => "read-your-writes",
             Reason::NoReplicas => "no-replicas",
             Reason::ViewFresh => "view-fresh",
+            Reason::Serializable => "serializable",
+            Reason::Transaction => "transaction",
+            Reason::Predicted => "predicted-write",
+            Reason::Moved => "moved",
         }
     }
 }

@@ -9,11 +9,8 @@
 //!     cargo run --release -p benches --bin routing [-- SECONDS]
 
 use anyhow::Result;
-use benches::connect;
-use regiongate::config::Config;
-use regiongate::Gateway;
+use benches::{connect, ms, now_utc, percentile, start_gateway, write_section};
 use std::time::{Duration, Instant};
-use testbed::{RegionSpec, Topology};
 
 const READERS: usize = 8;
 const WRITERS: usize = 2;
@@ -21,34 +18,8 @@ const ROWS: i32 = 10_000;
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let seconds: u64 = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(20);
-    let duration = Duration::from_secs(seconds);
-    eprintln!("starting the topology...");
-    let topology = tokio::task::spawn_blocking(|| {
-        Topology::start(
-            "us-east",
-            Duration::from_millis(60),
-            &[
-                RegionSpec::new("eu-west", 1, Duration::from_micros(500)),
-                RegionSpec::new("ap-south", 1, Duration::from_millis(20)),
-            ],
-        )
-    })
-    .await??;
-    topology
-        .primary
-        .cluster
-        .create_user_and_db("app", "app", "app")?;
-    topology.primary.cluster.psql(
-        "app",
-        &format!("CREATE TABLE items (id int PRIMARY KEY, qty int NOT NULL); INSERT INTO items SELECT g, 0 FROM generate_series(1, {ROWS}) g; ALTER TABLE items OWNER TO app"),
-    )?;
-
-    let regions = topology.gateway_yaml("app");
+    let (seconds, duration) = benches::seconds_argument(20)?;
+    let (topology, regions) = benches::three_regions(ROWS).await?;
     let routed = start_gateway(&format!("home_region: eu-west\n{regions}")).await?;
     let primary_only = start_gateway(&format!(
         "primary: '{}'\n",
@@ -137,17 +108,6 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn start_gateway(servers: &str) -> Result<u16> {
-    let yaml = format!(
-        "listen: 127.0.0.1:0\n{servers}auth: {{ method: scram-sha-256, users: [ {{ name: app, password: app }} ] }}\npool: {{ size: 16 }}\n"
-    );
-    let config = Config::parse(&yaml, "bench").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let gateway = Gateway::bind(config).await?;
-    let port = gateway.local_addr().port();
-    tokio::spawn(gateway.run(std::future::pending()));
-    Ok(port)
-}
-
 /// Runs readers (and writers) against `url` for `duration`; returns read and write latencies.
 async fn run(
     url: &str,
@@ -194,40 +154,4 @@ async fn run(
         }
     }
     Ok((reads, writes))
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn now_utc() -> String {
-    let output = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output();
-    output
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in benches/README.md.
-fn write_section(name: &str, text: &str) -> Result<()> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
-    let readme = std::fs::read_to_string(path).unwrap_or_default();
-    let (begin, end) = (
-        format!("<!-- {name}:begin -->"),
-        format!("<!-- {name}:end -->"),
-    );
-    let updated = match (readme.find(&begin), readme.find(&end)) {
-        (Some(b), Some(e)) if b < e => format!("{}{begin}\n{text}{}", &readme[..b], &readme[e..]),
-        _ => format!("{readme}\n{begin}\n{text}{end}\n"),
-    };
-    std::fs::write(path, updated)?;
-    Ok(())
 }

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub server_errors: IntCounterVec,
     pub cancels: IntCounterVec,
     pub routed: IntCounterVec,
+    /// Transactions by where they started and how they ended (see `session::replay`).
+    pub transactions_routed: IntCounterVec,
     pub reloads: IntCounter,
     pub slow_statements: IntCounter,
     pub statement_timeouts: IntCounter,
@@ -83,7 +85,7 @@ impl Metrics {
         ));
         per_thread::register(&registry, &request_seconds);
         let transactions = Arc::new(per_thread::Counter::new(
-            "regiongate_transactions_total",
+            "regiongate_server_checkouts_total",
             "Server connection checkouts completed (one per transaction in transaction mode)",
         ));
         per_thread::register(&registry, &transactions);
@@ -227,6 +229,14 @@ impl Metrics {
                 "regiongate_routed_total",
                 "Routing decisions, by region and role of the server chosen and the reason",
                 &["region", "role", "reason"],
+            ),
+            transactions_routed: counter_vec(
+                "regiongate_transactions_total",
+                "Transactions that could write, by where they started (replica, primary) and their outcome: \
+                 read-only (ended on the replica), moved (to the primary at the first write, validated), aborted \
+                 (40001: the primary answered a read differently, or the transaction could not be replayed), \
+                 predicted (started on the primary: transactions that start this way wrote recently)",
+                &["start", "outcome"],
             ),
             registry,
         }

@@ -2,13 +2,19 @@
 //! given the session's settings, released when the client is idle again (after reading back what the
 //! session may have changed), and handled when it breaks or the client leaves.
 
-use super::routing::Route;
+use super::routing::{Route, Start};
 use super::state::Own;
 use super::{End, Session};
 use crate::metrics::METRICS;
 use crate::pool::Lease;
 use crate::protocol::{self, tag, PgError, TxStatus};
 use bytes::Buf;
+use regions::Reason;
+
+/// Leaves a replica's transaction aborted after the gateway refused its write (the server's log says why).
+const ABORT: &str =
+    "DO $$BEGIN RAISE EXCEPTION 'regiongate: this transaction could not move to the primary; \
+                     its write was refused with 40001'; END$$";
 
 impl Session {
     /// Routes the client's next exchange and checks out a server connection for it; on failure answers that
@@ -28,12 +34,16 @@ impl Session {
         let mut replays_failed = 0;
         let result = loop {
             attempts += 1;
-            let decision = if stale_checkouts >= 3 {
+            let (decision, opening) = if stale_checkouts >= 3 {
                 // Replicas kept going over the budget while connections were found for them.
-                super::routing::primary(&regions, regions::Reason::OverBudget)
+                let opening = self.decide(&regions).ok().and_then(|(_, opening)| opening);
+                (
+                    super::routing::primary(&regions, regions::Reason::OverBudget),
+                    opening,
+                )
             } else {
                 match self.decide(&regions) {
-                    Ok(decision) => decision,
+                    Ok(decided) => decided,
                     Err(error) => break Err(error),
                 }
             };
@@ -54,7 +64,7 @@ impl Session {
                     stale_checkouts += 1;
                 }
                 Ok(mut lease) => match self.settings.bring(&mut lease).await {
-                    Ok(()) => break Ok((lease, route)),
+                    Ok(()) => break Ok((lease, route, decision, opening)),
                     // The connection is closed (dropped); another may take the settings, once.
                     Err(error) if replays_failed == 0 => {
                         replays_failed += 1;
@@ -71,19 +81,171 @@ impl Session {
             }
         };
         match result {
-            Ok((lease, route)) => self.take_lease(lease, route),
+            Ok((lease, route, decision, opening)) => {
+                self.open_transaction(opening, &decision);
+                self.take_lease(lease, route);
+            }
+            Err(error) => self.answer_error(error, TxStatus::Idle),
+        }
+    }
+
+    /// Answers the client's next request (a Query, or an extended exchange up to its Sync) with an error the
+    /// gateway found, instead of running it; `status` is the transaction status the exchange's Sync reports.
+    fn answer_error(&mut self, error: PgError, status: TxStatus) {
+        METRICS.error_sent(&error.code);
+        error.encode(&mut self.io.to_client);
+        match protocol::peek_header(&self.io.from_client) {
+            Some(Ok((tag::QUERY | tag::FUNCTION_CALL, len))) => {
+                self.io.from_client.advance(len);
+                protocol::ready_for_query(&mut self.io.to_client, self.state.status());
+            }
+            _ => self.discard_until_sync = Some(status),
+        }
+    }
+
+    /// The first write of a transaction on a replica: open a transaction on the primary, send it what the
+    /// client sent the replica, and compare the answers (see [`super::replay`]). Equal, the transaction goes
+    /// on there and the replica's is rolled back; different (or not replayable, or the replay failed), both
+    /// are rolled back on the servers and the write is answered with 40001, leaving the client's transaction
+    /// aborted as PostgreSQL would after an error.
+    pub(super) async fn move_to_primary(&mut self) -> Result<(), End> {
+        self.reads.moving = false;
+        // A transaction the replica failed meanwhile stays there: the replica answers the write (25P02).
+        if self.state.status() != TxStatus::InTransaction {
+            self.state.take_replay();
+            return Ok(());
+        }
+        let Some(mut replay) = self.state.take_replay() else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        if let Some(why) = replay.refused() {
+            self.refuse_write(format!(
+                "regiongate: could not serialize access: this transaction read on a replica and cannot move to \
+                 the primary for its write, because {why}"
+            ));
+            return Ok(());
+        }
+        let checked_out = match self.pool.checkout().await {
+            Ok(mut lease) => match self.settings.bring(&mut lease).await {
+                Ok(()) => Ok(lease),
+                Err(error) => Err(error),
+            },
+            Err(error) => Err(error.to_client()),
+        };
+        let lease = match checked_out {
+            Ok(lease) => lease,
             Err(error) => {
-                METRICS.error_sent(&error.code);
-                error.encode(&mut self.io.to_client);
-                match protocol::peek_header(&self.io.from_client) {
-                    Some(Ok((tag::QUERY | tag::FUNCTION_CALL, len))) => {
-                        self.io.from_client.advance(len);
-                        protocol::ready_for_query(&mut self.io.to_client, self.state.status());
-                    }
-                    _ => self.discard_until_sync = true,
-                }
+                self.refuse_write(format!(
+                    "regiongate: could not serialize access: this transaction read on a replica and could not \
+                     move to the primary for its write: {}",
+                    error.message
+                ));
+                return Ok(());
+            }
+        };
+        let status = self.state.status();
+        let replica_lease = self.lease.replace(lease);
+        let replica_route = self.route.replace(Route::Primary);
+        let target = self.conn().cancel_target();
+        self.handle.entry.set_server(Some(target));
+        // Send it all again, as the client sent it: its statements are prepared and named for this connection
+        // on the way, as for any client message.
+        let messages = replay.start_replay();
+        let begin = replay.begin.clone();
+        let requests = replay.requests();
+        self.state.start_recording(replay);
+        if let Some(begin) = begin {
+            self.reads.deferred_begin = Some(begin);
+            self.send_deferred_begin();
+        }
+        let detecting = self.observer.pause_detection();
+        let mut at = 0;
+        while let Some(Ok((message_tag, len))) = protocol::peek_header(&messages[at..]) {
+            let message = messages.slice(at..at + len);
+            at += len;
+            let shape = (message_tag == tag::QUERY)
+                .then(|| protocol::query_text(protocol::body(&message)))
+                .flatten()
+                .map(|text| self.observer.shape(text));
+            // These messages passed here once already: an error now is the gateway's own.
+            if let Err(error) = self.handle_message(message_tag, message, shape) {
+                return Err(End::Fatal(error));
             }
         }
+        self.observer.resume_detection(detecting);
+        while !self.state.quiet() {
+            self.flush_now()?;
+            self.wait_io().await?;
+        }
+        let replayed_in_transaction = self.state.status() == TxStatus::InTransaction;
+        let verdict = match self.state.take_replay() {
+            Some(replay) if replayed_in_transaction => replay
+                .verdict(|name| {
+                    let statement = self.statements.get(name)?;
+                    statement
+                        .text()
+                        .map(|t| String::from_utf8_lossy(&t).into_owned())
+                })
+                .map_err(|differs| {
+                    format!(
+                    "the primary now answers differently to `{}` (request {} of the transaction)",
+                    differs.statement,
+                    differs.request + 1
+                )
+                }),
+            _ => Err("its replay on the primary failed".to_string()),
+        };
+        match verdict {
+            Ok(()) => {
+                if let Some(lease) = replica_lease {
+                    lease.clean_up(true, false);
+                }
+                drop(replica_route);
+                if let Some(transaction) = self.reads.transaction.as_mut() {
+                    transaction.start = Start::Moved;
+                }
+                super::routing::count_transaction("replica", "moved");
+                let regions = self.regions.clone();
+                self.record(&super::routing::primary(&regions, Reason::Moved), &regions);
+                tracing::info!(
+                    requests,
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "transaction moved to the primary at its first write: the replica's answers held there"
+                );
+            }
+            Err(why) => {
+                // Back to the replica, where the client's transaction goes on, aborted by the gateway.
+                if let Some(primary) = std::mem::replace(&mut self.lease, replica_lease) {
+                    primary.clean_up(true, false);
+                }
+                self.route = replica_route;
+                if let Some(lease) = self.lease.as_mut() {
+                    let target = lease.conn().cancel_target();
+                    self.handle.entry.set_server(Some(target));
+                }
+                self.state.set_status(status);
+                self.refuse_write(format!(
+                    "regiongate: could not serialize access: this transaction read on a replica, and {why}; \
+                     retry the transaction"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The write of a transaction that could not move is answered with 40001, and the transaction is left
+    /// aborted on its replica (a statement that fails on purpose), so that what follows is answered as
+    /// PostgreSQL answers it in an aborted transaction, until the client's ROLLBACK.
+    fn refuse_write(&mut self, message: String) {
+        if let Some(transaction) = self.reads.transaction.as_mut() {
+            transaction.start = Start::Aborted;
+        }
+        super::routing::count_transaction("replica", "aborted");
+        tracing::warn!(reason = %message, "a transaction's write refused: it read on a replica");
+        self.send_own_query(ABORT, Own::Abort);
+        self.state.set_status(TxStatus::Failed);
+        self.answer_error(PgError::error("40001", message), TxStatus::Failed);
     }
 
     /// The session holds a server connection (with its settings) from now on, until it is released.
@@ -118,17 +280,18 @@ impl Session {
     /// Returns the server connection to the pool once the client is idle between transactions. True when it
     /// did.
     pub(super) fn maybe_release(&mut self) -> bool {
-        let Some(lease) = self.lease.as_mut() else {
-            return false;
-        };
-        if self.pinned.is_some()
+        if self.lease.is_none()
+            || self.pinned.is_some()
             || !self.state.settled()
             || !self.io.between_messages()
             || !self.io.to_server.is_empty()
         {
             return false;
         }
-        if !lease.conn().read_buf().is_empty()
+        // The transaction is over: count it and learn from it (before the WAL position's capture, which
+        // forgets that the session wrote).
+        self.close_transaction();
+        if !self.conn().read_buf().is_empty()
             || self.capture_settings()
             || self.capture_write_position()
         {
@@ -178,6 +341,8 @@ impl Session {
         self.lease = None;
         self.route = None;
         self.reads.draining = false;
+        self.reads.moving = false;
+        self.reads.transaction = None;
         self.settings.capture_over();
         self.handle.entry.set_server(None);
         self.io.server_skip = 0;

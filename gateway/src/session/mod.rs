@@ -14,7 +14,8 @@
 //! - [`relay`]: the server's answers, through the pure [`state::ProtocolState`] that says whose each is;
 //! - [`lease`]: checking out a server connection, giving it the session's settings, and releasing it;
 //! - [`observe`]: timing, the slow-statement log, N+1 detection;
-//! - [`routing`] and [`batching`]: where an idle client's next exchange goes.
+//! - [`routing`] and [`batching`]: where an idle client's next exchange goes;
+//! - [`replay`]: a transaction on a replica, recorded so that it can move to the primary at its first write.
 
 use crate::clients::ClientHandle;
 use crate::config::PoolMode;
@@ -40,6 +41,7 @@ mod duplex;
 mod lease;
 mod observe;
 mod relay;
+mod replay;
 mod requests;
 mod routing;
 mod settings;
@@ -104,8 +106,9 @@ struct Session {
     /// `limits.client_idle_timeout`.
     client_idle_timeout: Duration,
     pinned: Option<&'static str>,
-    /// After a failed checkout: drop extended-protocol messages up to the next Sync, then answer it.
-    discard_until_sync: bool,
+    /// After an error the gateway answered (a failed checkout, a write refused): drop extended-protocol
+    /// messages up to the next Sync, then answer it with this status.
+    discard_until_sync: Option<TxStatus>,
     /// The server sent FATAL: the connection is ending, so nothing more is sent on it.
     server_fatal: bool,
     /// The server's FATAL went to the client: the session ends with it, quietly.
@@ -137,6 +140,10 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         pinned: (pool.config().mode == PoolMode::Session).then_some("session pool mode"),
         reads: Reads {
             budget: config.routing.budget_for(&startup.user, &startup.database),
+            transactions: config
+                .routing
+                .transactions_for(&startup.user, &startup.database),
+            max_replay_bytes: config.routing.transactions.max_replay_bytes,
             ..Reads::default()
         },
         pool_generation: shared.generation(),
@@ -149,7 +156,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         handle: logged_in.handle,
         max_message_size: config.limits.max_message_size,
         client_idle_timeout: config.limits.client_idle_timeout,
-        discard_until_sync: false,
+        discard_until_sync: None,
         server_fatal: false,
         fatal_forwarded: false,
         batched: Vec::new(),
@@ -216,11 +223,23 @@ impl Session {
             if let Err(end) = self.flush_now() {
                 return end;
             }
+            if self.reads.moving && self.state.quiet() {
+                // Boxed: rare, and large.
+                if let Err(end) = Box::pin(self.move_to_primary()).await {
+                    return end;
+                }
+                continue;
+            }
             if self.maybe_release() && self.io.has_complete_message() {
                 continue; // a message waited for this release (a write behind replica reads)
             }
             if let Err(end) = self.wait_io().await {
                 return end;
+            }
+            // A request that came while the connection's release waited (for a settings capture, say) is
+            // decided after the release: it may open a transaction, or need another server.
+            if self.lease.is_some() && self.state.settled() && self.io.has_complete_message() {
+                self.maybe_release();
             }
         }
     }
@@ -250,7 +269,10 @@ impl Session {
             }
             // While the session's settings are read back, its next request waits: it is decided (routed,
             // batched) with them, after the connection is released.
-            if io.to_server.len() >= HIGH_WATER || self.reads.draining || self.settings.capturing()
+            if io.to_server.len() >= HIGH_WATER
+                || self.reads.draining
+                || self.reads.moving
+                || self.settings.capturing()
             {
                 return Ok(Progress::Idle);
             }
@@ -276,10 +298,10 @@ impl Session {
             let complete = io.from_client.len() >= len;
             // CopyData can be large; stream it rather than buffer it whole.
             let streamable = message_tag == tag::COPY_DATA
-                || self.discard_until_sync
+                || self.discard_until_sync.is_some()
                 || self.lease.is_none() && is_copy(message_tag);
             if !complete && streamable {
-                io.client_skip_forward = !self.discard_until_sync && self.lease.is_some();
+                io.client_skip_forward = self.discard_until_sync.is_none() && self.lease.is_some();
                 io.client_skip = len;
                 continue;
             }
@@ -287,11 +309,11 @@ impl Session {
                 io.from_client.reserve(len - io.from_client.len());
                 return Ok(Progress::Idle);
             }
-            if self.discard_until_sync {
+            if let Some(status) = self.discard_until_sync {
                 io.from_client.advance(len);
                 if message_tag == tag::SYNC {
-                    self.discard_until_sync = false;
-                    protocol::ready_for_query(&mut io.to_client, TxStatus::Idle);
+                    self.discard_until_sync = None;
+                    protocol::ready_for_query(&mut io.to_client, status);
                 }
                 continue;
             }
@@ -327,7 +349,7 @@ impl Session {
                 return Ok(Progress::Idle);
             }
             let message = self.io.from_client.split_to(len).freeze();
-            self.remember_for_retry(&message);
+            self.remember(&message);
             self.handle_message(message_tag, message, shape)?;
         }
     }

@@ -70,6 +70,16 @@ impl Observer {
         self.detecting
     }
 
+    /// Stops feeding the N+1 detector (a replay sends statements the client ran once already); returns what
+    /// [`Observer::resume_detection`] restores.
+    pub fn pause_detection(&mut self) -> bool {
+        std::mem::take(&mut self.detecting)
+    }
+
+    pub fn resume_detection(&mut self, detecting: bool) {
+        self.detecting = detecting;
+    }
+
     /// A request (Query, Sync, FunctionCall) was sent: its clock starts, unless an older one still runs.
     #[inline]
     pub fn request_sent(&mut self) {

@@ -21,6 +21,7 @@ impl Session {
     /// Relays complete server messages from the connection's read buffer, acting on the few that matter.
     pub(super) fn process_server(&mut self) -> Result<(), End> {
         let mut buf = std::mem::take(self.conn().read_buf());
+        let client_mark = self.io.to_client.len();
         let mut run_start = 0;
         let mut i = 0;
         let mut lost = None;
@@ -80,6 +81,14 @@ impl Session {
         self.io.to_client.extend_from_slice(&buf[run_start..i]);
         buf.advance(i);
         *self.conn().read_buf() = buf;
+        if let Some(replay) = self.state.replay() {
+            // A transaction that may move digests what its client gets; a replay's answers are digested and
+            // go no further (the client had them from the replica).
+            replay.forwarded(&self.io.to_client[client_mark..]);
+            if replay.replaying() {
+                self.io.to_client.truncate(client_mark);
+            }
+        }
         if self.reads.retry_input.is_some() && !self.io.to_client.is_empty() {
             self.answered();
         }
@@ -176,7 +185,7 @@ impl Session {
         }
         match own {
             // The client's transaction failed after its RESET: rolled back with it, nothing to restore.
-            Some(Own::Restore) if !fatal => return Action::Drop,
+            Some(Own::Restore | Own::Abort) if !fatal => return Action::Drop,
             // Asked again (see the capture's ReadyForQuery).
             Some(Own::Capture) if !fatal => return Action::Drop,
             Some(_) => {

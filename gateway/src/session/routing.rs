@@ -1,19 +1,26 @@
 //! Read routing inside a session: which server the next exchange goes to, and the session state routing
-//! needs (budget, read-your-writes position, a retry of a read whose replica failed, a deferred BEGIN).
+//! needs (budget, read-your-writes position, a retry of a read whose replica failed, a deferred BEGIN, the
+//! transaction under way).
 //!
 //! The decision is made when an idle client's next exchange needs a server connection: every complete message
 //! up to the exchange's end (Sync, or the Query) is classified, and a write anywhere sends the whole exchange
-//! to the primary. A transaction stays on the server it started on, because the lease is held until the
-//! client is idle again. A write pipelined behind reads that went to a replica waits until the replica has
+//! to the primary. A write pipelined behind reads that went to a replica waits until the replica has
 //! answered them, then goes to the primary.
+//!
+//! A transaction starts where its first statement belongs: a read on a replica (unless it is serializable, or
+//! its shape wrote recently), anything else on the primary. One that started on a replica and may write is
+//! recorded ([`super::replay`]); at its first write it moves to the primary, validated by a replay of what it
+//! read (`Session::move_to_primary`), or the write is refused with 40001.
 
+use super::replay::Replay;
 use super::state::Own;
 use super::Session;
 use crate::metrics::METRICS;
 use crate::pool::Pool;
 use crate::protocol::{self, tag, PgError, TxStatus};
-use crate::route::{hint::Hint, Access, Class};
+use crate::route::{hint::Hint, Access, Class, Isolation, TxModes, WritingShapes};
 use bytes::{Bytes, BytesMut};
+use regions::config::TransactionRouting;
 use regions::{Decision, Lsn, ReadRequest, Reason, ReplicaId, Target};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,25 +50,64 @@ pub(super) struct Reads {
     pub exclude: Option<ReplicaId>,
     /// `BEGIN` answered by the gateway; sent (swallowed) ahead of the transaction's first statement.
     pub deferred_begin: Option<Bytes>,
+    /// The modes that BEGIN set.
+    pub deferred_modes: TxModes,
     /// A write waits for a replica's answers before the session moves to the primary.
     pub draining: bool,
+    /// A write in a transaction on a replica waits for the replica's answers, then the transaction moves.
+    pub moving: bool,
+    /// `routing.transactions` for this user and database, and how much a transaction may record.
+    pub transactions: TransactionRouting,
+    pub max_replay_bytes: usize,
+    /// The transaction under way, if it could write: how it started, for its count and its shape's lesson.
+    pub transaction: Option<Transaction>,
     /// `regiongate_routed_total` children this session used, so that a decision is counted without a
     /// label lookup (one per transaction otherwise).
     pub counters: Vec<(CounterKey, prometheus::IntCounter)>,
 }
 
+/// A transaction that could write, as it started.
+pub(super) struct Transaction {
+    pub start: Start,
+    /// The key of its shape in [`WritingShapes`] (None: its first exchange had only its BEGIN).
+    pub shape: Option<u64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Start {
+    /// On a replica, recorded; still there.
+    Replica,
+    /// On a replica, then moved to the primary.
+    Moved,
+    /// On a replica, and its write was refused (40001).
+    Aborted,
+    /// On the primary, because its shape wrote recently.
+    Predicted,
+    /// On the primary for another reason (its first statement, serializable, `routing.transactions`).
+    Primary,
+}
+
+/// An exchange that opens a transaction.
+pub(super) struct Opening {
+    /// Its shape wrote recently.
+    pub predicted: bool,
+    pub shape: Option<u64>,
+}
+
 impl Reads {
     /// Where an exchange of this class goes, given the session's routing state and the regions' picture:
-    /// writes, primary hints and transactions that are not read only to the primary; reads to the nearest
-    /// replica within their budget (a view read by the freshness of its views, from `views`).
+    /// writes, primary hints and serializable transactions to the primary, and a transaction that may write
+    /// when `routing.transactions` says so or its shape wrote recently; reads, and the transactions they
+    /// start, to the nearest replica within their budget (a view read by the freshness of its views, from
+    /// `views`). `modes` are the transaction modes in force (the exchange's over the session's).
     pub fn decide<V: std::ops::Deref<Target = views::Views>>(
         &mut self,
         class: &Class,
+        modes: TxModes,
+        opening: Option<&Opening>,
         regions: &regions::Regions,
         views: impl FnOnce() -> V,
     ) -> Result<Decision, regions::NoFit> {
-        // An explicit transaction goes to the primary unless it is read only.
-        let in_transaction = self.deferred_begin.is_some();
         if class.hint == Some(Hint::Primary) {
             return Ok(primary(regions, Reason::Hint));
         }
@@ -69,9 +115,17 @@ impl Reads {
             self.wrote = true;
             return Ok(primary(regions, Reason::Write));
         }
-        if in_transaction && !class.read_only_transaction {
+        if modes.needs_primary() {
+            return Ok(primary(regions, Reason::Serializable));
+        }
+        if let Some(opening) = opening.filter(|_| !modes.read_only()) {
             // Writes later in the transaction are noted as they pass (see `admit`).
-            return Ok(primary(regions, Reason::Write));
+            if self.transactions == TransactionRouting::Primary {
+                return Ok(primary(regions, Reason::Transaction));
+            }
+            if opening.predicted {
+                return Ok(primary(regions, Reason::Predicted));
+            }
         }
         let max_lag = match class.hint {
             Some(Hint::MaxLag(lag)) => lag,
@@ -114,6 +168,14 @@ pub(super) fn primary(regions: &regions::Regions, reason: Reason) -> Decision {
     }
 }
 
+/// Counts a transaction that could write, by where it started and how it went.
+pub(super) fn count_transaction(start: &str, outcome: &str) {
+    METRICS
+        .transactions_routed
+        .with_label_values(&[start, outcome])
+        .inc();
+}
+
 /// Labels of a routing counter: region (by name), primary or replica, reason.
 pub(super) type CounterKey = (Option<Arc<str>>, bool, Reason);
 
@@ -148,24 +210,17 @@ impl Session {
             }
             tag::FUNCTION_CALL => Some(Class {
                 access: Access::Write,
-                hint: None,
-                bare_begin: false,
-                read_only_transaction: false,
-                views: 0,
+                ..Class::default()
             }),
             _ => None,
         }
     }
 
-    /// The combined class of the client's next exchange: its complete messages up to a Sync or Query.
-    fn next_exchange_class(&self) -> Class {
-        let mut combined = Class {
-            access: Access::Any,
-            hint: None,
-            bare_begin: false,
-            read_only_transaction: false,
-            views: 0,
-        };
+    /// The combined class of the client's next exchange: its complete messages up to a Sync or Query; and
+    /// the shape of its first statement that is not a BEGIN (the transaction's shape, when it opens one).
+    fn next_exchange_class(&self) -> (Class, Option<u64>) {
+        let mut combined = Class::default();
+        let mut first_shape = None;
         // Views read by the exchange's statements; any read of something else makes it a plain read.
         let mut only_views = true;
         let mut at = 0;
@@ -174,10 +229,15 @@ impl Session {
             if buffer.len() - at < len {
                 break;
             }
-            if let Some(class) = self.message_class(message_tag, &buffer[at..at + len], None) {
+            let message = &buffer[at..at + len];
+            if let Some(class) = self.message_class(message_tag, message, None) {
                 combined.access = combined.access.and(class.access);
                 combined.hint = combined.hint.or(class.hint);
-                combined.read_only_transaction |= class.read_only_transaction;
+                combined.begins |= class.begins;
+                combined.modes = class.modes.or(combined.modes);
+                if first_shape.is_none() && !class.begin {
+                    first_shape = self.statement_shape(message_tag, message);
+                }
                 if class.access == Access::Read {
                     only_views &= class.views != 0;
                     combined.views |= class.views;
@@ -191,24 +251,130 @@ impl Session {
         if !only_views {
             combined.views = 0;
         }
-        combined
+        (combined, first_shape)
     }
 
-    /// Where the next exchange goes.
-    pub(super) fn decide(&mut self, regions: &regions::Regions) -> Result<Decision, PgError> {
+    /// The shape of the statement a Query, Parse or Bind runs.
+    fn statement_shape(&self, message_tag: u8, message: &[u8]) -> Option<u64> {
+        let body = protocol::body(message);
+        match message_tag {
+            tag::QUERY => protocol::query_text(body).map(|t| crate::fingerprint::shape(t).hash),
+            tag::PARSE => {
+                let (_, rest) = protocol::cstr(body)?;
+                let (text, _) = protocol::cstr(rest)?;
+                Some(crate::fingerprint::shape(text).hash)
+            }
+            tag::BIND => {
+                let (_, rest) = protocol::cstr(body)?;
+                let (name, _) = protocol::cstr(rest)?;
+                let statement = self.statements.get(name)?;
+                statement.text().map(|t| crate::fingerprint::shape(&t).hash)
+            }
+            _ => None,
+        }
+    }
+
+    /// The session's default transaction modes (`default_transaction_isolation` and the like, from a SET or
+    /// the startup options).
+    fn session_modes(&self) -> TxModes {
+        let settings = &self.settings.current;
+        let on = |name: &str| settings.get(name).map(|value| value == "on");
+        TxModes {
+            isolation: settings
+                .get("default_transaction_isolation")
+                .and_then(Isolation::from_setting),
+            read_only: on("default_transaction_read_only"),
+            deferrable: on("default_transaction_deferrable"),
+        }
+    }
+
+    /// Where the next exchange goes, and whether it opens a transaction that could write.
+    pub(super) fn decide(
+        &mut self,
+        regions: &regions::Regions,
+    ) -> Result<(Decision, Option<Opening>), PgError> {
         if !self.routing_enabled() {
             let reason = if self.pinned.is_some() {
                 Reason::Write
             } else {
                 Reason::NoReplicas
             };
-            return Ok(primary(regions, reason));
+            return Ok((primary(regions, reason), None));
         }
-        let class = self.next_exchange_class();
+        let (class, first_shape) = self.next_exchange_class();
+        let opening = self.reads.deferred_begin.is_some() || class.begins;
+        let modes = class
+            .modes
+            .or(self.reads.deferred_modes)
+            .or(self.session_modes());
+        let opening = (opening && !modes.read_only()).then(|| {
+            let key = &self.pool.key;
+            let shape = first_shape.map(|s| WritingShapes::key(&key.user, &key.database, s));
+            Opening {
+                predicted: shape.is_some_and(|s| self.shared.writing_shapes.predicts_write(s)),
+                shape,
+            }
+        });
         let shared = &self.shared;
-        self.reads
-            .decide(&class, regions, || shared.views())
-            .map_err(|no_fit| PgError::error("57P03", format!("regiongate: {no_fit}")))
+        let decision = self
+            .reads
+            .decide(&class, modes, opening.as_ref(), regions, || shared.views())
+            .map_err(|no_fit| PgError::error("57P03", format!("regiongate: {no_fit}")))?;
+        Ok((decision, opening))
+    }
+
+    /// A transaction that could write starts on the server chosen for it (called before the lease is taken,
+    /// which sends the deferred BEGIN): on a replica it is recorded, so that it can move at its first write.
+    pub(super) fn open_transaction(&mut self, opening: Option<Opening>, decision: &Decision) {
+        let Some(opening) = opening else {
+            return;
+        };
+        let start = match decision.target {
+            Target::Replica(_) => {
+                let replay = Replay::new(
+                    self.reads.deferred_begin.clone(),
+                    self.reads.max_replay_bytes,
+                );
+                self.state.start_recording(Box::new(replay));
+                Start::Replica
+            }
+            Target::Primary if decision.reason == Reason::Predicted => {
+                count_transaction("primary", "predicted");
+                Start::Predicted
+            }
+            Target::Primary => Start::Primary,
+        };
+        tracing::debug!(
+            start = ?start,
+            reason = decision.reason.label(),
+            region = decision.region.as_deref().unwrap_or("unknown"),
+            "transaction started"
+        );
+        self.reads.transaction = Some(Transaction {
+            start,
+            shape: opening.shape,
+        });
+    }
+
+    /// The transaction ended (the connection is about to go back): count it and learn from it whether
+    /// transactions of its shape write.
+    pub(super) fn close_transaction(&mut self) {
+        let Some(transaction) = self.reads.transaction.take() else {
+            return;
+        };
+        self.state.take_replay();
+        let wrote = match transaction.start {
+            Start::Replica => {
+                count_transaction("replica", "read-only");
+                false
+            }
+            Start::Moved | Start::Aborted => true,
+            Start::Predicted => self.reads.wrote,
+            Start::Primary => return,
+        };
+        if let Some(shape) = transaction.shape {
+            self.shared.writing_shapes.learn(shape, wrote);
+        }
     }
 
     /// Counts and logs a routing decision.
@@ -277,16 +443,37 @@ impl Session {
         {
             return true;
         }
-        let Some(class) = self.message_class(message_tag, &self.io.from_client[..len], shape)
-        else {
-            return true;
+        // A transaction that may move is judged by whole exchanges, before any of one goes to the replica.
+        let exchange_starts = !self.state.in_exchange();
+        let movable = exchange_starts
+            && self.state.status() == TxStatus::InTransaction
+            && matches!(self.route, Some(Route::Replica(_)))
+            && self.state.replay().is_some();
+        let class = if movable {
+            self.next_exchange_class().0
+        } else {
+            match self.message_class(message_tag, &self.io.from_client[..len], shape) {
+                Some(class) => class,
+                None => return true,
+            }
         };
-        let needs_primary = class.access == Access::Write || class.hint == Some(Hint::Primary);
+        let needs_primary = class.access == Access::Write
+            || class.hint == Some(Hint::Primary)
+            || class.modes.needs_primary();
+        let idle_between_exchanges = self.state.status().is_idle() && exchange_starts;
         match self.route {
-            Some(Route::Replica(_))
-                if needs_primary && self.state.status().is_idle() && !self.state.in_exchange() =>
-            {
+            // A transaction pipelined behind another exchange waits for that one's answers and the release:
+            // it starts where its first statement belongs, as any other.
+            Some(_) if class.begins && idle_between_exchanges && self.state.owes_answers() => {
                 self.reads.draining = true;
+                false
+            }
+            Some(Route::Replica(_)) if needs_primary && idle_between_exchanges => {
+                self.reads.draining = true;
+                false
+            }
+            Some(Route::Replica(_)) if needs_primary && movable => {
+                self.reads.moving = true;
                 false
             }
             Some(Route::Primary) if class.access == Access::Write => {
@@ -297,10 +484,15 @@ impl Session {
         }
     }
 
-    /// Keeps a copy of what the client sent while a replica has not answered yet.
-    pub(super) fn remember_for_retry(&mut self, message: &[u8]) {
+    /// Keeps a copy of what the client sent while a replica has not answered yet (for a retry elsewhere), and
+    /// while a transaction that may move runs on a replica (for its replay).
+    #[inline]
+    pub(super) fn remember(&mut self, message: &[u8]) {
         if let Some(input) = self.reads.retry_input.as_mut() {
             input.extend_from_slice(message);
+        }
+        if let Some(replay) = self.state.replay() {
+            replay.record(message[0], message);
         }
     }
 
@@ -351,8 +543,8 @@ impl Session {
         true
     }
 
-    /// A bare `BEGIN` from an idle client is answered here: whether the transaction may read from a replica
-    /// depends on its next statement (`SET TRANSACTION READ ONLY`). True when it took the message.
+    /// A `BEGIN` (with any modes) from an idle client is answered here: where the transaction runs depends
+    /// on its first statement. True when it took the message.
     pub(super) fn defer_begin(&mut self, len: usize) -> bool {
         if !self.routing_enabled()
             || !self.state.status().is_idle()
@@ -360,14 +552,15 @@ impl Session {
         {
             return false;
         }
-        let is_bare_begin = self
+        let Some(class) = self
             .message_class(tag::QUERY, &self.io.from_client[..len], None)
-            .is_some_and(|c| c.bare_begin);
-        if !is_bare_begin {
+            .filter(|c| c.begin)
+        else {
             return false;
-        }
+        };
         let message = self.io.from_client.split_to(len).freeze();
         self.reads.deferred_begin = Some(message);
+        self.reads.deferred_modes = class.modes;
         self.state.begin_answered();
         protocol::command_complete(&mut self.io.to_client, "BEGIN");
         protocol::ready_for_query(&mut self.io.to_client, TxStatus::InTransaction);
@@ -376,6 +569,7 @@ impl Session {
 
     /// Sends a deferred BEGIN ahead of the transaction's first statement, its answers swallowed.
     pub(super) fn send_deferred_begin(&mut self) {
+        self.reads.deferred_modes = TxModes::default();
         if let Some(begin) = self.reads.deferred_begin.take() {
             self.io.to_server.extend_from_slice(&begin);
             self.state.own(Own::Plain);
@@ -410,10 +604,7 @@ mod tests {
     fn class(access: Access) -> Class {
         Class {
             access,
-            hint: None,
-            bare_begin: false,
-            read_only_transaction: false,
-            views: 0,
+            ..Class::default()
         }
     }
 
@@ -421,12 +612,26 @@ mod tests {
         unreachable!("no statement here reads a view")
     }
 
+    const NO_MODES: TxModes = TxModes {
+        isolation: None,
+        read_only: None,
+        deferrable: None,
+    };
+
+    fn opening(predicted: bool) -> Opening {
+        Opening {
+            predicted,
+            shape: Some(1),
+        }
+    }
+
     #[tokio::test]
-    async fn writes_hints_and_transactions_that_may_write_go_to_the_primary() {
+    async fn writes_hints_serializable_and_predicted_or_configured_transactions_go_to_the_primary()
+    {
         let regions = regions("error");
         let mut reads = Reads::default();
         let decision = reads
-            .decide(&class(Access::Write), &regions, no_views)
+            .decide(&class(Access::Write), NO_MODES, None, &regions, no_views)
             .unwrap();
         assert_eq!(
             (decision.target, decision.reason),
@@ -442,40 +647,75 @@ mod tests {
             hint: Some(Hint::Primary),
             ..class(Access::Read)
         };
-        let decision = reads.decide(&hinted, &regions, no_views).unwrap();
+        let decision = reads
+            .decide(&hinted, NO_MODES, None, &regions, no_views)
+            .unwrap();
         assert_eq!(decision.reason, Reason::Hint);
 
-        // BEGIN answered by the gateway, then a read: the transaction may write later.
-        reads.deferred_begin = Some(Bytes::from_static(b"Q\0\0\0\x0aBEGIN\0"));
+        // A standby refuses serializable, in a transaction or not, unless read only and deferrable.
+        let serializable = TxModes {
+            isolation: Some(Isolation::Serializable),
+            ..NO_MODES
+        };
+        let read = class(Access::Read);
         let decision = reads
-            .decide(&class(Access::Read), &regions, no_views)
+            .decide(&read, serializable, None, &regions, no_views)
             .unwrap();
-        assert_eq!(
-            (decision.target, decision.reason),
-            (Target::Primary, Reason::Write)
+        assert_eq!(decision.reason, Reason::Serializable);
+        let deferrable = TxModes {
+            read_only: Some(true),
+            deferrable: Some(true),
+            ..serializable
+        };
+        assert!(
+            reads
+                .decide(&read, deferrable, None, &regions, no_views)
+                .is_err(),
+            "a replica is asked for (none is up here)"
         );
+
+        // A transaction whose shape wrote recently starts on the primary; so does every transaction that may
+        // write with `routing.transactions: primary`.
+        let decision = reads
+            .decide(&read, NO_MODES, Some(&opening(true)), &regions, no_views)
+            .unwrap();
+        assert_eq!(decision.reason, Reason::Predicted);
+        reads.transactions = TransactionRouting::Primary;
+        let decision = reads
+            .decide(&read, NO_MODES, Some(&opening(false)), &regions, no_views)
+            .unwrap();
+        assert_eq!(decision.reason, Reason::Transaction);
+        // ...unless it is read only.
+        let read_only = TxModes {
+            read_only: Some(true),
+            ..NO_MODES
+        };
+        assert!(reads
+            .decide(&read, read_only, Some(&opening(true)), &regions, no_views)
+            .is_err());
     }
 
     #[tokio::test]
-    async fn reads_are_chosen_by_the_regions_and_fail_when_none_fits_and_that_is_configured() {
-        // The replica has not been seen up: with `error`, a read gets the regions' refusal.
+    async fn reads_and_the_transactions_they_open_are_chosen_by_the_regions() {
+        // The replica has not been seen up: with `error`, a read gets the regions' refusal...
         let mut reads = Reads::default();
+        let read = class(Access::Read);
         assert!(reads
-            .decide(&class(Access::Read), &regions("error"), no_views)
+            .decide(&read, NO_MODES, None, &regions("error"), no_views)
             .is_err());
-        // A read-only transaction is a read.
-        reads.deferred_begin = Some(Bytes::from_static(b"Q\0\0\0\x0aBEGIN\0"));
-        let read_only = Class {
-            read_only_transaction: true,
-            ..class(Access::Read)
-        };
+        // ...and so does a transaction it opens (validated: it starts where its first statement belongs).
         assert!(reads
-            .decide(&read_only, &regions("error"), no_views)
+            .decide(
+                &read,
+                NO_MODES,
+                Some(&opening(false)),
+                &regions("error"),
+                no_views
+            )
             .is_err());
         // With `primary`, it falls back to the primary, saying why.
-        reads.deferred_begin = None;
         let decision = reads
-            .decide(&class(Access::Read), &regions("primary"), no_views)
+            .decide(&read, NO_MODES, None, &regions("primary"), no_views)
             .unwrap();
         assert_eq!(
             (decision.target, decision.reason),

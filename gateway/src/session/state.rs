@@ -11,6 +11,7 @@
 //!   queued before that Sync are never answered (and the statements they were creating do not exist);
 //! - a simple Query answers with ReadyForQuery even after an error, and nothing of it is skipped.
 
+use super::replay::Replay;
 use super::settings::Reset;
 use super::statements::Shift;
 use crate::protocol::{tag, TxStatus};
@@ -29,6 +30,9 @@ pub enum Own {
     /// The client's reset values after its RESET: its ParameterStatus messages are the client's, and its
     /// failure (the client's transaction failed meanwhile) changes nothing.
     Restore,
+    /// A statement that fails on purpose, leaving the client's transaction aborted as PostgreSQL would after
+    /// the error the gateway answered: its failure is expected.
+    Abort,
 }
 
 /// What a client's request may carry besides its place in the queue (boxed: most carry nothing, and the
@@ -117,6 +121,8 @@ pub struct ProtocolState {
     segment_reset: Reset,
     /// Server-side statements whose Parse failed or was skipped: the connection does not have them.
     forgotten: Vec<Arc<str>>,
+    /// A transaction on a replica that may move to the primary: what it sent and what it was answered.
+    replay: Option<Box<Replay>>,
 }
 
 impl Default for ProtocolState {
@@ -128,6 +134,7 @@ impl Default for ProtocolState {
             status: TxStatus::Idle,
             segment_reset: Reset::Nothing,
             forgotten: Vec::new(),
+            replay: None,
         }
     }
 }
@@ -203,6 +210,29 @@ impl ProtocolState {
     /// The gateway answered the client's BEGIN itself (its own BEGIN follows later).
     pub fn begin_answered(&mut self) {
         self.status = TxStatus::InTransaction;
+    }
+
+    /// The transaction status the client was last told, when the gateway told it: after a BEGIN it
+    /// answered, or an error it answered in the client's transaction.
+    pub fn set_status(&mut self, status: TxStatus) {
+        self.status = status;
+    }
+
+    // ---- a transaction that may move ---------------------------------------------------------------------
+
+    /// From now on the client's messages and the answers it gets are recorded for a replay.
+    pub fn start_recording(&mut self, replay: Box<Replay>) {
+        self.replay = Some(replay);
+    }
+
+    /// The recording, if the transaction is being recorded (or replayed).
+    #[inline]
+    pub fn replay(&mut self) -> Option<&mut Replay> {
+        self.replay.as_deref_mut()
+    }
+
+    pub fn take_replay(&mut self) -> Option<Box<Replay>> {
+        self.replay.take()
     }
 
     // ---- what is known -----------------------------------------------------------------------------------
@@ -386,6 +416,7 @@ impl ProtocolState {
             })
             .collect();
         self.clear();
+        self.replay = None;
         owed
     }
 
