@@ -8,8 +8,8 @@
 
 use self::hint::Hint;
 use sqlparser::ast::{
-    Expr, ObjectNamePart, Query, SetExpr, Statement, TransactionAccessMode, TransactionMode, Visit,
-    Visitor,
+    Expr, ObjectNamePart, Query, SetExpr, Statement, TableFactor, TransactionAccessMode,
+    TransactionMode, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -45,6 +45,7 @@ const SIDE_EFFECT_FUNCTIONS: &[&str] = &[
     "pg_terminate_backend",
     "pg_cancel_backend",
     "pg_reload_conf",
+    "pg_logical_emit_message",
 ];
 
 /// Where a statement (or a whole Query message) may run.
@@ -444,15 +445,38 @@ impl Classifier {
                 }
             }
             fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
-                if let Expr::Function(function) = expr {
-                    if let Some(ObjectNamePart::Identifier(name)) = function.name.0.last() {
-                        let name = name.value.to_ascii_lowercase();
-                        if self.side_effects.contains(&name) || name.starts_with("lo_") {
-                            return ControlFlow::Break(());
-                        }
-                    }
+                match expr {
+                    Expr::Function(function) => self.call(&function.name),
+                    _ => ControlFlow::Continue(()),
                 }
-                ControlFlow::Continue(())
+            }
+            // Functions in FROM: `FROM f(x)`, `LATERAL f(x)` (ROWS FROM's calls are expressions).
+            fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+                match factor {
+                    TableFactor::Table {
+                        name,
+                        args: Some(_),
+                        ..
+                    }
+                    | TableFactor::Function { name, .. } => self.call(name),
+                    _ => ControlFlow::Continue(()),
+                }
+            }
+        }
+        impl Finder<'_> {
+            /// A call of a function with side effects (by its name without schema, as PostgreSQL would find
+            /// the built-in ones); a name written with Unicode escapes (`U&"\006Eextval"`) is read as what it
+            /// spells.
+            fn call(&self, name: &sqlparser::ast::ObjectName) -> ControlFlow<()> {
+                let Some(ObjectNamePart::Identifier(ident)) = name.0.last() else {
+                    return ControlFlow::Continue(());
+                };
+                let name = unescape_unicode(&ident.value).to_ascii_lowercase();
+                if self.side_effects.contains(&name) || name.starts_with("lo_") {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
             }
         }
         let mut finder = Finder {
@@ -505,6 +529,35 @@ impl WritingShapes {
             self.shapes.invalidate(&key);
         }
     }
+}
+
+/// `\XXXX` and `\+XXXXXX` escapes of a `U&"..."` identifier, as the characters they name (other text as it is).
+fn unescape_unicode(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.contains('\\') {
+        return value.into();
+    }
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at + 1..];
+        let (digits, skip) = match rest.strip_prefix('+') {
+            Some(after) => (after.get(..6), 7),
+            None => (rest.get(..4), 4),
+        };
+        match digits
+            .and_then(|d| u32::from_str_radix(d, 16).ok())
+            .and_then(char::from_u32)
+        {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[skip..];
+            }
+            None => out.push('\\'),
+        }
+    }
+    out.push_str(rest);
+    out.into()
 }
 
 /// An identifier as PostgreSQL folds it: unquoted ones to lower case.
@@ -588,6 +641,8 @@ mod tests {
             "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
             "SET TRANSACTION READ ONLY",
             "SELECT now(), pg_sleep(0)",
+            "SELECT * FROM generate_series(1, 3)",
+            "SELECT * FROM t, LATERAL generate_series(1, t.n) g",
         ] {
             assert_eq!(access(sql), Access::Read, "{sql}");
         }
@@ -619,6 +674,15 @@ mod tests {
             "SELECT 1; INSERT INTO t VALUES (1)",
             "this is not sql",
             "SELECT (SELECT nextval('s'))",
+            "SELECT * FROM pg_advisory_lock(4242)",
+            "SELECT * FROM nextval('s')",
+            "SELECT * FROM t, LATERAL pg_notify('c', t.x) AS n",
+            "SELECT * FROM ROWS FROM (txid_current(), generate_series(1, 2))",
+            "SELECT * FROM (VALUES (nextval('s'))) v",
+            "SELECT * FROM pg_catalog.set_config('a.b', 'c', false)",
+            "SELECT pg_logical_emit_message(true, 'p', 'x')",
+            "SELECT U&\"\\006Eextval\"('s')",
+            "SELECT * FROM U&\"\\+00006Eextval\"('s')",
         ] {
             assert_eq!(access(sql), Access::Write, "{sql}");
         }

@@ -643,11 +643,19 @@ for i in range(20):
     conn.execute("SELECT balance FROM accounts WHERE id = %s", (1,)).fetchone()
     conn.commit()
     on_replica += port == replica
+# Pipeline mode: BEGIN goes in one exchange with the transaction's first statements, as JDBC sends it.
+pipelined = 0
+for i in range(10):
+    with conn.pipeline():
+        first = conn.execute("SELECT inet_server_port()")
+        conn.execute("SELECT balance FROM accounts WHERE id = %s", (1,))
+    pipelined += first.fetchone()[0] == replica
+    conn.commit()
 before = conn.execute("SELECT balance FROM accounts WHERE id = %s", (1,)).fetchone()[0]
 conn.execute("UPDATE accounts SET balance = balance + 5 WHERE id = %s", (1,))
 after = conn.execute("SELECT balance FROM accounts WHERE id = %s", (1,)).fetchone()[0]
 conn.commit()
-print(on_replica, after - before)
+print(on_replica, after - before, pipelined)
 "#;
     let output = tokio::task::spawn_blocking({
         let dsn = format!(
@@ -675,6 +683,7 @@ print(on_replica, after - before)
         .collect();
     assert!(numbers[0] >= 18, "psycopg: {printed}");
     assert_eq!(numbers[1], 5, "psycopg: {printed}");
+    assert!(numbers[2] >= 9, "psycopg pipeline: {printed}");
     let metrics = regiongate::metrics::METRICS.render();
     assert!(
         metrics.contains("regiongate_transactions_total{outcome=\"read-only\",start=\"replica\"}"),
@@ -821,4 +830,68 @@ async fn transactions_can_be_kept_on_the_primary_by_configuration() {
         .await
         .unwrap();
     assert_eq!(server_port(&client, "").await, env.primary_port());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn side_effecting_functions_in_from_and_escaped_names_run_on_the_primary() {
+    let env = start("max_lag: 5s").await;
+    let direct = env.direct_primary().await;
+    direct.batch_execute("CREATE SEQUENCE s").await.unwrap();
+    env.wait_eu_west_shows("SELECT count(*) FROM pg_class WHERE relname = 's'", 1)
+        .await;
+    let client = env.client().await;
+    // On a replica these fail ("cannot execute nextval() in a read-only transaction"), or worse, succeed
+    // where nobody else looks: an advisory lock taken on a replica excludes no one.
+    for sql in [
+        "SELECT * FROM nextval('s')",
+        "SELECT U&\"\\006Eextval\"('s')",
+        "SELECT n FROM (VALUES (1)) v, LATERAL nextval('s') n",
+    ] {
+        client
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    client
+        .query_one("SELECT * FROM pg_advisory_lock(4242)", &[])
+        .await
+        .unwrap();
+    let held: i64 = direct
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND granted",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 1, "the advisory lock is not held on the primary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_falls_back_to_the_primary_where_stale_reads_are_refused() {
+    let env = start("max_lag: 1h, when_no_replica_fits: error").await;
+    let client = env.client().await;
+    client
+        .batch_execute("CREATE TABLE ryw (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    for (_, node) in env.topology.replicas() {
+        node.cluster.pause_replay().unwrap();
+    }
+    client
+        .execute("INSERT INTO ryw VALUES ($1)", &[&1])
+        .await
+        .unwrap();
+    // No replica has the write: the primary, which has it, serves the read rather than a 57P03.
+    let row = client
+        .query_one("SELECT count(*), inet_server_port() FROM ryw", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i32>(1) as u16),
+        (1, env.primary_port())
+    );
+    for (_, node) in env.topology.replicas() {
+        node.cluster.resume_replay().unwrap();
+    }
 }

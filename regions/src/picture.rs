@@ -202,12 +202,15 @@ impl Picture {
             Reason::WithinBudget
         };
         let mut first_skip: Option<Reason> = None;
+        // Some replica was fresh enough but had not replayed the session's last write.
+        let mut waits_for_write = false;
         for region in &self.region_order {
             let mut best: Option<(&ReplicaStatus, u32)> = None;
             let mut region_skip = None;
             for replica in self.replicas.iter().filter(|r| &r.region == region) {
                 match self.unfit(replica, request, now, fresh) {
                     Some(why) => {
+                        waits_for_write |= why == Reason::ReadYourWrites;
                         region_skip.get_or_insert(why);
                     }
                     None => {
@@ -243,7 +246,9 @@ impl Picture {
                 first_skip.get_or_insert(why);
             }
         }
-        if fallback_to_primary {
+        // The primary has the session's write: a read that only waits for it goes there even where stale
+        // reads are refused rather than sent to the primary (`when_no_replica_fits: error`).
+        if fallback_to_primary || waits_for_write {
             return Ok(Decision {
                 target: Target::Primary,
                 reason: first_skip.unwrap_or(Reason::NoReplicas),
@@ -546,6 +551,16 @@ mod tests {
         assert_eq!(
             (d.region.as_deref(), d.reason),
             (Some("ap-south"), Reason::ReadYourWrites)
+        );
+        // No replica has the write: the primary, which has it, serves the read, even where reads that no
+        // replica fits are refused.
+        for replica in &mut p.replicas {
+            replica.replay_lsn = Some(Lsn(10));
+        }
+        let d = p.choose(&ryw, now, |_| 0, false).unwrap();
+        assert_eq!(
+            (d.target, d.reason),
+            (Target::Primary, Reason::ReadYourWrites)
         );
     }
 

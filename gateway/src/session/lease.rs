@@ -182,18 +182,10 @@ impl Session {
         let verdict = match self.state.take_replay() {
             Some(replay) if replayed_in_transaction => replay
                 .verdict(|name| {
-                    let statement = self.statements.get(name)?;
-                    statement
-                        .text()
-                        .map(|t| String::from_utf8_lossy(&t).into_owned())
+                    let text = self.statements.get(name)?.text()?;
+                    Some(String::from_utf8_lossy(&text).into_owned())
                 })
-                .map_err(|differs| {
-                    format!(
-                    "the primary now answers differently to `{}` (request {} of the transaction)",
-                    differs.statement,
-                    differs.request + 1
-                )
-                }),
+                .map_err(|differs| differs.to_string()),
             _ => Err("its replay on the primary failed".to_string()),
         };
         match verdict {
@@ -258,6 +250,7 @@ impl Session {
         }
         self.route = Some(route);
         self.lease = Some(lease);
+        self.reads.chosen_for_next = true;
         self.send_deferred_begin();
         METRICS.transactions.inc();
     }

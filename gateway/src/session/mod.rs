@@ -377,10 +377,13 @@ impl Session {
             tag::PARSE => self.on_parse(message)?,
             tag::BIND | tag::DESCRIBE => self.on_statement_use(message_tag, message)?,
             tag::CLOSE => self.on_close(message)?,
-            tag::EXECUTE | tag::FLUSH => {
+            tag::EXECUTE => {
                 self.io.to_server.extend_from_slice(&message);
                 self.state.extended();
             }
+            // A Flush asks for what is owed so far; alone (psycopg's pipeline sends one after its Sync) it
+            // opens no exchange, and must not keep the connection from its release.
+            tag::FLUSH => self.io.to_server.extend_from_slice(&message),
             tag::SYNC => {
                 self.observer.request_sent();
                 self.io.to_server.extend_from_slice(&message);

@@ -153,6 +153,10 @@ impl Session {
                 if let Answered::Client(Some(extra)) = answered {
                     self.restore_reset_values(&extra.reset);
                 }
+                if self.state.status().is_idle() {
+                    // The transaction ended: what is recorded from here on would belong to the next one.
+                    self.close_transaction();
+                }
                 let replica = matches!(self.route, Some(super::Route::Replica(_)));
                 let server = self.lease.as_mut().map(|l| l.conn().addr());
                 let more = self.state.client_request_pending();

@@ -51,6 +51,17 @@ pub struct Differs {
     pub statement: String,
 }
 
+impl std::fmt::Display for Differs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the primary now answers differently to `{}` (request {} of the transaction)",
+            self.statement,
+            self.request + 1
+        )
+    }
+}
+
 impl Replay {
     pub fn new(begin: Option<Bytes>, max_bytes: usize) -> Replay {
         Replay {

@@ -56,6 +56,8 @@ pub(super) struct Reads {
     pub draining: bool,
     /// A write in a transaction on a replica waits for the replica's answers, then the transaction moves.
     pub moving: bool,
+    /// The connection held was chosen for the client's next exchange, none of which was sent yet.
+    pub chosen_for_next: bool,
     /// `routing.transactions` for this user and database, and how much a transaction may record.
     pub transactions: TransactionRouting,
     pub max_replay_bytes: usize,
@@ -462,9 +464,10 @@ impl Session {
             || class.modes.needs_primary();
         let idle_between_exchanges = self.state.status().is_idle() && exchange_starts;
         match self.route {
-            // A transaction pipelined behind another exchange waits for that one's answers and the release:
-            // it starts where its first statement belongs, as any other.
-            Some(_) if class.begins && idle_between_exchanges && self.state.owes_answers() => {
+            // A transaction that comes while the connection of an earlier exchange is still held (pipelined
+            // behind it, or while its release waited) waits for that release: it starts where its first
+            // statement belongs, as any other.
+            Some(_) if class.begins && idle_between_exchanges && !self.reads.chosen_for_next => {
                 self.reads.draining = true;
                 false
             }
@@ -488,6 +491,7 @@ impl Session {
     /// while a transaction that may move runs on a replica (for its replay).
     #[inline]
     pub(super) fn remember(&mut self, message: &[u8]) {
+        self.reads.chosen_for_next = false;
         if let Some(input) = self.reads.retry_input.as_mut() {
             input.extend_from_slice(message);
         }
