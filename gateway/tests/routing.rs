@@ -344,11 +344,47 @@ async fn read_your_writes_always_sees_the_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replica_is_banned_and_no_read_fails() {
     let env = start("max_lag: 2s").await;
+    // A read that got a notice from the replica before it died: the client has had no answer yet, so the
+    // read runs again elsewhere. (A replica shut down in immediate mode sends such a WARNING to every
+    // connection; one that reached a request in flight used to end its retry.) Declared immutable, the
+    // function runs while the statement is planned: its notice comes before any answer (BindComplete,
+    // RowDescription) to the client's request.
+    env.topology
+        .primary
+        .cluster
+        .psql(
+            "app",
+            "CREATE FUNCTION noisy_port() RETURNS int IMMUTABLE LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE NOTICE 'about to wait'; PERFORM pg_sleep(1); RETURN inet_server_port(); END $$",
+        )
+        .unwrap();
+    let replicated = common::eventually(Duration::from_secs(10), || async {
+        env.topology.replicas().all(|(_, node)| {
+            node.cluster
+                .psql(
+                    "app",
+                    "SELECT count(*) FROM pg_proc WHERE proname = 'noisy_port'",
+                )
+                .is_ok_and(|out| out.trim() == "1")
+        })
+    })
+    .await;
+    assert!(replicated, "the function never reached the replicas");
     let clients: Vec<Client> = futures_util::future::join_all((0..4).map(|_| env.client())).await;
     for client in &clients {
         assert_eq!(server_port(client, "").await, env.port_of("eu-west"));
     }
+    let noisy = {
+        let client = env.client().await;
+        tokio::spawn(async move {
+            let row = client.query_one("SELECT noisy_port()", &[]).await;
+            row.map(|row| row.get::<_, i32>(0) as u16)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
     env.eu_west().stop_immediate().unwrap();
+    let port = noisy.await.unwrap().expect("the read is retried elsewhere");
+    assert_ne!(port, env.port_of("eu-west"));
     for round in 0..20 {
         for client in &clients {
             let port = server_port(client, "").await;

@@ -89,7 +89,8 @@ impl Session {
                 self.io.to_client.truncate(client_mark);
             }
         }
-        if self.reads.retry_input.is_some() && !self.io.to_client.is_empty() {
+        if self.reads.retry_input.is_some() && answers_forwarded(&self.io.to_client[client_mark..])
+        {
             self.answered();
         }
         if self.settings.is_lost() {
@@ -260,6 +261,26 @@ impl Session {
 /// Server messages relayed without a look at their bodies (and streamed through when large), unless they
 /// answer one of the gateway's own requests. CommandComplete is among them: the protocol state has nothing to
 /// learn from it, and it comes with every statement.
+/// True when `forwarded` (whole messages, the last one maybe in part) holds more than messages a server may
+/// send at any time. A replica told to shut down sends a WARNING before it closes: the client may have it, and
+/// still get its answer from another server.
+fn answers_forwarded(forwarded: &[u8]) -> bool {
+    let mut rest = forwarded;
+    while let Some(&message_tag) = rest.first() {
+        if !matches!(
+            message_tag,
+            tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS | tag::NOTIFICATION_RESPONSE
+        ) {
+            return true;
+        }
+        match protocol::peek_header(rest) {
+            Some(Ok((_, len))) if len <= rest.len() => rest = &rest[len..],
+            _ => return false,
+        }
+    }
+    false
+}
+
 fn is_passthrough(message_tag: u8) -> bool {
     matches!(
         message_tag,
