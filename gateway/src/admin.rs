@@ -73,6 +73,18 @@ const HELP: &[(&str, &str)] = &[
         "hold new transactions and wait until no server connection is in use",
     ),
     ("RESUME", "let transactions run again"),
+    (
+        "SHOW STATE",
+        "serving, draining or cutting; during a shutdown: since when, the deadline, clients left, and how sessions ended",
+    ),
+    (
+        "SHUTDOWN",
+        "drain as on SIGTERM: accept no one, let transactions finish up to shutdown_timeout, then exit",
+    ),
+    (
+        "RESTART",
+        "as SIGUSR2: start a new process with the same arguments on the same address, then drain this one",
+    ),
 ];
 
 /// Serves the console on an authenticated connection until the client leaves.
@@ -203,6 +215,20 @@ impl SimpleQueryHandler for Console {
             ["RESUME"] => {
                 self.shared.pause(false);
                 Response::Execution(Tag::new("RESUME"))
+            }
+            ["SHOW", "STATE"] => self.state(),
+            ["RESTART"] => {
+                match crate::restart::restart(&self.shared, "the admin console's RESTART").await {
+                    Ok(_) => Response::Execution(Tag::new("RESTART")),
+                    Err(e) => error("55000", format!("not restarted: {e}")),
+                }
+            }
+            ["SHUTDOWN"] => {
+                let timeout = self.shared.config.load().shutdown_timeout;
+                self.shared
+                    .drain
+                    .request(timeout, "the admin console's SHUTDOWN");
+                Response::Execution(Tag::new("SHUTDOWN"))
             }
             _ => error(
                 "42601",
@@ -660,6 +686,42 @@ fn counts(
         }
     }
     out.into_iter()
+}
+
+impl Console {
+    /// SHOW STATE: where the gateway is in its life, and what a drain has done so far.
+    fn state(&self) -> Response {
+        let drain = &self.shared.drain;
+        let mut rows = vec![
+            ("state", drain.phase().name().to_string()),
+            ("clients", drain.live_clients().to_string()),
+        ];
+        if let Some((started, cut_at)) = drain.times() {
+            rows.push(("why", drain.why().to_string()));
+            rows.push((
+                "draining_for",
+                format!("{:.1}s", started.elapsed().as_secs_f64()),
+            ));
+            rows.push((
+                "cut_in",
+                format!(
+                    "{:.1}s",
+                    cut_at
+                        .saturating_duration_since(std::time::Instant::now())
+                        .as_secs_f64()
+                ),
+            ));
+            for (outcome, count) in drain.counts() {
+                rows.push((outcome, count.to_string()));
+            }
+        }
+        table(
+            &["field", "value"],
+            rows.into_iter()
+                .map(|(k, v)| vec![k.to_string(), v])
+                .collect(),
+        )
+    }
 }
 
 fn stats() -> Response {

@@ -32,6 +32,8 @@ pub struct ClientEntry {
     pub checkouts: AtomicU64,
     target: Mutex<Option<ServerTarget>>,
     pinned: Mutex<Option<&'static str>>,
+    /// The session's task while it waits for its client: the drain wakes it (see [`crate::drain`]).
+    pub kick: futures_util::task::AtomicWaker,
 }
 
 impl ClientEntry {
@@ -104,6 +106,7 @@ impl Clients {
             checkouts: AtomicU64::new(0),
             target: Mutex::new(None),
             pinned: Mutex::new(None),
+            kick: Default::default(),
         });
         let mut clients = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -132,6 +135,18 @@ impl Clients {
             .collect();
         list.sort_by_key(|(_, e)| e.connected_at);
         list
+    }
+
+    /// Wakes every session, to look at the drain's phase.
+    pub fn kick_all(&self) {
+        for entry in self
+            .by_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            entry.kick.wake();
+        }
     }
 
     /// Forwards a CancelRequest to the server running the client's query, if any.

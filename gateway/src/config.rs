@@ -28,6 +28,10 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub limits: Limits,
+    /// How long a shutdown (SIGTERM, the console's SHUTDOWN) waits for transactions in flight before it cuts
+    /// them (57P01, rolled back). SIGINT waits at most 5 s; a second signal cuts at once.
+    #[serde(default = "default_shutdown_timeout", with = "duration")]
+    pub shutdown_timeout: Duration,
     /// Tokio worker threads; 0 means one per core.
     #[serde(default = "default_workers")]
     pub workers: usize,
@@ -215,6 +219,10 @@ impl Default for LogConfig {
             slow_statement: std::time::Duration::from_secs(1),
         }
     }
+}
+
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_listen() -> SocketAddr {

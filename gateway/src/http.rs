@@ -1,5 +1,5 @@
 //! The operator's HTTP listener: `/metrics` (Prometheus text format), `/healthz` (the process serves) and
-//! `/readyz` (the configuration is loaded and the primary accepts connections). Three GET routes need no web
+//! `/readyz` (the configuration is loaded, the primary accepts connections, and the gateway is not draining). Three GET routes need no web
 //! framework: one request per connection, answered and closed.
 
 use crate::metrics::METRICS;
@@ -40,7 +40,7 @@ async fn answer(shared: Arc<Shared>, mut stream: TcpStream) -> std::io::Result<(
     let (status, content_type, body) = match (method, path.split('?').next().unwrap_or("")) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", METRICS.render()),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", "/readyz") => match primary_reachable(&shared).await {
+        ("GET", "/readyz") => match readiness(&shared).await {
             Ok(()) => ("200 OK", "text/plain", "ready\n".to_string()),
             Err(reason) => (
                 "503 Service Unavailable",
@@ -70,6 +70,15 @@ async fn answer(shared: Arc<Shared>, mut stream: TcpStream) -> std::io::Result<(
 
 /// Ready means a configuration is loaded (it always is once serving) and the primary accepts a TCP
 /// connection now.
+/// What `/readyz` answers: ready unless the gateway drains (load balancers then stop sending clients at
+/// once) or the primary does not accept connections.
+pub async fn readiness(shared: &Shared) -> Result<(), String> {
+    if shared.drain.phase() != crate::drain::Phase::Serving {
+        return Err("draining (shutting down)".to_string());
+    }
+    primary_reachable(shared).await
+}
+
 async fn primary_reachable(shared: &Shared) -> Result<(), String> {
     let primary = shared.config.load().primary.url.clone();
     match tokio::time::timeout(

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod batch;
 pub mod clients;
 pub mod config;
+pub mod drain;
 pub mod fingerprint;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod nplus1;
 pub mod pool;
 pub mod protocol;
+pub mod restart;
 pub mod route;
 pub mod scram;
 pub mod server;
@@ -80,6 +82,10 @@ pub struct Shared {
     paused_flag: std::sync::atomic::AtomicBool,
     /// Bumped by every reload that took effect, so sessions know to look their pools up again.
     generation: std::sync::atomic::AtomicU64,
+    /// The shutdown: its phase, deadline and counts.
+    pub drain: drain::Drain,
+    /// How to start this process again (online restart); set by the binary only.
+    pub relaunch: std::sync::OnceLock<restart::Relaunch>,
 }
 
 /// What the views runtime needs from a configuration: the views, and where the primary and replicas are
@@ -185,6 +191,8 @@ impl Shared {
             paused: tokio::sync::watch::channel(false).0,
             paused_flag: std::sync::atomic::AtomicBool::new(false),
             generation: std::sync::atomic::AtomicU64::new(0),
+            drain: drain::Drain::default(),
+            relaunch: std::sync::OnceLock::new(),
         })
     }
 
@@ -413,9 +421,7 @@ impl Gateway {
     ) -> Result<Gateway, StartError> {
         let acceptor = tls::configured_acceptor(&config)?;
         let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Listen { addr, source })
+            listen(addr).map_err(|source| StartError::Listen { addr, source })
         };
         let listener = bind(config.listen).await?;
         let metrics_listen = config.metrics.listen;
@@ -435,49 +441,175 @@ impl Gateway {
             .expect("a bound listener has an address")
     }
 
-    /// Accepts clients until `shutdown` completes.
+    /// Accepts clients until `shutdown` completes or a drain is requested (`Shared::drain`), then drains:
+    /// stops accepting, lets transactions in flight finish up to `shutdown_timeout`, cuts what is left, and
+    /// returns when no client is left (see [`drain`]).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let max_clients = self.shared.config.load().limits.max_clients;
-        let slots = Arc::new(Semaphore::new(max_clients));
-        tokio::pin!(shutdown);
         tracing::info!(listen = %self.local_addr(), "regiongate is accepting clients");
-        loop {
+        let Gateway { shared, listener } = self;
+        let max_clients = shared.config.load().limits.max_clients;
+        let slots = Arc::new(Semaphore::new(max_clients));
+        let drain = &shared.drain;
+        let mut changes = drain.subscribe();
+        tokio::pin!(shutdown);
+        let mut asked = false;
+        while drain.phase() == drain::Phase::Serving {
             let accepted = tokio::select! {
-                _ = &mut shutdown => break,
-                accepted = self.listener.accept() => accepted,
+                _ = &mut shutdown, if !asked => {
+                    asked = true;
+                    drain.request(shared.config.load().shutdown_timeout, "shutdown requested");
+                    continue;
+                }
+                _ = changes.changed() => continue,
+                accepted = listener.accept() => accepted,
             };
-            let (stream, peer) = match accepted {
-                Ok(pair) => pair,
+            match accepted {
+                Ok((stream, peer)) => admit(&shared, stream, peer, &slots, max_clients),
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(%error, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
-            };
-            METRICS.clients_accepted.inc();
-            let limits = &self.shared.config.load().limits;
-            if let Err(error) = self.shared.admission.admit(peer.ip(), limits) {
-                tokio::spawn(refuse_early(stream, error));
-                continue;
             }
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                METRICS.clients_refused.with_label_values(&["53300"]).inc();
-                let error = PgError::fatal(
-                    "53300",
-                    format!("regiongate: too many client connections (limits.max_clients is {max_clients})"),
-                );
-                tokio::spawn(refuse_early(stream, error));
-                continue;
-            };
-            let shared = self.shared.clone();
-            tokio::spawn(async move {
-                session::serve(shared, stream, peer).await;
-                drop(slot);
-            });
         }
-        tracing::info!("regiongate stopped accepting clients");
+        // Connections already in the listen queue would be reset when the listener closes: they are served
+        // (their first request) like any client that arrived before the drain.
+        let mut swept = 0;
+        if let Ok(listener) = listener.into_std() {
+            while let Ok((stream, peer)) = listener.accept() {
+                let stream = stream
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpStream::from_std(stream));
+                if let Ok(stream) = stream {
+                    swept += 1;
+                    admit(&shared, stream, peer, &slots, max_clients);
+                }
+            }
+        }
+        tracing::info!(
+            accepted_from_queue = swept,
+            "regiongate stopped accepting clients; new connections go to another process on this port, if any"
+        );
+        shared.drain_clients(changes).await;
     }
+}
+
+/// Serves an accepted connection, unless a limit refuses it.
+fn admit(
+    shared: &Arc<Shared>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    slots: &Arc<Semaphore>,
+    max_clients: usize,
+) {
+    METRICS.clients_accepted.inc();
+    let limits = &shared.config.load().limits;
+    if let Err(error) = shared.admission.admit(peer.ip(), limits) {
+        tokio::spawn(refuse_early(stream, error));
+        return;
+    }
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        METRICS.clients_refused.with_label_values(&["53300"]).inc();
+        let error = PgError::fatal(
+            "53300",
+            format!(
+                "regiongate: too many client connections (limits.max_clients is {max_clients})"
+            ),
+        );
+        tokio::spawn(refuse_early(stream, error));
+        return;
+    };
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        session::serve(shared, stream, peer).await;
+        drop(slot);
+    });
+}
+
+impl Shared {
+    /// The drain after the listener closed: waits for the clients, cuts them at the deadline, lets view
+    /// refreshes and connection clean-ups finish, and logs what it did.
+    async fn drain_clients(&self, mut changes: tokio::sync::watch::Receiver<drain::Phase>) {
+        let drain = &self.drain;
+        let Some((started, _)) = drain.times() else {
+            return;
+        };
+        self.clients.kick_all();
+        let views = self.views();
+        views.stop();
+        let deadline = || {
+            drain
+                .times()
+                .map_or_else(std::time::Instant::now, |(_, cut)| cut)
+        };
+        while drain.live_clients() > 0 && std::time::Instant::now() < deadline() {
+            let tick = (std::time::Instant::now() + Duration::from_millis(20)).min(deadline());
+            tokio::select! {
+                _ = tokio::time::sleep_until(tick.into()) => {}
+                _ = changes.changed() => {}
+            }
+        }
+        if drain.live_clients() > 0 {
+            drain.advance(drain::Phase::Cutting);
+            tracing::warn!(
+                clients = drain.live_clients(),
+                "shutdown timeout: cutting the transactions still open; they roll back"
+            );
+            self.clients.kick_all();
+            // A request still running is cancelled, so that its session reaches the point where it closes.
+            for (_, entry) in self.clients.list() {
+                if let Some(target) = entry.server() {
+                    tokio::spawn(clients::cancel_server(target));
+                }
+            }
+            let give_up = std::time::Instant::now() + Duration::from_secs(5);
+            while drain.live_clients() > 0 && std::time::Instant::now() < give_up {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // A refresh in flight commits (or fails, and rolls back) before the process exits, up to the
+        // deadline; past it the closed connection rolls it back.
+        let refreshes = deadline().saturating_duration_since(std::time::Instant::now());
+        let settled =
+            tokio::time::timeout(refreshes.max(Duration::from_millis(100)), views.settled())
+                .await
+                .is_ok();
+        // Connections of cut transactions are rolled back in the background before they are closed.
+        let give_up = std::time::Instant::now() + Duration::from_secs(5);
+        while self
+            .pools()
+            .iter()
+            .any(|p| p.open_connections() > p.idle_connections() as u64)
+            && std::time::Instant::now() < give_up
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(
+            why = drain.why(),
+            clients_closed_idle = drain.count(drain::Outcome::Closed),
+            transactions_finished = drain.count(drain::Outcome::Finished),
+            transactions_cut = drain.count(drain::Outcome::Cut),
+            clients_left = drain.count(drain::Outcome::Left),
+            clients_remaining = drain.live_clients(),
+            views_settled = settled,
+            took_ms = started.elapsed().as_millis() as u64,
+            "shutdown complete"
+        );
+    }
+}
+
+/// A listening socket that another process may share (`SO_REUSEPORT`): a new gateway starts on the same
+/// address while the old one drains, and the kernel sends new connections to whichever listens.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// Refuses a connection before its startup packet: the client reads the error after sending it.

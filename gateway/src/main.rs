@@ -68,9 +68,11 @@ fn main() -> Result<()> {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a terminal: a log file or a collector gets plain `key=value` fields.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     if json {
         builder.json().init();
     } else {
@@ -96,6 +98,14 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
 fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
     runtime(config.workers)?.block_on(async move {
         let gateway = Gateway::bind_from(config, path).await?;
+        match regiongate::restart::Relaunch::current() {
+            Ok(relaunch) => {
+                let _ = gateway.shared.relaunch.set(relaunch);
+            }
+            Err(error) => tracing::warn!(%error, "cannot find this binary: online restart is off"),
+        }
+        regiongate::restart::report_ready_when_ready(gateway.shared.clone());
+        tokio::spawn(restart_on_sigusr2(gateway.shared.clone()));
         let shared = gateway.shared.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
@@ -107,7 +117,8 @@ fn serve(config: Config, path: Option<PathBuf>) -> Result<()> {
                 let _ = shared.reload();
             }
         });
-        gateway.run(shutdown_signal()).await;
+        tokio::spawn(shutdown_signals(gateway.shared.clone()));
+        gateway.run(std::future::pending()).await;
         Ok(())
     })
 }
@@ -130,12 +141,44 @@ fn migrate(config: &Config, dir: &std::path::Path) -> Result<()> {
     })
 }
 
-async fn shutdown_signal() {
+/// SIGUSR2: online restart (a new process on the same address, then this one drains).
+async fn restart_on_sigusr2(shared: std::sync::Arc<regiongate::Shared>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        tracing::error!("cannot install the SIGUSR2 handler: online restart by signal is off");
+        return;
+    };
+    while usr2.recv().await.is_some() {
+        if let Err(error) = regiongate::restart::restart(&shared, "SIGUSR2").await {
+            tracing::error!(%error, "SIGUSR2: not restarted");
+        }
     }
-    tracing::info!("shutting down");
+}
+
+/// SIGTERM drains (up to `shutdown_timeout`), SIGINT drains with at most 5 s, a second signal cuts at once.
+async fn shutdown_signals(shared: std::sync::Arc<regiongate::Shared>) {
+    use std::time::Duration;
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install the SIGTERM and SIGINT handlers");
+        return;
+    };
+    let mut first = true;
+    loop {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        let configured = shared.config.load().shutdown_timeout;
+        let timeout = match (first, name) {
+            (false, _) => Duration::ZERO,
+            (true, "SIGINT") => configured.min(Duration::from_secs(5)),
+            (true, _) => configured,
+        };
+        first = false;
+        shared.drain.request(timeout, name);
+    }
 }

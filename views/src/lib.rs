@@ -123,6 +123,14 @@ impl Views {
         self.stop.send_replace(true);
     }
 
+    /// Waits until no refresh runs (after [`Views::stop`]: until the ones in flight have committed or
+    /// failed).
+    pub async fn settled(&self) {
+        for running in &self.running {
+            drop(running.lock().await);
+        }
+    }
+
     pub fn specs(&self) -> &[ViewSpec] {
         &self.setup.views
     }

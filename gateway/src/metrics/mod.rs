@@ -42,6 +42,9 @@ pub struct Metrics {
     pub batched_rows: IntCounterVec,
     pub batches: IntCounterVec,
     pub batch_queue_full: IntCounter,
+    /// 0 serving, 1 draining, 2 cutting (see `drain`).
+    pub draining: IntGauge,
+    pub drain_clients: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -224,6 +227,15 @@ impl Metrics {
             batch_queue_full: counter(
                 "regiongate_batch_queue_full_total",
                 "Inserts that waited because batching.max_queued_rows rows were queued",
+            ),
+            draining: gauge(
+                "regiongate_draining",
+                "The shutdown's phase: 0 serving, 1 draining (transactions finish), 2 cutting (the timeout passed)",
+            ),
+            drain_clients: counter_vec(
+                "regiongate_drain_clients_total",
+                "Client sessions ended during a shutdown: closed idle, finished their transaction, cut at the timeout, or left",
+                &["outcome"],
             ),
             routed: counter_vec(
                 "regiongate_routed_total",

@@ -8,6 +8,7 @@
 //! from the stock, so a busy session reuses warm buffers instead of allocating at every transaction, and tens
 //! of thousands of idle clients cost no buffer memory.
 
+use crate::drain::{Kicked, Phase};
 use crate::server::ServerConn;
 use crate::tls::Stream;
 use bytes::{Buf, BytesMut};
@@ -33,16 +34,20 @@ pub struct Duplex {
 }
 
 /// What to wait for besides the client, decided by the session.
-pub struct Watch {
+pub struct Watch<'a> {
     /// The server may speak (an answer is owed, or it is idle and may send a notification or close).
     pub server: bool,
     /// Only the client can move things on: it may be idle this long.
     pub idle: Option<Duration>,
     /// The request in flight ends at this instant (`limits.statement_timeout`).
     pub deadline: Option<Instant>,
+    /// The drain's phase, while the session waits for its client.
+    pub kick: Option<Kicked<'a>>,
 }
 
 pub enum IoEvent {
+    /// The gateway's drain moved on (see [`crate::drain`]).
+    Drain(Phase),
     /// The request in flight ran past `limits.statement_timeout`.
     StatementTimeout,
     /// The client sent nothing for `limits.client_idle_timeout` while nothing else was going on.
@@ -129,13 +134,13 @@ impl Duplex {
 
     /// Waits until a socket is ready and moves bytes: reads from the client and the server, and writes
     /// what is waiting for either.
-    pub async fn wait(&mut self, server: Option<&mut ServerConn>, watch: Watch) -> IoEvent {
+    pub async fn wait(&mut self, server: Option<&mut ServerConn>, watch: Watch<'_>) -> IoEvent {
         if server.is_none()
             && self.from_client.is_empty()
             && self.to_client.is_empty()
             && self.to_server.is_empty()
         {
-            if let Some(event) = self.idle(watch.idle).await {
+            if let Some(event) = self.idle(watch.idle, watch.kick.as_ref()).await {
                 return event;
             }
         }
@@ -156,7 +161,18 @@ impl Duplex {
             IoEvent::ClientRead,
             IoEvent::ClientWrite,
         );
+        let kick = watch.kick;
         let Some(conn) = server else {
+            let client = async {
+                match kick {
+                    None => client.await,
+                    Some(kick) => tokio::select! {
+                        biased;
+                        event = client => event,
+                        phase = kick => IoEvent::Drain(phase),
+                    },
+                }
+            };
             return match watch.idle {
                 None => client.await,
                 Some(idle) => match tokio::time::timeout(idle, client).await {
@@ -180,6 +196,7 @@ impl Duplex {
             IoEvent::ServerWrite,
         );
         let idle = watch.idle.unwrap_or_default();
+        let has_kick = kick.is_some();
         // Biased: no random branch order to draw; at most one or two are ready at a time anyway.
         tokio::select! {
             biased;
@@ -187,6 +204,7 @@ impl Duplex {
             event = client => event,
             _ = sleep_for(idle), if watch.idle.is_some() => IoEvent::ClientIdle,
             _ = sleep_until(watch.deadline), if watch.deadline.is_some() => IoEvent::StatementTimeout,
+            phase = kicked(kick), if has_kick => IoEvent::Drain(phase),
         }
     }
 }
@@ -195,7 +213,7 @@ impl Duplex {
     /// The client is idle with nothing buffered: its buffers go to the stock while it waits for its socket to
     /// become readable (or `idle` to pass: [`IoEvent::ClientIdle`]), and come back with its next bytes. None
     /// over TLS, where reading takes a buffer of the session's own.
-    async fn idle(&mut self, idle: Option<Duration>) -> Option<IoEvent> {
+    async fn idle(&mut self, idle: Option<Duration>, kick: Option<&Kicked<'_>>) -> Option<IoEvent> {
         if !matches!(self.client, Stream::Plain(_)) {
             return None;
         }
@@ -209,7 +227,12 @@ impl Duplex {
             };
             // poll_read_ready uses the socket's one reader slot; `readable()` would queue a waiter behind a
             // lock, which costs more at every transaction.
-            let readable = std::future::poll_fn(|cx| tcp.poll_read_ready(cx));
+            let readable = std::future::poll_fn(|cx| {
+                if let Some(Poll::Ready(phase)) = kick.map(|k| k.poll_kick(cx)) {
+                    return Poll::Ready(Err(phase));
+                }
+                tcp.poll_read_ready(cx).map(Ok)
+            });
             let ready = match idle {
                 None => readable.await,
                 Some(idle) => match tokio::time::timeout(idle, readable).await {
@@ -217,9 +240,16 @@ impl Duplex {
                     Err(_) => return Some(IoEvent::ClientIdle),
                 },
             };
-            if let Err(error) = ready {
-                self.take_buffers();
-                return Some(IoEvent::ClientRead(Err(error)));
+            match ready {
+                Err(phase) => {
+                    self.take_buffers();
+                    return Some(IoEvent::Drain(phase));
+                }
+                Ok(Err(error)) => {
+                    self.take_buffers();
+                    return Some(IoEvent::ClientRead(Err(error)));
+                }
+                Ok(Ok(())) => {}
             }
         }
     }
@@ -383,6 +413,14 @@ fn stream_io<'a>(
 /// futures of disabled branches too, and this one is created at every wait for I/O.
 async fn sleep_for(duration: Duration) {
     tokio::time::sleep(duration).await
+}
+
+/// The drain's kick, if the session is to be kicked (else never).
+async fn kicked(kick: Option<Kicked<'_>>) -> Phase {
+    match kick {
+        Some(kick) => kick.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Sleeps until `deadline`.

@@ -45,6 +45,7 @@ mod replay;
 mod requests;
 mod routing;
 mod settings;
+mod shutdown;
 mod startup;
 mod state;
 mod statements;
@@ -77,6 +78,8 @@ enum End {
     Backend,
     /// The client is told this, then the connection closes.
     Fatal(PgError),
+    /// The gateway shuts down: the client is told 57P01, then the connection closes.
+    Drained(crate::drain::Outcome),
 }
 
 struct Session {
@@ -117,12 +120,14 @@ struct Session {
     batched: Vec<batching::Waiting>,
     /// What batch keys of this session carry (see [`batching`]).
     batch_identity: Option<batching::Identity>,
+    shutdown: shutdown::Shutdown,
 }
 
 /// Serves one accepted connection until it closes.
 pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let mut live = shared.drain.live();
     // Boxed: the login's future is large and done with before the session starts.
-    let Some(logged_in) = Box::pin(startup::log_in(&shared, tcp, peer)).await else {
+    let Some(logged_in) = Box::pin(startup::log_in(&shared, tcp, peer, &mut live)).await else {
         return;
     };
     let (startup, pool, login) = (logged_in.startup, logged_in.pool, logged_in.login);
@@ -161,6 +166,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         fatal_forwarded: false,
         batched: Vec::new(),
         batch_identity: None,
+        shutdown: shutdown::Shutdown::new(shared.drain.phase()),
     };
     // What the session does not keep goes now: an idle client's memory is what its session holds.
     drop((config, startup, login));
@@ -184,6 +190,9 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     .instrument(span.clone())
     .await;
     METRICS.client_connections.dec();
+    if !matches!(end, End::Drained(_)) && shared.drain.phase() != crate::drain::Phase::Serving {
+        shared.drain.ended(crate::drain::Outcome::Left);
+    }
     match end {
         End::Client => span.in_scope(|| tracing::debug!("client disconnected")),
         End::Backend => {
@@ -193,6 +202,15 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         }
         End::Fatal(error) => {
             span.in_scope(|| tracing::info!(code = %error.code, reason = %error.message, "closing client connection"));
+            METRICS.error_sent(&error.code);
+            let mut last = std::mem::take(&mut session.io.to_client);
+            error.encode(&mut last);
+            session.io.goodbye(&last).await;
+        }
+        End::Drained(outcome) => {
+            span.in_scope(|| tracing::info!(outcome = ?outcome, "closing client connection: the gateway shuts down"));
+            shared.drain.ended(outcome);
+            let error = shutdown::terminated();
             METRICS.error_sent(&error.code);
             let mut last = std::mem::take(&mut session.io.to_client);
             error.encode(&mut last);
@@ -208,10 +226,12 @@ impl Session {
             match self.process_client() {
                 Ok(Progress::Idle) => {}
                 Ok(Progress::NeedServer) => {
+                    self.shutdown.grace = false;
                     self.attach().await;
                     continue;
                 }
                 Ok(Progress::Batched) => {
+                    self.shutdown.grace = false;
                     if let Err(end) = Box::pin(self.run_batched()).await {
                         return end;
                     }
@@ -232,6 +252,9 @@ impl Session {
             }
             if self.maybe_release() && self.io.has_complete_message() {
                 continue; // a message waited for this release (a write behind replica reads)
+            }
+            if let Some(end) = self.drained() {
+                return end;
             }
             if let Err(end) = self.wait_io().await {
                 return end;
@@ -427,12 +450,20 @@ impl Session {
         // shows at the next request, which could not have run on it anyway, so its socket is left alone (two
         // polls per statement saved). Outside one it may speak at any time (a notification, a session-mode
         // connection closing) and is watched.
+        // A drain wakes a session that waits for its client; one that waits for an answer sees the drain's
+        // phase when the answer is in.
+        let kick = (!self.state.owes_answers()).then_some(crate::drain::Kicked {
+            drain: &self.shared.drain,
+            waker: &self.handle.entry.kick,
+            seen: self.shutdown.seen,
+        });
         let watch = Watch {
             server: self.state.owes_answers()
                 || self.state.status().is_idle()
                 || self.pinned.is_some(),
             idle,
             deadline: self.observer.deadline(),
+            kick,
         };
         let event = self
             .io
@@ -474,6 +505,7 @@ impl Session {
                 self.server_lost(&e.to_string())
             }
             IoEvent::ServerRead(Ok(_)) => self.process_server(),
+            IoEvent::Drain(phase) => self.on_drain(phase),
         }
     }
 

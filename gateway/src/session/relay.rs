@@ -6,6 +6,7 @@
 use super::state::{Answered, ErrorFor, Own, Step};
 use super::statements::{self, unshift};
 use super::{End, Session};
+use crate::drain::{Outcome, Phase};
 use crate::metrics::METRICS;
 use crate::protocol::{self, tag, PgError};
 use bytes::{Buf, Bytes, BytesMut};
@@ -74,7 +75,9 @@ impl Session {
             }
             if std::mem::take(&mut self.server_fatal) {
                 // Do not wait for the close: a request sent meanwhile would be lost with the connection.
-                lost = Some("the server ended the connection".to_string());
+                if !self.shutdown.cut {
+                    lost = Some("the server ended the connection".to_string());
+                }
                 break;
             }
         }
@@ -102,6 +105,7 @@ impl Session {
         }
         match lost {
             Some(reason) => self.server_lost(&reason),
+            None if self.shutdown.cut => Err(End::Drained(Outcome::Cut)),
             None => Ok(()),
         }
     }
@@ -231,6 +235,16 @@ impl Session {
             )
             .encode(&mut out);
             return Action::Replace(out.freeze());
+        }
+        if self.shared.drain.phase() == Phase::Cutting && protocol::error_fields(body).0 == "57014"
+        {
+            // The drain's cancel of a request past the shutdown timeout: the client is told what a terminated
+            // backend says instead (when the session ends), and the connection is closed, which rolls the
+            // transaction back.
+            self.conn().discard();
+            self.server_fatal = true;
+            self.shutdown.cut = true;
+            return Action::Drop;
         }
         if statements::duplicate_server_statement(body) {
             // The gateway's picture of the connection's statements is wrong (a Close the server skipped

@@ -36,7 +36,12 @@ pub struct LoggedIn {
 
 /// Takes a new connection through startup and authentication. None when it went no further (refused, a
 /// cancel request, the admin console, a client that went quiet): whatever it was owed was sent.
-pub async fn log_in(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Option<LoggedIn> {
+pub async fn log_in(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    live: &mut crate::drain::Live<'_>,
+) -> Option<LoggedIn> {
     let _ = tcp.set_nodelay(true);
     let (startup, mut client) =
         match tokio::time::timeout(STARTUP_TIMEOUT, first_packet(shared, tcp)).await {
@@ -78,6 +83,7 @@ pub async fn log_in(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> O
         }
     }
     if startup.database == crate::admin::DATABASE {
+        live.release();
         admin_session(shared.clone(), client, peer, &startup).await;
         return None;
     }
