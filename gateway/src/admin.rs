@@ -582,6 +582,15 @@ impl Console {
                 config.limits.max_message_size.to_string(),
             ),
             ("limits.max_clients", config.limits.max_clients.to_string()),
+            (
+                "limits.max_pending_logins",
+                config.limits.max_pending_logins.to_string(),
+            ),
+            (
+                "limits.login_timeout",
+                format!("{:?}", config.limits.login_timeout),
+            ),
+            ("shutdown_timeout", format!("{:?}", config.shutdown_timeout)),
             ("routing.max_lag", format!("{:?}", config.routing.max_lag)),
             (
                 "routing.read_your_writes",

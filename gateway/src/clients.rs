@@ -95,8 +95,14 @@ impl Drop for ClientHandle {
 
 impl Clients {
     /// Registers a new client under a fresh random cancel key: a random pid, or the pid of the backend it
-    /// holds for its whole session (session pool mode), and always a random secret.
-    pub fn register(self: &Arc<Self>, backend_pid: Option<i32>, info: ClientInfo) -> ClientHandle {
+    /// holds for its whole session (session pool mode), and always a random secret. None when `max` clients
+    /// are registered already.
+    pub fn register(
+        self: &Arc<Self>,
+        backend_pid: Option<i32>,
+        info: ClientInfo,
+        max: usize,
+    ) -> Option<ClientHandle> {
         let entry = Arc::new(ClientEntry {
             addr: info.addr,
             user: info.user,
@@ -109,19 +115,27 @@ impl Clients {
             kick: Default::default(),
         });
         let mut clients = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        if clients.len() >= max {
+            return None;
+        }
         loop {
             let pid = backend_pid.unwrap_or_else(|| rand::random::<i32>() & i32::MAX);
             let secret = rand::random::<i32>();
             if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry((pid, secret)) {
                 slot.insert(entry.clone());
-                return ClientHandle {
+                return Some(ClientHandle {
                     clients: self.clone(),
                     pid,
                     secret,
                     entry,
-                };
+                });
             }
         }
+    }
+
+    /// Clients logged in now (the admin console's sessions are not clients).
+    pub fn count(&self) -> usize {
+        self.by_key.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Every connected client, with its gateway pid.

@@ -352,8 +352,15 @@ pub struct Limits {
     /// The largest message a client may send; a larger one closes the connection with FATAL 08P01.
     #[serde(deserialize_with = "size")]
     pub max_message_size: usize,
-    /// Client connections at once; more are refused with 53300.
+    /// Authenticated clients at once; more are refused with 53300 at the end of their login. Read at every
+    /// login, so a reload applies to the next one.
     pub max_clients: usize,
+    /// Connections still in their startup or authentication at once; more are refused with 53300 before
+    /// their startup packet is read. They do not count against `max_clients`.
+    pub max_pending_logins: usize,
+    /// How long a connection may take to send its startup packet, and then to authenticate.
+    #[serde(with = "duration")]
+    pub login_timeout: Duration,
     /// Named prepared statements one client may hold; a Parse past it closes the connection with 53400.
     pub max_prepared_statements: usize,
     /// A client that sends nothing for this long while the gateway waits on it is disconnected (57P05 when
@@ -381,6 +388,8 @@ impl Default for Limits {
         Limits {
             max_message_size: 64 << 20,
             max_clients: 10_000,
+            max_pending_logins: 1_000,
+            login_timeout: Duration::from_secs(10),
             max_prepared_statements: 10_000,
             client_idle_timeout: Duration::ZERO,
             statement_timeout: Duration::ZERO,

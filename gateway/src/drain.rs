@@ -6,10 +6,11 @@
 //! passes, **cutting** closes everyone left: requests still running are cancelled on their servers, and the
 //! clients get the same `57P01`; their transactions roll back.
 //!
-//! Sessions learn of a phase change without a look at a shared lock: each registers its task's waker in its
-//! client entry while it waits for its client (one compare-and-swap when the waker is the same as last
-//! time), and the drain wakes every entry. A session waiting for a server is not woken: it reaches a
-//! boundary, or is cancelled, and sees the phase then.
+//! Sessions learn of a phase change without a lock or a registration per wait: each registers its task's
+//! waker in its client entry once (a task's waker stays the same for its life; a wake takes it out, and the
+//! session puts it back when it has acted on the phase), and while it waits for its client it looks at the
+//! phase whenever it is polled; the drain wakes every entry. A session waiting for a
+//! server is not woken: it reaches a boundary, or is cancelled, and sees the phase then.
 
 use crate::metrics::METRICS;
 use futures_util::task::AtomicWaker;
@@ -225,32 +226,32 @@ impl Drop for Live<'_> {
     }
 }
 
-/// Ready with the new phase when the drain moved past `seen`; registers the session's waker meanwhile.
+/// Ready with the new phase when the drain moved past `seen`. Registers the session's waker when given one
+/// (its first wait).
 #[derive(Clone, Copy)]
 pub struct Kicked<'a> {
     pub drain: &'a Drain,
-    pub waker: &'a AtomicWaker,
+    pub register: Option<&'a AtomicWaker>,
     pub seen: Phase,
 }
 
 impl Kicked<'_> {
-    /// Poll from inside another future's poll (the idle wait combines it with the socket's readiness).
+    /// The phase, when the drain moved past what the session saw. (The session is woken by its registered
+    /// waker; a poll only looks.)
     #[inline]
-    pub fn poll_kick(&self, cx: &mut Context<'_>) -> Poll<Phase> {
-        self.waker.register(cx.waker());
+    pub fn moved(&self) -> Option<Phase> {
         let phase = self.drain.phase();
-        if phase > self.seen {
-            Poll::Ready(phase)
-        } else {
-            Poll::Pending
-        }
+        (phase > self.seen).then_some(phase)
     }
 }
 
 impl Future for Kicked<'_> {
     type Output = Phase;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Phase> {
-        self.poll_kick(cx)
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Phase> {
+        match self.moved() {
+            Some(phase) => Poll::Ready(phase),
+            None => Poll::Pending,
+        }
     }
 }

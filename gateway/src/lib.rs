@@ -46,7 +46,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 /// What every session shares: the configuration in force, pools, clients, statement names, the regions.
 /// Everything a reload changes is an immutable snapshot swapped whole.
@@ -447,8 +446,6 @@ impl Gateway {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tracing::info!(listen = %self.local_addr(), "regiongate is accepting clients");
         let Gateway { shared, listener } = self;
-        let max_clients = shared.config.load().limits.max_clients;
-        let slots = Arc::new(Semaphore::new(max_clients));
         let drain = &shared.drain;
         let mut changes = drain.subscribe();
         tokio::pin!(shutdown);
@@ -464,7 +461,7 @@ impl Gateway {
                 accepted = listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, peer)) => admit(&shared, stream, peer, &slots, max_clients),
+                Ok((stream, peer)) => admit(&shared, stream, peer),
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(%error, "accept failed");
@@ -482,7 +479,7 @@ impl Gateway {
                     .and_then(|()| tokio::net::TcpStream::from_std(stream));
                 if let Ok(stream) = stream {
                     swept += 1;
-                    admit(&shared, stream, peer, &slots, max_clients);
+                    admit(&shared, stream, peer);
                 }
             }
         }
@@ -494,36 +491,20 @@ impl Gateway {
     }
 }
 
-/// Serves an accepted connection, unless a limit refuses it.
-fn admit(
-    shared: &Arc<Shared>,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    slots: &Arc<Semaphore>,
-    max_clients: usize,
-) {
+/// Serves an accepted connection, unless a limit refuses it (`limits.max_clients` is checked at the end of
+/// the login: a socket that does not log in takes no client's place).
+fn admit(shared: &Arc<Shared>, stream: tokio::net::TcpStream, peer: SocketAddr) {
     METRICS.clients_accepted.inc();
     let limits = &shared.config.load().limits;
     if let Err(error) = shared.admission.admit(peer.ip(), limits) {
         tokio::spawn(refuse_early(stream, error));
         return;
     }
-    let Ok(slot) = slots.clone().try_acquire_owned() else {
-        METRICS.clients_refused.with_label_values(&["53300"]).inc();
-        let error = PgError::fatal(
-            "53300",
-            format!(
-                "regiongate: too many client connections (limits.max_clients is {max_clients})"
-            ),
-        );
+    if let Err(error) = shared.admission.begin_login(limits) {
         tokio::spawn(refuse_early(stream, error));
         return;
-    };
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        session::serve(shared, stream, peer).await;
-        drop(slot);
-    });
+    }
+    tokio::spawn(session::serve(shared.clone(), stream, peer));
 }
 
 impl Shared {

@@ -10,6 +10,7 @@ use crate::metrics::METRICS;
 use crate::protocol::PgError;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -57,9 +58,43 @@ pub struct Admission {
     global: Mutex<Option<Bucket>>,
     per_client: Mutex<HashMap<IpAddr, Bucket>>,
     failures: Mutex<HashMap<IpAddr, Failures>>,
+    /// Connections accepted and not yet through their login (`limits.max_pending_logins`).
+    pending_logins: AtomicUsize,
+}
+
+/// One connection counted in [`Admission`]'s pending logins, until it is dropped.
+pub struct PendingLogin<'a>(&'a Admission);
+
+impl Drop for PendingLogin<'_> {
+    fn drop(&mut self) {
+        self.0.pending_logins.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Admission {
+    /// Counts a connection that starts its login, unless `limits.max_pending_logins` are in progress: bare
+    /// sockets that never log in hold no client slot, only one of these, for `limits.login_timeout` at most.
+    pub fn begin_login(&self, limits: &Limits) -> Result<(), PgError> {
+        let before = self.pending_logins.fetch_add(1, Ordering::AcqRel);
+        if before >= limits.max_pending_logins {
+            self.pending_logins.fetch_sub(1, Ordering::AcqRel);
+            return Err(refusal(format!(
+                "regiongate: too many connections still logging in (limits.max_pending_logins is {}); retry shortly",
+                limits.max_pending_logins
+            )));
+        }
+        Ok(())
+    }
+
+    /// The guard of a login [`Admission::begin_login`] counted: dropping it ends the count.
+    pub fn pending_login(&self) -> PendingLogin<'_> {
+        PendingLogin(self)
+    }
+
+    pub fn pending_logins(&self) -> usize {
+        self.pending_logins.load(Ordering::Acquire)
+    }
+
     /// Whether a new connection from `ip` may go on, by the connection rates.
     pub fn admit(&self, ip: IpAddr, limits: &Limits) -> Result<(), PgError> {
         let now = Instant::now();

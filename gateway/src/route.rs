@@ -132,10 +132,12 @@ impl TxModes {
     }
 
     /// A standby refuses serializable mode, except for `READ ONLY DEFERRABLE`, which waits for a snapshot
-    /// that cannot see anomalies ("Hot Standby" in the PostgreSQL documentation).
+    /// that cannot see anomalies ("Hot Standby" in the PostgreSQL documentation), and refuses to set
+    /// `READ WRITE` ("cannot set transaction read-write mode during recovery").
     pub fn needs_primary(&self) -> bool {
-        self.isolation == Some(Isolation::Serializable)
-            && !(self.read_only() && self.deferrable == Some(true))
+        self.read_only == Some(false)
+            || self.isolation == Some(Isolation::Serializable)
+                && !(self.read_only() && self.deferrable == Some(true))
     }
 }
 
@@ -735,6 +737,14 @@ mod tests {
             .modes
             .needs_primary());
         assert!(class("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+            .modes
+            .needs_primary());
+        // A standby refuses to set READ WRITE; the later statement's mode wins.
+        assert!(class("BEGIN READ ONLY; SET TRANSACTION READ WRITE")
+            .modes
+            .needs_primary());
+        assert!(class("BEGIN READ WRITE").modes.needs_primary());
+        assert!(!class("BEGIN READ WRITE; SET TRANSACTION READ ONLY")
             .modes
             .needs_primary());
         assert_eq!(

@@ -425,7 +425,7 @@ async fn pgbench_through_a_handover(name: &str, reconnect: bool) -> (String, i64
         String::from_utf8_lossy(&init.stderr)
     );
     let mut old = Process::start(&first, first_metrics, "a").await;
-    let mut args = vec!["-c", "8", "-j", "2", "-T", "6", "-n"];
+    let mut args = vec!["-c", "16", "-j", "2", "-T", "6", "-n"];
     if reconnect {
         args.push("-C");
     }
@@ -547,7 +547,7 @@ async fn sigusr2_restarts_in_place_without_failing_pgbench_reconnecting() {
     let mut old = Process::start(&path, metrics, "a").await;
     let db = database.clone();
     let bench = tokio::task::spawn_blocking(move || {
-        common::pgbench(port, &db, &["-c", "8", "-j", "2", "-T", "6", "-n", "-C"])
+        common::pgbench(port, &db, &["-c", "16", "-j", "2", "-T", "6", "-n", "-C"])
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
     old.signal(libc::SIGUSR2);
@@ -596,4 +596,94 @@ async fn sigusr2_restarts_in_place_without_failing_pgbench_reconnecting() {
     let stopped = common::eventually(Duration::from_secs(10), || async { !new.alive() }).await;
     assert!(stopped, "the new gateway did not stop on SIGTERM");
     eprintln!("SIGUSR2 under pgbench -C: {processed} transactions, 0 failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_cuts_at_once() {
+    let database = common::fresh_database("drain_second");
+    let dir = temp_dir("second");
+    let port = testbed::free_port().unwrap();
+    let (path, metrics) = write_config(&dir, "a.yaml", &database, port, "shutdown_timeout: 60s\n");
+    let mut gateway = Process::start(&path, metrics, "a").await;
+    let (open, open_end) = client(port, &database).await;
+    open.batch_execute("CREATE TABLE second (id int)")
+        .await
+        .unwrap();
+    open.batch_execute("BEGIN; INSERT INTO second VALUES (1)")
+        .await
+        .unwrap();
+    gateway.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        gateway.child.try_wait().unwrap().is_none(),
+        "the drain waits for the transaction"
+    );
+    let second = Instant::now();
+    gateway.signal(libc::SIGINT);
+    assert_eq!(gateway.exited(Duration::from_secs(10)).await, 0);
+    assert!(
+        second.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        second.elapsed()
+    );
+    let code = open_end.await.unwrap();
+    assert_eq!(code.as_deref(), Some("57P01"));
+    assert_eq!(gateway.summary("transactions_cut"), 1);
+    assert_eq!(count(&database, "SELECT count(*) FROM second").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_refresh_in_flight_at_sigterm_commits_before_the_exit() {
+    let database = common::fresh_database("drain_view");
+    let dir = temp_dir("view");
+    let port = testbed::free_port().unwrap();
+    let direct = common::direct(&database).await;
+    // Each refresh takes at least 1.5 s (the sleep runs once per refresh), and one follows another.
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE items (id int PRIMARY KEY, price int);
+             INSERT INTO items SELECT i, i FROM generate_series(1, 100) i;
+             CREATE FUNCTION slow() RETURNS int LANGUAGE sql VOLATILE AS 'SELECT 0 FROM pg_sleep(1.5)';
+             ALTER TABLE items OWNER TO {database}; ALTER FUNCTION slow() OWNER TO {database};"
+        ))
+        .await
+        .unwrap();
+    let (path, metrics) = write_config(
+        &dir,
+        "a.yaml",
+        &database,
+        port,
+        "shutdown_timeout: 20s\nviews:\n  - { name: priced, query: 'SELECT id, price + s.zero AS price FROM items CROSS JOIN (SELECT slow() AS zero) s', unique_key: [id], schedule: every 1s }\n",
+    );
+    let mut gateway = Process::start(&path, metrics, "a").await;
+    let refreshed = "SELECT count(*) FROM regiongate.view_refreshes WHERE view_name = 'priced' AND error IS NULL";
+    let running = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'REFRESH MATERIALIZED VIEW%' AND state = 'active'";
+    // (The history table appears with the gateway's first work on the primary.)
+    let ready = common::eventually(Duration::from_secs(30), || async {
+        let direct = common::direct(&database).await;
+        let count = |sql| {
+            let direct = &direct;
+            async move {
+                direct
+                    .query_one(sql, &[])
+                    .await
+                    .map_or(0, |row| row.get::<_, i64>(0))
+            }
+        };
+        count(refreshed).await >= 1 && count(running).await == 1
+    })
+    .await;
+    assert!(ready, "no refresh ran:\n{}", gateway.log());
+    let before = count(&database, refreshed).await;
+    gateway.signal(libc::SIGTERM);
+    assert_eq!(gateway.exited(Duration::from_secs(20)).await, 0);
+    assert_eq!(
+        count(&database, refreshed).await,
+        before + 1,
+        "the refresh in flight committed:\n{}",
+        gateway.log()
+    );
+    let failed = "SELECT count(*) FROM regiongate.view_refreshes WHERE view_name = 'priced' AND error IS NOT NULL";
+    assert_eq!(count(&database, failed).await, 0);
+    assert!(gateway.log().contains("views_settled=true"));
 }

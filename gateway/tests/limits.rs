@@ -213,3 +213,111 @@ async fn a_second_encryption_request_is_refused_at_once() {
         );
     }
 }
+
+/// Bare TCP connections that never send a startup packet.
+fn bare_sockets(addr: std::net::SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_that_never_log_in_take_no_client_place() {
+    let gw = common::gateway("bare", "limits: { max_clients: 2 }\n").await;
+    let _bare = bare_sockets(gw.addr, 60);
+    // max_clients counts clients from the end of their login.
+    let first = login(&gw, PASSWORD)
+        .await
+        .expect("60 bare sockets do not lock a client out");
+    let _second = login(&gw, PASSWORD).await.expect("two clients fit");
+    let refused = login(&gw, PASSWORD).await.unwrap_err();
+    assert!(
+        refused.starts_with("53300") && refused.contains("limits.max_clients is 2"),
+        "{refused}"
+    );
+    drop(first);
+    let again = common::eventually(Duration::from_secs(5), || async {
+        login(&gw, PASSWORD).await.is_ok()
+    })
+    .await;
+    assert!(again, "a client's place frees when it leaves");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_in_progress_are_bounded_and_time_out() {
+    let gw = common::gateway(
+        "pending",
+        "limits: { max_pending_logins: 5, login_timeout: 1s }\n",
+    )
+    .await;
+    let bare = bare_sockets(gw.addr, 5);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = login(&gw, PASSWORD).await.unwrap_err();
+    assert!(
+        refused.starts_with("53300") && refused.contains("limits.max_pending_logins is 5"),
+        "{refused}"
+    );
+    // The bare sockets are closed at the login timeout, and logins go through again.
+    let closed = tokio::task::spawn_blocking(move || {
+        bare.into_iter().all(|mut socket| {
+            use std::io::Read;
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            // Closed: end of stream, or reset; a read that times out means the socket was left open.
+            match socket.read(&mut [0u8; 16]) {
+                Ok(n) => n == 0,
+                Err(e) => !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+            }
+        })
+    })
+    .await
+    .unwrap();
+    assert!(closed);
+    assert!(login(&gw, PASSWORD).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_raises_max_clients_applies_to_the_next_login() {
+    let database = common::fresh_database("reload_max");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("regiongate.yaml");
+    let yaml = |max: usize| {
+        format!(
+            "listen: 127.0.0.1:0\nprimary: postgres://127.0.0.1:{}/{database}\n{}limits: {{ max_clients: {max} }}\n",
+            common::cluster().port(),
+            common::own_user(&database)
+        )
+    };
+    std::fs::write(&path, yaml(1)).unwrap();
+    let config = regiongate::config::Config::load(&path).unwrap();
+    let gateway = regiongate::Gateway::bind_from(config, Some(path.clone()))
+        .await
+        .unwrap();
+    let (addr, shared) = (gateway.local_addr(), gateway.shared.clone());
+    tokio::spawn(gateway.run(std::future::pending()));
+    let connect = || async {
+        tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={} user={database} password={PASSWORD} dbname={database}",
+                addr.port()
+            ),
+            NoTls,
+        )
+        .await
+        .map(|(client, connection)| {
+            tokio::spawn(connection);
+            client
+        })
+        .map_err(|e| sqlstate(&e))
+    };
+    let _first = connect().await.unwrap();
+    assert_eq!(connect().await.unwrap_err(), "53300");
+    std::fs::write(&path, yaml(2)).unwrap();
+    shared.reload().unwrap();
+    let _second = connect().await.expect("the raised limit is in force");
+    assert_eq!(connect().await.unwrap_err(), "53300");
+}

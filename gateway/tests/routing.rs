@@ -931,3 +931,36 @@ async fn read_your_writes_falls_back_to_the_primary_where_stale_reads_are_refuse
         node.cluster.resume_replay().unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_that_ask_for_read_write_run_on_the_primary() {
+    // A standby refuses "cannot set transaction read-write mode during recovery".
+    let env = start("max_lag: 2s").await;
+    env.client()
+        .await
+        .batch_execute("CREATE TABLE rw (id int)")
+        .await
+        .unwrap();
+    let client = env.client().await;
+    client.batch_execute("BEGIN READ ONLY").await.unwrap();
+    client
+        .batch_execute("SET TRANSACTION READ WRITE")
+        .await
+        .expect("PostgreSQL lets a transaction change its mode before its first query");
+    client
+        .batch_execute("INSERT INTO rw VALUES (1)")
+        .await
+        .unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
+    client.batch_execute("BEGIN READ WRITE").await.unwrap();
+    assert_eq!(server_port(&client, "").await, env.primary_port());
+    client.batch_execute("COMMIT").await.unwrap();
+    // READ ONLY after READ WRITE: the replica may serve it.
+    let reader = env.client().await;
+    reader
+        .batch_execute("BEGIN READ WRITE; SET TRANSACTION READ ONLY")
+        .await
+        .unwrap();
+    assert_eq!(server_port(&reader, "").await, env.port_of("eu-west"));
+    reader.batch_execute("COMMIT").await.unwrap();
+}

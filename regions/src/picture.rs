@@ -110,6 +110,8 @@ pub enum Reason {
     ViewFresh,
     /// Serializable isolation, which a standby refuses (unless READ ONLY DEFERRABLE).
     Serializable,
+    /// A transaction that asked for READ WRITE, which a standby refuses to set.
+    ReadWrite,
     /// A transaction that may write, with `routing.transactions: primary`.
     Transaction,
     /// A transaction whose first statement began transactions that wrote, recently.
@@ -130,6 +132,7 @@ impl Reason {
             Reason::NoReplicas => "no-replicas",
             Reason::ViewFresh => "view-fresh",
             Reason::Serializable => "serializable",
+            Reason::ReadWrite => "read-write",
             Reason::Transaction => "transaction",
             Reason::Predicted => "predicted-write",
             Reason::Moved => "moved",

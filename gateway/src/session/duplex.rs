@@ -134,7 +134,15 @@ impl Duplex {
 
     /// Waits until a socket is ready and moves bytes: reads from the client and the server, and writes
     /// what is waiting for either.
-    pub async fn wait(&mut self, server: Option<&mut ServerConn>, watch: Watch<'_>) -> IoEvent {
+    pub async fn wait(&mut self, server: Option<&mut ServerConn>, mut watch: Watch<'_>) -> IoEvent {
+        if let Some(slot) = watch.kick.as_mut().and_then(|k| k.register.take()) {
+            // The session's first wait: its waker goes into its client entry (see `drain`).
+            std::future::poll_fn(|cx| {
+                slot.register(cx.waker());
+                std::task::Poll::Ready(())
+            })
+            .await;
+        }
         if server.is_none()
             && self.from_client.is_empty()
             && self.to_client.is_empty()
@@ -228,7 +236,7 @@ impl Duplex {
             // poll_read_ready uses the socket's one reader slot; `readable()` would queue a waiter behind a
             // lock, which costs more at every transaction.
             let readable = std::future::poll_fn(|cx| {
-                if let Some(Poll::Ready(phase)) = kick.map(|k| k.poll_kick(cx)) {
+                if let Some(phase) = kick.and_then(Kicked::moved) {
                     return Poll::Ready(Err(phase));
                 }
                 tcp.poll_read_ready(cx).map(Ok)

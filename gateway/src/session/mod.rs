@@ -126,8 +126,11 @@ struct Session {
 /// Serves one accepted connection until it closes.
 pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let mut live = shared.drain.live();
+    // Counted by `admit`; over when the login is.
+    let pending = shared.admission.pending_login();
     // Boxed: the login's future is large and done with before the session starts.
-    let Some(logged_in) = Box::pin(startup::log_in(&shared, tcp, peer, &mut live)).await else {
+    let Some(logged_in) = Box::pin(startup::log_in(&shared, tcp, peer, &mut live, pending)).await
+    else {
         return;
     };
     let (startup, pool, login) = (logged_in.startup, logged_in.pool, logged_in.login);
@@ -452,9 +455,10 @@ impl Session {
         // connection closing) and is watched.
         // A drain wakes a session that waits for its client; one that waits for an answer sees the drain's
         // phase when the answer is in.
-        let kick = (!self.state.owes_answers()).then_some(crate::drain::Kicked {
+        let kick = (!self.state.owes_answers()).then(|| crate::drain::Kicked {
             drain: &self.shared.drain,
-            waker: &self.handle.entry.kick,
+            register: (!std::mem::replace(&mut self.shutdown.registered, true))
+                .then_some(&self.handle.entry.kick),
             seen: self.shutdown.seen,
         });
         let watch = Watch {

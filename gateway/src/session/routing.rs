@@ -118,7 +118,12 @@ impl Reads {
             return Ok(primary(regions, Reason::Write));
         }
         if modes.needs_primary() {
-            return Ok(primary(regions, Reason::Serializable));
+            let reason = if modes.read_only == Some(false) {
+                Reason::ReadWrite
+            } else {
+                Reason::Serializable
+            };
+            return Ok(primary(regions, reason));
         }
         if let Some(opening) = opening.filter(|_| !modes.read_only()) {
             // Writes later in the transaction are noted as they pass (see `admit`).

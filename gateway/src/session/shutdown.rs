@@ -19,6 +19,8 @@ pub struct Shutdown {
     pub grace: bool,
     /// The drain cancelled the session's request at the timeout: it ends as soon as the server says so.
     pub cut: bool,
+    /// The session's waker is in its client entry (see [`crate::drain`]).
+    pub registered: bool,
 }
 
 impl Shutdown {
@@ -29,6 +31,7 @@ impl Shutdown {
             busy: draining,
             grace: true,
             cut: false,
+            registered: false,
         }
     }
 }
@@ -72,6 +75,8 @@ impl Session {
     /// The drain moved on while the session waited for its client.
     pub(super) fn on_drain(&mut self, phase: Phase) -> Result<(), End> {
         self.shutdown.seen = phase;
+        // Waking takes the waker out of the entry: the next wait puts it back, for the next phase.
+        self.shutdown.registered = false;
         if phase == Phase::Cutting {
             if self.at_boundary() {
                 return Err(End::Drained(if self.shutdown.busy {

@@ -16,9 +16,6 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-/// How long a client may take to send its startup packet and authenticate.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// An authenticated client of a database, ready for its session.
 pub struct LoggedIn {
     pub startup: Startup,
@@ -41,10 +38,12 @@ pub async fn log_in(
     tcp: TcpStream,
     peer: SocketAddr,
     live: &mut crate::drain::Live<'_>,
+    pending: crate::limits::PendingLogin<'_>,
 ) -> Option<LoggedIn> {
     let _ = tcp.set_nodelay(true);
+    let login_timeout = shared.config.load().limits.login_timeout;
     let (startup, mut client) =
-        match tokio::time::timeout(STARTUP_TIMEOUT, first_packet(shared, tcp)).await {
+        match tokio::time::timeout(login_timeout, first_packet(shared, tcp)).await {
             Ok(Ok(Some(pair))) => pair,
             Ok(Ok(None)) => return None,
             Ok(Err((client, error))) => return refuse(client, error).await,
@@ -65,7 +64,7 @@ pub async fn log_in(
     }
     let credentials = shared.credentials.load_full();
     let auth = authenticate_client(&mut client, &credentials, &startup);
-    match tokio::time::timeout(STARTUP_TIMEOUT, auth).await {
+    match tokio::time::timeout(login_timeout, auth).await {
         Ok(Ok(())) => shared.admission.login_succeeded(peer.ip()),
         Ok(Err(error)) => {
             if let Some(e) = error.error() {
@@ -82,10 +81,15 @@ pub async fn log_in(
             return refuse(client, StartupError::Refused(error)).await;
         }
     }
+    drop(pending);
     if startup.database == crate::admin::DATABASE {
         live.release();
         admin_session(shared.clone(), client, peer, &startup).await;
         return None;
+    }
+    // Checked before any server work, and again, atomically, when the client is registered.
+    if shared.clients.count() >= limits.max_clients {
+        return refuse(client, StartupError::Refused(too_many_clients(&limits))).await;
     }
     let pool = shared.pool_for(&startup);
     let startup_parameters: Vec<(String, String)> = startup
@@ -117,7 +121,8 @@ pub async fn log_in(
         None
     };
     let backend_pid = lease.as_ref().map(|lease| lease.pid());
-    let handle = shared.clients.register(
+    let max_clients = shared.config.load().limits.max_clients;
+    let registered = shared.clients.register(
         backend_pid,
         ClientInfo {
             addr: peer,
@@ -130,7 +135,16 @@ pub async fn log_in(
                 .map(|(_, v)| v.clone())
                 .unwrap_or_default(),
         },
+        max_clients,
     );
+    let Some(handle) = registered else {
+        let limits = shared.config.load();
+        return refuse(
+            client,
+            StartupError::Refused(too_many_clients(&limits.limits)),
+        )
+        .await;
+    };
     let mut hello = BytesMut::new();
     protocol::authentication_ok(&mut hello);
     // As the server reported them with the client's parameters applied (`iso,dmy` is `ISO, DMY`).
@@ -234,6 +248,16 @@ async fn admin_session(
         tracing::info!(client = %peer, user = %startup.user, "admin console opened");
         crate::admin::serve(shared, client, peer).await;
     }
+}
+
+fn too_many_clients(limits: &crate::config::Limits) -> PgError {
+    PgError::fatal(
+        "53300",
+        format!(
+            "regiongate: too many clients logged in (limits.max_clients is {})",
+            limits.max_clients
+        ),
+    )
 }
 
 /// Tells a client why it is refused (when there is something to tell), and ends its connection.
