@@ -115,6 +115,9 @@ pub struct TxModes {
     pub isolation: Option<Isolation>,
     pub read_only: Option<bool>,
     pub deferrable: Option<bool>,
+    /// A statement asked for READ WRITE (a session default of `default_transaction_read_only = off` does
+    /// not): a standby refuses to set it, whatever a later statement sets.
+    pub read_write: bool,
 }
 
 impl TxModes {
@@ -124,6 +127,7 @@ impl TxModes {
             isolation: self.isolation.or(base.isolation),
             read_only: self.read_only.or(base.read_only),
             deferrable: self.deferrable.or(base.deferrable),
+            read_write: self.read_write || base.read_write,
         }
     }
 
@@ -135,7 +139,7 @@ impl TxModes {
     /// that cannot see anomalies ("Hot Standby" in the PostgreSQL documentation), and refuses to set
     /// `READ WRITE` ("cannot set transaction read-write mode during recovery").
     pub fn needs_primary(&self) -> bool {
-        self.read_only == Some(false)
+        self.read_write
             || self.isolation == Some(Isolation::Serializable)
                 && !(self.read_only() && self.deferrable == Some(true))
     }
@@ -180,6 +184,7 @@ pub fn transaction_statement(text: &[u8]) -> Option<(bool, TxModes)> {
             }
             ["read", "write", rest @ ..] => {
                 modes.read_only = Some(false);
+                modes.read_write = true;
                 rest
             }
             ["deferrable", rest @ ..] => {
@@ -726,7 +731,8 @@ mod tests {
             TxModes {
                 isolation: serializable,
                 read_only: Some(true),
-                deferrable: Some(true)
+                deferrable: Some(true),
+                read_write: false,
             }
         );
         assert!(!modes.needs_primary());
@@ -744,9 +750,10 @@ mod tests {
             .modes
             .needs_primary());
         assert!(class("BEGIN READ WRITE").modes.needs_primary());
-        assert!(!class("BEGIN READ WRITE; SET TRANSACTION READ ONLY")
+        assert!(class("BEGIN READ WRITE; SET TRANSACTION READ ONLY")
             .modes
             .needs_primary());
+        assert!(!class("BEGIN READ ONLY").modes.needs_primary());
         assert_eq!(
             class("START TRANSACTION ISOLATION LEVEL READ UNCOMMITTED")
                 .modes

@@ -955,12 +955,28 @@ async fn transactions_that_ask_for_read_write_run_on_the_primary() {
     client.batch_execute("BEGIN READ WRITE").await.unwrap();
     assert_eq!(server_port(&client, "").await, env.primary_port());
     client.batch_execute("COMMIT").await.unwrap();
-    // READ ONLY after READ WRITE: the replica may serve it.
+    // READ WRITE then READ ONLY, in one message or two: the standby would refuse the first already.
     let reader = env.client().await;
     reader
         .batch_execute("BEGIN READ WRITE; SET TRANSACTION READ ONLY")
         .await
         .unwrap();
-    assert_eq!(server_port(&reader, "").await, env.port_of("eu-west"));
+    assert_eq!(server_port(&reader, "").await, env.primary_port());
     reader.batch_execute("COMMIT").await.unwrap();
+    reader.batch_execute("BEGIN READ WRITE").await.unwrap();
+    reader
+        .batch_execute("SET TRANSACTION READ ONLY")
+        .await
+        .unwrap();
+    assert_eq!(server_port(&reader, "").await, env.primary_port());
+    reader.batch_execute("COMMIT").await.unwrap();
+    // A session whose default is read-write asked for nothing: its reads still go to the replica.
+    let fresh = env.client().await;
+    fresh
+        .batch_execute("SET default_transaction_read_only = off")
+        .await
+        .unwrap();
+    fresh.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(server_port(&fresh, "").await, env.port_of("eu-west"));
+    fresh.batch_execute("COMMIT").await.unwrap();
 }

@@ -118,7 +118,7 @@ impl Reads {
             return Ok(primary(regions, Reason::Write));
         }
         if modes.needs_primary() {
-            let reason = if modes.read_only == Some(false) {
+            let reason = if modes.read_write {
                 Reason::ReadWrite
             } else {
                 Reason::Serializable
@@ -292,6 +292,7 @@ impl Session {
                 .and_then(Isolation::from_setting),
             read_only: on("default_transaction_read_only"),
             deferrable: on("default_transaction_deferrable"),
+            read_write: false,
         }
     }
 
@@ -625,6 +626,7 @@ mod tests {
         isolation: None,
         read_only: None,
         deferrable: None,
+        read_write: false,
     };
 
     fn opening(predicted: bool) -> Opening {
