@@ -226,13 +226,21 @@ impl Drop for Live<'_> {
     }
 }
 
-/// Ready with the new phase when the drain moved past `seen`. Registers the session's waker when given one
-/// (its first wait).
+/// Ready with the new phase when the drain moved past `seen` (the session's waker is registered apart, see
+/// [`register`]).
 #[derive(Clone, Copy)]
 pub struct Kicked<'a> {
     pub drain: &'a Drain,
-    pub register: Option<&'a AtomicWaker>,
     pub seen: Phase,
+}
+
+/// Puts the running task's waker in `slot`, for the drain to wake.
+pub async fn register(slot: &AtomicWaker) {
+    std::future::poll_fn(|cx| {
+        slot.register(cx.waker());
+        Poll::Ready(())
+    })
+    .await
 }
 
 impl Kicked<'_> {

@@ -134,15 +134,7 @@ impl Duplex {
 
     /// Waits until a socket is ready and moves bytes: reads from the client and the server, and writes
     /// what is waiting for either.
-    pub async fn wait(&mut self, server: Option<&mut ServerConn>, mut watch: Watch<'_>) -> IoEvent {
-        if let Some(slot) = watch.kick.as_mut().and_then(|k| k.register.take()) {
-            // The session's first wait: its waker goes into its client entry (see `drain`).
-            std::future::poll_fn(|cx| {
-                slot.register(cx.waker());
-                std::task::Poll::Ready(())
-            })
-            .await;
-        }
+    pub async fn wait(&mut self, server: Option<&mut ServerConn>, watch: Watch<'_>) -> IoEvent {
         if server.is_none()
             && self.from_client.is_empty()
             && self.to_client.is_empty()

@@ -259,6 +259,11 @@ impl Session {
             if let Some(end) = self.drained() {
                 return end;
             }
+            if !self.shutdown.registered {
+                // At the session's first wait, and after each phase change (a wake takes the waker).
+                crate::drain::register(&self.handle.entry.kick).await;
+                self.shutdown.registered = true;
+            }
             if let Err(end) = self.wait_io().await {
                 return end;
             }
@@ -455,10 +460,8 @@ impl Session {
         // connection closing) and is watched.
         // A drain wakes a session that waits for its client; one that waits for an answer sees the drain's
         // phase when the answer is in.
-        let kick = (!self.state.owes_answers()).then(|| crate::drain::Kicked {
+        let kick = (!self.state.owes_answers()).then_some(crate::drain::Kicked {
             drain: &self.shared.drain,
-            register: (!std::mem::replace(&mut self.shutdown.registered, true))
-                .then_some(&self.handle.entry.kick),
             seen: self.shutdown.seen,
         });
         let watch = Watch {

@@ -73,6 +73,8 @@ impl Session {
     }
 
     /// The drain moved on while the session waited for its client.
+    #[cold]
+    #[inline(never)]
     pub(super) fn on_drain(&mut self, phase: Phase) -> Result<(), End> {
         self.shutdown.seen = phase;
         // Waking takes the waker out of the entry: the next wait puts it back, for the next phase.
