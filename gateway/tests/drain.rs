@@ -161,6 +161,30 @@ async fn state(console: &Client) -> String {
         .collect()
 }
 
+/// The admin console, as `database`'s user (an admin in these configs).
+async fn console(port: u16, database: &str) -> Client {
+    let (console, connection) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={port} user={database} password={PASSWORD} dbname=regiongate"
+        ),
+        NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    console
+}
+
+/// The transactions pgbench says it processed.
+fn processed(text: &str) -> i64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .unwrap_or_else(|| panic!("no count in pgbench's output:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
 async fn count(database: &str, sql: &str) -> i64 {
     common::direct(database)
         .await
@@ -185,15 +209,7 @@ async fn an_open_transaction_commits_after_sigterm_and_idle_clients_get_57p01() 
     let (idle, idle_end) = client(port, &database).await;
     idle.batch_execute("SELECT 1").await.unwrap();
     // The console stays open through the drain (it does not hold it up), to watch it.
-    let (console, _) = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port={port} user={database} password={PASSWORD} dbname=regiongate"
-        ),
-        NoTls,
-    )
-    .await
-    .map(|(c, conn)| (c, tokio::spawn(conn)))
-    .unwrap();
+    let console = console(port, &database).await;
     assert!(state(&console).await.contains("state=serving"));
 
     gateway.signal(libc::SIGTERM);
@@ -276,15 +292,7 @@ async fn transactions_past_the_timeout_are_cut_rolled_back_and_leave_no_server_c
 
     // The console's SHUTDOWN drains as SIGTERM does.
     let signalled = Instant::now();
-    let (console, _) = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port={port} user={database} password={PASSWORD} dbname=regiongate"
-        ),
-        NoTls,
-    )
-    .await
-    .map(|(c, conn)| (c, tokio::spawn(conn)))
-    .unwrap();
+    let console = console(port, &database).await;
     console.simple_query("SHUTDOWN").await.unwrap();
     let idle_code = tokio::time::timeout(Duration::from_secs(10), idle_end)
         .await
@@ -447,13 +455,7 @@ async fn pgbench_through_a_handover(name: &str, reconnect: bool) -> (String, i64
         String::from_utf8_lossy(&output.stderr)
     );
     let history = count(&database, "SELECT count(*) FROM pgbench_history").await;
-    let processed: i64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .unwrap_or_else(|| panic!("no count in pgbench's output:\n{text}"))
-        .parse()
-        .unwrap();
+    let processed = processed(&text);
     assert_eq!(
         history, processed,
         "every transaction pgbench counted is in pgbench_history, and no other:\n{text}"
@@ -574,13 +576,7 @@ async fn sigusr2_restarts_in_place_without_failing_pgbench_reconnecting() {
         "pgbench -C saw a failure:\n{text}\n{log}"
     );
     let history = count(&database, "SELECT count(*) FROM pgbench_history").await;
-    let processed: i64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let processed = processed(&text);
     assert_eq!(history, processed, "{text}");
     // The new process serves on the same address, and is ready.
     let (client, _) = client(port, &database).await;
