@@ -131,6 +131,16 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A fresh database and one gateway process in front of it, with `extra` in its config.
+async fn one_gateway(name: &str, extra: &str) -> (String, u16, Process) {
+    let database = common::fresh_database(name);
+    let dir = temp_dir(name);
+    let port = testbed::free_port().unwrap();
+    let (path, metrics) = write_config(&dir, "a.yaml", &database, port, extra);
+    let gateway = Process::start(&path, metrics, "a").await;
+    (database, port, gateway)
+}
+
 /// A client and its connection's outcome (a FATAL the server sent ends it with that error).
 async fn client(port: u16, database: &str) -> (Client, tokio::task::JoinHandle<Option<String>>) {
     let (client, connection) = tokio_postgres::connect(
@@ -196,11 +206,8 @@ async fn count(database: &str, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_transaction_commits_after_sigterm_and_idle_clients_get_57p01() {
-    let database = common::fresh_database("drain_commit");
-    let dir = temp_dir("commit");
-    let port = testbed::free_port().unwrap();
-    let (path, metrics) = write_config(&dir, "a.yaml", &database, port, "shutdown_timeout: 20s\n");
-    let mut gateway = Process::start(&path, metrics, "a").await;
+    let (database, port, mut gateway) =
+        one_gateway("drain_commit", "shutdown_timeout: 20s\n").await;
     let (writer, writer_end) = client(port, &database).await;
     writer
         .batch_execute("CREATE TABLE kept (id int); BEGIN; INSERT INTO kept VALUES (1)")
@@ -263,11 +270,7 @@ async fn an_open_transaction_commits_after_sigterm_and_idle_clients_get_57p01() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_past_the_timeout_are_cut_rolled_back_and_leave_no_server_connection() {
-    let database = common::fresh_database("drain_cut");
-    let dir = temp_dir("cut");
-    let port = testbed::free_port().unwrap();
-    let (path, metrics) = write_config(&dir, "a.yaml", &database, port, "shutdown_timeout: 1s\n");
-    let mut gateway = Process::start(&path, metrics, "a").await;
+    let (database, port, mut gateway) = one_gateway("drain_cut", "shutdown_timeout: 1s\n").await;
     let (setup, _) = client(port, &database).await;
     setup
         .batch_execute("CREATE TABLE cut (id int)")
@@ -596,11 +599,8 @@ async fn sigusr2_restarts_in_place_without_failing_pgbench_reconnecting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_cuts_at_once() {
-    let database = common::fresh_database("drain_second");
-    let dir = temp_dir("second");
-    let port = testbed::free_port().unwrap();
-    let (path, metrics) = write_config(&dir, "a.yaml", &database, port, "shutdown_timeout: 60s\n");
-    let mut gateway = Process::start(&path, metrics, "a").await;
+    let (database, port, mut gateway) =
+        one_gateway("drain_second", "shutdown_timeout: 60s\n").await;
     let (open, open_end) = client(port, &database).await;
     open.batch_execute("CREATE TABLE second (id int)")
         .await
