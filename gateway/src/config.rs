@@ -376,8 +376,9 @@ pub struct Limits {
     pub connection_rate: u32,
     /// New connections per second from one client address; more get 53300. 0: no limit.
     pub client_connection_rate: u32,
-    /// Failed logins from one address within `failed_login_window` after which its logins are refused with
-    /// 28000 until the window has passed since the last failure. 0: no limit.
+    /// Failed logins of one user from one address within `failed_login_window` after which that user may try
+    /// from there once per `failed_login_window / max_failed_logins`, other attempts refused with 28000,
+    /// until the window has passed since the last failure. 0: no limit.
     pub max_failed_logins: u32,
     #[serde(with = "duration")]
     pub failed_login_window: Duration,

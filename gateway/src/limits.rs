@@ -1,9 +1,11 @@
 //! Admission limits that protect the gateway and the servers behind it from a flood: the rate of new
-//! connections (over all clients and per client address) and failed logins per client address.
+//! connections (over all clients and per client address) and failed logins per user and address.
 //!
 //! Each is checked before any expensive work: a connection over the rate is refused before its startup
-//! packet is read, and an address with too many failed logins is refused before a SCRAM exchange (whose key
-//! derivation is what a password guesser would make the gateway pay for).
+//! packet is read. Failed logins are counted per (address, user), so that one bad client behind a NAT or a
+//! load balancer locks out no one else; past `limits.max_failed_logins`, that user from that address may try
+//! once per `failed_login_window / max_failed_logins` (the rate that locked it), and every other attempt is
+//! refused before any SCRAM exchange. The right password gets in on an attempt that is let through.
 
 use crate::config::Limits;
 use crate::metrics::METRICS;
@@ -46,18 +48,23 @@ impl Bucket {
     }
 }
 
-/// Failed logins of one address.
+/// Failed logins of one user from one address.
 #[derive(Clone, Copy)]
 struct Failures {
     count: u32,
     last: Instant,
+    /// While locked: the earliest time the next attempt is let through.
+    next_try: Instant,
 }
+
+/// Whose failed logins: the client's address and the user it logs in as.
+type LoginKey = (IpAddr, Box<str>);
 
 #[derive(Default)]
 pub struct Admission {
     global: Mutex<Option<Bucket>>,
     per_client: Mutex<HashMap<IpAddr, Bucket>>,
-    failures: Mutex<HashMap<IpAddr, Failures>>,
+    failures: Mutex<HashMap<LoginKey, Failures>>,
     /// Connections accepted and not yet through their login (`limits.max_pending_logins`).
     pending_logins: AtomicUsize,
 }
@@ -127,33 +134,39 @@ impl Admission {
         Ok(())
     }
 
-    /// Whether `ip` may try to log in, by its recent failures.
-    pub fn login_allowed(&self, ip: IpAddr, limits: &Limits) -> Result<(), PgError> {
+    /// Whether `user` may try to log in from `ip`, by its recent failures: yes, unless it is locked out and
+    /// its last attempt let through was too recent.
+    pub fn login_allowed(&self, ip: IpAddr, user: &str, limits: &Limits) -> Result<(), PgError> {
         if limits.max_failed_logins == 0 {
             return Ok(());
         }
-        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        match failures.get(&ip) {
-            Some(f)
-                if f.count >= limits.max_failed_logins
-                    && f.last.elapsed() < limits.failed_login_window =>
-            {
-                let wait = limits.failed_login_window.saturating_sub(f.last.elapsed());
-                METRICS.clients_refused.with_label_values(&["28000"]).inc();
-                Err(PgError::fatal(
-                    "28000",
-                    format!(
-                        "regiongate: too many failed logins from {ip}; try again in {}s",
-                        wait.as_secs() + 1
-                    ),
-                ))
-            }
-            _ => Ok(()),
+        let now = Instant::now();
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(f) = failures.get_mut(&(ip, user.into())) else {
+            return Ok(());
+        };
+        let locked = f.count >= limits.max_failed_logins
+            && now.saturating_duration_since(f.last) < limits.failed_login_window;
+        if !locked {
+            return Ok(());
         }
+        if now >= f.next_try {
+            f.next_try = now + locked_retry_interval(limits);
+            return Ok(());
+        }
+        let wait = f.next_try.saturating_duration_since(now);
+        METRICS.clients_refused.with_label_values(&["28000"]).inc();
+        Err(PgError::fatal(
+            "28000",
+            format!(
+                "regiongate: too many failed logins for user \"{user}\" from {ip}; try again in {}s",
+                wait.as_secs() + 1
+            ),
+        ))
     }
 
-    /// A login from `ip` failed (wrong password or unknown user).
-    pub fn login_failed(&self, ip: IpAddr, limits: &Limits) {
+    /// A login of `user` from `ip` failed (wrong password or unknown user).
+    pub fn login_failed(&self, ip: IpAddr, user: &str, limits: &Limits) {
         if limits.max_failed_logins == 0 {
             return;
         }
@@ -163,32 +176,41 @@ impl Admission {
             failures
                 .retain(|_, f| now.saturating_duration_since(f.last) < limits.failed_login_window);
         }
-        let entry = failures.entry(ip).or_insert(Failures {
+        let entry = failures.entry((ip, user.into())).or_insert(Failures {
             count: 0,
             last: now,
+            next_try: now,
         });
         if now.saturating_duration_since(entry.last) >= limits.failed_login_window {
             entry.count = 0;
         }
         entry.count += 1;
         entry.last = now;
+        entry.next_try = now + locked_retry_interval(limits);
         if entry.count == limits.max_failed_logins {
             tracing::warn!(
                 client = %ip,
+                user,
                 failures = entry.count,
                 window_s = limits.failed_login_window.as_secs(),
-                "logins from this address refused for a while: too many failures"
+                retry_every_ms = locked_retry_interval(limits).as_millis() as u64,
+                "logins of this user from this address slowed down: too many failures"
             );
         }
     }
 
-    /// A login from `ip` succeeded: its failures are forgiven.
-    pub fn login_succeeded(&self, ip: IpAddr) {
+    /// A login of `user` from `ip` succeeded: its failures are forgiven.
+    pub fn login_succeeded(&self, ip: IpAddr, user: &str) {
         self.failures
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&ip);
+            .remove(&(ip, user.into()));
     }
+}
+
+/// How often a locked-out user may try from one address: the rate of failures that locked it out.
+fn locked_retry_interval(limits: &Limits) -> Duration {
+    limits.failed_login_window / limits.max_failed_logins.max(1)
 }
 
 fn refusal(message: String) -> PgError {
@@ -211,21 +233,28 @@ mod tests {
     }
 
     #[test]
-    fn failed_logins_block_an_address_until_forgiven() {
+    fn failed_logins_slow_one_user_from_one_address_until_forgiven() {
         let limits = Limits {
             max_failed_logins: 2,
+            failed_login_window: Duration::from_millis(400),
             ..Limits::default()
         };
         let admission = Admission::default();
         let (ip, other): (IpAddr, IpAddr) =
             ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        admission.login_failed(ip, &limits);
-        assert!(admission.login_allowed(ip, &limits).is_ok());
-        admission.login_failed(ip, &limits);
-        let refused = admission.login_allowed(ip, &limits).unwrap_err();
+        admission.login_failed(ip, "ann", &limits);
+        assert!(admission.login_allowed(ip, "ann", &limits).is_ok());
+        admission.login_failed(ip, "ann", &limits);
+        let refused = admission.login_allowed(ip, "ann", &limits).unwrap_err();
         assert_eq!(refused.code, "28000");
-        assert!(admission.login_allowed(other, &limits).is_ok());
-        admission.login_succeeded(ip);
-        assert!(admission.login_allowed(ip, &limits).is_ok());
+        // Other users from the address, and the user from other addresses, are not affected.
+        assert!(admission.login_allowed(ip, "bob", &limits).is_ok());
+        assert!(admission.login_allowed(other, "ann", &limits).is_ok());
+        // One attempt per window / max (200 ms) is let through, and only one.
+        std::thread::sleep(Duration::from_millis(210));
+        assert!(admission.login_allowed(ip, "ann", &limits).is_ok());
+        assert!(admission.login_allowed(ip, "ann", &limits).is_err());
+        admission.login_succeeded(ip, "ann");
+        assert!(admission.login_allowed(ip, "ann", &limits).is_ok());
     }
 }

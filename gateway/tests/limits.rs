@@ -37,13 +37,21 @@ impl Write for Capture {
     }
 }
 
-/// Connects with `password`; the error's SQLSTATE when refused.
+/// Connects as the test database's own user with `password`; the error's SQLSTATE and message when refused.
 async fn login(gw: &common::TestGateway, password: &str) -> Result<tokio_postgres::Client, String> {
+    login_as(gw, &gw.database, password).await
+}
+
+/// Connects as `user` (to its own database) with `password`; the error's SQLSTATE and message when refused.
+async fn login_as(
+    gw: &common::TestGateway,
+    user: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, String> {
     let config = format!(
-        "host={} port={} user={db} password={password} dbname={db}",
+        "host={} port={} user={user} password={password} dbname={user}",
         gw.addr.ip(),
         gw.addr.port(),
-        db = gw.database
     );
     match tokio_postgres::connect(&config, NoTls).await {
         Ok((client, connection)) => {
@@ -61,22 +69,49 @@ async fn login(gw: &common::TestGateway, password: &str) -> Result<tokio_postgre
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_logins_lock_an_address_out_and_no_password_reaches_the_logs() {
+async fn failed_logins_slow_one_user_from_one_address_and_the_right_password_gets_in() {
     let logs = captured_logs();
-    let gw = common::gateway(
-        "limits",
-        "limits: { max_failed_logins: 3, failed_login_window: 30s }\n",
+    // Two users behind one address (a NAT, a load balancer): ann guesses, bob does not.
+    let (ann, bob) = (
+        common::fresh_database("limits"),
+        common::fresh_database("limits"),
+    );
+    let gw = common::gateway_for(
+        &ann,
+        &format!(
+            "auth: {{ method: scram-sha-256, users: [ {{ name: {ann}, password: {PASSWORD} }}, \
+             {{ name: {bob}, password: {PASSWORD} }} ] }}\n\
+             limits: {{ max_failed_logins: 3, failed_login_window: 6s }}\n"
+        ),
     )
     .await;
     let wrong = "wrong-horse-battery-staple";
     for _ in 0..3 {
-        let refused = login(&gw, wrong).await.unwrap_err();
+        let refused = login_as(&gw, &ann, wrong).await.unwrap_err();
         assert!(refused.starts_with("28P01"), "{refused}");
     }
-    // The right password no longer helps from this address, and no SCRAM exchange is started for it.
-    let refused = login(&gw, PASSWORD).await.unwrap_err();
+    // Locked: the next attempt within 6 s / 3 is refused before any SCRAM exchange, right password or not.
+    let refused = login_as(&gw, &ann, PASSWORD).await.unwrap_err();
     assert!(refused.starts_with("28000"), "{refused}");
     assert!(refused.contains("too many failed logins"), "{refused}");
+    // The other user from the same address is not locked out.
+    login_as(&gw, &bob, PASSWORD)
+        .await
+        .expect("another user from the same address");
+    // One attempt per 2 s is let through: a wrong password there fails as usual, the right one gets in.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let refused = login_as(&gw, &ann, wrong).await.unwrap_err();
+    assert!(refused.starts_with("28P01"), "{refused}");
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    login_as(&gw, &ann, PASSWORD)
+        .await
+        .expect("the right password, on an attempt let through");
+    // And that success forgives: the user is not locked any more.
+    assert!(login_as(&gw, &ann, wrong)
+        .await
+        .unwrap_err()
+        .starts_with("28P01"));
+    login_as(&gw, &ann, PASSWORD).await.expect("forgiven");
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     assert!(
         logs.contains("login refused"),

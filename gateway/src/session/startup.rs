@@ -58,21 +58,26 @@ pub async fn log_in(
         return refuse(client, StartupError::Refused(error)).await;
     }
     let limits = shared.config.load().limits.clone();
-    if let Err(error) = shared.admission.login_allowed(peer.ip(), &limits) {
-        tracing::warn!(client = %peer, user = %startup.user, "login refused: too many failed logins from this address");
+    if let Err(error) = shared
+        .admission
+        .login_allowed(peer.ip(), &startup.user, &limits)
+    {
+        tracing::warn!(client = %peer, user = %startup.user, "login refused: too many failed logins of this user from this address");
         return refuse(client, StartupError::Refused(error)).await;
     }
     let credentials = shared.credentials.load_full();
     let auth = authenticate_client(&mut client, &credentials, &startup);
     match tokio::time::timeout(login_timeout, auth).await {
-        Ok(Ok(())) => shared.admission.login_succeeded(peer.ip()),
+        Ok(Ok(())) => shared.admission.login_succeeded(peer.ip(), &startup.user),
         Ok(Err(error)) => {
             if let Some(e) = error.error() {
                 // The message names the user, never a password or proof.
                 tracing::warn!(client = %peer, user = %startup.user, code = %e.code, reason = %e.message, "login refused");
             }
             if let StartupError::Denied(_) = error {
-                shared.admission.login_failed(peer.ip(), &limits);
+                shared
+                    .admission
+                    .login_failed(peer.ip(), &startup.user, &limits);
             }
             return refuse(client, error).await;
         }
