@@ -68,7 +68,7 @@ impl CheckoutError {
             severity: "ERROR",
             code,
             message: format!("regiongate: {self}"),
-            detail: None,
+            ..PgError::error("08006", "")
         }
     }
 }

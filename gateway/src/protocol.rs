@@ -75,6 +75,7 @@ pub struct PgError {
     pub code: Cow<'static, str>,
     pub message: String,
     pub detail: Option<String>,
+    pub hint: Option<String>,
 }
 
 impl PgError {
@@ -84,6 +85,7 @@ impl PgError {
             code: Cow::Borrowed(code),
             message: message.into(),
             detail: None,
+            hint: None,
         }
     }
 
@@ -112,6 +114,7 @@ impl PgError {
                 b'C' => error.code = Cow::Owned(text()),
                 b'M' => error.message = text(),
                 b'D' => error.detail = Some(text()),
+                b'H' => error.hint = Some(text()),
                 _ => {}
             }
         }
@@ -121,6 +124,33 @@ impl PgError {
     pub fn with_detail(mut self, detail: impl Into<String>) -> PgError {
         self.detail = Some(detail.into());
         self
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> PgError {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// A statement that fails on any PostgreSQL server with this error (a PL/pgSQL RAISE in a DO block, which
+    /// hot standbys run too): for an error the gateway finds in one statement of a request, so that the server
+    /// treats it as its own, rolling back the request's implicit transaction or aborting the client's.
+    pub fn raising_statement(&self) -> String {
+        let mut raise = format!(
+            "RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}",
+            quote_literal(&self.code),
+            quote_literal(&self.message)
+        );
+        for (field, value) in [("DETAIL", &self.detail), ("HINT", &self.hint)] {
+            if let Some(value) = value {
+                raise.push_str(&format!(", {field} = {}", quote_literal(value)));
+            }
+        }
+        // A dollar quote whose tag the body does not contain.
+        let mut tag = String::from("$regiongate$");
+        while raise.contains(&tag) {
+            tag.insert(tag.len() - 1, '_');
+        }
+        format!("DO {tag} BEGIN {raise}; END {tag}")
     }
 
     /// ErrorResponse ('E').
@@ -134,9 +164,11 @@ impl PgError {
         put_cstr(out, self.code.as_bytes());
         out.put_u8(b'M');
         put_cstr(out, self.message.as_bytes());
-        if let Some(detail) = &self.detail {
-            out.put_u8(b'D');
-            put_cstr(out, detail.as_bytes());
+        for (field, value) in [(b'D', &self.detail), (b'H', &self.hint)] {
+            if let Some(value) = value {
+                out.put_u8(field);
+                put_cstr(out, value.as_bytes());
+            }
         }
         out.put_u8(0);
         finish(out, at);

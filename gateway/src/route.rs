@@ -8,8 +8,8 @@
 
 use self::hint::Hint;
 use sqlparser::ast::{
-    Expr, ObjectNamePart, Query, SetExpr, Statement, TableFactor, TransactionAccessMode,
-    TransactionMode, Visit, Visitor,
+    CopySource, CopyTarget, Expr, ObjectNamePart, Query, SetExpr, Statement, TableFactor,
+    TransactionAccessMode, TransactionMode, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -301,7 +301,7 @@ impl Classifier {
         let Ok(sql) = std::str::from_utf8(text) else {
             return write;
         };
-        let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
+        let Some(statements) = parse(sql) else {
             return write;
         };
         let access = statements
@@ -417,12 +417,37 @@ impl Classifier {
                     Access::Any
                 }
             }
+            // COPY to the client reads; COPY to a server file or program acts on one host: the primary.
+            Statement::Copy {
+                source,
+                to: true,
+                target: CopyTarget::Stdout,
+                ..
+            } => match source {
+                CopySource::Query(query) => self.query_access(query),
+                CopySource::Table { .. } => Access::Read,
+            },
+            // PREPARE only plans; its EXECUTE is routed by what the statement does ([`Classifier::prepared`]).
             Statement::Set(_)
             | Statement::Reset(_)
             | Statement::Discard { .. }
+            | Statement::Prepare { .. }
             | Statement::Deallocate { .. } => Access::Any,
             Statement::ShowVariable { .. } | Statement::ShowVariables { .. } => Access::Any,
             Statement::Commit { .. } | Statement::Rollback { .. } => Access::Any,
+            _ => Access::Write,
+        }
+    }
+
+    /// Where the statement a SQL-level `PREPARE name AS statement` prepares may run (a write when the text
+    /// is not one PREPARE). Not cached: PREPAREs are few, and their EXECUTEs reuse the answer.
+    pub fn prepared(&self, text: &[u8]) -> Access {
+        let statements = std::str::from_utf8(text)
+            .ok()
+            .filter(|_| text.len() <= MAX_PARSED_LEN)
+            .and_then(parse);
+        match statements.as_deref() {
+            Some([Statement::Prepare { statement, .. }]) => self.statement_access(statement),
             _ => Access::Write,
         }
     }
@@ -538,6 +563,91 @@ impl WritingShapes {
     }
 }
 
+/// The statements of a text, as sqlparser reads it; when it cannot, as it reads the same text with the
+/// PostgreSQL syntax it lacks spelled in syntax it has (see [`spelled_for_sqlparser`]).
+fn parse(sql: &str) -> Option<Vec<Statement>> {
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(statements) => Some(statements),
+        Err(_) => Parser::parse_sql(&PostgreSqlDialect {}, &spelled_for_sqlparser(sql)?).ok(),
+    }
+}
+
+/// The text with three query forms that sqlparser does not parse written as ones that read the same things
+/// and call the same functions, so that their class is found; None when it has none of them. The result is
+/// only classified, never run.
+/// - `TABLE t` (a query of its own: first, or after `(`, `AS` or a set operator) as `SELECT * FROM t`;
+/// - `ROWS FROM (f(..), g(..))` as `unnest(f(..), g(..))`: the same calls, in one table function;
+/// - a recursive CTE's `SEARCH … SET col` and `CYCLE … [USING col]` clauses are dropped: they name columns
+///   and constants, and call nothing.
+///
+/// A rewrite can only make a statement that parsed as a query parse as a query: whatever else a statement
+/// is, it stays.
+fn spelled_for_sqlparser(sql: &str) -> Option<String> {
+    let text = sql.as_bytes();
+    let tokens: Vec<std::ops::Range<usize>> = crate::lexer::token_ranges(text).collect();
+    let is = |i: usize, word: &str| {
+        tokens
+            .get(i)
+            .is_some_and(|t| text[t.clone()].eq_ignore_ascii_case(word.as_bytes()))
+    };
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut copied = 0; // text before this is in `out`
+    let mut changed = false;
+    let mut i = 0;
+    while i < tokens.len() {
+        let token = tokens[i].clone();
+        let after_query_start = i == 0
+            || [
+                "(",
+                ")",
+                ";",
+                "as",
+                "union",
+                "intersect",
+                "except",
+                "all",
+                "distinct",
+                "explain",
+            ]
+            .iter()
+            .any(|w| is(i - 1, w));
+        let (replacement, skip) = if is(i, "table") && after_query_start {
+            ("SELECT * FROM", 1)
+        } else if is(i, "rows") && is(i + 1, "from") && is(i + 2, "(") {
+            ("unnest", 2)
+        } else if i > 0 && is(i - 1, ")") && is(i, "search") && is(i + 2, "first") {
+            // SEARCH {DEPTH|BREADTH} FIRST BY col[, …] SET col
+            match (i..tokens.len()).find(|&j| is(j, "set")) {
+                Some(set) => ("", set + 2 - i),
+                None => return None,
+            }
+        } else if i > 0 && is(i - 1, ")") && is(i, "cycle") {
+            // CYCLE col[, …] SET col [TO value DEFAULT value] [USING col]
+            let set = (i..tokens.len()).find(|&j| is(j, "set"))?;
+            let mut end = set + 2;
+            if is(end, "to") {
+                end += 4;
+            }
+            if is(end, "using") {
+                end += 2;
+            }
+            ("", end - i)
+        } else {
+            i += 1;
+            continue;
+        };
+        let last = tokens.get(i + skip - 1)?.clone();
+        out.push_str(&sql[copied..token.start]);
+        out.push_str(replacement);
+        out.push(' ');
+        copied = last.end;
+        changed = true;
+        i += skip;
+    }
+    out.push_str(&sql[copied..]);
+    changed.then_some(out)
+}
+
 /// `\XXXX` and `\+XXXXXX` escapes of a `U&"..."` identifier, as the characters they name (other text as it is).
 fn unescape_unicode(value: &str) -> std::borrow::Cow<'_, str> {
     if !value.contains('\\') {
@@ -575,6 +685,33 @@ fn normalize(ident: &sqlparser::ast::Ident) -> String {
     }
 }
 
+/// The settings of the gateway's own that a session may SET, under a prefix that is the gateway's.
+pub const SESSION_SETTINGS: &[&str] = &["regiongate.max_lag"];
+pub const SESSION_SETTING_PREFIX: &str = "regiongate.";
+
+/// Checks a `SET regiongate.name = value` before it runs: the error PostgreSQL would give for a bad value of
+/// one of its own settings (22023), or for an unknown name under a reserved prefix (42602).
+pub fn check_session_setting(name: &str, value: &str) -> Result<(), crate::protocol::PgError> {
+    use crate::protocol::PgError;
+    match name {
+        "regiongate.max_lag" => humantime::parse_duration(value).map(drop).map_err(|_| {
+            PgError::error(
+                "22023",
+                format!("invalid value for parameter \"{name}\": \"{value}\""),
+            )
+            .with_hint("Valid values are durations such as 500ms, 5s or 1min; RESET returns to routing.max_lag.")
+        }),
+        _ => Err(PgError::error(
+            "42602",
+            format!("invalid configuration parameter name \"{name}\""),
+        )
+        .with_detail(format!(
+            "\"regiongate\" is the gateway's prefix; its settings are {}.",
+            SESSION_SETTINGS.join(", ")
+        ))),
+    }
+}
+
 /// Routing hints in a leading comment: `/* regiongate: primary */`, `/* regiongate: max_lag=5s */`.
 pub mod hint {
     use super::Duration;
@@ -587,6 +724,21 @@ pub mod hint {
 
     /// The hint in the comments at the start of `text`, if any.
     pub fn parse(text: &[u8]) -> Option<Hint> {
+        directive(text).and_then(parse_directive)
+    }
+
+    /// The error for a `regiongate:` comment at the start of `text` that is not a hint: a statement with a
+    /// misspelled hint fails rather than run where the hint did not mean.
+    pub fn malformed(text: &[u8]) -> Option<crate::protocol::PgError> {
+        let directive = directive(text).filter(|d| parse_directive(d).is_none())?;
+        Some(crate::protocol::PgError::error(
+            "22023",
+            format!("invalid routing hint \"regiongate: {directive}\""),
+        ).with_hint("Valid hints are /* regiongate: primary */ and /* regiongate: max_lag=<duration> */, with a duration such as 500ms or 5s."))
+    }
+
+    /// What follows `regiongate:` in the comments at the start of `text`, trimmed.
+    fn directive(text: &[u8]) -> Option<&str> {
         let mut rest = text;
         loop {
             rest = trim_start(rest);
@@ -594,7 +746,7 @@ pub mod hint {
             let end = memchr::memmem::find(comment, b"*/")?;
             let inner = std::str::from_utf8(&comment[..end]).ok()?.trim();
             if let Some(directive) = inner.strip_prefix("regiongate:") {
-                return parse_directive(directive.trim());
+                return Some(directive.trim());
             }
             rest = &comment[end + 2..];
         }
@@ -650,6 +802,26 @@ mod tests {
             "SELECT now(), pg_sleep(0)",
             "SELECT * FROM generate_series(1, 3)",
             "SELECT * FROM t, LATERAL generate_series(1, t.n) g",
+            "TABLE t",
+            "table only s.t",
+            "SELECT 1 UNION ALL TABLE t",
+            "SELECT * FROM (TABLE t) x",
+            "WITH x AS (TABLE t) TABLE x",
+            "EXPLAIN TABLE t",
+            "COPY t TO STDOUT",
+            "COPY t (a, b) TO STDOUT WITH (FORMAT csv)",
+            "COPY (SELECT * FROM t WHERE a > 1) TO STDOUT",
+            "COPY (TABLE t) TO STDOUT",
+            "SELECT * FROM ROWS FROM (generate_series(1, 2), generate_series(1, 3)) AS x(a, b)",
+            "SELECT * FROM ROWS FROM (generate_series(1, 2)) WITH ORDINALITY",
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) \
+             SEARCH DEPTH FIRST BY n SET ord SELECT * FROM r ORDER BY ord",
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) \
+             SEARCH BREADTH FIRST BY n SET ord, s AS (SELECT 2) SELECT * FROM r, s",
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) \
+             CYCLE n SET looped USING path SELECT * FROM r",
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) \
+             CYCLE n SET looped TO 'y' DEFAULT 'n' USING path SELECT * FROM r",
         ] {
             assert_eq!(access(sql), Access::Read, "{sql}");
         }
@@ -690,6 +862,18 @@ mod tests {
             "SELECT pg_logical_emit_message(true, 'p', 'x')",
             "SELECT U&\"\\006Eextval\"('s')",
             "SELECT * FROM U&\"\\+00006Eextval\"('s')",
+            "COPY t TO '/tmp/t.csv'",
+            "COPY (SELECT 1) TO PROGRAM 'cat'",
+            "COPY (SELECT nextval('s')) TO STDOUT",
+            "COPY t FROM STDIN",
+            "SELECT * FROM ROWS FROM (generate_series(1, 2), nextval('s'))",
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) \
+             SEARCH DEPTH FIRST BY n SET ord SELECT nextval('s') FROM r",
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) \
+             CYCLE n SET looped USING path DELETE FROM t",
+            "CREATE TABLE t2 AS TABLE t",
+            "INSERT INTO t2 TABLE t",
+            "EXECUTE p(1)",
         ] {
             assert_eq!(access(sql), Access::Write, "{sql}");
         }
@@ -711,6 +895,22 @@ mod tests {
             Access::Any
         );
         assert_eq!(access("BEGIN; INSERT INTO t VALUES (1)"), Access::Write);
+        assert_eq!(access("PREPARE p AS DELETE FROM t"), Access::Any);
+        assert_eq!(access("DEALLOCATE p"), Access::Any);
+    }
+
+    #[test]
+    fn a_prepared_statement_is_classed_by_what_it_runs() {
+        let classifier = Classifier::new(&[]);
+        let prepared = |sql: &str| classifier.prepared(sql.as_bytes());
+        assert_eq!(
+            prepared("PREPARE p (int) AS SELECT * FROM t WHERE a = $1"),
+            Access::Read
+        );
+        assert_eq!(prepared("prepare p as table t"), Access::Read);
+        assert_eq!(prepared("PREPARE p AS SELECT nextval('s')"), Access::Write);
+        assert_eq!(prepared("PREPARE p AS UPDATE t SET a = 1"), Access::Write);
+        assert_eq!(prepared("SELECT 1"), Access::Write);
     }
 
     #[test]

@@ -434,6 +434,47 @@ fn set_config_names(statement: &[u8]) -> (Vec<String>, Vec<usize>) {
     (names, parameters)
 }
 
+/// A `SET [SESSION | LOCAL] name {= | TO} value` of a setting whose name starts with `prefix`: its name
+/// (folded) and value as the server would read it (a quoted string unquoted; a list or expression as
+/// written). None for other statements, and for `TO DEFAULT` (a RESET).
+pub fn set_with_prefix(sql: &[u8], range: Range<usize>, prefix: &str) -> Option<(String, String)> {
+    let statement = &sql[range];
+    let mut words = Words {
+        sql: statement,
+        at: 0,
+    };
+    if words.next()?.0 != "set" {
+        return None;
+    }
+    let (mut name, mut at) = words.next()?;
+    if name == "session" || name == "local" {
+        (name, at) = words.next()?;
+    }
+    if !name.starts_with(prefix) {
+        return None;
+    }
+    let mut i = skip_space(statement, at.end);
+    if statement.get(i) == Some(&b'=') {
+        i += 1;
+    } else if matches!(word(statement, i), Some((w, _)) if w == "to") {
+        i = word(statement, i)?.1.end;
+    } else {
+        return None;
+    }
+    let rest = std::str::from_utf8(&statement[i..]).ok()?.trim();
+    let value = match rest.strip_prefix('\'') {
+        Some(quoted)
+            if quoted.ends_with('\'')
+                && skip_quoted(rest.as_bytes(), 1, b'\'', false) == rest.len() =>
+        {
+            quoted[..quoted.len() - 1].replace("''", "'")
+        }
+        _ if rest.eq_ignore_ascii_case("default") => return None,
+        _ => rest.to_string(),
+    };
+    Some((name, value))
+}
+
 /// Canonical setting names for the SET/RESET spellings that are not `name = value`.
 fn setting_name(first: &str, words: &mut Words<'_>) -> String {
     match first {
@@ -679,6 +720,39 @@ mod tests {
             Kind::Pin("session advisory lock")
         );
         assert_eq!(kinds("select pg_advisory_xact_lock(1)")[0], Kind::Other);
+    }
+
+    #[test]
+    fn gateway_settings_and_their_values() {
+        let set = |sql: &str| set_with_prefix(sql.as_bytes(), 0..sql.len(), "regiongate.");
+        let found = |name: &str, value: &str| Some((name.to_string(), value.to_string()));
+        assert_eq!(
+            set("SET regiongate.max_lag = '5s'"),
+            found("regiongate.max_lag", "5s")
+        );
+        assert_eq!(
+            set("set Regiongate.Max_Lag to 100ms"),
+            found("regiongate.max_lag", "100ms")
+        );
+        assert_eq!(
+            set("SET LOCAL regiongate.max_lag = 'it''s'"),
+            found("regiongate.max_lag", "it's")
+        );
+        assert_eq!(
+            set("SET SESSION regiongate.max_lag = ''"),
+            found("regiongate.max_lag", "")
+        );
+        assert_eq!(
+            set("SET regiongate.max_lag = -1"),
+            found("regiongate.max_lag", "-1")
+        );
+        assert_eq!(
+            set("SET regiongate.max_lag = 'a', 'b'"),
+            found("regiongate.max_lag", "'a', 'b'")
+        );
+        assert_eq!(set("SET regiongate.max_lag TO DEFAULT"), None);
+        assert_eq!(set("SET work_mem = '1MB'"), None);
+        assert_eq!(set("RESET regiongate.max_lag"), None);
     }
 
     #[test]

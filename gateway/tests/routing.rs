@@ -980,3 +980,169 @@ async fn transactions_that_ask_for_read_write_run_on_the_primary() {
     assert_eq!(server_port(&fresh, "").await, env.port_of("eu-west"));
     fresh.batch_execute("COMMIT").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_in_every_query_form_run_on_the_replica() {
+    let env = start("max_lag: 5s").await;
+    let direct = env.direct_primary().await;
+    // A view that says where it is read; a table and a sequence for the writes.
+    direct
+        .batch_execute(
+            "CREATE VIEW here AS SELECT inet_server_port() AS port;
+             CREATE TABLE t (a int); CREATE SEQUENCE s;",
+        )
+        .await
+        .unwrap();
+    env.wait_eu_west_shows("SELECT count(*) FROM pg_class WHERE relname = 's'", 1)
+        .await;
+    let (replica, primary) = (env.port_of("eu-west"), env.primary_port());
+    let client = env.client().await;
+    let port_of = |messages: Vec<tokio_postgres::SimpleQueryMessage>| {
+        messages
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+                _ => None,
+            })
+            .and_then(|port| port.parse::<u16>().ok())
+    };
+    client
+        .batch_execute(
+            "PREPARE where_read AS SELECT port FROM here;
+             PREPARE where_written (int) AS INSERT INTO t VALUES ($1) RETURNING inet_server_port();",
+        )
+        .await
+        .unwrap();
+    for (sql, on) in [
+        ("TABLE here", replica),
+        ("SELECT 0 WHERE false UNION ALL TABLE here", replica),
+        (
+            "SELECT port FROM ROWS FROM (generate_series(1, 1), inet_server_port()) AS x(n, port)",
+            replica,
+        ),
+        (
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) \
+             SEARCH DEPTH FIRST BY n SET ord SELECT inet_server_port() FROM r ORDER BY ord LIMIT 1",
+            replica,
+        ),
+        (
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) \
+             CYCLE n SET looped USING path SELECT inet_server_port() FROM r LIMIT 1",
+            replica,
+        ),
+        ("EXECUTE where_read", replica),
+        ("EXECUTE where_written(1)", primary),
+        (
+            "SELECT port FROM ROWS FROM (inet_server_port(), nextval('s')) AS x(port, n)",
+            primary,
+        ),
+    ] {
+        let messages = client
+            .simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        assert_eq!(port_of(messages), Some(on), "{sql}");
+    }
+    // COPY to the client, of a table or a query, reads.
+    for (sql, on) in [
+        ("COPY (TABLE here) TO STDOUT", replica),
+        ("COPY (SELECT port FROM here) TO STDOUT", replica),
+        (
+            "COPY (SELECT inet_server_port() + 0 * nextval('s')) TO STDOUT",
+            primary,
+        ),
+    ] {
+        let stream = client.copy_out(sql).await.unwrap();
+        let chunks: Vec<bytes::Bytes> = futures_util::TryStreamExt::try_collect(stream)
+            .await
+            .unwrap();
+        let text = String::from_utf8(chunks.concat()).unwrap();
+        assert_eq!(text.trim().parse::<u16>().ok(), Some(on), "{sql}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_values_of_gateway_settings_and_malformed_hints_are_refused() {
+    let env = start("max_lag: 5s").await;
+    let client = env.client().await;
+    let refused =
+        |result: Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>| {
+            let error = result.expect_err("accepted");
+            let db = error.as_db_error().expect("a server error");
+            (db.code().code().to_string(), db.message().to_string())
+        };
+    for value in ["'abc'", "'-1s'", "''", "5", "'1s', '2s'"] {
+        let sql = format!("SET regiongate.max_lag = {value}");
+        let (code, message) = refused(client.simple_query(&sql).await);
+        assert_eq!(code, "22023", "{sql}: {message}");
+        assert!(
+            message.contains("\"regiongate.max_lag\""),
+            "{sql}: {message}"
+        );
+    }
+    let (code, message) = refused(client.simple_query("SET regiongate.maxlag = '1s'").await);
+    assert_eq!(code, "42602", "{message}");
+    // A good value is kept, and a bad one later leaves it as it was.
+    client
+        .batch_execute("SET regiongate.max_lag = '250ms'")
+        .await
+        .unwrap();
+    refused(
+        client
+            .simple_query("SET LOCAL regiongate.max_lag = 'soon'")
+            .await,
+    );
+    let shown = client
+        .query_one("SHOW regiongate.max_lag", &[])
+        .await
+        .unwrap();
+    assert_eq!(shown.get::<_, &str>(0), "250ms");
+    // In a transaction the error aborts it, as any failed statement does.
+    client.batch_execute("BEGIN").await.unwrap();
+    refused(client.simple_query("SET regiongate.max_lag TO 'x'").await);
+    let (code, _) = refused(client.simple_query("SELECT 1").await);
+    assert_eq!(code, "25P02");
+    client.batch_execute("ROLLBACK").await.unwrap();
+    // The statements before it in the same request are rolled back with it.
+    client
+        .batch_execute("CREATE TABLE kept (a int)")
+        .await
+        .unwrap();
+    refused(
+        client
+            .simple_query("INSERT INTO kept VALUES (1); SET regiongate.max_lag = 'x'")
+            .await,
+    );
+    let direct = env.direct_primary().await;
+    let rows: i64 = direct
+        .query_one("SELECT count(*) FROM kept", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
+    // Hints: a misspelled one fails the statement rather than route it as if it were not there.
+    for sql in [
+        "/* regiongate: max_lag=abc */ SELECT 1",
+        "/* regiongate: primry */ SELECT 1",
+        "/* app */ /* regiongate: */ SELECT 1",
+    ] {
+        let (code, message) = refused(client.simple_query(sql).await);
+        assert_eq!(code, "22023", "{sql}: {message}");
+        assert!(message.contains("routing hint"), "{sql}: {message}");
+    }
+    client
+        .simple_query("/* regiongate: max_lag=2s */ SELECT 1")
+        .await
+        .unwrap();
+    // Through the extended protocol too.
+    let error = client
+        .query("/* regiongate: max_lag=-1 */ SELECT 1", &[])
+        .await
+        .expect_err("accepted");
+    assert_eq!(error.code().unwrap().code(), "22023", "{error:?}");
+    let error = client
+        .execute("SET regiongate.max_lag = 'abc'", &[])
+        .await
+        .expect_err("accepted");
+    assert_eq!(error.code().unwrap().code(), "22023", "{error:?}");
+}

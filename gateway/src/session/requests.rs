@@ -19,6 +19,12 @@ impl Session {
         text: &[u8],
         shape: crate::fingerprint::ShapeId,
     ) -> Result<(), PgError> {
+        if let Some(error) = crate::route::hint::malformed(text) {
+            // The whole request fails, where it would have run.
+            protocol::query(&mut self.io.to_server, &error.raising_statement());
+            self.state.plain_query();
+            return Ok(());
+        }
         if sql::changes_schema(&shape) {
             self.shared.statement_names.forget_all();
         }
@@ -53,6 +59,10 @@ impl Session {
                     }
                 }
             }
+            if let Some(error) = Self::refused_setting(&kind, text, range.clone()) {
+                rewrites.push((range.clone(), error.raising_statement().into()));
+                continue;
+            }
             match kind {
                 Kind::Other | Kind::Set { .. } | Kind::Reset { .. } | Kind::SetConfig { .. } => {}
                 Kind::Pin(reason) => self.pin(reason),
@@ -75,6 +85,7 @@ impl Session {
                         server_name,
                         prepare,
                         touch,
+                        access: self.shared.classifier.load().prepared(&text[range]),
                     };
                     self.statements.sql.insert(name, Arc::new(prepared));
                 }
@@ -111,6 +122,23 @@ impl Session {
             self.state.query(reset, shifts);
         }
         Ok(())
+    }
+
+    /// The error for a SET of one of the gateway's own settings (`regiongate.max_lag`) to a value it cannot
+    /// use, checked before it runs: the server accepts any value for a name it does not know.
+    fn refused_setting(kind: &Kind, text: &[u8], range: std::ops::Range<usize>) -> Option<PgError> {
+        let set = match kind {
+            Kind::Set { name } => name.starts_with(crate::route::SESSION_SETTING_PREFIX),
+            // SET LOCAL
+            Kind::Other => starts_with_set(&text[range.clone()]),
+            _ => false,
+        };
+        if !set {
+            return None;
+        }
+        let (name, value) =
+            sql::set_with_prefix(text, range, crate::route::SESSION_SETTING_PREFIX)?;
+        crate::route::check_session_setting(&name, &value).err()
     }
 
     /// A SQL-level prepared statement runs (EXECUTE, EXPLAIN EXECUTE): it must exist on this connection, and
@@ -197,7 +225,9 @@ impl Session {
         let body = protocol::body(&message);
         let (name, rest) =
             protocol::cstr(body).ok_or_else(|| PgError::fatal("08P01", "invalid Parse message"))?;
-        let renamed = self.sql_prepared_in_parse(rest);
+        let renamed = self
+            .refused_parse(rest)
+            .or_else(|| self.sql_prepared_in_parse(rest));
         let rest: &[u8] = renamed.as_deref().unwrap_or(rest);
         let rest_bytes = match &renamed {
             Some(renamed) => renamed.clone(),
@@ -230,6 +260,29 @@ impl Session {
             self.state.parse(false, Some(server_name));
         }
         Ok(())
+    }
+
+    /// A Parse of a SET of a gateway setting to a bad value, or of a statement with a malformed routing hint:
+    /// the Parse body with a statement that fails as the original should. A hinted statement with parameters
+    /// keeps its text (the raising statement could not take its Bind), and its hint is ignored with a warning.
+    fn refused_parse(&self, rest: &[u8]) -> Option<Bytes> {
+        let (text, after) = protocol::cstr(rest)?;
+        let error = match crate::route::hint::malformed(text) {
+            Some(_) if memchr::memchr(b'$', text).is_some() => {
+                tracing::warn!(statement = %String::from_utf8_lossy(text), "a malformed routing hint in a statement with parameters is ignored");
+                return None;
+            }
+            Some(error) => error,
+            None if starts_with_set(text) => {
+                let range = sql::split(text).next()?;
+                Self::refused_setting(&sql::classify(text, range.clone()), text, range)?
+            }
+            None => return None,
+        };
+        let mut body = BytesMut::with_capacity(rest.len() + 128);
+        protocol::put_cstr(&mut body, error.raising_statement().as_bytes());
+        body.extend_from_slice(after);
+        Some(body.freeze())
     }
 
     /// A Parse whose text runs a SQL-level prepared statement of this client (`EXECUTE p`, as drivers that
@@ -398,4 +451,12 @@ impl Session {
         self.io.to_server.extend_from_slice(&message);
         Ok(())
     }
+}
+
+/// Whether a statement starts with the word SET (SET LOCAL included, which [`sql::classify`] calls Other).
+fn starts_with_set(statement: &[u8]) -> bool {
+    statement
+        .trim_ascii_start()
+        .get(..4)
+        .is_some_and(|head| head[..3].eq_ignore_ascii_case(b"set") && head[3].is_ascii_whitespace())
 }

@@ -201,9 +201,16 @@ impl Session {
     ) -> Option<Class> {
         let body = protocol::body(message);
         match tag {
-            tag::QUERY => protocol::query_text(body).map(|text| match shape {
-                Some(shape) => self.shared.classifier.load().classify_shaped(text, shape),
-                None => self.shared.classifier.load().classify(text),
+            tag::QUERY => protocol::query_text(body).map(|text| {
+                let class = match shape {
+                    Some(shape) => self.shared.classifier.load().classify_shaped(text, shape),
+                    None => self.shared.classifier.load().classify(text),
+                };
+                if class.access == Access::Write && !self.statements.sql.is_empty() {
+                    self.executes_prepared(text).unwrap_or(class)
+                } else {
+                    class
+                }
             }),
             tag::PARSE => {
                 let (_, rest) = protocol::cstr(body)?;
@@ -221,6 +228,29 @@ impl Session {
             }),
             _ => None,
         }
+    }
+
+    /// The class of a Query that EXECUTEs SQL-level prepared statements: each EXECUTE by what its statement
+    /// does, the other statements by their own class. None when it executes none the session prepared.
+    fn executes_prepared(&self, text: &[u8]) -> Option<Class> {
+        let classifier = self.shared.classifier.load();
+        let mut executes = false;
+        let mut access = Access::Any;
+        for range in crate::sql::split(text) {
+            let prepared = match crate::sql::classify(text, range.clone()) {
+                crate::sql::Kind::Execute { name, .. } => self.statements.sql.get(&name),
+                _ => None,
+            };
+            executes |= prepared.is_some();
+            access = access.and(match prepared {
+                Some(prepared) => prepared.access,
+                None => classifier.classify(&text[range]).access,
+            });
+        }
+        executes.then(|| Class {
+            access,
+            ..classifier.classify(text)
+        })
     }
 
     /// The combined class of the client's next exchange: its complete messages up to a Sync or Query; and

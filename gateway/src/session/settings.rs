@@ -238,7 +238,7 @@ impl Tracker {
                 "regiongate: this session's settings could not be restored on a server connection \
                  ({message}); the statement was not run"
             ),
-            detail: None,
+            ..PgError::error("XX000", "")
         })
     }
 }

@@ -113,6 +113,8 @@ pub struct SqlPrepared {
     pub prepare: String,
     /// What running it does to the settings (it calls `set_config`).
     pub touch: Option<Touch>,
+    /// Where its EXECUTE may run: what the prepared statement does.
+    pub access: crate::route::Access,
 }
 
 /// The statements one client prepared.
