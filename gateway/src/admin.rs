@@ -601,6 +601,10 @@ impl Console {
                 format!("{:?}", config.routing.when_no_replica_fits).to_lowercase(),
             ),
             (
+                "routing.primary_reads",
+                format!("{:?}", config.routing.primary_reads).to_lowercase(),
+            ),
+            (
                 "routing.monitor_interval",
                 format!("{:?}", config.routing.monitor_interval),
             ),

@@ -25,6 +25,11 @@ async fn start(routing: &str) -> Env {
 }
 
 async fn start_with(primary_one_way: Duration, routing: &str) -> Env {
+    start_in("eu-west", primary_one_way, routing).await
+}
+
+/// The same topology, with the gateway's home region `home`.
+async fn start_in(home: &str, primary_one_way: Duration, routing: &str) -> Env {
     let topology = tokio::task::spawn_blocking(move || {
         let topology = Topology::start(
             "us-east",
@@ -45,7 +50,7 @@ async fn start_with(primary_one_way: Duration, routing: &str) -> Env {
     .await
     .unwrap();
     let yaml = format!(
-        "listen: 127.0.0.1:0\nhome_region: eu-west\n{}auth: {{ method: scram-sha-256, users: [ {{ name: app, password: {APP_PASSWORD} }} ] }}\nadmin: {{ users: [ app ] }}\npool: {{ size: 4 }}\nrouting: {{ monitor_interval: 50ms, {routing} }}\n",
+        "listen: 127.0.0.1:0\nhome_region: {home}\n{}auth: {{ method: scram-sha-256, users: [ {{ name: app, password: {APP_PASSWORD} }} ] }}\nadmin: {{ users: [ app ] }}\npool: {{ size: 4 }}\nrouting: {{ monitor_interval: 50ms, {routing} }}\n",
         topology.gateway_yaml("app")
     );
     let config = Config::parse(&yaml, "test").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
@@ -1145,4 +1150,26 @@ async fn bad_values_of_gateway_settings_and_malformed_hints_are_refused() {
         .await
         .expect_err("accepted");
     assert_eq!(error.code().unwrap().code(), "22023", "{error:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_in_the_primary_s_region_reads_there_before_crossing_regions() {
+    // us-east holds the primary (1 ms away) and no replica; eu-west's replica is 1 ms away, ap-south's 40.
+    for (primary_reads, on_the_primary) in [("local", true), ("never", false)] {
+        let env = start_in(
+            "us-east",
+            Duration::from_millis(1),
+            &format!("max_lag: 5s, primary_reads: {primary_reads}"),
+        )
+        .await;
+        let client = env.client().await;
+        let expected = if on_the_primary {
+            env.primary_port()
+        } else {
+            env.port_of("eu-west")
+        };
+        for _ in 0..3 {
+            assert_eq!(server_port(&client, "").await, expected, "{primary_reads}");
+        }
+    }
 }

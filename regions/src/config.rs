@@ -51,6 +51,21 @@ fn urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ServerUrl>, D::Error> {
         .collect()
 }
 
+/// Whether the primary serves reads in its own region (`routing.primary_reads`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrimaryReads {
+    /// A gateway whose home region is the primary's reads from the primary when no replica of that region
+    /// fits, before any other region is tried.
+    #[default]
+    Local,
+    /// The primary serves reads only when no replica anywhere fits (`when_no_replica_fits: primary`).
+    Never,
+    /// The primary is one more replica of its region, for every gateway: tried in its region's turn, and
+    /// chosen over that region's replicas when its round trip is shorter.
+    Always,
+}
+
 /// What to do with a read when no replica is fresh enough.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -70,6 +85,7 @@ pub struct Routing {
     /// After a session's write commits, its reads go only to replicas that have replayed it.
     pub read_your_writes: bool,
     pub when_no_replica_fits: WhenNoReplicaFits,
+    pub primary_reads: PrimaryReads,
     /// Regions to try in this order; empty means home region first, then by measured round trip.
     pub region_order: Vec<String>,
     /// How often replicas are measured and the heartbeat is written.
@@ -148,6 +164,7 @@ impl Default for Routing {
             max_lag: Duration::from_secs(1),
             read_your_writes: true,
             when_no_replica_fits: WhenNoReplicaFits::Primary,
+            primary_reads: PrimaryReads::Local,
             region_order: Vec::new(),
             monitor_interval: Duration::from_millis(250),
             ban_time: Duration::from_secs(5),

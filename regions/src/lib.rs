@@ -42,6 +42,8 @@ pub struct Regions {
     outstanding: Vec<AtomicU32>,
     /// Consecutive bans per replica, for the doubling ban time.
     strikes: Vec<AtomicU32>,
+    /// The primary as its heartbeat sees it: answering, and the smoothed round trip.
+    primary_seen: Mutex<(bool, Option<Duration>)>,
 }
 
 impl Regions {
@@ -64,12 +66,7 @@ impl Regions {
                 ));
             }
         }
-        let picture = Picture {
-            region_order: picture::region_order(&statuses, &routing.region_order, home_region),
-            replicas: statuses.clone(),
-            primary_region: primary.region.as_deref().map(Arc::from),
-        };
-        Arc::new(Regions {
+        let regions = Regions {
             routing: routing.clone(),
             primary_url: primary.url.clone(),
             primary_region: primary.region.as_deref().map(Arc::from),
@@ -79,10 +76,46 @@ impl Regions {
             login,
             outstanding: statuses.iter().map(|_| AtomicU32::new(0)).collect(),
             strikes: statuses.iter().map(|_| AtomicU32::new(0)).collect(),
-            statuses: Mutex::new(statuses),
-            picture: ArcSwap::from_pointee(picture),
+            picture: ArcSwap::from_pointee(Picture::default()),
             heartbeats: Mutex::new(Heartbeats::default()),
-        })
+            primary_seen: Mutex::new((true, None)),
+            statuses: Mutex::new(statuses),
+        };
+        regions.publish(&regions.statuses.lock().unwrap_or_else(|p| p.into_inner()));
+        Arc::new(regions)
+    }
+
+    /// Publishes the picture of these statuses.
+    fn publish(&self, statuses: &[ReplicaStatus]) {
+        let (up, rtt) = *self.primary_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let primary_reads = self.primary_region.as_ref().and_then(|region| {
+            let competes = match self.routing.primary_reads {
+                config::PrimaryReads::Never => return None,
+                config::PrimaryReads::Local if self.home_region.as_ref() != Some(region) => {
+                    return None
+                }
+                config::PrimaryReads::Local => false,
+                config::PrimaryReads::Always => true,
+            };
+            Some(picture::PrimaryCandidate {
+                region: region.clone(),
+                up,
+                rtt,
+                competes,
+            })
+        });
+        let picture = Picture {
+            region_order: picture::region_order(
+                statuses,
+                primary_reads.as_ref(),
+                &self.routing.region_order,
+                self.home_region.as_deref(),
+            ),
+            replicas: statuses.to_vec(),
+            primary_region: self.primary_region.clone(),
+            primary_reads,
+        };
+        self.picture.store(Arc::new(picture));
     }
 
     pub fn has_replicas(&self) -> bool {

@@ -8,7 +8,7 @@
 //! right on an idle primary (the heartbeat keeps WAL moving) and is zero once replay catches up.
 
 use crate::lsn::Lsn;
-use crate::picture::{region_order, Picture, ReplicaId, ReplicaStatus};
+use crate::picture::{ReplicaId, ReplicaStatus};
 use crate::Regions;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -279,6 +279,7 @@ pub(crate) async fn probe(regions: Arc<Regions>, id: ReplicaId) {
 
 impl Regions {
     fn heartbeat_written(&self, heartbeat: Heartbeat) {
+        self.primary_seen(Some(heartbeat.sent.elapsed()));
         self.heartbeats
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -287,6 +288,7 @@ impl Regions {
     }
 
     fn primary_failed(&self, error: &str) {
+        self.primary_seen(None);
         crate::metrics::PRIMARY_UP.set(0);
         tracing::warn!(primary = %self.primary_url, error, "heartbeat on the primary failed");
     }
@@ -351,16 +353,22 @@ impl Regions {
             change(status);
             crate::metrics::observe(status);
         }
-        let picture = Picture {
-            region_order: region_order(
-                &statuses,
-                &self.routing.region_order,
-                self.home_region.as_deref(),
-            ),
-            replicas: statuses.clone(),
-            primary_region: self.primary_region.clone(),
-        };
-        self.picture.store(Arc::new(picture));
+        self.publish(&statuses);
+    }
+
+    /// The heartbeat answered in `rtt`, or failed (None): the primary's part of the picture.
+    fn primary_seen(&self, rtt: Option<Duration>) {
+        {
+            let mut seen = self.primary_seen.lock().unwrap_or_else(|p| p.into_inner());
+            let smoothed = match (rtt, seen.1) {
+                (Some(rtt), Some(previous)) => Some(previous.mul_f64(0.8) + rtt.mul_f64(0.2)),
+                (rtt, previous) => rtt.or(previous),
+            };
+            *seen = (rtt.is_some(), smoothed);
+        }
+        if self.routing.primary_reads != crate::config::PrimaryReads::Never {
+            self.publish(&self.statuses.lock().unwrap_or_else(|p| p.into_inner()));
+        }
     }
 }
 

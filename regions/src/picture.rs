@@ -70,6 +70,21 @@ pub struct Picture {
     /// Nearest region first.
     pub region_order: Vec<Arc<str>>,
     pub primary_region: Option<Arc<str>>,
+    /// The primary as a read candidate of its region (`routing.primary_reads`); None where it serves reads
+    /// only as the last resort.
+    pub primary_reads: Option<PrimaryCandidate>,
+}
+
+/// The primary as a read candidate in its own region.
+#[derive(Clone, Debug)]
+pub struct PrimaryCandidate {
+    pub region: Arc<str>,
+    /// Its heartbeat answers (until one fails it is assumed up).
+    pub up: bool,
+    /// Smoothed round trip of the heartbeat.
+    pub rtt: Option<Duration>,
+    /// `always`: it is chosen over its region's replicas when nearer. `local`: only when none of them fits.
+    pub competes: bool,
 }
 
 /// What a read needs from a replica.
@@ -98,6 +113,8 @@ pub enum Reason {
     Hint,
     /// The nearest region had a replica within budget.
     WithinBudget,
+    /// The primary served a read in its own region (`routing.primary_reads`).
+    PrimaryInRegion,
     /// A nearer replica was over the budget.
     OverBudget,
     /// A nearer replica was down or banned.
@@ -126,6 +143,7 @@ impl Reason {
             Reason::Write => "write",
             Reason::Hint => "hint",
             Reason::WithinBudget => "within-budget",
+            Reason::PrimaryInRegion => "primary-in-region",
             Reason::OverBudget => "over-budget",
             Reason::Down => "down",
             Reason::ReadYourWrites => "read-your-writes",
@@ -226,6 +244,24 @@ impl Picture {
                             best = Some((replica, load));
                         }
                     }
+                }
+            }
+            let primary = self
+                .primary_reads
+                .as_ref()
+                .filter(|p| p.up && &p.region == region);
+            if let Some(primary) = primary {
+                let nearer = |replica: &ReplicaStatus| match (primary.rtt, replica.rtt) {
+                    (Some(p), Some(r)) => p < r,
+                    _ => false,
+                };
+                if best.is_none() || primary.competes && best.is_some_and(|(r, _)| nearer(r)) {
+                    return Ok(Decision {
+                        target: Target::Primary,
+                        reason: first_skip.unwrap_or(Reason::PrimaryInRegion),
+                        region: Some(region.clone()),
+                        fresh_until: None,
+                    });
                 }
             }
             if let Some((replica, _)) = best {
@@ -339,23 +375,33 @@ impl Picture {
 }
 
 /// Regions nearest first: a static order when configured (regions it omits follow), else the home region,
-/// then the others by their best measured round trip (unmeasured last).
+/// then the others by their best measured round trip (unmeasured last). The primary's region is one of them
+/// when the primary is a read candidate there.
 pub fn region_order(
     replicas: &[ReplicaStatus],
+    primary: Option<&PrimaryCandidate>,
     static_order: &[String],
     home: Option<&str>,
 ) -> Vec<Arc<str>> {
     let mut regions: Vec<Arc<str>> = Vec::new();
-    for r in replicas {
-        if !regions.contains(&r.region) {
-            regions.push(r.region.clone());
+    for region in replicas
+        .iter()
+        .map(|r| &r.region)
+        .chain(primary.map(|p| &p.region))
+    {
+        if !regions.contains(region) {
+            regions.push(region.clone());
         }
     }
     let best_rtt = |region: &Arc<str>| {
+        let primary = primary
+            .filter(|p| &p.region == region && p.up)
+            .and_then(|p| p.rtt);
         replicas
             .iter()
             .filter(|r| &r.region == region && r.up)
             .filter_map(|r| r.rtt)
+            .chain(primary)
             .min()
             .unwrap_or(Duration::MAX)
     };
@@ -401,9 +447,10 @@ mod tests {
             replica(2, "ap-south", 121, 100, now),
         ];
         Picture {
-            region_order: region_order(&replicas, &[], Some("eu-west")),
+            region_order: region_order(&replicas, None, &[], Some("eu-west")),
             replicas,
             primary_region: Some("us-east".into()),
+            primary_reads: None,
         }
     }
 
@@ -413,6 +460,84 @@ mod tests {
             min_lsn: None,
             exclude: None,
         }
+    }
+
+    /// The gateway's home is the primary's region, us-east (3 ms), which has a replica 2 ms away that is
+    /// 100 ms stale; eu-west's replica is 80 ms away and 10 ms stale.
+    fn picture_at_the_primary(now: Instant, competes: bool) -> Picture {
+        let replicas = vec![
+            replica(0, "us-east", 2, 100, now),
+            replica(1, "eu-west", 80, 10, now),
+        ];
+        let primary = PrimaryCandidate {
+            region: "us-east".into(),
+            up: true,
+            rtt: Some(Duration::from_millis(3)),
+            competes,
+        };
+        Picture {
+            region_order: region_order(&replicas, Some(&primary), &[], Some("us-east")),
+            replicas,
+            primary_region: Some("us-east".into()),
+            primary_reads: Some(primary),
+        }
+    }
+
+    #[test]
+    fn the_primary_serves_reads_in_its_region_as_configured() {
+        let now = Instant::now();
+        let choose = |picture: &Picture, max_lag_ms| {
+            let d = picture
+                .choose(&request(max_lag_ms), now, |_| 0, false)
+                .unwrap();
+            (d.target, d.reason, d.region.as_deref().map(str::to_string))
+        };
+        let us = Some("us-east".to_string());
+        // local: the region's replica while it fits; else the primary, before eu-west is tried.
+        let local = picture_at_the_primary(now, false);
+        assert_eq!(
+            choose(&local, 1000),
+            (Target::Replica(0), Reason::WithinBudget, us.clone())
+        );
+        assert_eq!(
+            choose(&local, 50),
+            (Target::Primary, Reason::PrimaryInRegion, us.clone())
+        );
+        // always: the nearer of the primary and the region's replicas (here the replica: 2 ms against 3).
+        let mut always = picture_at_the_primary(now, true);
+        assert_eq!(choose(&always, 1000).0, Target::Replica(0));
+        always.primary_reads.as_mut().unwrap().rtt = Some(Duration::from_millis(1));
+        assert_eq!(
+            choose(&always, 1000),
+            (Target::Primary, Reason::PrimaryInRegion, us.clone())
+        );
+        // A primary whose heartbeat fails is no candidate: the read crosses to eu-west.
+        let mut down = picture_at_the_primary(now, false);
+        down.primary_reads.as_mut().unwrap().up = false;
+        assert_eq!(
+            choose(&down, 50),
+            (
+                Target::Replica(1),
+                Reason::OverBudget,
+                Some("eu-west".to_string())
+            )
+        );
+        // The primary's region without replicas of its own is in the order, by the primary's round trip.
+        let primary = PrimaryCandidate {
+            region: "us-east".into(),
+            up: true,
+            rtt: Some(Duration::from_millis(30)),
+            competes: true,
+        };
+        let replicas = vec![
+            replica(0, "eu-west", 80, 100, now),
+            replica(1, "ap", 10, 100, now),
+        ];
+        let order = region_order(&replicas, Some(&primary), &[], None);
+        assert_eq!(
+            order.iter().map(|r| &**r).collect::<Vec<_>>(),
+            ["ap", "us-east", "eu-west"]
+        );
     }
 
     #[test]
@@ -577,15 +702,20 @@ mod tests {
         ];
         let names = |v: Vec<Arc<str>>| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            names(region_order(&replicas, &[], Some("home"))),
+            names(region_order(&replicas, None, &[], Some("home"))),
             ["home", "near", "far"]
         );
         assert_eq!(
-            names(region_order(&replicas, &[], None)),
+            names(region_order(&replicas, None, &[], None)),
             ["near", "home", "far"]
         );
         assert_eq!(
-            names(region_order(&replicas, &["far".to_string()], Some("home"))),
+            names(region_order(
+                &replicas,
+                None,
+                &["far".to_string()],
+                Some("home")
+            )),
             ["far", "home", "near"]
         );
     }
