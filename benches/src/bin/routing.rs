@@ -105,6 +105,70 @@ async fn main() -> Result<()> {
     );
     println!("{text}");
     write_section("routing", &text)?;
+    drop(topology);
+    primary_region(duration.min(Duration::from_secs(10))).await
+}
+
+/// A gateway in the primary's own region, which has no replica: reads with `routing.primary_reads: never`
+/// (every read crosses to the nearest replica's region, as before the setting existed) against `local`.
+async fn primary_region(duration: Duration) -> Result<()> {
+    use testbed::{RegionSpec, Topology};
+    eprintln!("starting the primary-region topology...");
+    let topology = tokio::task::spawn_blocking(|| {
+        Topology::start(
+            "us-east",
+            Duration::from_micros(100),
+            &[RegionSpec::new("eu-west", 1, Duration::from_millis(40))],
+        )
+    })
+    .await??;
+    let cluster = &topology.primary.cluster;
+    cluster.create_user_and_db("app", "app", "app")?;
+    cluster.psql(
+        "app",
+        &format!("CREATE TABLE items (id int PRIMARY KEY, qty int NOT NULL); INSERT INTO items SELECT g, 0 FROM generate_series(1, {ROWS}) g; ALTER TABLE items OWNER TO app"),
+    )?;
+    let servers = topology.gateway_yaml("app");
+    let mut ports = Vec::new();
+    for mode in ["never", "local"] {
+        let yaml = format!(
+            "home_region: us-east
+routing: {{ primary_reads: {mode} }}
+{servers}"
+        );
+        ports.push((mode, start_gateway(&yaml).await?));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut reads: Vec<(&str, Vec<Duration>)> =
+        ports.iter().map(|(m, _)| (*m, Vec::new())).collect();
+    for round in 0..2 {
+        for (i, (mode, port)) in ports.iter().enumerate() {
+            eprintln!("round {round}: primary_reads {mode}");
+            let url = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
+            reads[i].1.extend(run(&url, duration, 0).await?.0);
+        }
+    }
+    let mut table = String::from(
+        "| routing.primary_reads | reads | read median ms | read p99 ms |\n|---|---:|---:|---:|\n",
+    );
+    for (mode, latencies) in &mut reads {
+        latencies.sort();
+        table.push_str(&format!(
+            "| {mode} | {} | {:.2} | {:.2} |\n",
+            latencies.len(),
+            ms(percentile(latencies, 0.5)),
+            ms(percentile(latencies, 0.99)),
+        ));
+    }
+    let text = format!(
+        "Run on {}: {} s per setting and round, 2 rounds, interleaved; {READERS} reader clients (point SELECT by \
+         primary key) through a gateway whose home region is the primary's (us-east, 0.2 ms round trip), which \
+         has no replica; the nearest replica is eu-west's (80 ms).\n\n{table}",
+        now_utc(),
+        duration.as_secs(),
+    );
+    println!("{text}");
+    write_section("routing-primary-region", &text)?;
     Ok(())
 }
 
