@@ -66,6 +66,10 @@ const HELP: &[(&str, &str)] = &[
         "RELOAD",
         "re-read the configuration file; an invalid file is refused and the old one stays",
     ),
+    (
+        "RELOAD USERS",
+        "forget the users auth.query looked up: their next login asks the primary again",
+    ),
     ("BAN host:port", "no reads to that replica until UNBAN"),
     ("UNBAN host:port", "lift a ban"),
     (
@@ -165,6 +169,13 @@ impl SimpleQueryHandler for Console {
                     Ok(_) => Response::Execution(Tag::new("REFRESH VIEW")),
                     Err(e) => error(e.sqlstate(), format!("view not refreshed: {e}")),
                 }
+            }
+            ["RELOAD", "USERS"] => {
+                if let Some(lookup) = &self.shared.credentials.load().lookup {
+                    lookup.forget();
+                    tracing::info!("auth.query answers forgotten (RELOAD USERS)");
+                }
+                Response::Execution(Tag::new("RELOAD"))
             }
             ["RELOAD"] => match self.shared.reload() {
                 Ok(()) => Response::Execution(Tag::new("RELOAD")),
@@ -566,6 +577,15 @@ impl Console {
                 format!("{:?}", config.pool.max_lifetime),
             ),
             ("auth.method", format!("{:?}", config.auth.method)),
+            (
+                "auth.query_user",
+                config.auth.query_user.clone().unwrap_or_default(),
+            ),
+            ("auth.query", config.auth.query.clone()),
+            (
+                "auth.query_cache_ttl",
+                format!("{:?}", config.auth.query_cache_ttl),
+            ),
             (
                 "auth.users",
                 config

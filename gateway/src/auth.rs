@@ -7,6 +7,7 @@
 //! Server side: the gateway logs in to PostgreSQL with postgres-protocol's SCRAM client, md5 or a clear-text
 //! password, and collects the server's ParameterStatus and BackendKeyData.
 
+use crate::auth_query::Found;
 use crate::config::{is_md5_hash, AuthMethod, Config};
 use crate::protocol::{self, PgError};
 use crate::scram::{parse_scram_verifier, ScramVerifier};
@@ -27,6 +28,8 @@ const CANCEL_REQUEST: i32 = 80877102;
 pub struct Credentials {
     method: AuthMethod,
     users: HashMap<String, Secret>,
+    /// Users not listed are looked up on the primary (`auth.query_user`).
+    pub lookup: Option<crate::auth_query::AuthQuery>,
     /// Answers SCRAM for unknown users, so a failed login does not reveal whether the user exists.
     decoy: ScramVerifier,
 }
@@ -69,6 +72,7 @@ impl Credentials {
         Credentials {
             method,
             users,
+            lookup: crate::auth_query::AuthQuery::from_config(config),
             decoy: ScramVerifier::from_password(&format!("{:x}", rand::random::<u128>())),
         }
     }
@@ -270,12 +274,13 @@ fn parse_options(text: &str) -> Vec<(String, String)> {
 }
 
 /// Authenticates the client as `startup.user`, writing the Authentication requests; on success the caller
-/// sends AuthenticationOk and the rest of the startup response.
+/// sends AuthenticationOk and the rest of the startup response. For a user looked up with `auth.query`, the
+/// success carries what the login proved, for the user's server connections.
 pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     credentials: &Credentials,
     startup: &Startup,
-) -> Result<(), StartupError> {
+) -> Result<Option<LearnedSecret>, StartupError> {
     let failed = || {
         StartupError::Denied(PgError::fatal(
             "28P01",
@@ -285,10 +290,36 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
             ),
         ))
     };
-    let secret = credentials.users.get(&startup.user);
+    let mut secret = credentials.users.get(&startup.user);
+    let looked_up = match (&credentials.lookup, secret) {
+        (Some(lookup), None) => {
+            let found = lookup
+                .lookup(&startup.user)
+                .await
+                .map_err(StartupError::Refused)?;
+            match (credentials.method, found) {
+                (AuthMethod::Md5, Found::Md5(hash)) => Some(Secret::Md5(hash)),
+                (AuthMethod::ScramSha256 | AuthMethod::Trust, Found::Scram(verifier)) => {
+                    Some(Secret::Scram(verifier))
+                }
+                (AuthMethod::Trust, Found::Md5(hash)) => Some(Secret::Md5(hash)),
+                (method, Found::Scram(_) | Found::Md5(_)) => {
+                    // The login fails as for a wrong password; the log says why.
+                    tracing::warn!(user = %startup.user, ?method, "auth.query found the user, but its password is stored in a form this auth.method cannot check");
+                    None
+                }
+                (_, Found::Nothing) => None,
+            }
+        }
+        _ => None,
+    };
+    if looked_up.is_some() {
+        secret = looked_up.as_ref();
+    }
+    let learned = |proved: Option<LearnedSecret>| if looked_up.is_some() { proved } else { None };
     match credentials.method {
         AuthMethod::Trust => match secret {
-            Some(_) => Ok(()),
+            Some(_) => Ok(None),
             None => Err(StartupError::Denied(PgError::fatal(
                 "28000",
                 format!(
@@ -311,7 +342,7 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
                     input.extend_from_slice(&salt);
                     let expected = format!("md5{:x}", md5::compute(input));
                     if constant_time_eq(expected.as_bytes(), given.as_bytes()) {
-                        Ok(())
+                        Ok(learned(Some(LearnedSecret::Md5(hash.clone()))))
                     } else {
                         Err(failed())
                     }
@@ -348,6 +379,7 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
             let (server_first, waiting) = scram
                 .on_client_first_message_with_secret(&client_first, verifier.secret())
                 .map_err(|e| protocol_violation(&format!("malformed SCRAM message: {e}")))?;
+            let server_first_sent = server_first.clone();
             send(
                 stream,
                 Authentication::SASLContinue(Bytes::from(server_first)),
@@ -359,8 +391,17 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
                 .map_err(|_| protocol_violation("expected a SASLResponse message"))?;
             match waiting.on_client_final_message(&response.data) {
                 Ok(server_final) if known => {
+                    let proved = learned(
+                        verifier
+                            .recover_keys(
+                                &client_first,
+                                server_first_sent.as_bytes(),
+                                &response.data,
+                            )
+                            .map(LearnedSecret::Scram),
+                    );
                     send(stream, Authentication::SASLFinal(Bytes::from(server_final))).await?;
-                    Ok(())
+                    Ok(proved)
                 }
                 _ => Err(failed()),
             }
@@ -432,6 +473,16 @@ async fn read_password_message<S: AsyncRead + Unpin>(
     Ok(PasswordMessageFamily::Raw(body))
 }
 
+/// How server connections log in as a user looked up with `auth.query`, whose password the gateway never
+/// sees: what that user's last client login proved.
+#[derive(Clone)]
+pub enum LearnedSecret {
+    /// The ClientKey of a SCRAM login, with its verifier.
+    Scram(crate::scram::ScramKeys),
+    /// md5(password + user) in hex, as `pg_authid` stores md5 passwords: md5 logins need no more.
+    Md5(String),
+}
+
 /// What a server told us while we logged in.
 pub struct ServerLogin {
     pub pid: i32,
@@ -457,11 +508,14 @@ pub enum ServerLoginError {
 /// `end_point` is the TLS server certificate's hash when the stream is TLS ([`crate::tls::tls_server_end_point`]): SCRAM
 /// then binds to the channel when the server offers it (SCRAM-SHA-256-PLUS), as libpq does by default, so that
 /// an authentication relayed by someone in the middle fails.
+/// `learned`: for a user looked up with `auth_query`, what its last client login proved (used when there is
+/// no password).
 pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     read_buf: &mut BytesMut,
     user: &str,
     password: Option<&str>,
+    learned: Option<&LearnedSecret>,
     database: &str,
     end_point: Option<Vec<u8>>,
 ) -> Result<ServerLogin, ServerLoginError> {
@@ -481,7 +535,16 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
             "the server asks a password for {user}, and none is configured"
         ))
     };
-    let mut scram: Option<ScramSha256> = None;
+    enum Scram {
+        Password(ScramSha256),
+        Keys(crate::scram::KeyedScramClient),
+    }
+    let mut scram: Option<Scram> = None;
+    let learned_refused = |what: String| {
+        ServerLoginError::Protocol(format!(
+            "{what} for {user}, a user looked up with auth.query: log in again through the gateway"
+        ))
+    };
     let mut login = ServerLogin {
         pid: 0,
         secret: 0,
@@ -510,11 +573,25 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
                 login.method = "password";
             }
             Backend::AuthenticationMd5Password(body) => {
-                let hash = postgres_protocol::authentication::md5_hash(
-                    user.as_bytes(),
-                    password.ok_or_else(need_password)?.as_bytes(),
-                    body.salt(),
-                );
+                let hash = match (password, learned) {
+                    (Some(password), _) => postgres_protocol::authentication::md5_hash(
+                        user.as_bytes(),
+                        password.as_bytes(),
+                        body.salt(),
+                    ),
+                    // md5(password + user) is what md5 authentication hashes with the salt.
+                    (None, Some(LearnedSecret::Md5(inner))) => {
+                        let mut input = inner.as_bytes().to_vec();
+                        input.extend_from_slice(&body.salt());
+                        format!("md5{:x}", md5::compute(input))
+                    }
+                    (None, Some(LearnedSecret::Scram(_))) => {
+                        return Err(learned_refused(
+                            "the server asks md5, and only SCRAM keys are known".into(),
+                        ))
+                    }
+                    (None, None) => return Err(need_password()),
+                };
                 frontend::password_message(hash.as_bytes(), &mut out)?;
                 login.method = "md5";
             }
@@ -526,7 +603,6 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
                     plain |= m == SCRAM_SHA_256;
                     plus |= m == SCRAM_SHA_256_PLUS;
                 }
-                let password = password.ok_or_else(need_password)?.as_bytes();
                 // RFC 5802's gs2 flag: bind when both sides can; "y" (we could, the server did not offer it)
                 // lets a server that did offer it detect a downgrade; "n" when the stream is not TLS.
                 let (mechanism, binding) = match end_point.clone() {
@@ -542,8 +618,37 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
                         ))
                     }
                 };
-                let client = ScramSha256::new(password, binding);
-                frontend::sasl_initial_response(mechanism, client.message(), &mut out)?;
+                let client = match (password, learned) {
+                    (Some(password), _) => {
+                        Scram::Password(ScramSha256::new(password.as_bytes(), binding))
+                    }
+                    (None, Some(LearnedSecret::Scram(keys))) => {
+                        let (header, data) = match (&end_point, mechanism == SCRAM_SHA_256_PLUS) {
+                            (Some(hash), true) => ("p=tls-server-end-point,,", hash.clone()),
+                            (Some(_), false) => ("y,,", Vec::new()),
+                            (None, _) => ("n,,", Vec::new()),
+                        };
+                        Scram::Keys(crate::scram::KeyedScramClient::new(
+                            keys.clone(),
+                            header,
+                            data,
+                        ))
+                    }
+                    (None, Some(LearnedSecret::Md5(_))) => {
+                        return Err(learned_refused(
+                            "the server asks SCRAM, and only an md5 hash is known".into(),
+                        ))
+                    }
+                    (None, None) => return Err(need_password()),
+                };
+                match &client {
+                    Scram::Password(c) => {
+                        frontend::sasl_initial_response(mechanism, c.message(), &mut out)?
+                    }
+                    Scram::Keys(c) => {
+                        frontend::sasl_initial_response(mechanism, &c.client_first(), &mut out)?
+                    }
+                }
                 login.method = if mechanism == SCRAM_SHA_256_PLUS {
                     "scram-sha-256-plus"
                 } else {
@@ -551,19 +656,28 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
                 };
                 scram = Some(client);
             }
-            Backend::AuthenticationSaslContinue(body) => {
-                let client = scram
-                    .as_mut()
-                    .ok_or_else(|| ServerLoginError::Protocol("unexpected SASL continue".into()))?;
-                client.update(body.data())?;
-                frontend::sasl_response(client.message(), &mut out)?;
-            }
-            Backend::AuthenticationSaslFinal(body) => {
-                let client = scram
-                    .as_mut()
-                    .ok_or_else(|| ServerLoginError::Protocol("unexpected SASL final".into()))?;
-                client.finish(body.data())?;
-            }
+            Backend::AuthenticationSaslContinue(body) => match scram.as_mut() {
+                Some(Scram::Password(client)) => {
+                    client.update(body.data())?;
+                    frontend::sasl_response(client.message(), &mut out)?;
+                }
+                Some(Scram::Keys(client)) => {
+                    let answer = client.client_final(body.data()).map_err(learned_refused)?;
+                    frontend::sasl_response(&answer, &mut out)?;
+                }
+                None => {
+                    return Err(ServerLoginError::Protocol(
+                        "unexpected SASL continue".into(),
+                    ))
+                }
+            },
+            Backend::AuthenticationSaslFinal(body) => match scram.as_mut() {
+                Some(Scram::Password(client)) => client.finish(body.data())?,
+                Some(Scram::Keys(client)) => client
+                    .verify(body.data())
+                    .map_err(ServerLoginError::Protocol)?,
+                None => return Err(ServerLoginError::Protocol("unexpected SASL final".into())),
+            },
             Backend::ParameterStatus(body) => {
                 login
                     .parameters

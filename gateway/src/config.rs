@@ -292,6 +292,15 @@ pub enum AuthMethod {
 pub struct AuthConfig {
     pub method: AuthMethod,
     pub users: Vec<User>,
+    /// Users not in `users` are looked up on the primary, logged in as this role (its server password from
+    /// `users` when it is listed, else the primary URL's), with `query`. Unset: only listed users log in.
+    pub query_user: Option<String>,
+    /// Returns the user's name and stored password (SCRAM verifier or md5 hash) for `$1`; a SECURITY DEFINER
+    /// function lets a role that is not a superuser read them.
+    pub query: String,
+    /// How long a lookup's answer is used; a reload or `RELOAD USERS` forgets every answer.
+    #[serde(with = "duration")]
+    pub query_cache_ttl: std::time::Duration,
 }
 
 impl Default for AuthConfig {
@@ -299,6 +308,9 @@ impl Default for AuthConfig {
         AuthConfig {
             method: AuthMethod::ScramSha256,
             users: Vec::new(),
+            query_user: None,
+            query: "SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into(),
+            query_cache_ttl: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -599,10 +611,16 @@ impl Config {
         if let Some(unknown) = self.admin.users.iter().find(|a| self.user(a).is_none()) {
             return Err(("admin.users", format!("{unknown:?} is not in auth.users")));
         }
-        if self.auth.method != AuthMethod::Trust && self.auth.users.is_empty() {
+        if self.auth.query_user.is_some() && !self.auth.query.contains("$1") {
+            return Err(("auth.query", "must take the user's name as $1".into()));
+        }
+        if self.auth.method != AuthMethod::Trust
+            && self.auth.users.is_empty()
+            && self.auth.query_user.is_none()
+        {
             return Err((
                 "auth.users",
-                "no users: nobody could log in (list users, or use method: trust)".into(),
+                "no users: nobody could log in (list users, set auth.query_user, or use method: trust)".into(),
             ));
         }
         Ok(())

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod auth_query;
 pub mod batch;
 pub mod clients;
 pub mod config;
@@ -52,6 +53,8 @@ use tokio::net::TcpListener;
 pub struct Shared {
     pub config: ArcSwap<Config>,
     pub credentials: ArcSwap<Credentials>,
+    /// What looked-up users' logins proved, for their server connections (kept across reloads).
+    pub learned_secrets: auth_query::LearnedSecrets,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     pub clients: Arc<Clients>,
     pub statement_names: StatementNames,
@@ -177,6 +180,7 @@ impl Shared {
             classifier: ArcSwap::new(new_classifier(&config)),
             writing_shapes: route::WritingShapes::default(),
             credentials: ArcSwap::from_pointee(Credentials::new(&config)),
+            learned_secrets: Default::default(),
             tls: ArcSwap::from_pointee(tls),
             batcher: batch::Batcher::new(config.batching.max_queued_rows),
             admission: limits::Admission::default(),
@@ -331,11 +335,21 @@ impl Shared {
     }
 
     /// How connections to `server` log in for a client user: the user's `server_user`/`server_password`, its
-    /// own password, else the server URL's password, else the primary URL's.
+    /// own password, else the server URL's password, else the primary URL's. A user looked up with
+    /// `auth.query` logs in as itself, with what its latest client login proved.
     pub fn server_credentials(&self, server: &ServerUrl, user: &str) -> ServerCredentials {
         let config = self.config.load();
         let entry = config.user(user);
+        if entry.is_none() && config.auth.query_user.is_some() {
+            return ServerCredentials {
+                user: user.to_string(),
+                password: None,
+                learned: Some(self.learned_secrets.of(user)),
+                tls: config.server_tls.clone(),
+            };
+        }
         ServerCredentials {
+            learned: None,
             user: entry
                 .and_then(|u| u.server_user.clone())
                 .unwrap_or_else(|| user.to_string()),

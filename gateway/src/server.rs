@@ -40,6 +40,8 @@ pub fn wal_position(data_row_body: &[u8]) -> Option<regions::Lsn> {
 pub struct ServerCredentials {
     pub user: String,
     pub password: Option<String>,
+    /// For a user looked up with `auth.query`: what its latest client login proved.
+    pub learned: Option<Arc<arc_swap::ArcSwapOption<crate::auth::LearnedSecret>>>,
     pub tls: regions::ServerTls,
 }
 
@@ -82,11 +84,13 @@ impl ServerConn {
             .map_err(ServerLoginError::Protocol)?;
         let mut read_buf = BytesMut::with_capacity(16 * 1024);
         let end_point = stream.server_end_point();
+        let learned = credentials.learned.as_ref().and_then(|l| l.load_full());
         let login = login_to_server(
             &mut stream,
             &mut read_buf,
             &credentials.user,
             credentials.password.as_deref(),
+            learned.as_deref(),
             database,
             end_point,
         )

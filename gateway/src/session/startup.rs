@@ -68,7 +68,12 @@ pub async fn log_in(
     let credentials = shared.credentials.load_full();
     let auth = authenticate_client(&mut client, &credentials, &startup);
     match tokio::time::timeout(login_timeout, auth).await {
-        Ok(Ok(())) => shared.admission.login_succeeded(peer.ip(), &startup.user),
+        Ok(Ok(learned)) => {
+            shared.admission.login_succeeded(peer.ip(), &startup.user);
+            if let Some(learned) = learned {
+                shared.learned_secrets.learn(&startup.user, learned);
+            }
+        }
         Ok(Err(error)) => {
             if let Some(e) = error.error() {
                 // The message names the user, never a password or proof.
