@@ -31,6 +31,10 @@ pub struct Duplex {
     pub client_skip_forward: bool,
     /// Bytes left of a server message streamed through before it is complete (large DataRow).
     pub server_skip: usize,
+    /// The three buffers are in the stock (or were never taken): the next wait takes a set. A flag of its
+    /// own, because no buffer's capacity can tell: a buffer read to the end of its allocation has none left,
+    /// yet the other two may hold bytes still owed.
+    parked: bool,
 }
 
 /// What to wait for besides the client, decided by the session.
@@ -74,6 +78,7 @@ impl Duplex {
             client_skip: 0,
             client_skip_forward: false,
             server_skip: 0,
+            parked: true,
         }
     }
 
@@ -144,7 +149,7 @@ impl Duplex {
                 return event;
             }
         }
-        if self.from_client.capacity() == 0 {
+        if self.parked {
             // The client speaks again (or has not spoken yet): buffers for its exchange.
             self.take_buffers();
         }
@@ -266,6 +271,7 @@ impl Duplex {
             &mut self.to_client,
             &mut self.to_server,
         ];
+        let parked = &mut self.parked;
         spare::STOCK.with_borrow_mut(|stock| {
             let read = match tcp.try_read(&mut stock.probe[..]) {
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return None,
@@ -273,6 +279,7 @@ impl Duplex {
             };
             let [from_client, to_client, to_server] = buffers;
             stock.take_into(from_client, to_client, to_server);
+            *parked = false;
             if let Ok(n) = read {
                 from_client.extend_from_slice(&stock.probe[..n]);
             }
@@ -284,9 +291,10 @@ impl Duplex {
 impl Duplex {
     /// Gives the three buffers (empty) to the stock as one set.
     fn give_buffers(&mut self) {
-        if self.from_client.capacity() == 0 {
+        if self.parked {
             return;
         }
+        self.parked = true;
         let set = [
             std::mem::take(&mut self.from_client),
             std::mem::take(&mut self.to_client),
@@ -297,6 +305,10 @@ impl Duplex {
 
     /// Takes a set of buffers from the stock, or new ones.
     fn take_buffers(&mut self) {
+        if !self.parked {
+            return;
+        }
+        self.parked = false;
         spare::STOCK.with_borrow_mut(|stock| {
             stock.take_into(
                 &mut self.from_client,
@@ -347,16 +359,15 @@ mod spare {
     }
 
     impl Stock {
-        /// Gives a session without buffers a set from the stock, or new ones.
+        /// Gives a session whose buffers are parked (empty, [`super::Duplex::parked`]) a set from the stock,
+        /// or new ones.
         pub fn take_into(
             &mut self,
             from_client: &mut BytesMut,
             to_client: &mut BytesMut,
             to_server: &mut BytesMut,
         ) {
-            if from_client.capacity() != 0 {
-                return;
-            }
+            debug_assert!(from_client.is_empty() && to_client.is_empty() && to_server.is_empty());
             match self.sets.pop() {
                 Some([from, to, server]) => {
                     *from_client = from;
@@ -441,6 +452,53 @@ pub async fn client_gone(client: &mut Stream, buffer: &mut BytesMut) {
         match client.read_buf(buffer).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client buffer read to the very end of its allocation has no capacity left. That must not look like
+    /// parked buffers: the bytes still owed to the server (a COPY streamed through) and to the client stay.
+    #[tokio::test]
+    async fn a_buffer_read_to_its_end_does_not_park_the_others() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut io = Duplex::new(Stream::Plain(tcp));
+        io.take_buffers();
+        let full = io.from_client.capacity();
+        io.from_client.resize(full, b'd');
+        io.to_server.extend_from_slice(&io.from_client.clone());
+        io.from_client.advance(full);
+        assert_eq!(io.from_client.capacity(), 0);
+        io.to_client.extend_from_slice(b"owed to the client");
+        peer.write_all(b"x").await.unwrap();
+        let watch = Watch {
+            server: false,
+            idle: None,
+            deadline: None,
+            kick: None,
+        };
+        io.wait(None, watch).await;
+        assert_eq!(
+            io.to_server.len(),
+            full,
+            "bytes owed to the server were dropped"
+        );
+        // Owed to the client: still buffered, or written to it.
+        if io.to_client.is_empty() {
+            let mut got = [0u8; 18];
+            tokio::io::AsyncReadExt::read_exact(&mut peer, &mut got)
+                .await
+                .unwrap();
+            assert_eq!(&got, b"owed to the client");
+        } else {
+            assert_eq!(&io.to_client[..], b"owed to the client");
         }
     }
 }
