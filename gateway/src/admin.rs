@@ -263,7 +263,7 @@ impl Console {
                     pool.key.database.clone(),
                     pool.key.user.clone(),
                     pool.key.server.to_string(),
-                    format!("{:?}", pool.config().mode).to_lowercase(),
+                    pool.config().mode.to_string(),
                     pool.config().size.to_string(),
                     open.to_string(),
                     idle.to_string(),
@@ -558,25 +558,22 @@ impl Console {
                 "home_region",
                 config.home_region.clone().unwrap_or_default(),
             ),
-            (
-                "pool.mode",
-                format!("{:?}", config.pool.mode).to_lowercase(),
-            ),
+            ("pool.mode", config.pool.mode.to_string()),
             ("pool.size", config.pool.size.to_string()),
             ("pool.min_idle", config.pool.min_idle.to_string()),
             (
                 "pool.checkout_timeout",
-                format!("{:?}", config.pool.checkout_timeout),
+                humantime::format_duration(config.pool.checkout_timeout).to_string(),
             ),
             (
                 "pool.idle_timeout",
-                format!("{:?}", config.pool.idle_timeout),
+                humantime::format_duration(config.pool.idle_timeout).to_string(),
             ),
             (
                 "pool.max_lifetime",
-                format!("{:?}", config.pool.max_lifetime),
+                humantime::format_duration(config.pool.max_lifetime).to_string(),
             ),
-            ("auth.method", format!("{:?}", config.auth.method)),
+            ("auth.method", config.auth.method.to_string()),
             (
                 "auth.query_user",
                 config.auth.query_user.clone().unwrap_or_default(),
@@ -584,7 +581,7 @@ impl Console {
             ("auth.query", config.auth.query.clone()),
             (
                 "auth.query_cache_ttl",
-                format!("{:?}", config.auth.query_cache_ttl),
+                humantime::format_duration(config.auth.query_cache_ttl).to_string(),
             ),
             (
                 "auth.users",
@@ -608,10 +605,16 @@ impl Console {
             ),
             (
                 "limits.login_timeout",
-                format!("{:?}", config.limits.login_timeout),
+                humantime::format_duration(config.limits.login_timeout).to_string(),
             ),
-            ("shutdown_timeout", format!("{:?}", config.shutdown_timeout)),
-            ("routing.max_lag", format!("{:?}", config.routing.max_lag)),
+            (
+                "shutdown_timeout",
+                humantime::format_duration(config.shutdown_timeout).to_string(),
+            ),
+            (
+                "routing.max_lag",
+                humantime::format_duration(config.routing.max_lag).to_string(),
+            ),
             (
                 "routing.read_your_writes",
                 config.routing.read_your_writes.to_string(),
@@ -626,15 +629,18 @@ impl Console {
             ),
             (
                 "routing.monitor_interval",
-                format!("{:?}", config.routing.monitor_interval),
+                humantime::format_duration(config.routing.monitor_interval).to_string(),
             ),
             (
                 "log.slow_statement",
-                format!("{:?}", config.log.slow_statement),
+                humantime::format_duration(config.log.slow_statement).to_string(),
             ),
             ("nplus1.enabled", config.nplus1.enabled.to_string()),
             ("nplus1.threshold", config.nplus1.threshold.to_string()),
-            ("nplus1.window", format!("{:?}", config.nplus1.window)),
+            (
+                "nplus1.window",
+                humantime::format_duration(config.nplus1.window).to_string(),
+            ),
             (
                 "metrics.listen",
                 config

@@ -305,7 +305,7 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
                 (AuthMethod::Trust, Found::Md5(hash)) => Some(Secret::Md5(hash)),
                 (method, Found::Scram(_) | Found::Md5(_)) => {
                     // The login fails as for a wrong password; the log says why.
-                    tracing::warn!(user = %startup.user, ?method, "auth.query found the user, but its password is stored in a form this auth.method cannot check");
+                    tracing::warn!(user = %startup.user, %method, "auth.query found the user, but its password is stored in a form this auth.method cannot check");
                     None
                 }
                 (_, Found::Nothing) => None,
@@ -320,6 +320,8 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     match credentials.method {
         AuthMethod::Trust => match secret {
             Some(_) => Ok(None),
+            // No list: any user the server accepts (it refuses at the login's first server connection).
+            None if credentials.users.is_empty() => Ok(None),
             None => Err(StartupError::Denied(PgError::fatal(
                 "28000",
                 format!(
@@ -564,7 +566,15 @@ pub async fn login_to_server<S: AsyncRead + AsyncWrite + Unpin>(
         };
         out.clear();
         match message {
-            Backend::AuthenticationOk => {}
+            // A SCRAM login is only done once the server proved itself (RFC 5802): an Ok before its final
+            // message could come from anyone in the middle.
+            Backend::AuthenticationOk => {
+                if matches!(&scram, Some(Scram::Keys(client)) if !client.verified) {
+                    return Err(ServerLoginError::Protocol(
+                        "the server ended SCRAM without proving it knows the password".into(),
+                    ));
+                }
+            }
             Backend::AuthenticationCleartextPassword => {
                 frontend::password_message(
                     password.ok_or_else(need_password)?.as_bytes(),

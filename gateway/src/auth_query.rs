@@ -106,9 +106,10 @@ impl AuthQuery {
         let started = std::time::Instant::now();
         let found = self.ask(user).await.map_err(|e| {
             tracing::warn!(user, error = %e, "auth.query failed on the primary");
+            // The cause is for the log: the client has not logged in yet.
             PgError::fatal(
                 "08006",
-                format!("regiongate: cannot look up user \"{user}\" on the primary: {e}"),
+                format!("regiongate: cannot look up user \"{user}\" on the primary now; try again later"),
             )
         })?;
         tracing::debug!(
@@ -163,6 +164,14 @@ impl LearnedSecrets {
             .entry(user.to_string())
             .or_default()
             .clone()
+    }
+
+    /// Forgets what every user's logins proved (the auth method changed): their pools keep their slots,
+    /// empty until a client logs in again.
+    pub fn forget_all(&self) {
+        for slot in self.0.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            slot.store(None);
+        }
     }
 
     /// A client of `user` logged in and proved this.

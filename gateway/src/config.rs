@@ -17,7 +17,7 @@ use std::time::Duration;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Address clients connect to.
-    #[serde(default = "default_listen")]
+    #[serde(default = "default_listen", deserialize_with = "socket_address")]
     pub listen: SocketAddr,
     /// The primary server. Its URL gives host, port and default database; a user and password in it are the
     /// fallback credentials for server connections (see [`User`]).
@@ -201,7 +201,7 @@ pub struct AdminConfig {
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Serves `/metrics`, `/healthz` and `/readyz` over HTTP; off when absent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_socket_address")]
     pub listen: Option<SocketAddr>,
 }
 
@@ -229,6 +229,30 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 6432))
 }
 
+/// An address to listen on: `127.0.0.1:6432`, `[::1]:6432`, or a host name and port (`localhost:6432`),
+/// resolved once, when the configuration is read (the first address the resolver gives).
+fn socket_address<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    if let Ok(address) = text.parse() {
+        return Ok(address);
+    }
+    use std::net::ToSocketAddrs;
+    match text.to_socket_addrs() {
+        Ok(mut addresses) => addresses.next().ok_or_else(|| {
+            serde::de::Error::custom(format!("{text:?} resolves to no address"))
+        }),
+        Err(error) => Err(serde::de::Error::custom(format!(
+            "{text:?} is not an address to listen on (host:port, like 127.0.0.1:6432 or localhost:6432): {error}"
+        ))),
+    }
+}
+
+fn optional_socket_address<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    socket_address(d).map(Some)
+}
+
 fn default_workers() -> usize {
     1
 }
@@ -240,6 +264,16 @@ pub enum PoolMode {
     Transaction,
     /// A server connection is held for the client's whole session.
     Session,
+}
+
+impl std::fmt::Display for PoolMode {
+    /// As the configuration spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PoolMode::Transaction => "transaction",
+            PoolMode::Session => "session",
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -285,6 +319,17 @@ pub enum AuthMethod {
     Md5,
     #[serde(rename = "trust")]
     Trust,
+}
+
+impl std::fmt::Display for AuthMethod {
+    /// As the configuration spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::Trust => "trust",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -417,11 +462,9 @@ impl Default for Limits {
 /// A configuration error, with where it is.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    // Not `source`: that would make the I/O error a cause too, and it would be printed twice.
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path}: {key}: {message}")]
     Invalid {
         path: String,
@@ -432,9 +475,9 @@ pub enum ConfigError {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Config::parse(&text, &path.display().to_string())
     }
@@ -444,6 +487,11 @@ impl Config {
         let deserializer = serde_norway::Deserializer::from_str(text);
         let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let key = e.path().to_string();
+            let message = e.into_inner().to_string();
+            // The YAML library names the path too: say it once.
+            let message = message
+                .strip_prefix(&format!("{key}: "))
+                .map_or(message.clone(), str::to_string);
             ConfigError::Invalid {
                 path: origin.to_string(),
                 key: if key == "." {
@@ -451,7 +499,7 @@ impl Config {
                 } else {
                     key
                 },
-                message: e.into_inner().to_string(),
+                message,
             }
         })?;
         config.source = Source {
@@ -620,7 +668,9 @@ impl Config {
         {
             return Err((
                 "auth.users",
-                "no users: nobody could log in (list users, set auth.query_user, or use method: trust)".into(),
+                "no users: nobody could log in (list users, set auth.query_user, or use method: trust, which with no \
+                 users lets in any user the server accepts)"
+                    .into(),
             ));
         }
         Ok(())
@@ -639,16 +689,93 @@ impl Config {
     }
 }
 
-/// The 1-based line where a dotted key's last part is written, for validation errors.
+/// The 1-based line where the value at a key path (`pool.size`, `views[1].name`) is written, for validation
+/// errors. Each part of the path is looked for among the lines of its parent only, so a key written under
+/// several parents is found under the right one. A part written in flow style (`{ size: 4 }`, `[a, b]`) is
+/// on its parent's line, which is the answer then.
 fn line_of(text: &str, key: &str) -> Option<usize> {
-    let last = key.rsplit('.').next()?;
-    text.lines()
-        .position(|line| {
-            let line = line.trim_start().trim_start_matches("- ");
-            line.starts_with(last) && line[last.len()..].trim_start().starts_with(':')
-                || line.contains(&format!("{last}:"))
-        })
-        .map(|i| i + 1)
+    /// A line's content without its indentation and list dashes, and the column where that content starts.
+    fn content(line: &str) -> Option<(usize, &str)> {
+        let mut column = line.len() - line.trim_start().len();
+        let mut rest = line.trim_start();
+        while let Some(after) = rest
+            .strip_prefix("- ")
+            .or_else(|| (rest == "-").then_some(""))
+        {
+            column += rest.len() - after.trim_start().len();
+            rest = after.trim_start();
+        }
+        (!rest.is_empty() && !rest.starts_with('#') && rest != "---").then_some((column, rest))
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    // The lines of the current node, and the column its own key stands at (children are to its right).
+    let (mut from, mut to, mut column) = (0, lines.len(), None::<usize>);
+    let mut at = None;
+    let parts = key
+        .split('.')
+        .flat_map(|part| part.split_inclusive('['))
+        .map(|part| part.trim_end_matches('['))
+        .filter(|part| !part.is_empty());
+    for part in parts {
+        let inside =
+            |l: usize| content(lines[l]).filter(|(c, _)| column.is_none_or(|col| *c > col));
+        let found = match part.strip_suffix(']').and_then(|i| i.parse::<usize>().ok()) {
+            // The i-th list item: the lines that start with a dash at the list's indentation.
+            Some(index) => {
+                let dashes: Vec<usize> = (from..to)
+                    .filter(|&l| lines[l].trim_start().starts_with('-') && inside(l).is_some())
+                    .collect();
+                let indent = dashes
+                    .iter()
+                    .map(|&l| lines[l].len() - lines[l].trim_start().len())
+                    .min();
+                dashes
+                    .into_iter()
+                    .filter(|&l| Some(lines[l].len() - lines[l].trim_start().len()) == indent)
+                    .nth(index)
+                    .map(|l| (l, indent.unwrap_or(0)))
+            }
+            None => {
+                let name = part.trim_matches('"');
+                let own = (from..to).filter_map(|l| inside(l).map(|(c, _)| c)).min();
+                (from..to)
+                    .find(|&l| {
+                        inside(l).is_some_and(|(c, rest)| {
+                            Some(c) == own
+                                && rest
+                                    .strip_prefix(name)
+                                    .is_some_and(|after| after.trim_start().starts_with(':'))
+                        })
+                    })
+                    .map(|l| (l, own.unwrap_or(0)))
+            }
+        };
+        let Some((line, key_column)) = found else {
+            // Written in flow style on the parent's line (or not written at all: a default).
+            return at.map(|l: usize| l + 1);
+        };
+        at = Some(line);
+        // The node's lines: up to the next line at its column or to the left of it (for a list item, the
+        // next dash at its indentation, whose content stands further right).
+        let item = part.ends_with(']');
+        let end = (line + 1..to)
+            .find(|&l| {
+                let indent = lines[l].len() - lines[l].trim_start().len();
+                content(lines[l]).is_some_and(|(c, _)| {
+                    if item {
+                        indent <= key_column
+                    } else {
+                        c <= key_column
+                    }
+                })
+            })
+            .unwrap_or(to);
+        // A list item's own keys start on its dash line.
+        from = if item { line } else { line + 1 };
+        to = end;
+        column = Some(key_column);
+    }
+    at.map(|l| l + 1)
 }
 
 /// Sizes: a number of bytes, or a string with a unit (B, kB, KiB, MB, MiB, GB, GiB).
@@ -704,6 +831,42 @@ mod tests {
         assert_eq!(config.pool.size, 20);
         assert_eq!(config.primary.url.port, 5432);
         assert_eq!(config.primary.url.database.as_deref(), Some("app"));
+    }
+
+    #[test]
+    fn lines_are_found_under_the_right_parent() {
+        let text = "listen: 127.0.0.1:6432\n\
+                    pool:\n  size: 4\n\
+                    auth: { method: trust }\n\
+                    views:\n\
+                    \x20 - name: a\n    schedule: every 5m\n\
+                    \x20 - name: b   # the second\n\n    schedule: every 1m\n    unique_key: [x]\n\
+                    \x20 - { name: c, schedule: every 2m }\n\
+                    regions:\n- name: eu\n  replicas: [ 'postgres://r/app' ]\n";
+        let line = |key: &str| line_of(text, key);
+        assert_eq!(line("listen"), Some(1));
+        assert_eq!(line("pool.size"), Some(3));
+        assert_eq!(
+            line("auth.method"),
+            Some(4),
+            "flow style: the parent's line"
+        );
+        assert_eq!(line("views[0].name"), Some(6));
+        assert_eq!(line("views[0].schedule"), Some(7));
+        assert_eq!(line("views[1].name"), Some(8));
+        assert_eq!(line("views[1].schedule"), Some(10));
+        assert_eq!(line("views[1].unique_key"), Some(11));
+        assert_eq!(line("views[2].schedule"), Some(12));
+        assert_eq!(line("regions[0].replicas"), Some(15));
+        assert_eq!(line("routing.max_lag"), None);
+    }
+
+    #[test]
+    fn serde_errors_name_the_key_once() {
+        let text = "primary: postgres://h/app\nauth: { method: trust }\npool:\n  size: many\n";
+        let error = Config::parse(text, "test").unwrap_err().to_string();
+        assert_eq!(error.matches("pool.size").count(), 1, "{error}");
+        assert!(error.contains("line 4"), "{error}");
     }
 
     #[test]

@@ -249,6 +249,12 @@ impl Shared {
         let servers: Vec<ServerUrl> = std::iter::once(new.primary.url.clone())
             .chain(new.regions.iter().flat_map(|r| r.replicas.iter().cloned()))
             .collect();
+        if old.auth.method != new.auth.method {
+            // What logins proved under one method must not open connections for clients of another (trust).
+            self.learned_secrets.forget_all();
+        }
+        // A pool stays only if its connections log in as the new configuration would have them: a user now
+        // looked up with auth.query must not inherit connections made as its former `server_user`.
         self.pools
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -256,6 +262,11 @@ impl Shared {
                 servers.contains(&key.server)
                     && pool.config() == &new.pool
                     && pool.tls() == &new.server_tls
+                    && pool.credentials().same_login(&self.credentials_in(
+                        &new,
+                        &key.server,
+                        &key.user,
+                    ))
             });
         // Side connections (monitors, views) are opened by the tasks these restart.
         let topology_changed = format!(
@@ -338,7 +349,11 @@ impl Shared {
     /// own password, else the server URL's password, else the primary URL's. A user looked up with
     /// `auth.query` logs in as itself, with what its latest client login proved.
     pub fn server_credentials(&self, server: &ServerUrl, user: &str) -> ServerCredentials {
-        let config = self.config.load();
+        self.credentials_in(&self.config.load(), server, user)
+    }
+
+    /// [`Shared::server_credentials`] under `config`.
+    fn credentials_in(&self, config: &Config, server: &ServerUrl, user: &str) -> ServerCredentials {
         let entry = config.user(user);
         if entry.is_none() && config.auth.query_user.is_some() {
             return ServerCredentials {

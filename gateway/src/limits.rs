@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 /// Per-address tables are swept of stale entries when they grow past this.
 const SWEEP_AT: usize = 10_000;
+/// Failed-login entries kept at most (about 100 bytes each).
+const MAX_FAILURE_ENTRIES: usize = 100_000;
 
 /// A token bucket: `rate` tokens a second, holding at most one second's worth.
 #[derive(Clone, Copy)]
@@ -175,6 +177,13 @@ impl Admission {
         if failures.len() >= SWEEP_AT {
             failures
                 .retain(|_, f| now.saturating_duration_since(f.last) < limits.failed_login_window);
+            // Still full within one window (user names sprayed from many addresses): bounded memory first.
+            while failures.len() >= MAX_FAILURE_ENTRIES {
+                let Some(key) = failures.keys().next().cloned() else {
+                    break;
+                };
+                failures.remove(&key);
+            }
         }
         let entry = failures.entry((ip, user.into())).or_insert(Failures {
             count: 0,

@@ -22,14 +22,45 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a configuration file and exit.
-    CheckConfig { file: PathBuf },
-    /// Apply the pending migrations (`*.sql` in name order) to the primary of `--config`.
+    /// Validate a configuration file and exit: `check-config FILE` or `check-config --config FILE`.
+    CheckConfig { file: Option<PathBuf> },
+    /// Apply the pending migrations (`*.sql` in name order) to the primary: `migrate FILE` or
+    /// `migrate --config FILE`.
     Migrate {
-        /// The folder of migration files.
-        #[arg(long, default_value = "migrations")]
-        dir: PathBuf,
+        file: Option<PathBuf>,
+        /// The folder of migration files; by default the `migrations` shipped beside the binary (or in the
+        /// repository it was built in), else `./migrations`.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
+}
+
+/// The configuration file a subcommand names, as a positional FILE or with `--config`.
+fn config_file(
+    positional: Option<PathBuf>,
+    flag: Option<PathBuf>,
+    command: &str,
+) -> Result<PathBuf> {
+    positional.or(flag).with_context(|| {
+        format!("{command} needs the gateway's configuration: regiongate {command} FILE (or --config FILE)")
+    })
+}
+
+/// Where migrations are when `--dir` is not given: beside the binary (an installation), in the repository a
+/// `target/<profile>/` binary was built in, else `./migrations`.
+fn default_migrations() -> PathBuf {
+    let exe = std::env::current_exe().ok();
+    let candidates = exe.iter().flat_map(|exe| {
+        exe.ancestors()
+            .skip(1)
+            .take(4)
+            .map(|dir| dir.join("migrations"))
+            .collect::<Vec<_>>()
+    });
+    candidates
+        .into_iter()
+        .find(|dir| dir.is_dir())
+        .unwrap_or_else(|| PathBuf::from("migrations"))
 }
 
 fn main() -> Result<()> {
@@ -37,10 +68,11 @@ fn main() -> Result<()> {
     init_logging(cli.log_json);
     match cli.command {
         Some(Command::CheckConfig { file }) => {
+            let file = config_file(file, cli.config, "check-config")?;
             let config = Config::load(&file)?;
             regiongate::tls::configured_acceptor(&config)?;
             println!(
-                "{}: ok ({} users, pool mode {:?}, size {})",
+                "{}: ok ({} users, pool mode {}, size {})",
                 file.display(),
                 config.auth.users.len(),
                 config.pool.mode,
@@ -48,12 +80,10 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Some(Command::Migrate { dir }) => {
-            let file = cli.config.context(
-                "migrate needs the gateway's configuration: regiongate migrate --config FILE",
-            )?;
+        Some(Command::Migrate { file, dir }) => {
+            let file = config_file(file, cli.config, "migrate")?;
             let config = Config::load(&file)?;
-            migrate(&config, &dir)
+            migrate(&config, &dir.unwrap_or_else(default_migrations))
         }
         None => {
             let file = cli.config.context(

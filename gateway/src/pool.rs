@@ -124,6 +124,10 @@ impl Pool {
     }
 
     /// The TLS settings its connections were opened with (a reload that changes them replaces the pool).
+    pub fn credentials(&self) -> &ServerCredentials {
+        &self.credentials
+    }
+
     pub fn tls(&self) -> &regions::ServerTls {
         &self.credentials.tls
     }

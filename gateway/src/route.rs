@@ -590,6 +590,26 @@ fn spelled_for_sqlparser(sql: &str) -> Option<String> {
             .get(i)
             .is_some_and(|t| text[t.clone()].eq_ignore_ascii_case(word.as_bytes()))
     };
+    // An identifier (a column name), plain or quoted.
+    let word = |i: usize| {
+        tokens.get(i).is_some_and(|t| {
+            let first = text[t.start];
+            first == b'"' || first == b'_' || first.is_ascii_alphabetic() || first >= 0x80
+        })
+    };
+    // After a column list starting at `i` (`a`, `a, b`): the index of the token that follows it.
+    let columns = |mut i: usize| {
+        if !word(i) {
+            return None;
+        }
+        while is(i + 1, ",") {
+            i += 2;
+            if !word(i) {
+                return None;
+            }
+        }
+        Some(i + 1)
+    };
     let mut out = String::with_capacity(sql.len() + 16);
     let mut copied = 0; // text before this is in `out`
     let mut changed = false;
@@ -615,20 +635,36 @@ fn spelled_for_sqlparser(sql: &str) -> Option<String> {
             ("SELECT * FROM", 1)
         } else if is(i, "rows") && is(i + 1, "from") && is(i + 2, "(") {
             ("unnest", 2)
-        } else if i > 0 && is(i - 1, ")") && is(i, "search") && is(i + 2, "first") {
-            // SEARCH {DEPTH|BREADTH} FIRST BY col[, …] SET col
-            match (i..tokens.len()).find(|&j| is(j, "set")) {
-                Some(set) => ("", set + 2 - i),
-                None => return None,
+        } else if i > 0 && is(i - 1, ")") && is(i, "search") {
+            // SEARCH {DEPTH|BREADTH} FIRST BY col[, …] SET col: only this grammar, token by token.
+            if !(is(i + 1, "depth") || is(i + 1, "breadth"))
+                || !is(i + 2, "first")
+                || !is(i + 3, "by")
+            {
+                return None;
             }
+            let set = columns(i + 4)?;
+            if !is(set, "set") || !word(set + 1) {
+                return None;
+            }
+            ("", set + 2 - i)
         } else if i > 0 && is(i - 1, ")") && is(i, "cycle") {
             // CYCLE col[, …] SET col [TO value DEFAULT value] [USING col]
-            let set = (i..tokens.len()).find(|&j| is(j, "set"))?;
+            let set = columns(i + 1)?;
+            if !is(set, "set") || !word(set + 1) {
+                return None;
+            }
             let mut end = set + 2;
             if is(end, "to") {
+                if !is(end + 2, "default") {
+                    return None;
+                }
                 end += 4;
             }
             if is(end, "using") {
+                if !word(end + 1) {
+                    return None;
+                }
                 end += 2;
             }
             ("", end - i)
@@ -874,6 +910,10 @@ mod tests {
             "CREATE TABLE t2 AS TABLE t",
             "INSERT INTO t2 TABLE t",
             "EXECUTE p(1)",
+            // Clause words that are not the clauses: nothing may be dropped across statements.
+            "SELECT (1) cycle FROM t FOR KEY SHARE; UPDATE t SET a = 1",
+            "SELECT 1 FROM (SELECT 1) cycle FOR KEY SHARE; ALTER TABLE t SET SCHEMA s",
+            "SELECT (1) search FROM t FOR KEY SHARE; UPDATE t SET a = 1",
         ] {
             assert_eq!(access(sql), Access::Write, "{sql}");
         }

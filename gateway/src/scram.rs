@@ -152,6 +152,8 @@ pub struct KeyedScramClient {
     nonce: String,
     client_first_bare: String,
     auth_message: Option<Vec<u8>>,
+    /// The server proved it holds the verifier (its final message checked).
+    pub verified: bool,
 }
 
 impl KeyedScramClient {
@@ -165,6 +167,7 @@ impl KeyedScramClient {
             client_first_bare: format!("n=,r={nonce}"),
             nonce,
             auth_message: None,
+            verified: false,
         }
     }
 
@@ -183,7 +186,7 @@ impl KeyedScramClient {
                 .ok_or_else(|| format!("the server's SCRAM message has no {name} field"))
         };
         let nonce = field("r=")?;
-        if !nonce.starts_with(&self.nonce) {
+        if !nonce.starts_with(&self.nonce) || nonce.len() <= self.nonce.len() {
             return Err("the server's SCRAM nonce does not extend ours".into());
         }
         let salt = STANDARD
@@ -221,7 +224,7 @@ impl KeyedScramClient {
     }
 
     /// Checks the server's final message: it proves the server holds the verifier too.
-    pub fn verify(&self, server_final: &[u8]) -> Result<(), String> {
+    pub fn verify(&mut self, server_final: &[u8]) -> Result<(), String> {
         let auth_message = self
             .auth_message
             .as_ref()
@@ -237,6 +240,7 @@ impl KeyedScramClient {
             .ok_or("the server's SCRAM final message has no signature")?;
         let expected = hmac(&self.keys.verifier.server_key, auth_message);
         if signature[..] == expected[..] {
+            self.verified = true;
             Ok(())
         } else {
             Err("the server's SCRAM signature is wrong".into())

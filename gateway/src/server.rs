@@ -45,6 +45,22 @@ pub struct ServerCredentials {
     pub tls: regions::ServerTls,
 }
 
+impl ServerCredentials {
+    /// Whether connections logged in with these credentials are the same as with `other`'s: the same role,
+    /// the same password or the same learned secret, the same TLS.
+    pub fn same_login(&self, other: &ServerCredentials) -> bool {
+        let learned = match (&self.learned, &other.learned) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        self.user == other.user
+            && self.password == other.password
+            && learned
+            && self.tls == other.tls
+    }
+}
+
 /// One logged-in connection to a PostgreSQL server.
 pub struct ServerConn {
     stream: Stream,

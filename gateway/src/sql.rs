@@ -461,16 +461,34 @@ pub fn set_with_prefix(sql: &[u8], range: Range<usize>, prefix: &str) -> Option<
     } else {
         return None;
     }
-    let rest = std::str::from_utf8(&statement[i..]).ok()?.trim();
-    let value = match rest.strip_prefix('\'') {
-        Some(quoted)
-            if quoted.ends_with('\'')
-                && skip_quoted(rest.as_bytes(), 1, b'\'', false) == rest.len() =>
-        {
-            quoted[..quoted.len() - 1].replace("''", "'")
+    // The value's tokens, comments skipped: one string, identifier or word is the value as the server reads
+    // it; more (a list, a sign and a number) are the value as written.
+    let rest = &statement[i..];
+    let mut values: Vec<Range<usize>> = token_ranges(rest).collect();
+    // E'…' is one string to the server, two tokens to the lexer.
+    if let [e, string] = values.as_slice() {
+        if rest[e.clone()].eq_ignore_ascii_case(b"e") && e.end == string.start {
+            values = std::iter::once(e.start..string.end).collect();
         }
-        _ if rest.eq_ignore_ascii_case("default") => return None,
-        _ => rest.to_string(),
+    }
+    let text = |range: Range<usize>| String::from_utf8_lossy(&rest[range]).into_owned();
+    let value = match values.as_slice() {
+        [] => return None,
+        [one] => {
+            let token = text(one.clone());
+            let unquoted = |t: &str, quote: char| {
+                let inner = t.strip_prefix(quote)?.strip_suffix(quote)?;
+                Some(inner.replace(&format!("{quote}{quote}"), &quote.to_string()))
+            };
+            if token.eq_ignore_ascii_case("default") {
+                return None;
+            }
+            unquoted(&token, '\'')
+                .or_else(|| unquoted(token.strip_prefix(['E', 'e'])?, '\''))
+                .or_else(|| unquoted(&token, '"'))
+                .unwrap_or(token)
+        }
+        [first, .., last] => text(first.start..last.end),
     };
     Some((name, value))
 }
@@ -751,6 +769,18 @@ mod tests {
             found("regiongate.max_lag", "'a', 'b'")
         );
         assert_eq!(set("SET regiongate.max_lag TO DEFAULT"), None);
+        assert_eq!(
+            set("SET regiongate.max_lag = '5s' -- why"),
+            found("regiongate.max_lag", "5s")
+        );
+        assert_eq!(
+            set("SET /* c */ LOCAL regiongate.max_lag = /* d */ \"5s\""),
+            found("regiongate.max_lag", "5s")
+        );
+        assert_eq!(
+            set("SET regiongate.max_lag = E'5s'"),
+            found("regiongate.max_lag", "5s")
+        );
         assert_eq!(set("SET work_mem = '1MB'"), None);
         assert_eq!(set("RESET regiongate.max_lag"), None);
     }

@@ -302,3 +302,69 @@ fn check_config_names_the_bad_key_and_line() {
     let all = text(&output);
     assert!(all.contains("pool.mode") && all.contains("line 4"), "{all}");
 }
+
+#[test]
+fn check_config_messages_point_at_the_right_place_and_say_it_once() {
+    let dir = tempfile_dir();
+    let binary = env!("CARGO_BIN_EXE_regiongate");
+    let check = |name: &str, text: &str, flag: bool| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        let mut command = Command::new(binary);
+        command.arg("check-config");
+        if flag {
+            command.arg("--config");
+        }
+        let output = command.arg(&path).output().unwrap();
+        (output.status.success(), self::text(&output))
+    };
+    let base = "primary: postgres://127.0.0.1:5432/app\nauth: { method: trust }\n";
+    // The same file, by position and with --config; `localhost` resolves.
+    let good = format!("listen: localhost:6432\n{base}");
+    assert!(check("good.yaml", &good, false).0);
+    assert!(check("good.yaml", &good, true).0);
+    // The second view's name, on line 8, not the first `name:` of the file (line 4).
+    let views = format!(
+        "{base}views:\n  - name: fine\n    schedule: every 5m\n    query: SELECT 1\n  - schedule: every 5m\n    name: Not-A-Name\n"
+    );
+    let (ok, all) = check("views.yaml", &views, false);
+    assert!(!ok);
+    assert!(
+        all.contains("views[1].name") && all.contains("line 8"),
+        "{all}"
+    );
+    // The key once, not `pool.size: pool.size: …`.
+    let (ok, all) = check("size.yaml", &format!("{base}pool:\n  size: many\n"), false);
+    assert!(!ok);
+    assert_eq!(all.matches("pool.size").count(), 1, "{all}");
+    // A replica without its scheme is told so.
+    let (ok, all) = check(
+        "scheme.yaml",
+        &format!("{base}regions:\n  - {{ name: eu, replicas: [ '127.0.0.1:5433' ] }}\n"),
+        false,
+    );
+    assert!(!ok);
+    assert!(all.contains("postgres://127.0.0.1:5433/"), "{all}");
+    assert!(!all.contains("relative URL"), "{all}");
+    // A cron error shows the expression as written.
+    let (ok, all) = check(
+        "cron.yaml",
+        &format!(
+            "{base}views:\n  - {{ name: v, query: SELECT 1, schedule: '*/5 * * * funday' }}\n"
+        ),
+        false,
+    );
+    assert!(!ok);
+    assert!(
+        all.contains("\"*/5 * * * funday\"") && !all.contains("0 */5"),
+        "{all}"
+    );
+    // A missing file, once.
+    let output = Command::new(binary)
+        .args(["check-config", "/nonexistent/regiongate.yaml"])
+        .output()
+        .unwrap();
+    let all = text(&output);
+    assert!(!output.status.success());
+    assert_eq!(all.matches("No such file").count(), 1, "{all}");
+}

@@ -284,10 +284,17 @@ async fn sighup_reloads_the_binary_and_pause_holds_transactions_until_resume() {
     .await;
     assert!(ready);
     let config_line = move || stdout(&psql_as(port, "ops", "regiongate", "SHOW CONFIG"));
-    assert!(tokio::task::spawn_blocking(config_line)
-        .await
-        .unwrap()
-        .contains("pool.size|3"));
+    let shown = tokio::task::spawn_blocking(config_line).await.unwrap();
+    assert!(shown.contains("pool.size|3"), "{shown}");
+    // Values as the configuration spells them, not as Rust names them.
+    for value in [
+        "pool.mode|transaction",
+        "auth.method|scram-sha-256",
+        "pool.checkout_timeout|5s",
+        "routing.max_lag|1s",
+    ] {
+        assert!(shown.contains(value), "{value} not in:\n{shown}");
+    }
     let text = std::fs::read_to_string(&path)
         .unwrap()
         .replace("size: 3", "size: 5");

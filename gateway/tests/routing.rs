@@ -1036,11 +1036,6 @@ async fn reads_in_every_query_form_run_on_the_replica() {
             replica,
         ),
         ("EXECUTE where_read", replica),
-        ("EXECUTE where_written(1)", primary),
-        (
-            "SELECT port FROM ROWS FROM (inet_server_port(), nextval('s')) AS x(port, n)",
-            primary,
-        ),
     ] {
         let messages = client
             .simple_query(sql)
@@ -1063,6 +1058,21 @@ async fn reads_in_every_query_form_run_on_the_replica() {
             .unwrap();
         let text = String::from_utf8(chunks.concat()).unwrap();
         assert_eq!(text.trim().parse::<u16>().ok(), Some(on), "{sql}");
+    }
+    // The writes come last: after a write, read your writes keeps the session's reads on the primary until a
+    // replica has replayed it.
+    for sql in [
+        "EXECUTE where_written(1)",
+        "SELECT port FROM ROWS FROM (inet_server_port(), nextval('s')) AS x(port, n)",
+        // A name prepared again in the same query runs what it is now, not what the session knew.
+        "DEALLOCATE where_read; PREPARE where_read AS INSERT INTO t VALUES (2) RETURNING inet_server_port(); \
+         EXECUTE where_read",
+    ] {
+        let messages = client
+            .simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        assert_eq!(port_of(messages), Some(primary), "{sql}");
     }
 }
 

@@ -227,6 +227,8 @@ impl Picture {
         let mut waits_for_write = false;
         for region in &self.region_order {
             let mut best: Option<(&ReplicaStatus, u32)> = None;
+            // The shortest round trip among the region's fitting replicas, for `primary_reads: always`.
+            let mut nearest: Option<Duration> = None;
             let mut region_skip = None;
             for replica in self.replicas.iter().filter(|r| &r.region == region) {
                 match self.unfit(replica, request, now, fresh) {
@@ -235,6 +237,10 @@ impl Picture {
                         region_skip.get_or_insert(why);
                     }
                     None => {
+                        nearest = match (nearest, replica.rtt) {
+                            (Some(n), Some(r)) => Some(n.min(r)),
+                            (n, r) => n.or(r),
+                        };
                         let load = outstanding(replica.id);
                         let better = match best {
                             None => true,
@@ -251,11 +257,11 @@ impl Picture {
                 .as_ref()
                 .filter(|p| p.up && &p.region == region);
             if let Some(primary) = primary {
-                let nearer = |replica: &ReplicaStatus| match (primary.rtt, replica.rtt) {
+                let nearer = match (primary.rtt, nearest) {
                     (Some(p), Some(r)) => p < r,
                     _ => false,
                 };
-                if best.is_none() || primary.competes && best.is_some_and(|(r, _)| nearer(r)) {
+                if best.is_none() || primary.competes && nearer {
                     return Ok(Decision {
                         target: Target::Primary,
                         reason: first_skip.unwrap_or(Reason::PrimaryInRegion),

@@ -27,6 +27,12 @@ impl fmt::Display for ServerUrl {
 
 impl ServerUrl {
     pub fn parse(text: &str) -> Result<ServerUrl, String> {
+        if !text.contains("://") {
+            // `127.0.0.1:5433` reads as a relative URL, `localhost:5433` as a URL of scheme `localhost`.
+            return Err(format!(
+                "invalid server URL {text:?}: write it with its scheme, as postgres://{text}/DATABASE"
+            ));
+        }
         let url = url::Url::parse(text).map_err(|e| format!("invalid server URL: {e}"))?;
         if url.scheme() != "postgres" && url.scheme() != "postgresql" {
             return Err(format!(
@@ -66,6 +72,15 @@ impl ServerUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_without_its_scheme_is_told_so() {
+        for text in ["127.0.0.1:5433", "localhost:5433", "db.example"] {
+            let error = ServerUrl::parse(text).unwrap_err();
+            assert!(error.contains("write it with its scheme"), "{error}");
+            assert!(error.contains(&format!("postgres://{text}/")), "{error}");
+        }
+    }
 
     #[test]
     fn url_forms() {

@@ -18,10 +18,11 @@ CREATE TABLE IF NOT EXISTS regiongate.migrations (
 /// Why `migrate` stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    #[error("cannot read {path}: {source}")]
+    // Not `source`: the I/O error would be printed twice, as this error's text and as its cause.
+    #[error("cannot read migrations from {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "{name} was applied with checksum {applied} but the file now has {now}: it was edited after it ran. \
@@ -51,9 +52,9 @@ pub struct Migration {
 
 /// The folder's `*.sql` files in name order, with their checksums.
 pub fn read_dir(dir: &Path) -> Result<Vec<Migration>, MigrateError> {
-    let read_error = |source| MigrateError::Read {
+    let read_error = |error| MigrateError::Read {
         path: dir.to_path_buf(),
-        source,
+        error,
     };
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(read_error)?
@@ -64,9 +65,9 @@ pub fn read_dir(dir: &Path) -> Result<Vec<Migration>, MigrateError> {
     paths
         .into_iter()
         .map(|path| {
-            let sql = std::fs::read_to_string(&path).map_err(|source| MigrateError::Read {
+            let sql = std::fs::read_to_string(&path).map_err(|error| MigrateError::Read {
                 path: path.clone(),
-                source,
+                error,
             })?;
             Ok(Migration {
                 name: path

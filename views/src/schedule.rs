@@ -25,8 +25,9 @@ pub enum ScheduleError {
     Duration(String, humantime::DurationError),
     #[error("{0:?}: the period must be at least 1s")]
     TooShort(String),
-    #[error("{0:?}: {1}")]
-    Cron(String, cron::error::Error),
+    /// The expression as the user wrote it, and the field the parser stopped at, if it says.
+    #[error("{0:?} is not a valid cron expression (5 fields: minute hour day-of-month month day-of-week, in UTC; or 6, with seconds first){field}", field = field_named(.1))]
+    Cron(String, Option<String>),
 }
 
 impl FromStr for Schedule {
@@ -49,10 +50,41 @@ impl FromStr for Schedule {
             6 => trimmed.to_string(),
             _ => return Err(ScheduleError::Syntax(text.to_string())),
         };
-        let schedule = cron::Schedule::from_str(&expression)
-            .map_err(|e| ScheduleError::Cron(text.to_string(), e))?;
+        let schedule = cron::Schedule::from_str(&expression).map_err(|e| {
+            let added = expression.len() - trimmed.len();
+            ScheduleError::Cron(
+                text.to_string(),
+                failed_field(&e.to_string(), added, trimmed),
+            )
+        })?;
         Ok(Schedule::Cron(Box::new(schedule), trimmed.to_string()))
     }
+}
+
+fn field_named(field: &Option<String>) -> String {
+    field
+        .as_ref()
+        .map(|f| format!(": the field {f:?} is wrong"))
+        .unwrap_or_default()
+}
+
+/// The field of `written` where the cron parser stopped: its error shows the expression it parsed (`written`
+/// after `added` bytes of its own) with a caret under the place on the next line.
+fn failed_field(error: &str, added: usize, written: &str) -> Option<String> {
+    let caret = error.lines().nth(1)?.find('^')?;
+    let at = caret
+        .checked_sub(added)?
+        .min(written.len().saturating_sub(1));
+    if !written.is_char_boundary(at) {
+        return None;
+    }
+    let start = written[..at]
+        .rfind(char::is_whitespace)
+        .map_or(0, |i| i + 1);
+    let end = written[at..]
+        .find(char::is_whitespace)
+        .map_or(written.len(), |i| at + i);
+    (start < end).then(|| written[start..end].to_string())
 }
 
 impl std::fmt::Display for Schedule {
@@ -104,6 +136,25 @@ mod tests {
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn cron_errors_show_the_expression_as_written() {
+        let error = "*/5 * * * funday"
+            .parse::<Schedule>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("\"*/5 * * * funday\" is not a valid cron expression"),
+            "{error}"
+        );
+        assert!(
+            !error.contains("0 */5"),
+            "the internal six-field form leaked: {error}"
+        );
+        assert!(error.contains("\"funday\""), "{error}");
+        let error = "0 61 * * * *".parse::<Schedule>().unwrap_err().to_string();
+        assert!(error.contains("\"0 61 * * * *\""), "{error}");
     }
 
     #[test]

@@ -268,8 +268,11 @@ impl Session {
     fn refused_parse(&self, rest: &[u8]) -> Option<Bytes> {
         let (text, after) = protocol::cstr(rest)?;
         let error = match crate::route::hint::malformed(text) {
-            Some(_) if memchr::memchr(b'$', text).is_some() => {
-                tracing::warn!(statement = %String::from_utf8_lossy(text), "a malformed routing hint in a statement with parameters is ignored");
+            Some(_) if has_parameters(text) => {
+                // Not the statement's text: its literals may be secrets.
+                tracing::warn!(
+                    "a malformed routing hint in a statement with parameters is ignored"
+                );
                 return None;
             }
             Some(error) => error,
@@ -453,10 +456,21 @@ impl Session {
     }
 }
 
-/// Whether a statement starts with the word SET (SET LOCAL included, which [`sql::classify`] calls Other).
+/// Whether a statement starts with the word SET (SET LOCAL included, which [`sql::classify`] calls Other),
+/// comments before it skipped.
 fn starts_with_set(statement: &[u8]) -> bool {
-    statement
-        .trim_ascii_start()
-        .get(..4)
-        .is_some_and(|head| head[..3].eq_ignore_ascii_case(b"set") && head[3].is_ascii_whitespace())
+    let start = crate::lexer::skip_space(statement, 0);
+    statement[start..]
+        .get(..3)
+        .is_some_and(|head| head.eq_ignore_ascii_case(b"set"))
+        && statement
+            .get(start + 3)
+            .is_none_or(|&next| !crate::lexer::is_ident_byte(next))
+}
+
+/// Whether a statement text has a parameter (`$1`), not counting dollar-quoted strings.
+fn has_parameters(text: &[u8]) -> bool {
+    crate::lexer::token_ranges(text).any(|token| {
+        text[token.start] == b'$' && text.get(token.start + 1).is_some_and(u8::is_ascii_digit)
+    })
 }

@@ -233,12 +233,29 @@ impl Session {
     /// The class of a Query that EXECUTEs SQL-level prepared statements: each EXECUTE by what its statement
     /// does, the other statements by their own class. None when it executes none the session prepared.
     fn executes_prepared(&self, text: &[u8]) -> Option<Class> {
+        use crate::sql::Kind;
         let classifier = self.shared.classifier.load();
         let mut executes = false;
         let mut access = Access::Any;
+        // Names this very text prepares or deallocates: the session's table does not say what they run yet.
+        let mut renamed: Vec<String> = Vec::new();
+        let mut all_renamed = false;
         for range in crate::sql::split(text) {
             let prepared = match crate::sql::classify(text, range.clone()) {
-                crate::sql::Kind::Execute { name, .. } => self.statements.sql.get(&name),
+                Kind::Execute { name, .. } if !all_renamed && !renamed.contains(&name) => {
+                    self.statements.sql.get(&name)
+                }
+                Kind::Prepare { name, .. }
+                | Kind::Deallocate {
+                    name: Some((name, _)),
+                } => {
+                    renamed.push(name);
+                    None
+                }
+                Kind::Deallocate { name: None } | Kind::DiscardAll => {
+                    all_renamed = true;
+                    None
+                }
                 _ => None,
             };
             executes |= prepared.is_some();
