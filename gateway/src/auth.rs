@@ -7,7 +7,7 @@
 //! Server side: the gateway logs in to PostgreSQL with postgres-protocol's SCRAM client, md5 or a clear-text
 //! password, and collects the server's ParameterStatus and BackendKeyData.
 
-use crate::auth_query::Found;
+use crate::auth_query::{Found, LearnedSecret};
 use crate::config::{is_md5_hash, AuthMethod, Config};
 use crate::protocol::{self, PgError};
 use crate::scram::{parse_scram_verifier, ScramVerifier};
@@ -473,16 +473,6 @@ async fn read_password_message<S: AsyncRead + Unpin>(
     let mut body = BytesMut::zeroed(len - protocol::HEADER_LEN);
     stream.read_exact(&mut body).await?;
     Ok(PasswordMessageFamily::Raw(body))
-}
-
-/// How server connections log in as a user looked up with `auth.query`, whose password the gateway never
-/// sees: what that user's last client login proved.
-#[derive(Clone)]
-pub enum LearnedSecret {
-    /// The ClientKey of a SCRAM login, with its verifier.
-    Scram(crate::scram::ScramKeys),
-    /// md5(password + user) in hex, as `pg_authid` stores md5 passwords: md5 logins need no more.
-    Md5(String),
 }
 
 /// What a server told us while we logged in.

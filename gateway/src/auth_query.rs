@@ -8,7 +8,6 @@
 //! kept per user, outside the cache and across reloads, so that every pool of the user (primary and replicas)
 //! logs in with the latest.
 
-use crate::auth::LearnedSecret;
 use crate::protocol::PgError;
 use crate::scram::{parse_scram_verifier, ScramVerifier};
 use arc_swap::ArcSwapOption;
@@ -16,6 +15,16 @@ use regions::SideConnect;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// How server connections log in as a user looked up with `auth.query`, whose password the gateway never
+/// sees: what that user's last client login proved.
+#[derive(Clone)]
+pub enum LearnedSecret {
+    /// The ClientKey of a SCRAM login, with its verifier.
+    Scram(crate::scram::ScramKeys),
+    /// md5(password + user) in hex, as `pg_authid` stores md5 passwords: md5 logins need no more.
+    Md5(String),
+}
 
 /// What the primary says of a user.
 #[derive(Clone)]

@@ -41,7 +41,7 @@ pub struct ServerCredentials {
     pub user: String,
     pub password: Option<String>,
     /// For a user looked up with `auth.query`: what its latest client login proved.
-    pub learned: Option<Arc<arc_swap::ArcSwapOption<crate::auth::LearnedSecret>>>,
+    pub learned: Option<Arc<arc_swap::ArcSwapOption<crate::auth_query::LearnedSecret>>>,
     pub tls: regions::ServerTls,
 }
 
