@@ -61,6 +61,9 @@ pub struct Views {
     /// Whether each view is known to exist (with its unique index); until then each attempt tries to create it
     /// first, so a definition that failed at start is retried by its schedule and reported with its own error.
     created: Vec<std::sync::atomic::AtomicBool>,
+    /// The history table exists (made once per runtime, by whichever comes first: the start's preparation or
+    /// a refresh asked for before it finished).
+    history_ready: tokio::sync::OnceCell<()>,
     next_run: Mutex<Vec<Option<SystemTime>>>,
     freshness: freshness::Shared,
     /// The primary's own view of each view's freshness (SHOW VIEWS; reads there are always current).
@@ -104,6 +107,7 @@ impl Views {
         let views = Arc::new(Views {
             running: setup.views.iter().map(|_| Default::default()).collect(),
             created: setup.views.iter().map(|_| Default::default()).collect(),
+            history_ready: Default::default(),
             next_run: Mutex::new(vec![None; setup.views.len()]),
             freshness: Default::default(),
             primary_freshness: Default::default(),
@@ -182,6 +186,7 @@ impl Views {
         if self.created[index].load(Ordering::Acquire) {
             return Ok(());
         }
+        self.ensure_history(client).await?;
         let view = &self.setup.views[index];
         let started = Instant::now();
         if refresh::ensure_exists(client, view, &self.setup.gateway).await? {
@@ -191,15 +196,27 @@ impl Views {
         Ok(())
     }
 
+    /// Creates the history table if it is missing (once per runtime).
+    /// One at a time: two concurrent `CREATE SCHEMA IF NOT EXISTS` can still collide in PostgreSQL.
+    async fn ensure_history(&self, client: &tokio_postgres::Client) -> Result<(), RefreshError> {
+        self.history_ready
+            .get_or_try_init(|| async {
+                // IF NOT EXISTS notices would be logged by tokio-postgres on every start.
+                client
+                    .batch_execute("SET client_min_messages = warning")
+                    .await?;
+                client.batch_execute(refresh::SCHEMA_SQL).await?;
+                Ok::<(), RefreshError>(())
+            })
+            .await
+            .map(drop)
+    }
+
     /// The history table, and every view that does not exist yet. A view that cannot be created is reported
     /// (log, metric, history row) and left to its schedule, whose refreshes will report it again.
     async fn prepare(&self) -> Result<(), RefreshError> {
         let mut client = self.pool.get().await?;
-        // IF NOT EXISTS notices would be logged by tokio-postgres on every start.
-        client
-            .batch_execute("SET client_min_messages = warning")
-            .await?;
-        client.batch_execute(refresh::SCHEMA_SQL).await?;
+        self.ensure_history(&client).await?;
         for (index, view) in self.setup.views.iter().enumerate() {
             let started = Instant::now();
             match self.ensure_exists(&mut client, index).await {
