@@ -389,22 +389,35 @@ impl Console {
         let regions = self.shared.regions();
         let picture = regions.picture();
         let now = std::time::Instant::now();
+        let writer = picture.writer.url();
+        // `role` is what the configuration says; `discovered` what the node said at its last probe; `writes`
+        // whether writes go there now.
+        let (configured_role, configured_timeline) = picture.configured_primary;
         let mut rows = vec![vec![
             "primary".to_string(),
             regions.primary_region.as_deref().unwrap_or("").to_string(),
             regions.primary_url.to_string(),
-            if regiongate_primary_up() {
-                "up"
-            } else {
-                "unknown"
+            match configured_role {
+                regions::Role::Primary | regions::Role::Standby => "up",
+                regions::Role::Down => "down",
+                regions::Role::Unknown if regiongate_primary_up() => "up",
+                regions::Role::Unknown => "unknown",
             }
             .to_string(),
+            configured_role.label().to_string(),
+            configured_timeline
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+            (writer == Some(&regions.primary_url)).to_string(),
             "0".to_string(),
             "0".to_string(),
             String::new(),
             String::new(),
             "0".to_string(),
-            String::new(),
+            match &picture.writer {
+                regions::Writer::Refused { why } => why.to_string(),
+                regions::Writer::Node { .. } => String::new(),
+            },
         ]];
         for r in &picture.replicas {
             let state = if r.banned(now) {
@@ -419,6 +432,9 @@ impl Console {
                 r.region.to_string(),
                 r.url.to_string(),
                 state.to_string(),
+                r.role.label().to_string(),
+                r.timeline.map(|t| t.to_string()).unwrap_or_default(),
+                (writer == Some(&r.url)).to_string(),
                 r.lag
                     .map(|l| format!("{:.3}", l.as_secs_f64()))
                     .unwrap_or_default(),
@@ -437,6 +453,9 @@ impl Console {
                 "region",
                 "server",
                 "state",
+                "discovered",
+                "timeline",
+                "writes",
                 "lag_seconds",
                 "lag_bytes",
                 "rtt_ms",
@@ -618,6 +637,18 @@ impl Console {
             (
                 "routing.read_your_writes",
                 config.routing.read_your_writes.to_string(),
+            ),
+            (
+                "routing.when_primary_down",
+                match config.routing.when_primary_down {
+                    regions::config::WhenPrimaryDown::ServeStale => "serve_stale",
+                    regions::config::WhenPrimaryDown::Error => "error",
+                }
+                .to_string(),
+            ),
+            (
+                "routing.outage_max_lag",
+                humantime::format_duration(config.routing.outage_max_lag).to_string(),
             ),
             (
                 "routing.when_no_replica_fits",

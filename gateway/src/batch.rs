@@ -695,8 +695,9 @@ async fn flush(shared: Arc<Shared>, queue: Arc<Queue>, rows: Vec<Queued>, bytes:
 /// flush holds while it runs.
 fn batch_pool(shared: &Shared, database: &str, user: &str) -> FlushPool {
     let config = shared.config.load();
+    let writer = shared.regions().writer();
     let key = crate::pool::PoolKey {
-        server: config.primary.url.clone(),
+        server: writer.url().unwrap_or(&config.primary.url).clone(),
         database: database.to_string(),
         user: user.to_string(),
     };

@@ -91,8 +91,9 @@ pub struct Shared {
 }
 
 /// What the views runtime needs from a configuration: the views, and where the primary and replicas are
-/// (replicas in the regions crate's order, so that indexes are `ReplicaId`s).
-fn views_setup(config: &Config) -> views::Setup {
+/// (replicas in the regions crate's order, so that indexes are `ReplicaId`s). Refreshes run on `writer`, the
+/// node that takes writes (after a failover, a promoted replica), else on the configured primary.
+fn views_setup(config: &Config, writer: &regions::Writer) -> views::Setup {
     let login = side_login(config);
     let target = |url: &ServerUrl, region: &str| {
         let side = side_connection(url, &login, "regiongate views");
@@ -104,10 +105,15 @@ fn views_setup(config: &Config) -> views::Setup {
     };
     views::Setup {
         views: config.views.clone(),
-        primary: target(
-            &config.primary.url,
-            config.primary.region.as_deref().unwrap_or("primary"),
-        ),
+        primary: match writer {
+            regions::Writer::Node { url, region, .. } => {
+                target(url, region.as_deref().unwrap_or("primary"))
+            }
+            regions::Writer::Refused { .. } => target(
+                &config.primary.url,
+                config.primary.region.as_deref().unwrap_or("primary"),
+            ),
+        },
         replicas: config
             .regions
             .iter()
@@ -175,7 +181,7 @@ impl Shared {
             // Not started: with its views emptied, the runtime has no tasks; `start_views` starts the real one.
             views: ArcSwap::new(views::Views::start(views::Setup {
                 views: Vec::new(),
-                ..views_setup(&config)
+                ..views_setup(&config, &regions::Writer::default())
             })),
             classifier: ArcSwap::new(new_classifier(&config)),
             writing_shapes: route::WritingShapes::default(),
@@ -215,7 +221,10 @@ impl Shared {
     }
 
     fn start_views(&self, config: &Config) {
-        let old = self.views.swap(views::Views::start(views_setup(config)));
+        let writer = self.regions().writer();
+        let old = self
+            .views
+            .swap(views::Views::start(views_setup(config, &writer)));
         old.stop();
     }
 
@@ -280,7 +289,9 @@ impl Shared {
         self.tls.store(Arc::new(acceptor));
         self.classifier.store(new_classifier(&new));
         if topology_changed {
-            self.regions.store(new_regions(&new));
+            let regions = new_regions(&new);
+            regions.inherit(&self.regions.load());
+            self.regions.store(regions);
             self.start_monitors();
         }
         let views_changed = old.views != new.views;
@@ -317,10 +328,66 @@ impl Shared {
         self.paused_flag.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The primary's pool for a client's database and user.
+    /// The primary's pool for a client's database and user: the node that takes writes now, else the
+    /// configured primary.
     pub fn pool_for(&self, startup: &Startup) -> Arc<Pool> {
-        let primary = self.config.load().primary.url.clone();
+        let primary = match self.regions().writer() {
+            regions::Writer::Node { url, .. } => url,
+            regions::Writer::Refused { .. } => self.config.load().primary.url.clone(),
+        };
         self.pool(&primary, &startup.user, &startup.database)
+    }
+
+    /// What a client's startup parameters come to (see [`Pool::login_state`]), and the primary's pool for
+    /// it. A login needs no primary: while none answers, any reachable replica gives the same answer
+    /// (settings and reported parameters are the cluster's).
+    pub async fn login(
+        &self,
+        startup: &Startup,
+        parameters: &[(String, String)],
+    ) -> (Arc<Pool>, Result<Arc<pool::LoginState>, PgError>) {
+        let regions = self.regions();
+        let primary = self.pool_for(startup);
+        let on_primary = match regions.writer() {
+            regions::Writer::Node { .. } => primary.login_state(parameters).await,
+            regions::Writer::Refused { why } => {
+                Err(PgError::fatal("57P03", format!("regiongate: {why}")))
+            }
+        };
+        let error = match on_primary {
+            Err(error) if error.code.starts_with("08") || error.code.starts_with("57P") => error,
+            answered => return (primary, answered),
+        };
+        let picture = regions.picture();
+        let mut replicas: Vec<&regions::ReplicaStatus> =
+            picture.replicas.iter().filter(|r| r.up).collect();
+        replicas.sort_by_key(|r| picture.region_order.iter().position(|o| *o == r.region));
+        for replica in replicas {
+            let pool = self.pool(&replica.url, &startup.user, &startup.database);
+            if let Ok(login) = pool.login_state(parameters).await {
+                tracing::info!(user = %startup.user, replica = %replica.url, primary_error = %error.message, "login served by a replica: the primary did not answer");
+                return (primary, Ok(login));
+            }
+        }
+        (primary, Err(error))
+    }
+
+    /// Pools of a server that no longer takes writes: out of the map (sessions look theirs up again), idle
+    /// connections closed, transactions held on them ended (see [`Pool::retire`]).
+    fn retire_primary(&self, server: &ServerUrl) {
+        let mut retired = 0;
+        self.pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|key, pool| {
+                let keep = key.server != *server;
+                if !keep {
+                    pool.retire();
+                    retired += 1;
+                }
+                keep
+            });
+        tracing::info!(%server, pools = retired, "pools of the former primary retired");
     }
 
     /// The pool for a server, database and (client) user, created on first use.
@@ -391,6 +458,50 @@ impl Shared {
     }
 }
 
+/// Retires the pools of each node that stops taking writes (a failover, a split brain, an outage), and moves
+/// view refreshes to a promoted node, for as long as the gateway lives; a reload's new regions are followed
+/// within a second.
+async fn follow_writer(shared: std::sync::Weak<Shared>) {
+    let mut last: Option<ServerUrl> = None;
+    // Where view refreshes run: they follow a failover (not an outage: they wait for the primary's return).
+    let mut views_on: Option<ServerUrl> = shared
+        .upgrade()
+        .map(|s| s.config.load().primary.url.clone());
+    loop {
+        let Some(regions) = shared.upgrade().map(|s| s.regions()) else {
+            return;
+        };
+        let mut changes = regions.writer_changes();
+        loop {
+            let now = changes.borrow_and_update().url().cloned();
+            if let Some(old) = last.as_ref().filter(|old| now.as_ref() != Some(*old)) {
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                shared.retire_primary(old);
+            }
+            if now.is_some() && now != views_on {
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                tracing::info!(primary = ?now.as_ref().map(|u| u.to_string()), "view refreshes follow the new primary");
+                shared.start_views(&shared.config.load());
+                views_on = now.clone();
+            }
+            last = now;
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                () = tokio::time::sleep(Duration::from_secs(1)) => {
+                    let Some(current) = shared.upgrade().map(|s| s.regions()) else { return };
+                    if !Arc::ptr_eq(&current, &regions) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// How the gateway logs in for its own work (replica monitors, heartbeat): the primary URL's user and
 /// password, else the first configured user's server credentials.
 fn side_login(config: &Config) -> SideLogin {
@@ -455,6 +566,7 @@ impl Gateway {
         let metrics_listen = config.metrics.listen;
         let shared = Shared::new(config.clone(), acceptor, path);
         shared.start_monitors();
+        tokio::spawn(follow_writer(Arc::downgrade(&shared)));
         shared.start_views(&config);
         if let Some(addr) = metrics_listen {
             let listener = bind(addr).await?;

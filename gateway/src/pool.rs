@@ -100,6 +100,9 @@ pub struct Pool {
     open: AtomicU64,
     /// Clients waiting for a connection right now.
     waiting: AtomicU64,
+    /// Its server no longer takes writes (a failover): no connection goes back idle, and a session that
+    /// holds one ends its transaction with an error (see [`Pool::retire`]).
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
@@ -116,6 +119,7 @@ impl Pool {
             logins: Mutex::new(std::collections::HashMap::new()),
             open: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
+            retired: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -315,12 +319,28 @@ impl Pool {
         Ok(login)
     }
 
+    /// Its server was the primary and no longer is: idle connections close now, leased ones when they come
+    /// back, and sessions holding one end their transaction with an error (none continues elsewhere).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        for _ in &idle {
+            self.closed_one();
+        }
+    }
+
+    #[inline]
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
     /// Takes a connection back, idle since `now`.
     fn checkin(&self, mut conn: Box<ServerConn>, now: Instant) {
         conn.checked_in(now);
         // Retire a connection past its lifetime, or holding too many statements (rather than track which are
         // still wanted).
-        if now.duration_since(conn.created) >= self.config.max_lifetime
+        if self.is_retired()
+            || now.duration_since(conn.created) >= self.config.max_lifetime
             || conn.statement_count() > self.config.max_prepared_statements
         {
             self.closed_one();
@@ -363,7 +383,7 @@ impl Pool {
             self.closed_one();
         }
         drop(expired);
-        loop {
+        while !self.is_retired() {
             let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).len();
             if idle >= self.config.min_idle {
                 break;

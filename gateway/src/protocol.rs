@@ -155,7 +155,16 @@ impl PgError {
 
     /// ErrorResponse ('E').
     pub fn encode(&self, out: &mut BytesMut) {
-        let at = start(out, b'E');
+        self.encode_as(out, b'E');
+    }
+
+    /// The same fields as a NoticeResponse ('N'): for a severity of NOTICE or WARNING.
+    pub fn encode_notice(&self, out: &mut BytesMut) {
+        self.encode_as(out, tag::NOTICE_RESPONSE);
+    }
+
+    fn encode_as(&self, out: &mut BytesMut, message_tag: u8) {
+        let at = start(out, message_tag);
         out.put_u8(b'S');
         put_cstr(out, self.severity.as_bytes());
         out.put_u8(b'V');

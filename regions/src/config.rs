@@ -76,6 +76,18 @@ pub enum WhenNoReplicaFits {
     Error,
 }
 
+/// What a read over its budget gets while no node takes writes (the primary is down, or two nodes are out of
+/// recovery): replicas' data is then as old as the newest heartbeat they replayed, and grows older.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenPrimaryDown {
+    /// The freshest reachable replica serves it, up to `outage_max_lag`, with a NOTICE saying how stale.
+    #[default]
+    ServeStale,
+    /// Refused with SQLSTATE 57P03.
+    Error,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Routing {
@@ -85,6 +97,10 @@ pub struct Routing {
     /// After a session's write commits, its reads go only to replicas that have replayed it.
     pub read_your_writes: bool,
     pub when_no_replica_fits: WhenNoReplicaFits,
+    pub when_primary_down: WhenPrimaryDown,
+    /// The stalest data `when_primary_down: serve_stale` serves.
+    #[serde(with = "duration")]
+    pub outage_max_lag: Duration,
     pub primary_reads: PrimaryReads,
     /// Regions to try in this order; empty means home region first, then by measured round trip.
     pub region_order: Vec<String>,
@@ -164,6 +180,8 @@ impl Default for Routing {
             max_lag: Duration::from_secs(1),
             read_your_writes: true,
             when_no_replica_fits: WhenNoReplicaFits::Primary,
+            when_primary_down: WhenPrimaryDown::ServeStale,
+            outage_max_lag: Duration::from_secs(300),
             primary_reads: PrimaryReads::Local,
             region_order: Vec::new(),
             monitor_interval: Duration::from_millis(250),

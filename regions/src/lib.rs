@@ -13,7 +13,8 @@ pub mod url;
 pub use crate::lsn::Lsn;
 pub use crate::monitor::{SideConnect, SideLogin};
 pub use crate::picture::{
-    Decision, NoFit, Picture, ReadRequest, Reason, ReplicaId, ReplicaStatus, Target,
+    Decision, NoFit, Node, Picture, ReadRequest, Reason, ReplicaId, ReplicaStatus, Role, Target,
+    Writer,
 };
 pub use crate::tls::{ServerTls, ServerTlsMode};
 pub use crate::url::ServerUrl;
@@ -44,6 +45,12 @@ pub struct Regions {
     strikes: Vec<AtomicU32>,
     /// The primary as its heartbeat sees it: answering, and the smoothed round trip.
     primary_seen: Mutex<(bool, Option<Duration>)>,
+    /// The configuration's primary as its probe sees it (replicas' roles are in their statuses).
+    configured: Mutex<monitor::NodeProbe>,
+    /// Where writes go, and since when they could not go anywhere.
+    writes: Mutex<monitor::Writes>,
+    /// Each new writer, for those that must act on a change (the gateway retires the old one's pools).
+    writer_changes: tokio::sync::watch::Sender<Writer>,
 }
 
 impl Regions {
@@ -79,16 +86,28 @@ impl Regions {
             picture: ArcSwap::from_pointee(Picture::default()),
             heartbeats: Mutex::new(Heartbeats::default()),
             primary_seen: Mutex::new((true, None)),
+            configured: Mutex::new(monitor::NodeProbe::default()),
+            writes: Mutex::new(monitor::Writes::default()),
+            writer_changes: tokio::sync::watch::Sender::new(Writer::default()),
             statuses: Mutex::new(statuses),
         };
-        regions.publish(&regions.statuses.lock().unwrap_or_else(|p| p.into_inner()));
+        regions.decide_writer(&regions.statuses.lock().unwrap_or_else(|p| p.into_inner()));
         Arc::new(regions)
     }
 
     /// Publishes the picture of these statuses.
     fn publish(&self, statuses: &[ReplicaStatus]) {
         let (up, rtt) = *self.primary_seen.lock().unwrap_or_else(|p| p.into_inner());
-        let primary_reads = self.primary_region.as_ref().and_then(|region| {
+        let (writer, writer_epoch) = {
+            let writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+            (writes.writer.clone(), writes.epoch)
+        };
+        // The primary reads in the region of the node that takes writes now.
+        let (up, writer_region) = match &writer {
+            Writer::Node { region, .. } => (up, region.clone()),
+            Writer::Refused { .. } => (false, self.primary_region.clone()),
+        };
+        let primary_reads = writer_region.as_ref().and_then(|region| {
             let competes = match self.routing.primary_reads {
                 config::PrimaryReads::Never => return None,
                 config::PrimaryReads::Local if self.home_region.as_ref() != Some(region) => {
@@ -112,8 +131,16 @@ impl Regions {
                 self.home_region.as_deref(),
             ),
             replicas: statuses.to_vec(),
-            primary_region: self.primary_region.clone(),
+            primary_region: writer_region,
             primary_reads,
+            writer,
+            writer_epoch,
+            configured_primary: {
+                let probe = self.configured.lock().unwrap_or_else(|p| p.into_inner());
+                (probe.role, probe.timeline)
+            },
+            outage_max_lag: (self.routing.when_primary_down == config::WhenPrimaryDown::ServeStale)
+                .then_some(self.routing.outage_max_lag),
         };
         self.picture.store(Arc::new(picture));
     }
@@ -122,16 +149,71 @@ impl Regions {
         !self.replica_urls.is_empty()
     }
 
-    /// Starts the heartbeat writer and one probe per replica; they run until the runtime stops.
+    /// Starts the heartbeat writer and one probe per node (the configuration's primary and each replica);
+    /// they run until the runtime stops. Without replicas there is nothing to route or fail over to: the
+    /// configured primary takes everything, unprobed.
     pub fn spawn_monitors(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         if !self.has_replicas() {
             return Vec::new();
         }
-        let mut tasks = vec![tokio::spawn(monitor::heartbeat(self.clone()))];
+        let mut tasks = vec![
+            tokio::spawn(monitor::heartbeat(self.clone())),
+            tokio::spawn(monitor::probe(self.clone(), Node::Configured)),
+        ];
         for id in 0..self.replica_urls.len() {
-            tasks.push(tokio::spawn(monitor::probe(self.clone(), id)));
+            tasks.push(tokio::spawn(monitor::probe(
+                self.clone(),
+                Node::Replica(id),
+            )));
         }
         tasks
+    }
+
+    /// After a reload: what the previous regions learned of the nodes both know (roles, timelines, the newest
+    /// primary timeline), so that writes do not go back to the configured primary until its probe answers
+    /// (after a failover it may be a stale or split-brained server).
+    pub fn inherit(&self, old: &Regions) {
+        if old.primary_url == self.primary_url {
+            let seen = old.configured.lock().unwrap_or_else(|p| p.into_inner());
+            let mut mine = self.configured.lock().unwrap_or_else(|p| p.into_inner());
+            (mine.role, mine.timeline, mine.error) = (seen.role, seen.timeline, seen.error.clone());
+        }
+        let old_statuses = old
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let old_configured = old
+            .configured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .role;
+        let mut statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        for status in statuses.iter_mut() {
+            if let Some(seen) = old_statuses.iter().find(|s| s.url == status.url) {
+                (status.role, status.timeline) = (seen.role, seen.timeline);
+            } else if status.url == old.primary_url {
+                status.role = old_configured;
+            }
+        }
+        {
+            let old_writes = old.writes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+            writes.newest_timeline = old_writes.newest_timeline;
+            writes.last = old_writes.last.clone();
+            writes.unavailable_since = old_writes.unavailable_since;
+        }
+        self.decide_writer(&statuses);
+    }
+
+    /// Where writes go now.
+    pub fn writer(&self) -> Writer {
+        self.picture.load().writer.clone()
+    }
+
+    /// Each change of [`Regions::writer`].
+    pub fn writer_changes(&self) -> tokio::sync::watch::Receiver<Writer> {
+        self.writer_changes.subscribe()
     }
 
     /// The current snapshot.

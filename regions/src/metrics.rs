@@ -53,6 +53,41 @@ pub static PRIMARY_UP: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+pub static WRITER_UP: LazyLock<IntGauge> = LazyLock::new(|| {
+    IntGauge::new(
+        "regiongate_writer_up",
+        "1 when exactly one node is out of recovery and takes writes; 0 when none is, or two are (split brain)",
+    )
+    .expect("valid metric")
+});
+pub static FAILOVERS: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    prometheus::IntCounter::new(
+        "regiongate_failovers_total",
+        "Times writes moved to another node, because it was promoted",
+    )
+    .expect("valid metric")
+});
+pub static NODE_ROLE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    IntGaugeVec::new(
+        Opts::new(
+            "regiongate_node_role",
+            "1 for the role each configured node reported at its last probe (primary, standby, down, unknown)",
+        ),
+        &["node", "role"],
+    )
+    .expect("valid metric")
+});
+pub static NODE_TIMELINE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    IntGaugeVec::new(
+        Opts::new(
+            "regiongate_node_timeline",
+            "The timeline each node writes (primary) or receives (standby), as last known",
+        ),
+        &["node"],
+    )
+    .expect("valid metric")
+});
+
 /// Everything this crate measures, for the gateway's registry.
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     vec![
@@ -61,6 +96,10 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         Box::new(RTT_SECONDS.clone()),
         Box::new(UP.clone()),
         Box::new(PRIMARY_UP.clone()),
+        Box::new(WRITER_UP.clone()),
+        Box::new(FAILOVERS.clone()),
+        Box::new(NODE_ROLE.clone()),
+        Box::new(NODE_TIMELINE.clone()),
     ]
 }
 
@@ -85,5 +124,24 @@ pub(crate) fn observe(status: &ReplicaStatus) {
         RTT_SECONDS
             .with_label_values(&labels)
             .set(rtt.as_secs_f64());
+    }
+}
+
+pub(crate) fn node_role(url: &crate::ServerUrl, role: crate::Role, timeline: Option<u32>) {
+    let node = url.to_string();
+    for other in [
+        crate::Role::Unknown,
+        crate::Role::Primary,
+        crate::Role::Standby,
+        crate::Role::Down,
+    ] {
+        NODE_ROLE
+            .with_label_values(&[&node, other.label()])
+            .set(i64::from(other == role));
+    }
+    if let Some(timeline) = timeline {
+        NODE_TIMELINE
+            .with_label_values(&[&node])
+            .set(i64::from(timeline));
     }
 }

@@ -8,7 +8,7 @@
 //! right on an idle primary (the heartbeat keeps WAL moving) and is zero once replay catches up.
 
 use crate::lsn::Lsn;
-use crate::picture::{ReplicaId, ReplicaStatus};
+use crate::picture::{self, Node, NodeView, ReplicaId, ReplicaStatus, Role, Writer};
 use crate::Regions;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -40,6 +40,9 @@ pub struct SideLogin {
 pub(crate) struct Heartbeat {
     pub seq: i64,
     pub lsn: Lsn,
+    /// The timeline it was written on: positions and sequence numbers compare only within one (after a
+    /// failover the new primary's WAL continues below a lost tail of the old one's, and reuses its numbers).
+    pub timeline: Option<u32>,
     pub sent: Instant,
 }
 
@@ -59,11 +62,18 @@ impl Heartbeats {
         self.0.back().copied()
     }
 
-    /// The newest instant before which everything is visible on a replica that replayed `lsn` and `seq`.
-    pub fn fresh_as_of(&self, lsn: Option<Lsn>, seq: Option<i64>) -> Option<Instant> {
+    /// The newest instant before which everything is visible on a replica that replayed `lsn` and `seq` on
+    /// `timeline` (an unknown timeline matches any).
+    pub fn fresh_as_of(
+        &self,
+        lsn: Option<Lsn>,
+        seq: Option<i64>,
+        timeline: Option<u32>,
+    ) -> Option<Instant> {
         self.0
             .iter()
             .rev()
+            .filter(|h| h.timeline.zip(timeline).is_none_or(|(a, b)| a == b))
             .find(|h| lsn.is_some_and(|l| l >= h.lsn) || seq.is_some_and(|s| s >= h.seq))
             .map(|h| h.sent)
     }
@@ -146,25 +156,56 @@ fn describe(error: &tokio_postgres::Error) -> String {
 }
 
 const HEARTBEAT_SQL: &str = "UPDATE regiongate.heartbeat SET seq = seq + 1, written_at = now() \
-                             WHERE gateway = $1 RETURNING seq, pg_current_wal_lsn()::text";
-const PROBE_SQL: &str = "SELECT pg_last_wal_replay_lsn()::text, \
-                         (SELECT seq FROM regiongate.heartbeat WHERE gateway = $1)";
+                             WHERE gateway = $1 RETURNING seq, pg_current_wal_lsn()::text, \
+                             ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int";
 
-/// Writes the heartbeat every interval until the gateway stops.
+/// What a node is: in recovery or not, how far its WAL goes (replayed on a standby, written on a primary),
+/// its timeline (a primary's from the name of its current WAL file; a standby's from its WAL receiver, NULL
+/// while that is idle or hidden from a role without pg_read_all_stats), and this gateway's last heartbeat.
+const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
+    CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text, \
+    CASE WHEN pg_is_in_recovery() THEN (SELECT received_tli FROM pg_stat_wal_receiver)::int \
+         ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
+    (SELECT seq FROM regiongate.heartbeat WHERE gateway = $1)";
+/// The same before the heartbeat table exists (a gateway started while the primary was down, on a database
+/// that never had one): the replayed position alone says how fresh a standby is.
+const PROBE_NO_HEARTBEAT_SQL: &str = "SELECT pg_is_in_recovery(), \
+    CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text, \
+    CASE WHEN pg_is_in_recovery() THEN (SELECT received_tli FROM pg_stat_wal_receiver)::int \
+         ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
+    $1::text IS NULL";
+
+/// The heartbeat connection and the node it writes to.
+struct Beating {
+    prepared: Prepared,
+    url: crate::ServerUrl,
+}
+
+/// Writes the heartbeat every interval, on the node that takes writes now, until the gateway stops.
 pub(crate) async fn heartbeat(regions: Arc<Regions>) {
     let interval = regions.routing.monitor_interval;
-    let side = side_connection(
-        &regions.primary_url,
-        &regions.login,
-        "regiongate monitor",
-        interval.max(Duration::from_secs(2)),
-    );
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut connection: Option<Prepared> = None;
+    let mut connection: Option<Beating> = None;
     loop {
         ticker.tick().await;
-        if connection.as_ref().is_none_or(|c| c.client.is_closed()) {
+        let Writer::Node { url, .. } = regions.writer() else {
+            // No node takes writes: nothing to beat on. The replicas' data ages from their last heartbeat.
+            connection = None;
+            regions.primary_seen(None);
+            crate::metrics::PRIMARY_UP.set(0);
+            continue;
+        };
+        if connection
+            .as_ref()
+            .is_none_or(|c| c.prepared.client.is_closed() || c.url != url)
+        {
+            let side = side_connection(
+                &url,
+                &regions.login,
+                "regiongate monitor",
+                interval.max(Duration::from_secs(2)),
+            );
             let opened = async {
                 let client = side.connect().await?;
                 setup(&client, &regions.gateway_name).await?;
@@ -172,9 +213,9 @@ pub(crate) async fn heartbeat(regions: Arc<Regions>) {
                 Ok::<_, tokio_postgres::Error>(Prepared { client, statement })
             };
             connection = match opened.await {
-                Ok(c) => Some(c),
+                Ok(prepared) => Some(Beating { prepared, url }),
                 Err(error) => {
-                    regions.primary_failed(&describe(&error));
+                    regions.primary_failed(&url, &describe(&error));
                     None
                 }
             };
@@ -182,22 +223,26 @@ pub(crate) async fn heartbeat(regions: Arc<Regions>) {
         let Some(c) = &connection else { continue };
         let sent = Instant::now();
         let parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&regions.gateway_name];
-        let written = c.client.query_one(&c.statement, &parameters);
+        let written = c
+            .prepared
+            .client
+            .query_one(&c.prepared.statement, &parameters);
         match tokio::time::timeout(interval * 8, written).await {
             Ok(Ok(row)) => {
                 let lsn = row.get::<_, String>(1).parse().unwrap_or_default();
                 regions.heartbeat_written(Heartbeat {
                     seq: row.get(0),
                     lsn,
+                    timeline: row.get::<_, Option<i32>>(2).map(|t| t as u32),
                     sent,
                 });
             }
             Ok(Err(error)) => {
-                regions.primary_failed(&describe(&error));
+                regions.primary_failed(&c.url, &describe(&error));
                 connection = None;
             }
             Err(_) => {
-                regions.primary_failed("heartbeat timed out");
+                regions.primary_failed(&c.url, "heartbeat timed out");
                 connection = None;
             }
         }
@@ -215,10 +260,23 @@ async fn setup(client: &Client, gateway: &str) -> Result<(), tokio_postgres::Err
     Ok(())
 }
 
-/// Probes one replica every interval, reconnecting with backoff while it is down.
-pub(crate) async fn probe(regions: Arc<Regions>, id: ReplicaId) {
+/// What one probe found.
+struct Probed {
+    in_recovery: bool,
+    lsn: Option<Lsn>,
+    timeline: Option<u32>,
+    seq: Option<i64>,
+}
+
+/// Probes one node every interval. A failed probe is tried again at once on a new connection, and the node
+/// is down only when that fails too (a dead server refuses at once; one slow answer does not fail a primary
+/// over); while it is down it is tried with a backoff of up to five seconds.
+pub(crate) async fn probe(regions: Arc<Regions>, node: Node) {
     let interval = regions.routing.monitor_interval;
-    let url = regions.replica_urls[id].clone();
+    let url = match node {
+        Node::Configured => regions.primary_url.clone(),
+        Node::Replica(id) => regions.replica_urls[id].clone(),
+    };
     let side = side_connection(
         &url,
         &regions.login,
@@ -227,25 +285,24 @@ pub(crate) async fn probe(regions: Arc<Regions>, id: ReplicaId) {
     );
     let mut connection: Option<Prepared> = None;
     let mut backoff = interval;
-    // The probe reads the heartbeat table, which the heartbeat writer creates: wait for its first beat.
-    while regions
-        .heartbeats
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .latest()
-        .is_none()
-    {
-        tokio::time::sleep(interval).await;
-    }
+    let mut retried = false;
     loop {
         if connection.as_ref().is_none_or(|c| c.client.is_closed()) {
-            match prepare(&side, PROBE_SQL).await {
+            let opened = match prepare(&side, PROBE_SQL).await {
+                Err(error)
+                    if error.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
+                {
+                    prepare(&side, PROBE_NO_HEARTBEAT_SQL).await
+                }
+                opened => opened,
+            };
+            match opened {
                 Ok(c) => {
                     connection = Some(c);
                     backoff = interval;
                 }
                 Err(error) => {
-                    regions.replica_failed(id, &describe(&error));
+                    regions.node_failed(node, &describe(&error), says_down(&error));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
@@ -257,24 +314,62 @@ pub(crate) async fn probe(regions: Arc<Regions>, id: ReplicaId) {
         let timeout = (interval * 4).max(Duration::from_secs(1));
         let parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&regions.gateway_name];
         let probed = c.client.query_one(&c.statement, &parameters);
-        match tokio::time::timeout(timeout, probed).await {
+        let failure = match tokio::time::timeout(timeout, probed).await {
             Ok(Ok(row)) => {
+                retried = false;
                 let rtt = started.elapsed();
-                let lsn = row.get::<_, Option<String>>(0).and_then(|l| l.parse().ok());
-                let seq = row.get::<_, Option<i64>>(1);
-                regions.replica_measured(id, started, rtt, lsn, seq);
+                let probed = Probed {
+                    in_recovery: row.get(0),
+                    lsn: row.get::<_, Option<String>>(1).and_then(|l| l.parse().ok()),
+                    timeline: row.get::<_, Option<i32>>(2).map(|t| t as u32),
+                    seq: row.try_get::<_, Option<i64>>(3).ok().flatten(),
+                };
+                regions.node_measured(node, started, rtt, probed);
+                None
             }
-            Ok(Err(error)) => {
-                regions.replica_failed(id, &describe(&error));
-                connection = None;
+            Ok(Err(error)) => Some((describe(&error), says_down(&error))),
+            Err(_) => Some((format!("probe timed out after {timeout:?}"), true)),
+        };
+        if let Some((error, down)) = failure {
+            connection = None;
+            if !retried {
+                retried = true;
+                continue;
             }
-            Err(_) => {
-                regions.replica_failed(id, &format!("probe timed out after {timeout:?}"));
-                connection = None;
-            }
+            regions.node_failed(node, &error, down);
         }
         tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
     }
+}
+
+/// Whether a failed probe means the node is down: it did not answer, or answered that it is shutting down or
+/// starting up (57P0x). A server that refuses for another reason (too many connections, a password) is up,
+/// and keeps the role it last said it had.
+fn says_down(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_none_or(|db| {
+        let code = db.code().code();
+        code.starts_with("57P") || code.starts_with("08")
+    })
+}
+
+/// The configuration's primary as its probe saw it last.
+#[derive(Default)]
+pub(crate) struct NodeProbe {
+    pub role: Role,
+    pub timeline: Option<u32>,
+    pub error: Option<String>,
+}
+
+/// Where writes go, as last decided.
+#[derive(Default)]
+pub(crate) struct Writes {
+    pub writer: Writer,
+    pub epoch: u64,
+    /// The newest timeline a primary was seen on: a node on an older one gets no writes.
+    pub newest_timeline: u32,
+    /// Since when no node took writes, and which one took them last.
+    pub unavailable_since: Option<Instant>,
+    pub last: Option<(crate::ServerUrl, Option<u32>)>,
 }
 
 impl Regions {
@@ -287,31 +382,57 @@ impl Regions {
         crate::metrics::PRIMARY_UP.set(1);
     }
 
-    fn primary_failed(&self, error: &str) {
+    fn primary_failed(&self, primary: &crate::ServerUrl, error: &str) {
         self.primary_seen(None);
         crate::metrics::PRIMARY_UP.set(0);
-        tracing::warn!(primary = %self.primary_url, error, "heartbeat on the primary failed");
+        tracing::warn!(%primary, error, "heartbeat on the primary failed");
     }
 
-    fn replica_measured(
-        &self,
-        id: ReplicaId,
-        at: Instant,
-        rtt: Duration,
-        lsn: Option<Lsn>,
-        seq: Option<i64>,
-    ) {
+    fn node_measured(&self, node: Node, at: Instant, rtt: Duration, probed: Probed) {
+        let role = if probed.in_recovery {
+            Role::Standby
+        } else {
+            Role::Primary
+        };
+        let id = match node {
+            Node::Configured => {
+                let mut seen = self.configured.lock().unwrap_or_else(|p| p.into_inner());
+                if seen.role != role {
+                    tracing::info!(node = %self.primary_url, role = role.label(), timeline = probed.timeline, "node role");
+                }
+                seen.role = role;
+                seen.timeline = probed.timeline.or(seen.timeline);
+                seen.error = None;
+                crate::metrics::node_role(&self.primary_url, role, seen.timeline);
+                drop(seen);
+                self.decide_writer(&self.statuses.lock().unwrap_or_else(|p| p.into_inner()));
+                return;
+            }
+            Node::Replica(id) => id,
+        };
         let (fresh_as_of, latest) = {
             let heartbeats = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
-            (heartbeats.fresh_as_of(lsn, seq), heartbeats.latest())
+            let timeline = probed
+                .timeline
+                .or_else(|| self.statuses.lock().unwrap_or_else(|p| p.into_inner())[id].timeline);
+            (
+                heartbeats.fresh_as_of(probed.lsn, probed.seq, timeline),
+                heartbeats.latest(),
+            )
         };
+        let lsn = probed.lsn.filter(|_| probed.in_recovery);
         self.update(id, |status| {
             let was_down = !status.up;
+            if status.role != role {
+                tracing::info!(node = %status.url, region = %status.region, role = role.label(), timeline = probed.timeline, "node role");
+            }
+            status.role = role;
+            status.timeline = probed.timeline.or(status.timeline);
             status.up = lsn.is_some();
             status.error = if lsn.is_some() {
                 None
             } else {
-                Some("not in recovery: this server is not a replica".into())
+                Some("out of recovery: this server is a primary, not a replica".into())
             };
             // Smoothed like TCP's SRTT, so one slow probe does not reorder regions.
             status.rtt = Some(match status.rtt {
@@ -320,7 +441,7 @@ impl Regions {
             });
             status.replay_lsn = lsn;
             status.fresh_as_of = fresh_as_of;
-            let caught_up = matches!((lsn, latest), (Some(l), Some(h)) if l >= h.lsn);
+            let caught_up = matches!((lsn, latest), (Some(l), Some(h)) if l >= h.lsn && h.timeline == status.timeline);
             status.lag = if caught_up {
                 Some(Duration::ZERO)
             } else {
@@ -336,24 +457,120 @@ impl Regions {
         });
     }
 
-    fn replica_failed(&self, id: ReplicaId, error: &str) {
-        self.update(id, |status| {
-            if status.up || status.error.as_deref() == Some("not measured yet") {
-                tracing::warn!(replica = %status.url, region = %status.region, error, "replica is down");
+    fn node_failed(&self, node: Node, error: &str, down: bool) {
+        if !down {
+            tracing::warn!(node = ?node, error, "a node refused its probe: its role is kept");
+            if let Node::Replica(id) = node {
+                self.update(id, |status| {
+                    status.up = false;
+                    status.error = Some(error.to_string());
+                });
             }
-            status.up = false;
-            status.error = Some(error.to_string());
-        });
+            return;
+        }
+        match node {
+            Node::Configured => {
+                let mut seen = self.configured.lock().unwrap_or_else(|p| p.into_inner());
+                if seen.role != Role::Down {
+                    tracing::warn!(node = %self.primary_url, error, "the configured primary is down");
+                }
+                seen.role = Role::Down;
+                seen.error = Some(error.to_string());
+                crate::metrics::node_role(&self.primary_url, Role::Down, seen.timeline);
+                drop(seen);
+                self.decide_writer(&self.statuses.lock().unwrap_or_else(|p| p.into_inner()));
+            }
+            Node::Replica(id) => self.update(id, |status| {
+                if status.up || status.error.as_deref() == Some("not measured yet") {
+                    tracing::warn!(replica = %status.url, region = %status.region, error, "replica is down");
+                }
+                status.up = false;
+                status.role = Role::Down;
+                status.error = Some(error.to_string());
+            }),
+        }
     }
 
     /// Changes one replica's status and publishes a new picture.
     pub(crate) fn update(&self, id: ReplicaId, change: impl FnOnce(&mut ReplicaStatus)) {
         let mut statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(status) = statuses.get_mut(id) {
+            let role = status.role;
             change(status);
             crate::metrics::observe(status);
+            if status.role != role {
+                crate::metrics::node_role(&status.url, status.role, status.timeline);
+                self.decide_writer(&statuses);
+                return;
+            }
         }
         self.publish(&statuses);
+    }
+
+    /// Decides where writes go from every node's last probe, and publishes the picture. A change of writer
+    /// is logged: the `failover` event names both nodes and how long writes were unavailable.
+    pub(crate) fn decide_writer(&self, statuses: &[ReplicaStatus]) {
+        {
+            let configured = self.configured.lock().unwrap_or_else(|p| p.into_inner());
+            let mut nodes = vec![NodeView {
+                node: Node::Configured,
+                url: &self.primary_url,
+                region: self.primary_region.as_ref(),
+                role: configured.role,
+                timeline: configured.timeline,
+                error: configured.error.as_deref(),
+            }];
+            nodes.extend(statuses.iter().map(|s| NodeView {
+                node: Node::Replica(s.id),
+                url: &s.url,
+                region: Some(&s.region),
+                role: s.role,
+                timeline: s.timeline,
+                error: s.error.as_deref(),
+            }));
+            let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+            let writer = picture::writer_of(&nodes, writes.newest_timeline);
+            let before = writes.writer.url().cloned();
+            let after = writer.url().cloned();
+            if let Writer::Node {
+                timeline: Some(t), ..
+            } = &writer
+            {
+                writes.newest_timeline = writes.newest_timeline.max(*t);
+            }
+            let changed = before != after || writes.epoch == 0;
+            if changed {
+                writes.epoch += 1;
+                crate::metrics::WRITER_UP.set(i64::from(after.is_some()));
+            }
+            match (&writer, changed) {
+                (Writer::Refused { why }, true) => {
+                    writes.unavailable_since.get_or_insert_with(Instant::now);
+                    tracing::warn!(reason = %why, "writes unavailable: no node takes them");
+                }
+                (Writer::Node { url, timeline, .. }, true) => {
+                    let unavailable = writes.unavailable_since.take().map(|t| t.elapsed());
+                    let unavailable_ms = unavailable.unwrap_or_default().as_secs_f64() * 1000.0;
+                    match writes.last.take() {
+                        Some((from, from_timeline)) if &from != url => {
+                            crate::metrics::FAILOVERS.inc();
+                            tracing::warn!(%from, from_timeline, to = %url, to_timeline = timeline, writes_unavailable_ms = unavailable_ms, "failover: writes go to a new primary");
+                        }
+                        Some(_) => {
+                            tracing::info!(primary = %url, timeline, writes_unavailable_ms = unavailable_ms, "the primary takes writes again");
+                        }
+                        None => tracing::info!(primary = %url, timeline, "primary"),
+                    }
+                    writes.last = Some((url.clone(), *timeline));
+                }
+                _ => {}
+            }
+            if changed {
+                let _ = self.writer_changes.send_replace(writer.clone());
+            }
+            writes.writer = writer;
+        }
+        self.publish(statuses);
     }
 
     /// The heartbeat answered in `rtt`, or failed (None): the primary's part of the picture.
@@ -384,20 +601,37 @@ mod tests {
             ring.push(Heartbeat {
                 seq: i,
                 lsn: Lsn(100 * i as u64),
+                timeline: Some(1),
                 sent: base + Duration::from_millis(250 * i as u64),
             });
         }
         // Replayed up to LSN 250: heartbeats 0..=2 are visible, so fresh as of heartbeat 2.
         assert_eq!(
-            ring.fresh_as_of(Some(Lsn(250)), None),
+            ring.fresh_as_of(Some(Lsn(250)), None, Some(1)),
             Some(base + Duration::from_millis(500))
         );
         // The heartbeat row itself says 3.
         assert_eq!(
-            ring.fresh_as_of(Some(Lsn(250)), Some(3)),
+            ring.fresh_as_of(Some(Lsn(250)), Some(3), None),
             Some(base + Duration::from_millis(750))
         );
         // Nothing replayed that we remember.
-        assert_eq!(ring.fresh_as_of(None, Some(-1)), None);
+        assert_eq!(ring.fresh_as_of(None, Some(-1), Some(1)), None);
+        // A new primary's heartbeats (timeline 2) continue at lower positions: a replica still on timeline
+        // 1, whose WAL went further on the old primary, has none of them.
+        ring.push(Heartbeat {
+            seq: 3,
+            lsn: Lsn(320),
+            timeline: Some(2),
+            sent: base + Duration::from_millis(1250),
+        });
+        assert_eq!(
+            ring.fresh_as_of(Some(Lsn(450)), Some(4), Some(1)),
+            Some(base + Duration::from_millis(1000))
+        );
+        assert_eq!(
+            ring.fresh_as_of(Some(Lsn(330)), None, Some(2)),
+            Some(base + Duration::from_millis(1250))
+        );
     }
 }

@@ -12,6 +12,141 @@ use std::time::{Duration, Instant};
 /// Index of a replica in the configuration (regions in order, replicas in order).
 pub type ReplicaId = usize;
 
+/// What a node said it is at its last probe.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    /// Not probed yet.
+    #[default]
+    Unknown,
+    /// Out of recovery: it takes writes.
+    Primary,
+    /// In recovery: a standby.
+    Standby,
+    /// It did not answer.
+    Down,
+}
+
+impl Role {
+    pub fn label(self) -> &'static str {
+        match self {
+            Role::Unknown => "unknown",
+            Role::Primary => "primary",
+            Role::Standby => "standby",
+            Role::Down => "down",
+        }
+    }
+}
+
+/// A configured node: the configuration's `primary`, or a replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Node {
+    Configured,
+    Replica(ReplicaId),
+}
+
+/// Where writes go: the one node out of recovery, or nowhere (the 57P03 message says why).
+#[derive(Clone, Debug)]
+pub enum Writer {
+    Node {
+        node: Node,
+        url: ServerUrl,
+        region: Option<Arc<str>>,
+        timeline: Option<u32>,
+    },
+    Refused {
+        why: Arc<str>,
+    },
+}
+
+impl Default for Writer {
+    fn default() -> Self {
+        Writer::Refused {
+            why: "no primary: not measured yet".into(),
+        }
+    }
+}
+
+impl Writer {
+    pub fn url(&self) -> Option<&ServerUrl> {
+        match self {
+            Writer::Node { url, .. } => Some(url),
+            Writer::Refused { .. } => None,
+        }
+    }
+}
+
+/// One node as its probe last saw it, for [`writer_of`].
+#[derive(Clone, Copy, Debug)]
+pub struct NodeView<'a> {
+    pub node: Node,
+    pub url: &'a ServerUrl,
+    pub region: Option<&'a Arc<str>>,
+    pub role: Role,
+    pub timeline: Option<u32>,
+    pub error: Option<&'a str>,
+}
+
+/// Where writes go: the one node out of recovery. With none, or with two (split brain), or with one on an
+/// older timeline than a primary seen before (`newest_timeline`), nowhere: the gateway never guesses. The
+/// configuration's primary, until its first probe answers, is taken at its word unless another node says
+/// it is the primary.
+pub fn writer_of(nodes: &[NodeView], newest_timeline: u32) -> Writer {
+    let mut primaries: Vec<&NodeView> = nodes.iter().filter(|n| n.role == Role::Primary).collect();
+    if primaries.is_empty() {
+        primaries.extend(
+            nodes
+                .iter()
+                .filter(|n| n.node == Node::Configured && n.role == Role::Unknown),
+        );
+    }
+    let timeline = |n: &NodeView| match n.timeline {
+        Some(t) => format!("timeline {t}"),
+        None => "timeline unknown".to_string(),
+    };
+    match primaries[..] {
+        [one] if one.timeline.is_some_and(|t| t < newest_timeline) => Writer::Refused {
+            why: format!(
+                "no primary: {} is out of recovery on {}, older than timeline {newest_timeline} of the last \
+                 primary, so it gets no writes",
+                one.url,
+                timeline(one)
+            )
+            .into(),
+        },
+        [one] => Writer::Node {
+            node: one.node,
+            url: one.url.clone(),
+            region: one.region.cloned(),
+            timeline: one.timeline,
+        },
+        [] => {
+            let seen: Vec<String> = nodes
+                .iter()
+                .map(|n| match n.role {
+                    Role::Standby => format!("{} is in recovery", n.url),
+                    _ => format!("{} is down ({})", n.url, n.error.unwrap_or("not answering")),
+                })
+                .collect();
+            Writer::Refused {
+                why: format!("no primary: {}", seen.join("; ")).into(),
+            }
+        }
+        _ => {
+            let named: Vec<String> = primaries
+                .iter()
+                .map(|n| format!("{} ({})", n.url, timeline(n)))
+                .collect();
+            Writer::Refused {
+                why: format!(
+                    "split brain: {} are all out of recovery; writes are refused until only one of them is",
+                    named.join(" and ")
+                )
+                .into(),
+            }
+        }
+    }
+}
+
 /// What the monitor last learned about one replica.
 #[derive(Clone, Debug)]
 pub struct ReplicaStatus {
@@ -34,6 +169,10 @@ pub struct ReplicaStatus {
     pub lag_bytes: Option<u64>,
     /// Why it is down, for the console and errors.
     pub error: Option<String>,
+    /// What it said it is (a promoted replica is a primary, and no longer serves as a replica).
+    pub role: Role,
+    /// The timeline it receives (standby) or writes (primary); the last known while its WAL receiver is idle.
+    pub timeline: Option<u32>,
 }
 
 impl ReplicaStatus {
@@ -50,6 +189,8 @@ impl ReplicaStatus {
             lag: None,
             lag_bytes: None,
             error: Some("not measured yet".into()),
+            role: Role::Unknown,
+            timeline: None,
         }
     }
 
@@ -73,6 +214,15 @@ pub struct Picture {
     /// The primary as a read candidate of its region (`routing.primary_reads`); None where it serves reads
     /// only as the last resort.
     pub primary_reads: Option<PrimaryCandidate>,
+    /// Where writes go now.
+    pub writer: Writer,
+    /// Bumped each time `writer` changes, so that sessions notice with one integer comparison.
+    pub writer_epoch: u64,
+    /// The configuration's primary, as its probe last saw it.
+    pub configured_primary: (Role, Option<u32>),
+    /// Reads over their budget while no node takes writes (`routing.when_primary_down`): served from the
+    /// freshest replica up to this staleness, or refused when None.
+    pub outage_max_lag: Option<Duration>,
 }
 
 /// The primary as a read candidate in its own region.
@@ -135,6 +285,8 @@ pub enum Reason {
     Predicted,
     /// A transaction that started on a replica and moved to the primary at its first write.
     Moved,
+    /// No node takes writes: the freshest replica served a read over its budget (`when_primary_down`).
+    PrimaryDown,
 }
 
 impl Reason {
@@ -154,6 +306,7 @@ impl Reason {
             Reason::Transaction => "transaction",
             Reason::Predicted => "predicted-write",
             Reason::Moved => "moved",
+            Reason::PrimaryDown => "primary-down",
         }
     }
 }
@@ -168,6 +321,8 @@ pub struct Decision {
     /// start before then; a caller that waited (for a free server connection, or while one was opened) past it
     /// decides again.
     pub fresh_until: Option<Instant>,
+    /// Served over its budget while the primary is down: how stale the replica's data may be.
+    pub stale: Option<Duration>,
 }
 
 /// No replica fits and the configuration says to refuse: why, per candidate.
@@ -175,6 +330,8 @@ pub struct Decision {
 pub struct NoFit {
     pub budget: Duration,
     pub candidates: Vec<String>,
+    /// No node takes writes, so the primary could not serve it either: why.
+    pub no_primary: Option<Arc<str>>,
 }
 
 impl std::fmt::Display for NoFit {
@@ -185,9 +342,13 @@ impl std::fmt::Display for NoFit {
             self.budget
         )?;
         if self.candidates.is_empty() {
-            write!(f, " (no replicas configured)")
+            write!(f, " (no replicas configured)")?;
         } else {
-            write!(f, ": {}", self.candidates.join("; "))
+            write!(f, ": {}", self.candidates.join("; "))?;
+        }
+        match &self.no_primary {
+            Some(why) => write!(f, "; and {why}"),
+            None => Ok(()),
         }
     }
 }
@@ -267,6 +428,7 @@ impl Picture {
                         reason: first_skip.unwrap_or(Reason::PrimaryInRegion),
                         region: Some(region.clone()),
                         fresh_until: None,
+                        stale: None,
                     });
                 }
             }
@@ -285,23 +447,35 @@ impl Picture {
                             .fresh_as_of
                             .and_then(|t| t.checked_add(request.max_lag))
                     },
+                    stale: None,
                 });
             }
             if let Some(why) = region_skip {
                 first_skip.get_or_insert(why);
             }
         }
+        let no_primary = match &self.writer {
+            Writer::Refused { why } => Some(why.clone()),
+            Writer::Node { .. } => None,
+        };
+        if no_primary.is_some() && !waits_for_write {
+            if let Some(decision) = self.freshest(request, now, fresh) {
+                return Ok(decision);
+            }
+        }
         // The primary has the session's write: a read that only waits for it goes there even where stale
         // reads are refused rather than sent to the primary (`when_no_replica_fits: error`).
-        if fallback_to_primary || waits_for_write {
+        if no_primary.is_none() && (fallback_to_primary || waits_for_write) {
             return Ok(Decision {
                 target: Target::Primary,
                 reason: first_skip.unwrap_or(Reason::NoReplicas),
                 region: self.primary_region.clone(),
                 fresh_until: None,
+                stale: None,
             });
         }
         Err(NoFit {
+            no_primary,
             budget: request.max_lag,
             candidates: self
                 .replicas
@@ -318,6 +492,41 @@ impl Picture {
         })
     }
 
+    /// While no node takes writes: the replica with the newest data that is up, has replayed the session's
+    /// last write, and is within `outage_max_lag` (None when `when_primary_down: error`).
+    fn freshest(
+        &self,
+        request: &ReadRequest,
+        now: Instant,
+        fresh: Option<&dyn Fn(ReplicaId) -> bool>,
+    ) -> Option<Decision> {
+        let most = self.outage_max_lag?;
+        let freshest = self
+            .replicas
+            .iter()
+            .filter(|r| {
+                matches!(
+                    self.unfit(r, request, now, fresh),
+                    None | Some(Reason::OverBudget)
+                )
+            })
+            .filter(|r| {
+                request
+                    .min_lsn
+                    .is_none_or(|min| r.replay_lsn.is_some_and(|replayed| replayed >= min))
+            })
+            .filter_map(|r| r.staleness(now).map(|s| (s, r)))
+            .filter(|(staleness, _)| *staleness <= most)
+            .min_by_key(|(staleness, r)| (*staleness, r.rtt));
+        freshest.map(|(staleness, replica)| Decision {
+            target: Target::Replica(replica.id),
+            reason: Reason::PrimaryDown,
+            region: Some(replica.region.clone()),
+            fresh_until: None,
+            stale: Some(staleness),
+        })
+    }
+
     fn unfit(
         &self,
         replica: &ReplicaStatus,
@@ -325,7 +534,11 @@ impl Picture {
         now: Instant,
         fresh: Option<&dyn Fn(ReplicaId) -> bool>,
     ) -> Option<Reason> {
-        if !replica.up || replica.banned(now) || request.exclude == Some(replica.id) {
+        if !replica.up
+            || replica.role == Role::Primary
+            || replica.banned(now)
+            || request.exclude == Some(replica.id)
+        {
             return Some(Reason::Down);
         }
         let fresh_enough = match fresh {
@@ -457,6 +670,21 @@ mod tests {
             replicas,
             primary_region: Some("us-east".into()),
             primary_reads: None,
+            ..up_primary()
+        }
+    }
+
+    /// The rest of a picture whose primary takes writes.
+    fn up_primary() -> Picture {
+        Picture {
+            writer: Writer::Node {
+                node: Node::Configured,
+                url: ServerUrl::parse("postgres://primary/app").unwrap(),
+                region: Some("us-east".into()),
+                timeline: Some(1),
+            },
+            outage_max_lag: Some(Duration::from_secs(300)),
+            ..Picture::default()
         }
     }
 
@@ -486,6 +714,7 @@ mod tests {
             replicas,
             primary_region: Some("us-east".into()),
             primary_reads: Some(primary),
+            ..up_primary()
         }
     }
 
@@ -544,6 +773,113 @@ mod tests {
             order.iter().map(|r| &**r).collect::<Vec<_>>(),
             ["ap", "us-east", "eu-west"]
         );
+    }
+
+    #[test]
+    fn with_no_primary_reads_over_budget_go_to_the_freshest_replica_up_to_the_outage_limit() {
+        let now = Instant::now();
+        let mut p = picture(now);
+        p.writer = Writer::Refused {
+            why: "no primary: postgres://primary/app is down".into(),
+        };
+        p.replicas[1].fresh_as_of = Some(now - Duration::from_millis(40));
+        // Within budget: as usual, the nearest.
+        let d = p.choose(&request(1000), now, |_| 0, true).unwrap();
+        assert_eq!(
+            (d.target, d.reason, d.stale),
+            (Target::Replica(0), Reason::WithinBudget, None)
+        );
+        // Over budget everywhere: the freshest (ap-south's 40 ms), not the nearest, and how stale it is.
+        let d = p.choose(&request(10), now, |_| 0, true).unwrap();
+        assert_eq!(
+            (d.target, d.reason),
+            (Target::Replica(1), Reason::PrimaryDown)
+        );
+        assert_eq!(d.stale, Some(Duration::from_millis(40)));
+        // Staler than the outage limit: refused, saying why the primary could not serve it either.
+        p.outage_max_lag = Some(Duration::from_millis(30));
+        let no_fit = p.choose(&request(10), now, |_| 0, true).unwrap_err();
+        assert!(no_fit.to_string().contains("and no primary: "), "{no_fit}");
+        // `when_primary_down: error`.
+        p.outage_max_lag = None;
+        assert!(p.choose(&request(10), now, |_| 0, true).is_err());
+        // A session's write that no replica replayed is never served without it.
+        p.outage_max_lag = Some(Duration::from_secs(300));
+        let mut read = request(10);
+        read.min_lsn = Some(Lsn(2000));
+        assert!(p.choose(&read, now, |_| 0, true).is_err());
+    }
+
+    #[test]
+    fn a_promoted_replica_serves_no_reads_as_a_replica() {
+        let now = Instant::now();
+        let mut p = picture(now);
+        p.replicas[0].role = Role::Primary;
+        let d = p.choose(&request(1000), now, |_| 0, true).unwrap();
+        assert_eq!(d.target, Target::Replica(1));
+    }
+
+    #[test]
+    fn writes_go_to_the_one_node_out_of_recovery_and_nowhere_else() {
+        let urls: Vec<ServerUrl> = (0..3)
+            .map(|i| ServerUrl::parse(&format!("postgres://n{i}/app")).unwrap())
+            .collect();
+        let view = |i: usize, role: Role, timeline: u32| NodeView {
+            node: if i == 0 {
+                Node::Configured
+            } else {
+                Node::Replica(i - 1)
+            },
+            url: &urls[i],
+            region: None,
+            role,
+            timeline: Some(timeline),
+            error: Some("connection refused"),
+        };
+        let url = |w: &Writer| w.url().map(|u| u.to_string());
+        let why = |w: &Writer| match w {
+            Writer::Refused { why } => why.to_string(),
+            Writer::Node { .. } => String::new(),
+        };
+        // Before any probe answered, the configuration's primary.
+        let w = writer_of(&[view(0, Role::Unknown, 1), view(1, Role::Unknown, 1)], 0);
+        assert_eq!(url(&w).as_deref(), Some("n0:5432"));
+        // The primary down: nowhere, and why.
+        let w = writer_of(&[view(0, Role::Down, 1), view(1, Role::Standby, 1)], 1);
+        assert_eq!(
+            why(&w),
+            "no primary: n0:5432 is down (connection refused); n1:5432 is in recovery"
+        );
+        // A replica promoted: it takes the writes.
+        let w = writer_of(
+            &[
+                view(0, Role::Down, 1),
+                view(1, Role::Primary, 2),
+                view(2, Role::Standby, 1),
+            ],
+            1,
+        );
+        assert!(matches!(
+            w,
+            Writer::Node {
+                node: Node::Replica(0),
+                timeline: Some(2),
+                ..
+            }
+        ));
+        // The old primary back on its own: split brain, both named.
+        let w = writer_of(&[view(0, Role::Primary, 1), view(1, Role::Primary, 2)], 2);
+        assert_eq!(
+            why(&w),
+            "split brain: n0:5432 (timeline 1) and n1:5432 (timeline 2) are all out of \
+             recovery; writes are refused until only one of them is"
+        );
+        // The new primary gone and the old one alone on its older timeline: still no writes.
+        let w = writer_of(&[view(0, Role::Primary, 1), view(1, Role::Down, 2)], 2);
+        assert!(why(&w).contains("older than timeline 2"), "{}", why(&w));
+        // An unprobed configured primary does not compete with a node that says it is the primary.
+        let w = writer_of(&[view(0, Role::Unknown, 1), view(1, Role::Primary, 2)], 0);
+        assert_eq!(url(&w).as_deref(), Some("n1:5432"));
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub server_errors: IntCounterVec,
     pub cancels: IntCounterVec,
     pub routed: IntCounterVec,
+    /// Reads served over their budget while no node took writes (`routing.when_primary_down: serve_stale`).
+    pub stale_reads: IntCounterVec,
     /// Transactions by where they started and how they ended (see `session::replay`).
     pub transactions_routed: IntCounterVec,
     pub reloads: IntCounter,
@@ -241,6 +243,11 @@ impl Metrics {
                 "regiongate_routed_total",
                 "Routing decisions, by region and role of the server chosen and the reason",
                 &["region", "role", "reason"],
+            ),
+            stale_reads: counter_vec(
+                "regiongate_stale_reads_total",
+                "Reads served over their staleness budget because no node took writes (each with a NOTICE), by region",
+                &["region"],
             ),
             transactions_routed: counter_vec(
                 "regiongate_transactions_total",

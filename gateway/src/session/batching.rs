@@ -52,7 +52,8 @@ impl Session {
             return Ok(false);
         }
         self.follow_reload();
-        if !self.batching {
+        // Without a primary the insert is not queued: it is answered at once with why (57P03).
+        if !self.batching || self.regions.picture().writer.url().is_none() {
             return Ok(false);
         }
         let config = self.shared.config.load_full();

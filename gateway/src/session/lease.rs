@@ -48,7 +48,10 @@ impl Session {
                 }
             };
             self.record(&decision, &regions);
-            let (pool, route) = self.target_pool(&decision, &regions);
+            let (pool, route) = match self.target_pool(&decision, &regions) {
+                Ok(target) => target,
+                Err(error) => break Err(error),
+            };
             match pool.checkout().await {
                 // A replica fits the read's budget at the decision; waiting for a free connection, or opening
                 // one (a TCP and authentication exchange over the link), takes time during which a replica
@@ -82,6 +85,9 @@ impl Session {
         };
         match result {
             Ok((lease, route, decision, opening)) => {
+                if let Some(stale) = decision.stale {
+                    self.stale_notice(stale, &decision);
+                }
                 self.open_transaction(opening, &decision);
                 self.take_lease(lease, route);
             }
@@ -126,12 +132,16 @@ impl Session {
             ));
             return Ok(());
         }
-        let checked_out = match self.pool.checkout().await {
-            Ok(mut lease) => match self.settings.bring(&mut lease).await {
-                Ok(()) => Ok(lease),
-                Err(error) => Err(error),
+        let pool = self.primary_pool(&self.regions.clone());
+        let checked_out = match pool {
+            Err(error) => Err(error),
+            Ok(pool) => match pool.checkout().await {
+                Ok(mut lease) => match self.settings.bring(&mut lease).await {
+                    Ok(()) => Ok(lease),
+                    Err(error) => Err(error),
+                },
+                Err(error) => Err(error.to_client()),
             },
-            Err(error) => Err(error.to_client()),
         };
         let lease = match checked_out {
             Ok(lease) => lease,
@@ -240,6 +250,31 @@ impl Session {
         self.answer_error(PgError::error("40001", message), TxStatus::Failed);
     }
 
+    /// A read served over its budget because no node takes writes: the client is told how stale it may be.
+    fn stale_notice(&mut self, stale: std::time::Duration, decision: &regions::Decision) {
+        crate::metrics::METRICS
+            .stale_reads
+            .with_label_values(&[decision.region.as_deref().unwrap_or("unknown")])
+            .inc();
+        let why = match &self.regions.picture().writer {
+            regions::Writer::Refused { why } => why.to_string(),
+            regions::Writer::Node { .. } => "the primary is back".to_string(),
+        };
+        let notice = PgError {
+            severity: "NOTICE",
+            ..PgError::error(
+                "01000",
+                format!(
+                    "regiongate: this read may be up to {:.3} s stale, more than its budget: it was served by a \
+                     replica in {} because {why}",
+                    stale.as_secs_f64(),
+                    decision.region.as_deref().unwrap_or("an unknown region"),
+                ),
+            )
+        };
+        notice.encode_notice(&mut self.io.to_client);
+    }
+
     /// The session holds a server connection (with its settings) from now on, until it is released.
     pub(super) fn take_lease(&mut self, mut lease: Lease, route: Route) {
         self.handle
@@ -262,9 +297,16 @@ impl Session {
             self.pool_generation = self.shared.generation();
             let (user, database) = (self.pool.key.user.clone(), self.pool.key.database.clone());
             let config = self.shared.config.load_full();
-            self.pool = self.shared.pool(&config.primary.url, &user, &database);
-            self.replicas = self.shared.has_replicas();
             self.regions = self.shared.regions();
+            let primary = self
+                .regions
+                .writer()
+                .url()
+                .cloned()
+                .unwrap_or(config.primary.url.clone());
+            self.pool = self.shared.pool(&primary, &user, &database);
+            self.writer_epoch = 0;
+            self.replicas = self.shared.has_replicas();
             self.observer.slow_after = config.log.slow_statement;
             self.batching = !config.batching.tables.is_empty();
         }

@@ -95,6 +95,9 @@ struct Session {
     route: Option<Route>,
     /// The primary's pool for this client's database and user.
     pool: Arc<Pool>,
+    /// The regions' writer epoch `pool` follows (0: look again; see [`Session::primary_pool`]).
+    /// (u32: the low half is enough to notice a change; the session's size is what an idle client costs.)
+    writer_epoch: u32,
     /// The reload generation `pool`, `replicas`, `regions`, `slow_after` and `batching` were read in.
     pool_generation: u64,
     /// Whether any replica is configured (read routing is on).
@@ -155,6 +158,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             ..Reads::default()
         },
         pool_generation: shared.generation(),
+        writer_epoch: 0,
         replicas: shared.has_replicas(),
         regions: shared.regions(),
         batching: !config.batching.tables.is_empty(),
@@ -376,6 +380,11 @@ impl Session {
             } else {
                 None
             };
+            if self.lease.as_ref().is_some_and(|l| l.pool().is_retired()) {
+                if let Some(error) = self.primary_lost() {
+                    return Err(error);
+                }
+            }
             if !self.admit(message_tag, len, shape.map(|s| s.hash)) {
                 return Ok(Progress::Idle);
             }
@@ -383,6 +392,35 @@ impl Session {
             self.remember(&message);
             self.handle_message(message_tag, message, shape)?;
         }
+    }
+
+    /// The session holds a connection to a node that no longer takes writes (a failover, a split brain). A
+    /// transaction there ends, uncommitted, and so does a session-mode client's session: the client is told,
+    /// and nothing of either goes on elsewhere. Between statements (the rest of an exchange that got its
+    /// connection just before the change) it goes on: the connection is released at its end.
+    #[cold]
+    fn primary_lost(&self) -> Option<PgError> {
+        let lease = self.lease.as_ref()?;
+        let in_transaction = self.state.status() != TxStatus::Idle;
+        let session_mode = lease.pool().config().mode == PoolMode::Session;
+        if !in_transaction && !session_mode {
+            return None;
+        }
+        let server = lease.pool().key.server.to_string();
+        let now = match &self.regions.picture().writer {
+            regions::Writer::Node { url, .. } => format!("writes go to {url} now"),
+            regions::Writer::Refused { why } => why.to_string(),
+        };
+        tracing::warn!(%server, now = %now, in_transaction, "session ended: its server connection is on a former primary");
+        let what = if in_transaction {
+            "what its transaction did there was not committed"
+        } else {
+            "its session there ends"
+        };
+        Some(PgError::fatal(
+            "08006",
+            format!("regiongate: the server this session ran on ({server}) no longer takes writes ({now}); {what}"),
+        ))
     }
 
     /// One complete client message, with a server connection attached.

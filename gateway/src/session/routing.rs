@@ -165,13 +165,14 @@ impl Reads {
     }
 }
 
-/// A decision for the primary.
+/// A decision for the primary (the node that takes writes now).
 pub(super) fn primary(regions: &regions::Regions, reason: Reason) -> Decision {
     Decision {
         target: Target::Primary,
         reason,
-        region: regions.primary_region.clone(),
+        region: regions.picture().primary_region.clone(),
         fresh_until: None,
+        stale: None,
     }
 }
 
@@ -461,20 +462,20 @@ impl Session {
             }
         }
         let server = match decision.target {
-            Target::Primary => &regions.primary_url,
+            Target::Primary => &self.pool.key.server,
             Target::Replica(id) => &regions.replica_urls[id],
         };
         tracing::debug!(%server, region, role, reason = decision.reason.label(), "routed");
     }
 
-    /// The pool and route for a decision.
+    /// The pool and route for a decision; for the primary, 57P03 while no node takes writes.
     pub(super) fn target_pool(
-        &self,
+        &mut self,
         decision: &Decision,
         regions: &Arc<regions::Regions>,
-    ) -> (Arc<Pool>, Route) {
-        match decision.target {
-            Target::Primary => (self.pool.clone(), Route::Primary),
+    ) -> Result<(Arc<Pool>, Route), PgError> {
+        Ok(match decision.target {
+            Target::Primary => (self.primary_pool(regions)?, Route::Primary),
             Target::Replica(id) => (
                 self.shared.pool(
                     &regions.replica_urls[id],
@@ -483,7 +484,31 @@ impl Session {
                 ),
                 Route::Replica(regions.start_query(id)),
             ),
+        })
+    }
+
+    /// The pool of the node that takes writes now, followed when a failover moved them (one integer
+    /// comparison otherwise); 57P03, saying why, when no node takes them.
+    pub(super) fn primary_pool(
+        &mut self,
+        regions: &regions::Regions,
+    ) -> Result<Arc<Pool>, PgError> {
+        let picture = regions.picture();
+        if picture.writer_epoch as u32 != self.writer_epoch {
+            let Some(url) = picture.writer.url() else {
+                let regions::Writer::Refused { why } = &picture.writer else {
+                    unreachable!("a writer without a URL is refused")
+                };
+                return Err(PgError::error("57P03", format!("regiongate: {why}")));
+            };
+            if *url != self.pool.key.server {
+                self.pool = self
+                    .shared
+                    .pool(url, &self.pool.key.user, &self.pool.key.database);
+            }
+            self.writer_epoch = picture.writer_epoch as u32;
         }
+        Ok(self.pool.clone())
     }
 
     /// Called for each client message about to be forwarded. Returns false when the message must wait: it

@@ -101,14 +101,14 @@ pub async fn log_in(
     if shared.clients.count() >= limits.max_clients {
         return refuse(client, StartupError::Refused(too_many_clients(&limits))).await;
     }
-    let pool = shared.pool_for(&startup);
     let startup_parameters: Vec<(String, String)> = startup
         .parameters
         .iter()
         .chain(startup.options.iter())
         .cloned()
         .collect();
-    let login = match pool.login_state(&startup_parameters).await {
+    let (pool, login) = shared.login(&startup, &startup_parameters).await;
+    let login = match login {
         Ok(login) => login,
         Err(mut error) => {
             error.severity = "FATAL";

@@ -176,3 +176,83 @@ pub fn pgbench(port: u16, database: &str, args: &[&str]) -> std::process::Output
         .output()
         .expect("running pgbench")
 }
+
+/// One gateway process, its log in a file.
+pub struct Process {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+    pub metrics: u16,
+}
+
+impl Process {
+    /// Starts the binary on `config` and waits until it is ready (`/readyz`).
+    pub async fn start(config: &std::path::Path, metrics: u16, name: &str) -> Process {
+        let log = config.with_file_name(format!("{name}.log"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_regiongate"))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::from(
+                std::fs::File::create(&log).unwrap(),
+            ))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let process = Process {
+            child,
+            log,
+            metrics,
+        };
+        let ready = eventually(Duration::from_secs(15), || async {
+            process
+                .http("/readyz")
+                .map(|(status, _)| status.contains("200"))
+                == Some(true)
+        })
+        .await;
+        assert!(ready, "{name} never became ready:\n{}", process.log());
+        process
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on a child we spawned, with a valid signal number.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    pub fn http(&self, path: &str) -> Option<(String, String)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.metrics)).ok()?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        Some((head.lines().next()?.to_string(), body.to_string()))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit; its status code.
+    pub async fn exited(&mut self, within: Duration) -> i32 {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                started.elapsed() < within,
+                "the gateway did not exit within {within:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
