@@ -68,19 +68,26 @@ async fn answer(shared: Arc<Shared>, mut stream: TcpStream) -> std::io::Result<(
     stream.shutdown().await
 }
 
-/// Ready means a configuration is loaded (it always is once serving) and the primary accepts a TCP
-/// connection now.
 /// What `/readyz` answers: ready unless the gateway drains (load balancers then stop sending clients at
-/// once) or the primary does not accept connections.
+/// once), or it could serve nothing: the node that takes writes does not accept a TCP connection now, or no
+/// node takes writes and no replica answers. While the primary is down and replicas answer, it stays ready:
+/// reads go on (see README, "When the primary fails").
 pub async fn readiness(shared: &Shared) -> Result<(), String> {
     if shared.drain.phase() != crate::drain::Phase::Serving {
         return Err("draining (shutting down)".to_string());
     }
-    primary_reachable(shared).await
+    let regions = shared.regions();
+    let picture = regions.picture();
+    match &picture.writer {
+        regions::Writer::Node { url, .. } => reachable(url).await,
+        regions::Writer::Refused { why } if !picture.replicas.iter().any(|r| r.up) => {
+            Err(format!("{why}; and no replica answers"))
+        }
+        regions::Writer::Refused { .. } => Ok(()),
+    }
 }
 
-async fn primary_reachable(shared: &Shared) -> Result<(), String> {
-    let primary = shared.config.load().primary.url.clone();
+async fn reachable(primary: &crate::config::ServerUrl) -> Result<(), String> {
     match tokio::time::timeout(
         Duration::from_secs(2),
         TcpStream::connect((primary.host.as_str(), primary.port)),

@@ -96,8 +96,7 @@ fn main() -> Result<()> {
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::new(log_filter(std::env::var("RUST_LOG").ok()));
     // Colours only for a terminal: a log file or a collector gets plain `key=value` fields.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -108,6 +107,19 @@ fn init_logging(json: bool) {
     } else {
         builder.init();
     }
+}
+
+/// The log filter for `RUST_LOG`. A bare level (`debug`) is the gateway's own: its crates log at that level
+/// and the libraries it uses at `warn`, so that `RUST_LOG=debug` shows each routing decision without
+/// sqlparser's tokens or the side connections' server NOTICEs. A filter with directives is taken as written.
+fn log_filter(rust_log: Option<String>) -> String {
+    let given = rust_log.unwrap_or_default();
+    let level = match given.trim() {
+        "" => "info",
+        level if !level.contains(['=', ',', '[']) => level,
+        _ => return given,
+    };
+    format!("warn,regiongate={level},regions={level},views={level}")
 }
 
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
@@ -210,5 +222,25 @@ async fn shutdown_signals(shared: std::sync::Arc<regiongate::Shared>) {
         };
         first = false;
         shared.drain.request(timeout, name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn a_bare_level_is_the_gateway_s_and_libraries_stay_at_warn() {
+        let ours = |level: &str| format!("warn,regiongate={level},regions={level},views={level}");
+        assert_eq!(log_filter(None), ours("info"));
+        assert_eq!(log_filter(Some("debug".into())), ours("debug"));
+        assert_eq!(
+            log_filter(Some("info,sqlparser=trace".into())),
+            "info,sqlparser=trace"
+        );
+        assert_eq!(
+            log_filter(Some("regiongate=debug".into())),
+            "regiongate=debug"
+        );
     }
 }

@@ -151,7 +151,7 @@ impl Detector {
             fingerprint,
             normalized_sql = %normalized,
             count = run.count,
-            total_ms = elapsed.as_secs_f64() * 1000.0,
+            total_ms = regions::millis(elapsed),
             parent = %parent,
             application_name = origin.application_name,
             user = origin.user,

@@ -722,8 +722,21 @@ fn normalize(ident: &sqlparser::ast::Ident) -> String {
 }
 
 /// The settings of the gateway's own that a session may SET, under a prefix that is the gateway's.
-pub const SESSION_SETTINGS: &[&str] = &["regiongate.max_lag"];
+pub const SESSION_SETTINGS: &[&str] = &["regiongate.max_lag", "regiongate.explain"];
 pub const SESSION_SETTING_PREFIX: &str = "regiongate.";
+
+/// A Boolean setting's value as PostgreSQL reads it: on/off, true/false, yes/no, 1/0, and unique prefixes.
+pub fn parse_bool(value: &str) -> Option<bool> {
+    let v = value.trim().to_ascii_lowercase();
+    let prefix_of = |word: &str, min: usize| v.len() >= min && word.starts_with(&v);
+    if v == "1" || v == "on" || prefix_of("true", 1) || prefix_of("yes", 1) {
+        Some(true)
+    } else if v == "0" || prefix_of("off", 2) || prefix_of("false", 1) || prefix_of("no", 1) {
+        Some(false)
+    } else {
+        None
+    }
+}
 
 /// Checks a `SET regiongate.name = value` before it runs: the error PostgreSQL would give for a bad value of
 /// one of its own settings (22023), or for an unknown name under a reserved prefix (42602).
@@ -736,6 +749,12 @@ pub fn check_session_setting(name: &str, value: &str) -> Result<(), crate::proto
                 format!("invalid value for parameter \"{name}\": \"{value}\""),
             )
             .with_hint("Valid values are durations such as 500ms, 5s or 1min; RESET returns to routing.max_lag.")
+        }),
+        "regiongate.explain" => parse_bool(value).map(drop).ok_or_else(|| {
+            PgError::error(
+                "22023",
+                format!("parameter \"{name}\" requires a Boolean value"),
+            )
         }),
         _ => Err(PgError::error(
             "42602",

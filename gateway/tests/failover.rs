@@ -309,6 +309,9 @@ async fn the_primary_fails_reads_go_on_and_writes_follow_the_promoted_replica() 
         stopped.elapsed()
     );
     assert!(load.reads.load(Ordering::Relaxed) > reads_before + 50);
+    // Still ready for a load balancer: it serves reads.
+    let ready = t.gateway.http("/readyz").unwrap();
+    assert!(ready.0.contains("200"), "{ready:?}");
     let replicas = admin_rows(t.port, "SHOW REPLICAS").await;
     assert_eq!(replicas[0][3], "down", "{replicas:?}");
     assert_eq!(replicas[0][4], "down", "{replicas:?}");

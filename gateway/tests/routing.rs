@@ -1183,3 +1183,69 @@ async fn a_gateway_in_the_primary_s_region_reads_there_before_crossing_regions()
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_sets_regiongate_explain_is_told_where_each_statement_went() {
+    let env = start("max_lag: 5s").await;
+    let (client, mut connection) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=app password={APP_PASSWORD} dbname=app",
+            env.addr.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    let notices = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = notices.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) =
+            futures_util::future::poll_fn(|cx| connection.poll_message(cx)).await
+        {
+            if let tokio_postgres::AsyncMessage::Notice(notice) = message {
+                seen.lock().unwrap().push(notice.message().to_string());
+            }
+        }
+    });
+    let taken = || std::mem::take(&mut *notices.lock().unwrap());
+    // Off by default: nothing.
+    client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(taken(), Vec::<String>::new());
+    let (code, _) = match client.simple_query("SET regiongate.explain = maybe").await {
+        Err(e) => (common::sqlstate(&e), e.to_string()),
+        Ok(_) => panic!("a bad Boolean was accepted"),
+    };
+    assert_eq!(code, "22023");
+    client
+        .batch_execute("SET regiongate.explain = on")
+        .await
+        .unwrap();
+    taken();
+    client.simple_query("SELECT 1").await.unwrap();
+    // Named as the configuration, SHOW REPLICAS and the log name it (here, the link to it).
+    let eu_west = env.shared.regions().replica_urls[0].to_string();
+    assert_eq!(
+        taken(),
+        vec![format!(
+            "regiongate: routed to the replica {eu_west} in eu-west: within-budget"
+        )]
+    );
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS explained (x int)")
+        .await
+        .unwrap();
+    let told = taken();
+    assert!(
+        told.len() == 1
+            && told[0].starts_with("regiongate: routed to the primary ")
+            && told[0].ends_with(": write"),
+        "{told:?}"
+    );
+    client
+        .batch_execute("RESET regiongate.explain")
+        .await
+        .unwrap();
+    taken();
+    client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(taken(), Vec::<String>::new());
+}

@@ -295,6 +295,11 @@ impl Regions {
     }
 }
 
+/// A duration as milliseconds with at most three decimals, for log fields (`61.059`, not `61.058983999999995`).
+pub fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
 /// A read in flight on a replica; see [`Regions::start_query`].
 pub struct InFlight {
     regions: Arc<Regions>,

@@ -270,7 +270,7 @@ struct Probed {
 
 /// Probes one node every interval. A failed probe is tried again at once on a new connection, and the node
 /// is down only when that fails too (a dead server refuses at once; one slow answer does not fail a primary
-/// over); while it is down it is tried with a backoff of up to five seconds.
+/// over); while it is down it is tried with a backoff of up to two seconds.
 pub(crate) async fn probe(regions: Arc<Regions>, node: Node) {
     let interval = regions.routing.monitor_interval;
     let url = match node {
@@ -304,7 +304,7 @@ pub(crate) async fn probe(regions: Arc<Regions>, node: Node) {
                 Err(error) => {
                     regions.node_failed(node, &describe(&error), says_down(&error));
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
                 }
             }
@@ -550,7 +550,7 @@ impl Regions {
                 }
                 (Writer::Node { url, timeline, .. }, true) => {
                     let unavailable = writes.unavailable_since.take().map(|t| t.elapsed());
-                    let unavailable_ms = unavailable.unwrap_or_default().as_secs_f64() * 1000.0;
+                    let unavailable_ms = crate::millis(unavailable.unwrap_or_default());
                     match writes.last.take() {
                         Some((from, from_timeline)) if &from != url => {
                             crate::metrics::FAILOVERS.inc();

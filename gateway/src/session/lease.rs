@@ -85,6 +85,9 @@ impl Session {
         };
         match result {
             Ok((lease, route, decision, opening)) => {
+                if self.reads.explain {
+                    self.explain(&decision, &regions);
+                }
                 if let Some(stale) = decision.stale {
                     self.stale_notice(stale, &decision);
                 }
@@ -212,7 +215,7 @@ impl Session {
                 self.record(&super::routing::primary(&regions, Reason::Moved), &regions);
                 tracing::info!(
                     requests,
-                    elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    elapsed_ms = regions::millis(started.elapsed()),
                     "transaction moved to the primary at its first write: the replica's answers held there"
                 );
             }

@@ -156,7 +156,7 @@ impl Observer {
         let role = if replica { "replica" } else { "primary" };
         let server = Server(server);
         tracing::debug!(
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            duration_ms = regions::millis(elapsed),
             role,
             %server,
             rows,
@@ -167,7 +167,7 @@ impl Observer {
         if elapsed >= self.slow_after {
             METRICS.slow_statements.inc();
             tracing::warn!(
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                duration_ms = regions::millis(elapsed),
                 %server,
                 role,
                 statement = self.statement(500),

@@ -39,6 +39,8 @@ pub(super) struct Reads {
     pub budget: Duration,
     /// `SET regiongate.max_lag`, overriding the budget.
     pub session_max_lag: Option<Duration>,
+    /// `SET regiongate.explain = on`: each routing decision is told to the client in a NOTICE.
+    pub explain: bool,
     /// Read your writes: the WAL position after the session's last write.
     pub min_lsn: Option<Lsn>,
     /// The current primary exchange wrote: capture the WAL position before releasing.
@@ -658,13 +660,38 @@ impl Session {
         }
     }
 
-    /// `SET regiongate.max_lag = '5s'` and its RESET (read from the captured settings).
+    /// `SET regiongate.max_lag = '5s'`, `SET regiongate.explain = on` and their RESET (read from the captured
+    /// settings).
     pub(super) fn session_budget_changed(&mut self) {
-        self.reads.session_max_lag = self
-            .settings
-            .current
+        let current = &self.settings.current;
+        self.reads.session_max_lag = current
             .get("regiongate.max_lag")
             .and_then(|value| humantime::parse_duration(value).ok());
+        self.reads.explain = current
+            .get("regiongate.explain")
+            .and_then(crate::route::parse_bool)
+            .unwrap_or(false);
+    }
+
+    /// `regiongate.explain`: where the exchange about to run goes, and why, as a NOTICE before its answer.
+    #[cold]
+    pub(super) fn explain(&mut self, decision: &Decision, regions: &regions::Regions) {
+        let (role, server) = match decision.target {
+            Target::Primary => ("primary", self.pool.key.server.to_string()),
+            Target::Replica(id) => ("replica", regions.replica_urls[id].to_string()),
+        };
+        let notice = PgError {
+            severity: "NOTICE",
+            ..PgError::error(
+                "00000",
+                format!(
+                    "regiongate: routed to the {role} {server} in {}: {}",
+                    decision.region.as_deref().unwrap_or("an unknown region"),
+                    decision.reason.label()
+                ),
+            )
+        };
+        notice.encode_notice(&mut self.io.to_client);
     }
 }
 
