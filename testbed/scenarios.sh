@@ -277,7 +277,108 @@ scenario_primary_down() {
   wait_for 120 "three streaming replicas after the primary's restart" replicas_streaming
 }
 
-all_scenarios=(replica-kill link-cut latency lag primary-down)
+# stop_clean NAME: a fast shutdown (SIGINT), as an operator's switchover does, waiting until the node is down.
+stop_clean() {
+  if [ "$(mode)" = docker ]; then
+    docker stop "rg-$1" >/dev/null
+    return
+  fi
+  local pid i
+  pid=$(cat "$state/pids/$1" 2>/dev/null) || die "$1 was not started"
+  kill -INT "$pid" 2>/dev/null || true
+  for i in $(seq 300); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  die "$1 did not stop within 30 s"
+}
+
+streaming_from() { # PORT N: N standbys stream from the node on PORT
+  [ "$(pg "$1" "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'" 2>/dev/null)" = "$2" ]
+}
+
+# repoint PORT NAME UPSTREAM: a standby streams from another node from now on (primary_conninfo, reload).
+repoint() {
+  pg "$1" "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=$3 user=postgres password=postgres application_name=$2'" >/dev/null
+  pg "$1" "SELECT pg_reload_conf()" >/dev/null
+}
+
+scenario_promote() {
+  say "Kill the primary; promote eu-west-1 (pg_promote) and point the ap-south replicas at it. Then start the"
+  say "old primary again on its own (a split brain), make it a standby of the new primary, and switch back."
+  say "Expect: no read fails; writes get 57P03 until the promotion and succeed through every gateway right after"
+  say "it, with no reload; during the split brain no write reaches the old primary (57P03 names both); the old"
+  say "primary rejoins as a standby."
+  ticker_start
+  sleep 1
+  write eu-west
+  expect "before: a write succeeds" is "$w_ok" 1
+  kill_service primary
+  local t_kill t_promote region errors=0 stalest=0 took first_ok=""
+  t_kill=$(now)
+  ticker_stop
+  sleep 1
+  write eu-west
+  expect "down: writes get 57P03" is "$w_state" 57P03
+  pg 15433 "SELECT pg_promote()" >/dev/null
+  t_promote=$(now)
+  for region in eu-west us-east ap-south; do
+    until write "$region"; [ "$w_ok" = 1 ] || ! le "$(elapsed "$t_promote")" 10; do sleep 0.05; done
+    took=$(elapsed "$t_promote")
+    [ -n "$first_ok" ] || first_ok=$(elapsed "$t_kill")
+    say "  write through gateway-$region succeeded ${took} s after pg_promote() returned"
+    expect "promoted: writes through $region succeed within 3 s of the promotion, no reload" \
+      eval '[ "$w_ok" = 1 ] && le "$took" 3'
+  done
+  say "  write downtime: ${first_ok} s from the kill (of which the operator's promotion came 1 s after it)"
+  repoint 15434 ap-south-1 17031
+  repoint 15435 ap-south-2 17031
+  expect "the ap-south replicas stream from eu-west-1 within 60 s" wait_for 60 "ap-south streaming from eu-west-1" streaming_from 15433 2
+  for region in eu-west ap-south us-east; do
+    STALE=1 reads "$region" 20 0.05
+    show_reads "promoted, reads through $region"
+    errors=$((errors + r_errors))
+    le "$r_max_stale" "$stalest" || stalest=$r_max_stale
+  done
+  expect "promoted: no read failed in any region" is "$errors" 0
+  say "  stalest read served: the newest tick it saw was ${stalest} s old (the ticker wrote to the old primary)"
+  start_service primary
+  wait_for 60 "the old primary" pg 15432 "SELECT 1"
+  local before t0
+  before=$(pg 15432 "SELECT count(*) FROM events")
+  t0=$(now)
+  until write us-east; [[ $w_text == *"split brain"* ]] || ! le "$(elapsed "$t0")" 15; do sleep 0.2; done
+  say "  write through gateway-us-east: ${w_state:-no error}: ${w_text}"
+  expect "split brain: writes are refused with 57P03 naming both primaries" \
+    eval '[ "$w_state" = 57P03 ] && [[ $w_text == *"split brain"* ]]'
+  write eu-west
+  expect "split brain: the write through eu-west is refused too" is "$w_state" 57P03
+  expect "split brain: no write reached the old primary" is "$(pg 15432 "SELECT count(*) FROM events")" "$before"
+  local data
+  data=$(pg 15432 "SHOW data_directory")
+  pg 15432 "COPY (SELECT 17011) TO '$(dirname "$data")/follow'" >/dev/null
+  stop_clean primary
+  start_service primary
+  expect "the old primary rejoins as a standby of eu-west-1 within 120 s" \
+    wait_for 120 "the old primary streaming from eu-west-1" streaming_from 15433 3
+  t0=$(now)
+  until write us-east; [ "$w_ok" = 1 ] || ! le "$(elapsed "$t0")" 15; do sleep 0.2; done
+  expect "rejoined: writes succeed again" is "$w_ok" 1
+  switch_back
+}
+
+# The topology as it was: eu-west-1 stops cleanly (its standbys receive all of its WAL), the old primary is
+# promoted, eu-west-1 restarts as its standby and the ap-south replicas stream from it again.
+switch_back() {
+  local data
+  data=$(pg 15433 "SHOW data_directory")
+  pg 15433 "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=17020 user=postgres password=postgres application_name=eu-west-1'" >/dev/null
+  pg 15433 "COPY (SELECT 1) TO '$data/standby.signal'" >/dev/null
+  stop_clean eu-west-1
+  pg 15432 "SELECT pg_promote()" >/dev/null
+  start_service eu-west-1
+  repoint 15434 ap-south-1 17030
+  repoint 15435 ap-south-2 17030
+}
+
+all_scenarios=(replica-kill link-cut latency lag primary-down promote)
 
 cmd_scenarios() {
   [ "$(mode)" != none ] || die "no testbed is up: testbed/testbed up [--local] first"

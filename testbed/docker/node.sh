@@ -18,6 +18,20 @@ as_pg() {
     if [ "$(id -u)" = 0 ]; then setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; else "$@"; fi
 }
 
+# A request to start over as a standby of another node: a file `follow` beside the data directory, holding the
+# port to stream from (the old primary rejoining after a failover; the scenarios write it with COPY while the
+# server runs, which works the same in a container and as a local process). The data directory is replaced by
+# a fresh base backup.
+follow=$(dirname "$data")/follow
+if [ -s "$follow" ]; then
+    upstream=$(cat "$follow")
+    echo "node.sh: $name starts over as a standby of 127.0.0.1:$upstream (requested in $follow)"
+    rm -rf "$data"
+    rm -f "$follow"
+    role=replica
+    set -- replica "$name" "$port" "$data" "$upstream"
+fi
+
 if [ ! -s "$data/PG_VERSION" ]; then
     mkdir -p "$data"
     [ "$(id -u)" = 0 ] && chown postgres:postgres "$data" "$(dirname "$data")"
