@@ -391,6 +391,13 @@ async fn the_primary_fails_reads_go_on_and_writes_follow_the_promoted_replica() 
     // are refused naming both, until it is gone again.
     load.writing.store(false, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(50)).await;
+    // A transaction in flight on the new primary when it stops taking writes.
+    let (in_flight, _) = client(t.port).await;
+    in_flight.batch_execute("BEGIN").await.unwrap();
+    in_flight
+        .execute("INSERT INTO acks VALUES (4000000)", &[])
+        .await
+        .unwrap();
     t.primary.restart().unwrap();
     let on_old = t.primary.psql("app", "SELECT count(*) FROM acks").unwrap();
     let split = common::eventually(Duration::from_secs(10), || async {
@@ -411,6 +418,18 @@ async fn the_primary_fails_reads_go_on_and_writes_follow_the_promoted_replica() 
         t.primary.psql("app", "SELECT count(*) FROM acks").unwrap(),
         on_old
     );
+    // Its transaction ends with an error at its next statement; nothing of it committed anywhere.
+    let cut = in_flight.batch_execute("COMMIT").await.unwrap_err();
+    let cut = format!(
+        "{} {}",
+        common::sqlstate(&cut),
+        cut.as_db_error().map(|e| e.message()).unwrap_or_default()
+    );
+    assert!(
+        cut.starts_with("08006 regiongate: the server this session ran on"),
+        "{cut}"
+    );
+    assert!(cut.contains("was not committed"), "{cut}");
     t.primary.stop_immediate().unwrap();
     let resumed = common::eventually(Duration::from_secs(10), || async {
         write(t.port, 3_000_000).await.is_ok()
@@ -445,6 +464,11 @@ async fn the_primary_fails_reads_go_on_and_writes_follow_the_promoted_replica() 
         .parse()
         .unwrap();
     assert_eq!(present as usize, acked.len());
+    assert_eq!(
+        t.r1.psql("app", "SELECT count(*) FROM acks WHERE id = 4000000")
+            .unwrap(),
+        "0"
+    );
     let metrics = t.gateway.http("/metrics").unwrap().1;
     assert!(
         metrics.contains("regiongate_failovers_total 1"),

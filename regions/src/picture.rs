@@ -136,9 +136,10 @@ pub fn writer_of(nodes: &[NodeView], newest_timeline: u32) -> Writer {
                 .iter()
                 .map(|n| format!("{} ({})", n.url, timeline(n)))
                 .collect();
+            let all = if named.len() == 2 { "both" } else { "all" };
             Writer::Refused {
                 why: format!(
-                    "split brain: {} are all out of recovery; writes are refused until only one of them is",
+                    "split brain: {} are {all} out of recovery; writes are refused until only one of them is",
                     named.join(" and ")
                 )
                 .into(),
@@ -871,7 +872,7 @@ mod tests {
         let w = writer_of(&[view(0, Role::Primary, 1), view(1, Role::Primary, 2)], 2);
         assert_eq!(
             why(&w),
-            "split brain: n0:5432 (timeline 1) and n1:5432 (timeline 2) are all out of \
+            "split brain: n0:5432 (timeline 1) and n1:5432 (timeline 2) are both out of \
              recovery; writes are refused until only one of them is"
         );
         // The new primary gone and the old one alone on its older timeline: still no writes.
