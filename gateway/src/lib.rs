@@ -175,6 +175,7 @@ impl Shared {
         tls: Option<tokio_rustls::TlsAcceptor>,
         config_path: Option<std::path::PathBuf>,
     ) -> Arc<Shared> {
+        METRICS.prime(&config);
         Arc::new(Shared {
             regions: ArcSwap::new(new_regions(&config)),
             monitors: Mutex::new(Vec::new()),
@@ -298,6 +299,7 @@ impl Shared {
         if views_changed || topology_changed {
             self.start_views(&new);
         }
+        METRICS.prime(&new);
         self.config.store(Arc::new(new));
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::Release);

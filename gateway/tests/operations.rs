@@ -342,3 +342,157 @@ async fn sighup_reloads_the_binary_and_pause_holds_transactions_until_resume() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+/// The metric names in a PromQL text: `regiongate_…` and `process_…`, with a histogram's series suffix
+/// taken off.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &text[i..];
+        let starts_name = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        if starts_name && (rest.starts_with("regiongate_") || rest.starts_with("process_")) {
+            let len = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            let name = &rest[..len];
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            names.insert(base.to_string());
+            i += len;
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_family_is_there_from_the_start_and_the_shipped_rules_and_dashboard_use_only_them(
+) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rules = root.join("deploy/prometheus/regiongate-alerts.yml");
+    let checked = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("promtool (Debian package prometheus; ./test.sh installs it)");
+    assert!(
+        checked.status.success(),
+        "promtool check rules: {}{}",
+        stdout(&checked),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let database = common::fresh_database("deploy");
+    let replica = common::cluster().start_replica().expect("a replica");
+    let dir = temp_dir("deploy");
+    let (path, port, metrics) = write_config(
+        &dir,
+        &database,
+        &format!(
+            "regions:\n  - {{ name: eu-west, replicas: [ 'postgres://127.0.0.1:{}/{database}' ] }}\n\
+             routing: {{ monitor_interval: 100ms }}\n\
+             batching: {{ tables: [ events ] }}\n\
+             views:\n  - {{ name: counted, query: 'SELECT 1 AS x', schedule: every 1s }}\n",
+            replica.port()
+        ),
+    );
+    let gateway = common::Process::start(&path, metrics, "deploy").await;
+    // Before any client: every family is there (a counter at 0), the build and the process too.
+    let (_, body) = gateway.http("/metrics").unwrap();
+    let families = |body: &str| -> std::collections::BTreeSet<String> {
+        body.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .map(str::to_string)
+            .collect()
+    };
+    let at_start = families(&body);
+    for family in [
+        "regiongate_routed_total",
+        "regiongate_errors_total",
+        "regiongate_server_errors_total",
+        "regiongate_clients_refused_total",
+        "regiongate_cancel_requests_total",
+        "regiongate_transactions_total",
+        "regiongate_stale_reads_total",
+        "regiongate_drain_clients_total",
+        "regiongate_batched_rows_total",
+        "regiongate_batches_total",
+        "regiongate_server_logins_total",
+        "regiongate_view_refresh_failures_total",
+        "regiongate_view_refreshes_total",
+        "regiongate_failovers_total",
+        "regiongate_nplus1_episodes_total",
+        "regiongate_writer_up",
+        "regiongate_node_role",
+        "regiongate_replica_up",
+        "regiongate_routing_max_lag_seconds",
+        "regiongate_build_info",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        assert!(
+            at_start.contains(family),
+            "{family} missing at start:\n{body}"
+        );
+    }
+    assert!(
+        body.contains(&format!(
+            "regiongate_build_info{{commit=\"{}\",version=\"{}\"}} 1",
+            env!("REGIONGATE_COMMIT"),
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{body}"
+    );
+    // Once the replica was measured and the view refreshed, every name the dashboard and the alert rules
+    // query is one the gateway exports.
+    let mut body = String::new();
+    let measured = common::eventually(Duration::from_secs(30), || {
+        let fetched = gateway.http("/metrics").map(|(_, b)| b).unwrap_or_default();
+        body = fetched.clone();
+        async move {
+            fetched.contains("regiongate_replica_lag_seconds{")
+                && fetched.contains("regiongate_view_staleness_seconds{")
+                && fetched.contains("regiongate_view_refresh_seconds_bucket{")
+        }
+    })
+    .await;
+    assert!(
+        measured,
+        "no lag or view staleness measured:\n{body}\n{}",
+        gateway.log()
+    );
+    let exported = families(&body);
+    let dashboard = std::fs::read_to_string(root.join("deploy/grafana/regiongate.json")).unwrap();
+    let queries: Vec<String> = {
+        let json: serde_json::Value =
+            serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+        json["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["targets"].as_array().unwrap().clone())
+            .map(|t| t["expr"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(queries.len() >= 20, "{queries:?}");
+    let rules_text = std::fs::read_to_string(&rules).unwrap();
+    for (source, text) in [
+        ("dashboard", queries.join("\n")),
+        ("alert rules", rules_text),
+    ] {
+        let used = metric_names(&text);
+        assert!(used.len() > 5, "{source}: {used:?}");
+        let unknown: Vec<&String> = used.iter().filter(|n| !exported.contains(*n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "{source} queries metrics the gateway does not export: {unknown:?}"
+        );
+    }
+    let _ = port;
+}

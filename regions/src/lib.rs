@@ -91,6 +91,17 @@ impl Regions {
             writer_changes: tokio::sync::watch::Sender::new(Writer::default()),
             statuses: Mutex::new(statuses),
         };
+        // Every node's series from the start (up 0, role unknown), so that alerts see them before a probe.
+        for status in regions
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            metrics::observe(status);
+            metrics::node_role(&status.url, Role::Unknown, None);
+        }
+        metrics::node_role(&regions.primary_url, Role::Unknown, None);
         regions.decide_writer(&regions.statuses.lock().unwrap_or_else(|p| p.into_inner()));
         Arc::new(regions)
     }

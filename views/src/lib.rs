@@ -116,6 +116,13 @@ impl Views {
             pool,
             setup,
         });
+        // Each view's counters from the start, at 0, so that alerts on refresh failures see them.
+        for view in &views.setup.views {
+            metrics::REFRESH_FAILURES.with_label_values(&[&view.name]);
+            for outcome in ["refreshed", "failed"] {
+                metrics::REFRESHES.with_label_values(&[&view.name, outcome]);
+            }
+        }
         if !views.setup.views.is_empty() {
             tokio::spawn(views.clone().run());
         }

@@ -3,6 +3,7 @@
 //! addresses).
 
 mod per_thread;
+mod process;
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use std::sync::{Arc, LazyLock};
@@ -47,6 +48,8 @@ pub struct Metrics {
     /// 0 serving, 1 draining, 2 cutting (see `drain`).
     pub draining: IntGauge,
     pub drain_clients: IntCounterVec,
+    /// `routing.max_lag`, for alert rules that compare replica lag with the budget.
+    pub max_lag_seconds: prometheus::Gauge,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -111,6 +114,29 @@ impl Metrics {
         {
             registry.register(collector).expect("unique metric");
         }
+        registry
+            .register(Box::new(process::Process::new()))
+            .expect("unique metric");
+        let build = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "regiongate_build_info",
+                "1, labelled with the version and the commit the binary was built from",
+            ),
+            &["version", "commit"],
+        )
+        .expect("valid metric");
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("REGIONGATE_COMMIT")])
+            .set(1);
+        registry.register(Box::new(build)).expect("unique metric");
+        let max_lag_seconds = prometheus::Gauge::new(
+            "regiongate_routing_max_lag_seconds",
+            "The staleness budget reads accept by default (routing.max_lag)",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(max_lag_seconds.clone()))
+            .expect("unique metric");
         Metrics {
             client_connections: gauge(
                 "regiongate_client_connections",
@@ -257,8 +283,63 @@ impl Metrics {
                  predicted (started on the primary: transactions that start this way wrote recently)",
                 &["start", "outcome"],
             ),
+            max_lag_seconds,
             registry,
         }
+    }
+
+    /// Creates, at 0, the series a configuration makes known, so that every family is there before its first
+    /// event and dashboards and alert rules see 0 rather than nothing. Labels that only events name (a SQLSTATE
+    /// class) get the common values.
+    pub fn prime(&self, config: &crate::config::Config) {
+        self.max_lag_seconds
+            .set(config.routing.max_lag.as_secs_f64());
+        for sqlstate in ["28P01", "53300", "57P03", "08006"] {
+            self.clients_refused.with_label_values(&[sqlstate]);
+        }
+        for class in ["08", "40", "53", "57"] {
+            self.errors_sent.with_label_values(&[class]);
+            self.server_errors.with_label_values(&[class]);
+        }
+        for outcome in ["forwarded", "failed", "no_query"] {
+            self.cancels.with_label_values(&[outcome]);
+        }
+        for outcome in ["closed", "finished", "cut", "left"] {
+            self.drain_clients.with_label_values(&[outcome]);
+        }
+        for (start, outcome) in [
+            ("replica", "read-only"),
+            ("replica", "moved"),
+            ("replica", "aborted"),
+            ("primary", "predicted"),
+        ] {
+            self.transactions_routed
+                .with_label_values(&[start, outcome]);
+        }
+        let primary_region = config.primary.region.as_deref().unwrap_or("unknown");
+        self.routed
+            .with_label_values(&[primary_region, "primary", "write"]);
+        for region in &config.regions {
+            self.routed
+                .with_label_values(&[&region.name, "replica", "within-budget"]);
+            self.stale_reads.with_label_values(&[&region.name]);
+        }
+        for table in &config.batching.tables {
+            for outcome in ["committed", "one_by_one", "lost"] {
+                self.batched_rows.with_label_values(&[table, outcome]);
+                self.batches.with_label_values(&[table, "values", outcome]);
+            }
+        }
+        // Fingerprints come with the patterns; "other" (past the first 50) is a value of the family already.
+        self.nplus1_episodes.with_label_values(&["other"]);
+        self.nplus1_statements.with_label_values(&["other"]);
+        let tls = if config.server_tls.enabled() {
+            "yes"
+        } else {
+            "no"
+        };
+        self.server_logins
+            .with_label_values(&["scram-sha-256", tls]);
     }
 
     /// The text exposition of every metric.
