@@ -51,7 +51,26 @@ const HELP: &[(&str, &str)] = &[
         "SHOW ROUTES",
         "routing decisions by region, role and reason; transactions by start and outcome",
     ),
-    ("SHOW STATS", "totals since start"),
+    (
+        "SHOW STATS",
+        "totals since start, and per second and averages over the last 15 s",
+    ),
+    ("SHOW VERSION", "the gateway's version and commit"),
+    (
+        "SHOW DATABASES",
+        "each database clients use: where its primary is, pool size and mode, connections",
+    ),
+    ("SHOW USERS", "configured users and their pool mode"),
+    ("SHOW LISTS", "how many databases, users, pools, clients and server connections"),
+    (
+        "KILL db",
+        "end every client session of database db and close its server connections",
+    ),
+    ("SUSPEND", "as PAUSE (the online restart hands sockets over with RESTART instead)"),
+    (
+        "WAIT_CLOSE",
+        "wait until the server connections of pools a reload, failover or KILL dropped are closed",
+    ),
     ("SHOW CONFIG", "the configuration in force (no secrets)"),
     (
         "SHOW NPLUS1",
@@ -90,6 +109,51 @@ const HELP: &[(&str, &str)] = &[
         "as SIGUSR2: start a new process with the same arguments on the same address, then drain this one",
     ),
 ];
+
+/// The console sessions open now (SHOW CLIENTS lists them, with state `console`).
+#[derive(Default)]
+pub struct Consoles {
+    next: std::sync::atomic::AtomicU64,
+    open: std::sync::Mutex<Vec<(u64, std::net::SocketAddr, String, SystemTime)>>,
+}
+
+/// A console session's place in [`Consoles`], given up when dropped.
+pub struct ConsoleEntry<'a> {
+    consoles: &'a Consoles,
+    id: u64,
+}
+
+impl Consoles {
+    pub fn open(&self, addr: std::net::SocketAddr, user: &str) -> ConsoleEntry<'_> {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).push((
+            id,
+            addr,
+            user.to_string(),
+            SystemTime::now(),
+        ));
+        ConsoleEntry { consoles: self, id }
+    }
+
+    fn list(&self) -> Vec<(std::net::SocketAddr, String, SystemTime)> {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(_, addr, user, at)| (*addr, user.clone(), *at))
+            .collect()
+    }
+}
+
+impl Drop for ConsoleEntry<'_> {
+    fn drop(&mut self) {
+        self.consoles
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(id, ..)| *id != self.id);
+    }
+}
 
 /// Serves the console on an authenticated connection until the client leaves.
 pub async fn serve(shared: Arc<Shared>, stream: Stream, peer: std::net::SocketAddr) {
@@ -159,6 +223,42 @@ impl SimpleQueryHandler for Console {
             ["SHOW", "REPLICAS"] => self.replicas(),
             ["SHOW", "ROUTES"] => routes(),
             ["SHOW", "STATS"] => stats(),
+            ["SHOW", "VERSION"] => table(
+                &["version"],
+                vec![vec![format!(
+                    "regiongate {} (commit {})",
+                    env!("CARGO_PKG_VERSION"),
+                    env!("REGIONGATE_COMMIT")
+                )]],
+            ),
+            ["SHOW", "DATABASES"] => self.databases(),
+            ["SHOW", "USERS"] => self.users(),
+            ["SHOW", "LISTS"] => self.lists(),
+            ["KILL", _] => {
+                // As the client wrote it: database names are case-sensitive.
+                let database = command.split_whitespace().nth(1).unwrap_or_default();
+                let database = database.trim_end_matches(';').trim_matches('"');
+                let clients = self.shared.clients.kill_database(database);
+                let pools = self.shared.retire_pools(|key| key.database == database);
+                tracing::warn!(database, clients, pools, "KILL from the admin console");
+                Response::Execution(Tag::new("KILL"))
+            }
+            ["WAIT_CLOSE"] | ["WAIT_CLOSE", _] => {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                loop {
+                    let open = self.shared.closing_connections();
+                    if open == 0 {
+                        break Response::Execution(Tag::new("WAIT_CLOSE"));
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        break error(
+                            "57014",
+                            format!("WAIT_CLOSE gave up after 60 s: {open} server connection(s) still open"),
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             ["SHOW", "CONFIG"] => self.config(),
             ["SHOW", "NPLUS1"] => self.nplus1(),
             ["SHOW", "VIEWS"] => self.views().await,
@@ -205,7 +305,7 @@ impl SimpleQueryHandler for Console {
                     ),
                 }
             }
-            ["PAUSE"] => {
+            ["PAUSE"] | ["SUSPEND"] => {
                 self.shared.pause(true);
                 // Wait (bounded) until every transaction in flight has finished.
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -221,7 +321,7 @@ impl SimpleQueryHandler for Console {
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Response::Execution(Tag::new("PAUSE"))
+                Response::Execution(Tag::new(upper[0]))
             }
             ["RESUME"] => {
                 self.shared.pause(false);
@@ -295,7 +395,14 @@ impl Console {
                     c.user.clone(),
                     c.database.clone(),
                     c.application_name.clone(),
-                    if server.is_some() { "active" } else { "idle" }.to_string(),
+                    if server.is_some() {
+                        "active"
+                    } else if c.is_waiting() {
+                        "waiting"
+                    } else {
+                        "idle"
+                    }
+                    .to_string(),
                     server.map(|s| s.addr.to_string()).unwrap_or_default(),
                     server.map(|s| s.pid.to_string()).unwrap_or_default(),
                     c.pinned().unwrap_or("").to_string(),
@@ -305,6 +412,27 @@ impl Console {
                     age(c.connected_at),
                 ]
             })
+            .chain(
+                self.shared
+                    .consoles
+                    .list()
+                    .into_iter()
+                    .map(|(addr, user, at)| {
+                        vec![
+                            String::new(),
+                            addr.to_string(),
+                            user,
+                            DATABASE.to_string(),
+                            String::new(),
+                            "console".to_string(),
+                            String::new(),
+                            String::new(),
+                            String::new(),
+                            "0".to_string(),
+                            age(at),
+                        ]
+                    }),
+            )
             .collect();
         table(
             &[
@@ -321,6 +449,123 @@ impl Console {
                 "connected_for",
             ],
             rows,
+        )
+    }
+
+    /// PgBouncer's columns where they mean the same here: name, host, port, database, pool_size,
+    /// min_pool_size, pool_mode, current_connections, paused; and the pools' users.
+    fn databases(&self) -> Response {
+        let config = self.shared.config.load();
+        let writer = self.shared.regions().writer();
+        let primary = writer.url().unwrap_or(&config.primary.url).clone();
+        let mut names: Vec<String> = self
+            .shared
+            .pools()
+            .iter()
+            .map(|p| p.key.database.clone())
+            .chain(config.primary.url.database.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        let pools = self.shared.pools();
+        let rows = names
+            .into_iter()
+            .map(|name| {
+                let of_db: Vec<_> = pools.iter().filter(|p| p.key.database == name).collect();
+                let mut users: Vec<&str> = of_db.iter().map(|p| p.key.user.as_str()).collect();
+                users.sort();
+                users.dedup();
+                vec![
+                    name.clone(),
+                    primary.host.clone(),
+                    primary.port.to_string(),
+                    name,
+                    config.pool.size.to_string(),
+                    config.pool.min_idle.to_string(),
+                    config.pool.mode.to_string(),
+                    of_db
+                        .iter()
+                        .map(|p| p.open_connections())
+                        .sum::<u64>()
+                        .to_string(),
+                    i32::from(self.shared.is_paused()).to_string(),
+                    users.join(", "),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "name",
+                "host",
+                "port",
+                "database",
+                "pool_size",
+                "min_pool_size",
+                "pool_mode",
+                "current_connections",
+                "paused",
+                "users",
+            ],
+            rows,
+        )
+    }
+
+    /// Configured users (PgBouncer's name and pool_mode), and whether each is an admin.
+    fn users(&self) -> Response {
+        let config = self.shared.config.load();
+        let mut rows: Vec<Vec<String>> = config
+            .auth
+            .users
+            .iter()
+            .map(|u| {
+                vec![
+                    u.name.clone(),
+                    config.pool.mode.to_string(),
+                    config.admin.users.contains(&u.name).to_string(),
+                    u.server_user.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        for admin in &config.admin.users {
+            if !config.auth.users.iter().any(|u| &u.name == admin) {
+                rows.push(vec![
+                    admin.clone(),
+                    String::new(),
+                    "true".into(),
+                    String::new(),
+                ]);
+            }
+        }
+        table(&["name", "pool_mode", "admin", "server_user"], rows)
+    }
+
+    /// PgBouncer's SHOW LISTS: how many of each thing the gateway holds.
+    fn lists(&self) -> Response {
+        let pools = self.shared.pools();
+        let clients = self.shared.clients.list();
+        let mut databases: Vec<&str> = pools.iter().map(|p| p.key.database.as_str()).collect();
+        databases.sort();
+        databases.dedup();
+        let open: u64 = pools.iter().map(|p| p.open_connections()).sum();
+        let idle: u64 = pools.iter().map(|p| p.idle_connections() as u64).sum();
+        let used_clients = clients.iter().filter(|(_, c)| c.server().is_some()).count();
+        let waiting = clients.iter().filter(|(_, c)| c.is_waiting()).count();
+        let rows = [
+            ("databases", databases.len()),
+            ("users", self.shared.config.load().auth.users.len()),
+            ("pools", pools.len()),
+            ("free_clients", clients.len() - used_clients - waiting),
+            ("used_clients", used_clients),
+            ("waiting_clients", waiting),
+            ("console_clients", self.shared.consoles.list().len()),
+            ("free_servers", idle as usize),
+            ("used_servers", open.saturating_sub(idle) as usize),
+        ];
+        table(
+            &["list", "items"],
+            rows.iter()
+                .map(|(k, v)| vec![k.to_string(), v.to_string()])
+                .collect(),
         )
     }
 
@@ -574,6 +819,10 @@ impl Console {
             ("workers", config.workers.to_string()),
             ("primary", config.primary.url.to_string()),
             (
+                "primary.region",
+                config.primary.region.clone().unwrap_or_default(),
+            ),
+            (
                 "home_region",
                 config.home_region.clone().unwrap_or_default(),
             ),
@@ -591,6 +840,14 @@ impl Console {
             (
                 "pool.max_lifetime",
                 humantime::format_duration(config.pool.max_lifetime).to_string(),
+            ),
+            (
+                "pool.connect_timeout",
+                duration(config.pool.connect_timeout),
+            ),
+            (
+                "pool.max_prepared_statements",
+                config.pool.max_prepared_statements.to_string(),
             ),
             ("auth.method", config.auth.method.to_string()),
             (
@@ -625,6 +882,34 @@ impl Console {
             (
                 "limits.login_timeout",
                 humantime::format_duration(config.limits.login_timeout).to_string(),
+            ),
+            (
+                "limits.max_prepared_statements",
+                config.limits.max_prepared_statements.to_string(),
+            ),
+            (
+                "limits.client_idle_timeout",
+                duration(config.limits.client_idle_timeout),
+            ),
+            (
+                "limits.statement_timeout",
+                duration(config.limits.statement_timeout),
+            ),
+            (
+                "limits.connection_rate",
+                config.limits.connection_rate.to_string(),
+            ),
+            (
+                "limits.client_connection_rate",
+                config.limits.client_connection_rate.to_string(),
+            ),
+            (
+                "limits.max_failed_logins",
+                config.limits.max_failed_logins.to_string(),
+            ),
+            (
+                "limits.failed_login_window",
+                duration(config.limits.failed_login_window),
             ),
             (
                 "shutdown_timeout",
@@ -662,6 +947,23 @@ impl Console {
                 "routing.monitor_interval",
                 humantime::format_duration(config.routing.monitor_interval).to_string(),
             ),
+            ("routing.ban_time", duration(config.routing.ban_time)),
+            (
+                "routing.region_order",
+                config.routing.region_order.join(", "),
+            ),
+            (
+                "routing.side_effect_functions",
+                config.routing.side_effect_functions.join(", "),
+            ),
+            (
+                "routing.transactions.mode",
+                format!("{:?}", config.routing.transactions.mode).to_lowercase(),
+            ),
+            (
+                "routing.transactions.max_replay_bytes",
+                config.routing.transactions.max_replay_bytes.to_string(),
+            ),
             (
                 "log.slow_statement",
                 humantime::format_duration(config.log.slow_statement).to_string(),
@@ -672,6 +974,29 @@ impl Console {
                 "nplus1.window",
                 humantime::format_duration(config.nplus1.window).to_string(),
             ),
+            (
+                "nplus1.log_parameters",
+                config.nplus1.log_parameters.to_string(),
+            ),
+            ("batching.tables", config.batching.tables.join(", ")),
+            ("batching.max_rows", config.batching.max_rows.to_string()),
+            ("batching.max_bytes", config.batching.max_bytes.to_string()),
+            ("batching.max_delay", duration(config.batching.max_delay)),
+            (
+                "batching.connections",
+                config.batching.connections.to_string(),
+            ),
+            (
+                "batching.max_queued_rows",
+                config.batching.max_queued_rows.to_string(),
+            ),
+            ("tls.mode", format!("{:?}", config.tls.mode).to_lowercase()),
+            ("tls.cert", path(&config.tls.cert)),
+            ("tls.key", path(&config.tls.key)),
+            ("server_tls.mode", config.server_tls.mode.to_string()),
+            ("server_tls.ca", path(&config.server_tls.ca)),
+            ("server_tls.cert", path(&config.server_tls.cert)),
+            ("server_tls.key", path(&config.server_tls.key)),
             (
                 "metrics.listen",
                 config
@@ -686,6 +1011,21 @@ impl Console {
             rows.push((
                 "regions",
                 format!("{}: {}", region.name, replicas.join(", ")),
+            ));
+        }
+        for budget in &config.routing.budgets {
+            rows.push((
+                "routing.budgets",
+                format!(
+                    "user {}, database {}: max_lag {}, transactions {}",
+                    budget.user.as_deref().unwrap_or("*"),
+                    budget.database.as_deref().unwrap_or("*"),
+                    budget.max_lag.map(duration).unwrap_or_else(|| "-".into()),
+                    budget
+                        .transactions
+                        .map(|t| format!("{t:?}").to_lowercase())
+                        .unwrap_or_else(|| "-".into()),
+                ),
             ));
         }
         for view in &config.views {
@@ -794,26 +1134,120 @@ impl Console {
     }
 }
 
-fn stats() -> Response {
-    let rows = vec![
+/// What SHOW STATS counts, in its order.
+fn counters() -> [(&'static str, u64); 8] {
+    [
         ("clients_accepted", METRICS.clients_accepted.get()),
-        ("clients_connected", METRICS.client_connections.get() as u64),
-        (
-            "server_connections",
-            METRICS.server_connections.get() as u64,
-        ),
         ("transactions", METRICS.transactions.get()),
+        ("requests", METRICS.request_totals().0),
         ("pool_timeouts", METRICS.pool_timeouts.get()),
         ("server_connect_errors", METRICS.server_connect_errors.get()),
         ("server_connections_lost", METRICS.server_lost.get()),
         ("slow_statements", METRICS.slow_statements.get()),
-    ];
-    table(
-        &["stat", "value"],
-        rows.into_iter()
-            .map(|(k, v)| vec![k.to_string(), v.to_string()])
-            .collect(),
-    )
+        ("statement_timeouts", METRICS.statement_timeouts.get()),
+    ]
+}
+
+/// One reading of the counters, and of the request and pool-wait times (count, sum in seconds).
+#[derive(Clone)]
+struct Sample {
+    at: std::time::Instant,
+    counts: [u64; 8],
+    requests: (u64, f64),
+    waits: (u64, f64),
+}
+
+impl Sample {
+    fn now() -> Sample {
+        Sample {
+            at: std::time::Instant::now(),
+            counts: counters().map(|(_, v)| v),
+            requests: METRICS.request_totals(),
+            waits: METRICS.pool_wait_totals(),
+        }
+    }
+}
+
+/// The two latest samples: SHOW STATS's rates and averages are over the interval between them.
+static SAMPLES: std::sync::Mutex<Option<(Sample, Sample)>> = std::sync::Mutex::new(None);
+
+/// How often SHOW STATS's rates and averages are computed (PgBouncer: stats_period).
+pub const STATS_PERIOD: Duration = Duration::from_secs(15);
+
+/// Samples the counters every [`STATS_PERIOD`], for as long as the runtime runs.
+pub async fn sample_stats() {
+    let mut ticker = tokio::time::interval(STATS_PERIOD);
+    loop {
+        ticker.tick().await;
+        let sample = Sample::now();
+        let mut samples = SAMPLES.lock().unwrap_or_else(|p| p.into_inner());
+        *samples = Some(match samples.take() {
+            Some((_, latest)) => (latest, sample),
+            None => (sample.clone(), sample),
+        });
+    }
+}
+
+fn stats() -> Response {
+    let interval = SAMPLES.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let per_second = |i: usize| -> String {
+        match &interval {
+            Some((old, new)) if new.at > old.at => format!(
+                "{:.2}",
+                new.counts[i].saturating_sub(old.counts[i]) as f64
+                    / new.at.duration_since(old.at).as_secs_f64()
+            ),
+            _ => String::new(),
+        }
+    };
+    let mut rows: Vec<Vec<String>> = counters()
+        .iter()
+        .enumerate()
+        .map(|(i, (name, total))| vec![name.to_string(), total.to_string(), per_second(i)])
+        .collect();
+    rows.push(vec![
+        "clients_connected".into(),
+        METRICS.client_connections.get().to_string(),
+        String::new(),
+    ]);
+    rows.push(vec![
+        "server_connections".into(),
+        METRICS.server_connections.get().to_string(),
+        String::new(),
+    ]);
+    // Averages over the interval, in microseconds (PgBouncer's avg_query_time and avg_wait_time).
+    let average = |pick: fn(&Sample) -> (u64, f64)| match &interval {
+        Some((old, new)) => {
+            let (count, sum) = (pick(new).0 - pick(old).0, pick(new).1 - pick(old).1);
+            if count == 0 {
+                "0".to_string()
+            } else {
+                format!("{:.0}", sum / count as f64 * 1e6)
+            }
+        }
+        None => String::new(),
+    };
+    rows.push(vec![
+        "avg_request_us".into(),
+        average(|s| s.requests),
+        String::new(),
+    ]);
+    rows.push(vec![
+        "avg_wait_us".into(),
+        average(|s| s.waits),
+        String::new(),
+    ]);
+    table(&["stat", "value", "per_second"], rows)
+}
+
+fn duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn path(p: &Option<std::path::PathBuf>) -> String {
+    p.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
 }
 
 fn age(since: SystemTime) -> String {

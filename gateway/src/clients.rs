@@ -8,7 +8,7 @@
 use crate::metrics::METRICS;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::io::AsyncWriteExt;
@@ -32,8 +32,13 @@ pub struct ClientEntry {
     pub checkouts: AtomicU64,
     target: Mutex<Option<ServerTarget>>,
     pinned: Mutex<Option<&'static str>>,
-    /// The session's task while it waits for its client: the drain wakes it (see [`crate::drain`]).
+    /// The session's task while it waits for its client: the drain wakes it (see [`crate::drain`]), and so
+    /// does the console's KILL.
     pub kick: futures_util::task::AtomicWaker,
+    /// The console's KILL: the session ends at its next wait.
+    pub killed: AtomicBool,
+    /// Held by PAUSE (or SUSPEND) before its next transaction.
+    waiting: AtomicBool,
 }
 
 impl ClientEntry {
@@ -59,6 +64,24 @@ impl ClientEntry {
 
     pub fn pinned(&self) -> Option<&'static str> {
         *self.pinned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the session at its next wait (the console's KILL).
+    pub fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        self.kick.wake();
+    }
+
+    pub fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::Acquire)
+    }
+
+    pub fn set_waiting(&self, waiting: bool) {
+        self.waiting.store(waiting, Ordering::Relaxed);
+    }
+
+    pub fn is_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
     }
 }
 
@@ -113,6 +136,8 @@ impl Clients {
             target: Mutex::new(None),
             pinned: Mutex::new(None),
             kick: Default::default(),
+            killed: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
         });
         let mut clients = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         if clients.len() >= max {
@@ -149,6 +174,17 @@ impl Clients {
             .collect();
         list.sort_by_key(|(_, e)| e.connected_at);
         list
+    }
+
+    /// KILL db: ends every session of the database at its next wait; how many.
+    pub fn kill_database(&self, database: &str) -> usize {
+        let clients = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        let mut killed = 0;
+        for entry in clients.values().filter(|e| e.database == database) {
+            entry.kill();
+            killed += 1;
+        }
+        killed
     }
 
     /// Wakes every session, to look at the drain's phase.

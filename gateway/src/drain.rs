@@ -232,6 +232,8 @@ impl Drop for Live<'_> {
 pub struct Kicked<'a> {
     pub drain: &'a Drain,
     pub seen: Phase,
+    /// The session's KILL flag: set, the session is kicked whatever the phase.
+    pub killed: &'a std::sync::atomic::AtomicBool,
 }
 
 /// Puts the running task's waker in `slot`, for the drain to wake.
@@ -249,7 +251,8 @@ impl Kicked<'_> {
     #[inline]
     pub fn moved(&self) -> Option<Phase> {
         let phase = self.drain.phase();
-        (phase > self.seen).then_some(phase)
+        (phase > self.seen || self.killed.load(std::sync::atomic::Ordering::Relaxed))
+            .then_some(phase)
     }
 }
 

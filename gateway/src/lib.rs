@@ -88,6 +88,11 @@ pub struct Shared {
     pub drain: drain::Drain,
     /// How to start this process again (online restart); set by the binary only.
     pub relaunch: std::sync::OnceLock<restart::Relaunch>,
+    /// Admin console sessions open now, for SHOW CLIENTS (they are not clients: no pool, no limit, no drain).
+    pub consoles: admin::Consoles,
+    /// Pools dropped from the map (a reload, a failover, KILL) whose connections may still be open, for
+    /// WAIT_CLOSE.
+    closing: Mutex<Vec<std::sync::Weak<Pool>>>,
 }
 
 /// What the views runtime needs from a configuration: the views, and where the primary and replicas are
@@ -203,6 +208,8 @@ impl Shared {
             generation: std::sync::atomic::AtomicU64::new(0),
             drain: drain::Drain::default(),
             relaunch: std::sync::OnceLock::new(),
+            consoles: Default::default(),
+            closing: Mutex::new(Vec::new()),
         })
     }
 
@@ -269,14 +276,21 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|key, pool| {
-                servers.contains(&key.server)
+                let keep = servers.contains(&key.server)
                     && pool.config() == &new.pool
                     && pool.tls() == &new.server_tls
                     && pool.credentials().same_login(&self.credentials_in(
                         &new,
                         &key.server,
                         &key.user,
-                    ))
+                    ));
+                if !keep {
+                    self.closing
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Arc::downgrade(pool));
+                }
+                keep
             });
         // Side connections (monitors, views) are opened by the tasks these restart.
         let topology_changed = format!(
@@ -358,6 +372,11 @@ impl Shared {
         };
         let error = match on_primary {
             Err(error) if error.code.starts_with("08") || error.code.starts_with("57P") => error,
+            Err(error) => {
+                // 3D000 (no such database), 28xxx (no such role, a wrong password): nothing to keep a pool for.
+                self.forget_if_unused(&primary);
+                return (primary, Err(error));
+            }
             answered => return (primary, answered),
         };
         let picture = regions.picture();
@@ -377,19 +396,52 @@ impl Shared {
     /// Pools of a server that no longer takes writes: out of the map (sessions look theirs up again), idle
     /// connections closed, transactions held on them ended (see [`Pool::retire`]).
     fn retire_primary(&self, server: &ServerUrl) {
-        let mut retired = 0;
+        let retired = self.retire_pools(|key| key.server == *server);
+        tracing::info!(%server, pools = retired, "pools of the former primary retired");
+    }
+
+    /// Retires the pools whose key matches (see [`Pool::retire`]); how many.
+    pub fn retire_pools(&self, matches: impl Fn(&PoolKey) -> bool) -> usize {
+        let mut retired = Vec::new();
         self.pools
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|key, pool| {
-                let keep = key.server != *server;
+                let keep = !matches(key);
                 if !keep {
                     pool.retire();
-                    retired += 1;
+                    retired.push(Arc::downgrade(pool));
                 }
                 keep
             });
-        tracing::info!(%server, pools = retired, "pools of the former primary retired");
+        let count = retired.len();
+        self.closing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(retired);
+        count
+    }
+
+    /// Server connections of pools dropped from the map that are still open (WAIT_CLOSE waits for 0).
+    pub fn closing_connections(&self) -> u64 {
+        let mut closing = self.closing.lock().unwrap_or_else(|p| p.into_inner());
+        closing.retain(|pool| pool.upgrade().is_some_and(|p| p.open_connections() > 0));
+        closing
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .map(|p| p.open_connections())
+            .sum()
+    }
+
+    /// A pool that logins show to be useless (its database does not exist, its user cannot log in) leaves the
+    /// map, so that it does not linger in SHOW POOLS.
+    fn forget_if_unused(&self, pool: &Arc<Pool>) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.open_connections() == 0
+            && pools.get(&pool.key).is_some_and(|p| Arc::ptr_eq(p, pool))
+        {
+            pools.remove(&pool.key);
+        }
     }
 
     /// The pool for a server, database and (client) user, created on first use.
@@ -569,6 +621,7 @@ impl Gateway {
         let shared = Shared::new(config.clone(), acceptor, path);
         shared.start_monitors();
         tokio::spawn(follow_writer(Arc::downgrade(&shared)));
+        tokio::spawn(admin::sample_stats());
         shared.start_views(&config);
         if let Some(addr) = metrics_listen {
             let listener = bind(addr).await?;

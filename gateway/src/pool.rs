@@ -409,6 +409,15 @@ impl Pool {
         self.waiting.load(Ordering::Relaxed)
     }
 
+    /// A client of this pool waits before its checkout (held by PAUSE): counted with the pool's waiters.
+    pub fn waiting_outside(&self, waiting: bool) {
+        if waiting {
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Backend pid and idle time of each idle connection, for the console.
     pub fn idle_list(&self) -> Vec<(i32, Duration)> {
         self.idle

@@ -496,3 +496,116 @@ async fn every_metric_family_is_there_from_the_start_and_the_shipped_rules_and_d
     }
     let _ = port;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_commands_pgbouncer_users_know() {
+    let database = common::fresh_database("pgb");
+    let dir = temp_dir("pgb");
+    let (path, port, _) = write_config(&dir, &database, "batching: { tables: [ events ] }\n");
+    let _shared = start_from_file(&path).await;
+    let url =
+        format!("host=127.0.0.1 port={port} user={database} password={PASSWORD} dbname={database}");
+    let client = common::connect(&url).await;
+    client.query_one("SELECT 1", &[]).await.unwrap();
+    let show = move |what: &str| {
+        let what = what.to_string();
+        tokio::task::spawn_blocking(move || stdout(&psql_as(port, "ops", "regiongate", &what)))
+    };
+    let version = show("SHOW VERSION").await.unwrap();
+    assert!(
+        version.contains(&format!(
+            "regiongate {} (commit ",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{version}"
+    );
+    let databases = show("SHOW DATABASES").await.unwrap();
+    assert!(
+        databases.starts_with("name|host|port|database|pool_size|min_pool_size|pool_mode|current_connections|paused|users")
+            && databases.contains(&format!("\n{database}|127.0.0.1|")),
+        "{databases}"
+    );
+    let users = show("SHOW USERS").await.unwrap();
+    assert!(users.contains("ops|transaction|true|"), "{users}");
+    let lists = show("SHOW LISTS").await.unwrap();
+    assert!(
+        lists.contains("pools|1") && lists.contains("console_clients|1"),
+        "{lists}"
+    );
+    // The console's own session is a client.
+    let clients = show("SHOW CLIENTS").await.unwrap();
+    assert!(clients.contains("|ops|regiongate||console|"), "{clients}");
+    let config = show("SHOW CONFIG").await.unwrap();
+    for key in [
+        "batching.tables|events",
+        "batching.max_rows|",
+        "tls.mode|disable",
+        "server_tls.mode|",
+        "limits.statement_timeout|",
+        "routing.ban_time|",
+        "pool.connect_timeout|",
+    ] {
+        assert!(config.contains(key), "{key} missing: {config}");
+    }
+    assert!(show("SHOW STATS")
+        .await
+        .unwrap()
+        .starts_with("stat|value|per_second"));
+
+    // SUSPEND (as PAUSE) holds the next transaction: its client shows as waiting, and its pool counts it.
+    show("SUSPEND").await.unwrap();
+    let held = {
+        let client = common::connect(&url).await;
+        tokio::spawn(async move {
+            client
+                .query_one("SELECT 2", &[])
+                .await
+                .map(|r| r.get::<_, i32>(0))
+        })
+    };
+    let waiting = common::eventually(Duration::from_secs(5), || async {
+        let clients = show("SHOW CLIENTS").await.unwrap();
+        let pools = show("SHOW POOLS").await.unwrap();
+        clients.contains("|waiting|")
+            && pools
+                .lines()
+                .any(|l| l.starts_with(&format!("{database}|")) && l.ends_with("|1"))
+    })
+    .await;
+    assert!(
+        waiting,
+        "{}\n{}",
+        show("SHOW CLIENTS").await.unwrap(),
+        show("SHOW POOLS").await.unwrap()
+    );
+    show("RESUME").await.unwrap();
+    assert_eq!(held.await.unwrap().unwrap(), 2);
+
+    // A login to a database that does not exist leaves no pool behind.
+    let missing = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={port} user={database} password={PASSWORD} dbname=no_such_db"
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("no such database");
+    assert_eq!(common::sqlstate(&missing), "3D000");
+    assert!(!show("SHOW POOLS").await.unwrap().contains("no_such_db"));
+
+    // KILL ends the database's sessions, idle ones too, and closes its server connections.
+    show(&format!("KILL {database}")).await.unwrap();
+    let killed = client.query_one("SELECT 1", &[]).await.unwrap_err();
+    let code = common::sqlstate(&killed);
+    assert!(code == "57P01" || killed.is_closed(), "{killed}");
+    show("WAIT_CLOSE").await.unwrap();
+    let pools = show("SHOW POOLS").await.unwrap();
+    assert!(
+        !pools.contains(&format!("{database}|{database}|")),
+        "{pools}"
+    );
+    // New clients are welcome again.
+    let again = common::connect(&url).await;
+    again.query_one("SELECT 1", &[]).await.unwrap();
+}

@@ -343,6 +343,20 @@ impl Metrics {
     }
 
     /// The text exposition of every metric.
+    /// Checkouts and their total wait in seconds.
+    pub fn pool_wait_totals(&self) -> (u64, f64) {
+        self.pool_wait_seconds.totals(0)
+    }
+
+    /// Requests answered and their total time in seconds, on the primary and on replicas together.
+    pub fn request_totals(&self) -> (u64, f64) {
+        let (a, b) = (
+            self.request_seconds.totals(0),
+            self.request_seconds.totals(1),
+        );
+        (a.0 + b.0, a.1 + b.1)
+    }
+
     /// A request's time to its ReadyForQuery, on the primary or a replica.
     pub fn request_seconds(&self, replica: bool, seconds: f64) {
         self.request_seconds.observe(usize::from(replica), seconds);

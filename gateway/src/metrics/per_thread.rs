@@ -205,6 +205,12 @@ impl Histograms {
         }
     }
 
+    /// How many values series `series` has seen, and their sum.
+    pub fn totals(&self, series: usize) -> (u64, f64) {
+        let histogram = self.series_proto(series);
+        (histogram.get_sample_count(), histogram.get_sample_sum())
+    }
+
     fn series_proto(&self, series: usize) -> proto::Histogram {
         let base = series * self.width();
         let mut histogram = proto::Histogram::default();

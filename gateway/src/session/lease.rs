@@ -25,7 +25,11 @@ impl Session {
             self.io.flush_client().await;
         }
         if self.shared.is_paused() {
+            self.handle.entry.set_waiting(true);
+            self.pool.waiting_outside(true);
             self.shared.wait_unpaused().await;
+            self.pool.waiting_outside(false);
+            self.handle.entry.set_waiting(false);
         }
         self.follow_reload();
         let regions = self.regions.clone();

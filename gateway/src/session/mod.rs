@@ -501,6 +501,7 @@ impl Session {
         let kick = (!self.state.owes_answers()).then_some(crate::drain::Kicked {
             drain: &self.shared.drain,
             seen: self.shutdown.seen,
+            killed: &self.handle.entry.killed,
         });
         let watch = Watch {
             server: self.state.owes_answers()

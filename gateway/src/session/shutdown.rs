@@ -76,6 +76,13 @@ impl Session {
     #[cold]
     #[inline(never)]
     pub(super) fn on_drain(&mut self, phase: Phase) -> Result<(), End> {
+        if self.handle.entry.is_killed() {
+            tracing::info!("session ended by the admin console's KILL");
+            return Err(End::Fatal(PgError::fatal(
+                "57P01",
+                "terminating connection due to administrator command (regiongate console KILL)",
+            )));
+        }
         self.shutdown.seen = phase;
         // Waking takes the waker out of the entry: the next wait puts it back, for the next phase.
         self.shutdown.registered = false;

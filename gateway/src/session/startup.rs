@@ -256,7 +256,8 @@ async fn admin_session(
     protocol::ready_for_query(&mut hello, TxStatus::Idle);
     if client.write_all(&hello).await.is_ok() && client.flush().await.is_ok() {
         tracing::info!(client = %peer, user = %startup.user, "admin console opened");
-        crate::admin::serve(shared, client, peer).await;
+        let _listed = shared.consoles.open(peer, &startup.user);
+        crate::admin::serve(shared.clone(), client, peer).await;
     }
 }
 
