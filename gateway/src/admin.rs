@@ -238,6 +238,7 @@ impl SimpleQueryHandler for Console {
                 // As the client wrote it: database names are case-sensitive.
                 let database = command.split_whitespace().nth(1).unwrap_or_default();
                 let database = database.trim_end_matches(';').trim_matches('"');
+                self.shared.drain.note_kill();
                 let clients = self.shared.clients.kill_database(database);
                 let pools = self.shared.retire_pools(|key| key.database == database);
                 tracing::warn!(database, clients, pools, "KILL from the admin console");

@@ -36,7 +36,7 @@ pub struct ClientEntry {
     /// does the console's KILL.
     pub kick: futures_util::task::AtomicWaker,
     /// The console's KILL: the session ends at its next wait.
-    pub killed: AtomicBool,
+    killed: AtomicBool,
     /// Held by PAUSE (or SUSPEND) before its next transaction.
     waiting: AtomicBool,
 }

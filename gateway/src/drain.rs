@@ -92,6 +92,8 @@ pub struct Drain {
     /// Client connections not yet ended (in their login, or sessions), which the drain waits for. The admin
     /// console's are not counted: it stays open while the gateway drains, to watch it.
     live: AtomicUsize,
+    /// Console KILLs so far (see [`Kicked::seen_kills`]).
+    kills: std::sync::atomic::AtomicU32,
 }
 
 impl Default for Drain {
@@ -103,6 +105,7 @@ impl Default for Drain {
             why: Mutex::new(""),
             outcomes: Default::default(),
             live: AtomicUsize::new(0),
+            kills: Default::default(),
         }
     }
 }
@@ -232,8 +235,9 @@ impl Drop for Live<'_> {
 pub struct Kicked<'a> {
     pub drain: &'a Drain,
     pub seen: Phase,
-    /// The session's KILL flag: set, the session is kicked whatever the phase.
-    pub killed: &'a std::sync::atomic::AtomicBool,
+    /// The console KILLs the session had seen: a new one kicks it, to look whether it is one of those killed
+    /// (a count rather than the session's own flag keeps this future, which every idle session holds, small).
+    pub seen_kills: u8,
 }
 
 /// Puts the running task's waker in `slot`, for the drain to wake.
@@ -245,14 +249,26 @@ pub async fn register(slot: &AtomicWaker) {
     .await
 }
 
+impl Drain {
+    /// A console KILL is about to end sessions: every session looks at its own flag at its next wait.
+    pub fn note_kill(&self) {
+        self.kills.fetch_add(1, Ordering::Release);
+    }
+
+    /// The count's low byte: a session compares it with the one it saw (256 KILLs between two of its waits
+    /// would go unseen until the next).
+    pub fn kills(&self) -> u8 {
+        self.kills.load(Ordering::Acquire) as u8
+    }
+}
+
 impl Kicked<'_> {
     /// The phase, when the drain moved past what the session saw. (The session is woken by its registered
     /// waker; a poll only looks.)
     #[inline]
     pub fn moved(&self) -> Option<Phase> {
         let phase = self.drain.phase();
-        (phase > self.seen || self.killed.load(std::sync::atomic::Ordering::Relaxed))
-            .then_some(phase)
+        (phase > self.seen || self.drain.kills() != self.seen_kills).then_some(phase)
     }
 }
 

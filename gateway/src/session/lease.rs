@@ -25,11 +25,8 @@ impl Session {
             self.io.flush_client().await;
         }
         if self.shared.is_paused() {
-            self.handle.entry.set_waiting(true);
-            self.pool.waiting_outside(true);
-            self.shared.wait_unpaused().await;
-            self.pool.waiting_outside(false);
-            self.handle.entry.set_waiting(false);
+            // Boxed: rare, and a session's future is as large as the largest thing it awaits.
+            Box::pin(self.wait_unpaused()).await;
         }
         self.follow_reload();
         let regions = self.regions.clone();
@@ -100,6 +97,15 @@ impl Session {
             }
             Err(error) => self.answer_error(error, TxStatus::Idle),
         }
+    }
+
+    /// PAUSE (or SUSPEND) holds the next transaction: the client shows as waiting, and its pool counts it.
+    async fn wait_unpaused(&mut self) {
+        self.handle.entry.set_waiting(true);
+        self.pool.waiting_outside(true);
+        self.shared.wait_unpaused().await;
+        self.pool.waiting_outside(false);
+        self.handle.entry.set_waiting(false);
     }
 
     /// Answers the client's next request (a Query, or an extended exchange up to its Sync) with an error the

@@ -173,7 +173,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         fatal_forwarded: false,
         batched: Vec::new(),
         batch_identity: None,
-        shutdown: shutdown::Shutdown::new(shared.drain.phase()),
+        shutdown: shutdown::Shutdown::new(shared.drain.phase(), shared.drain.kills()),
     };
     // What the session does not keep goes now: an idle client's memory is what its session holds.
     drop((config, startup, login));
@@ -501,7 +501,7 @@ impl Session {
         let kick = (!self.state.owes_answers()).then_some(crate::drain::Kicked {
             drain: &self.shared.drain,
             seen: self.shutdown.seen,
-            killed: &self.handle.entry.killed,
+            seen_kills: self.shutdown.seen_kills,
         });
         let watch = Watch {
             server: self.state.owes_answers()

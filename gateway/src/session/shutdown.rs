@@ -21,10 +21,12 @@ pub struct Shutdown {
     pub cut: bool,
     /// The session's waker is in its client entry (see [`crate::drain`]).
     pub registered: bool,
+    /// The console KILLs so far when the session last looked (see [`crate::drain::Kicked`]).
+    pub seen_kills: u8,
 }
 
 impl Shutdown {
-    pub fn new(phase: Phase) -> Shutdown {
+    pub fn new(phase: Phase, kills: u8) -> Shutdown {
         let draining = phase != Phase::Serving;
         Shutdown {
             seen: Phase::Serving,
@@ -32,6 +34,7 @@ impl Shutdown {
             grace: true,
             cut: false,
             registered: false,
+            seen_kills: kills,
         }
     }
 }
@@ -83,9 +86,14 @@ impl Session {
                 "terminating connection due to administrator command (regiongate console KILL)",
             )));
         }
-        self.shutdown.seen = phase;
         // Waking takes the waker out of the entry: the next wait puts it back, for the next phase.
         self.shutdown.registered = false;
+        self.shutdown.seen_kills = self.shared.drain.kills();
+        if phase == self.shutdown.seen {
+            // Another session's KILL.
+            return Ok(());
+        }
+        self.shutdown.seen = phase;
         if phase == Phase::Cutting {
             if self.at_boundary() {
                 return Err(End::Drained(if self.shutdown.busy {
