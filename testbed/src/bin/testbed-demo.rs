@@ -40,9 +40,14 @@ fn main() -> Result<()> {
         .primary
         .cluster
         .create_user_and_db("app", "app", "app")?;
+    // The demo shop (migrations/0002, 0003) with its three dashboard views refreshed every minute, and the
+    // events table's single-row inserts batched.
     let yaml = format!(
         "listen: {listen}\nhome_region: eu-west\n{}auth:\n  method: scram-sha-256\n  users:\n    - {{ name: app, password: app }}\n\
-         admin: {{ users: [ app ] }}\nmetrics: {{ listen: '127.0.0.1:9930' }}\n",
+         admin: {{ users: [ app ] }}\nmetrics: {{ listen: '127.0.0.1:9930' }}\n\
+         batching: {{ tables: [ events ] }}\n\
+         views:\n  - {{ name: daily_sales_by_region, schedule: every 1m }}\n  - {{ name: top_products, schedule: every 1m }}\n  \
+         - {{ name: active_customers, schedule: every 1m }}\n",
         topology.gateway_yaml("app")
     );
     // The file holds the superuser's password; tempfile creates it readable by its owner only.
@@ -55,6 +60,7 @@ fn main() -> Result<()> {
     config.flush()?;
 
     let binary = regiongate_binary();
+    load_demo_shop(&binary, config.path(), &topology)?;
     let mut command = Command::new(&binary);
     command.arg("--config").arg(config.path());
     // A child inherits the signal mask across exec, and the gateway must see SIGTERM to stop.
@@ -102,6 +108,55 @@ fn listen_address() -> Result<String> {
     Ok(listen)
 }
 
+/// The repository this binary was built from: its migrations and the demo data script.
+fn repository() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// The demo shop: the schema and views (`regiongate migrate`) and a small data set (scale 0.01: 1k customers,
+/// 10k orders), loaded on the primary before the gateway starts, so that the views, `SHOW VIEWS` and the N+1
+/// example work at once.
+fn load_demo_shop(
+    binary: &std::path::Path,
+    config: &std::path::Path,
+    topology: &Topology,
+) -> Result<()> {
+    let repository = repository();
+    println!("Creating the demo shop: regiongate migrate, then testbed/sql/demo_data.sql (scale 0.01)...");
+    let migrated = Command::new(binary)
+        .arg("migrate")
+        .arg(config)
+        .arg("--dir")
+        .arg(repository.join("migrations"))
+        .status()
+        .with_context(|| format!("running {} migrate", binary.display()))?;
+    if !migrated.success() {
+        bail!("regiongate migrate failed ({migrated})");
+    }
+    let loaded = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            "scale=0.01",
+            "-f",
+        ])
+        .arg(repository.join("testbed/sql/demo_data.sql"))
+        .arg(topology.primary.cluster.url("app"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running psql")?;
+    if !loaded.success() {
+        bail!("loading the demo data failed ({loaded})");
+    }
+    Ok(())
+}
+
 /// `$REGIONGATE`, else `regiongate` next to this executable, else `regiongate` from `PATH`.
 fn regiongate_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("REGIONGATE") {
@@ -137,18 +192,39 @@ fn ready(gateway: &mut Child, listen: &str) -> Result<()> {
 }
 
 fn print_help(topology: &Topology, listen: &str) {
+    // The gateway reaches each server through its latency relay: SHOW REPLICAS and the log name the relay's
+    // address, `SELECT inet_server_port()` the server's own port; both are listed.
     println!("\nTopology (one-way latency from this gateway):");
-    println!("  primary   us-east   {}  40 ms", topology.primary.addr());
+    println!("  role      region    address (relay)   server port  latency");
+    println!(
+        "  primary   us-east   {:<17} {:<12} 40 ms",
+        topology.primary.addr().to_string(),
+        topology.primary.cluster.port()
+    );
     for (region, node) in topology.replicas() {
         let delay = if region == "eu-west" { "1 ms" } else { "60 ms" };
-        println!("  replica   {region:<9} {}  {delay}", node.addr());
+        println!(
+            "  replica   {region:<9} {:<17} {:<12} {delay}",
+            node.addr().to_string(),
+            node.cluster.port()
+        );
     }
+    let app = format!("postgres://app:app@{listen}/app");
+    let console = format!("postgres://app:app@{listen}/regiongate");
     println!(
-        "\nregiongate listens on {listen} (home region eu-west). Try:\n\n    \
-         psql 'postgres://app:app@{listen}/app' -c 'SELECT inet_server_port(), pg_is_in_recovery()'\n    \
-         psql 'postgres://app:app@{listen}/app' -c 'CREATE TABLE t (x int); INSERT INTO t VALUES (1)'\n\n\
-         Reads go to eu-west, writes to us-east. The admin console: psql 'postgres://app:app@{listen}/regiongate' \
-         -c 'SHOW REPLICAS'; metrics: curl http://127.0.0.1:9930/metrics. Ctrl-C stops everything."
+        "\nregiongate listens on {listen} (home region eu-west), in front of a demo shop. Try:\n\n\
+         Where a query goes (a read: the replica in eu-west; the NOTICE says why):\n    \
+         psql '{app}' -c 'SET regiongate.explain = on' -c 'SELECT count(*) FROM orders' -c 'SELECT inet_server_port()'\n\n\
+         A dashboard view, refreshed every minute on the primary, read from the nearest fresh replica:\n    \
+         psql '{app}' -c 'SELECT * FROM daily_sales_by_region ORDER BY day DESC LIMIT 5'\n    \
+         psql '{console}' -c 'SHOW VIEWS'\n\n\
+         An ORM's N+1 loop (a customer, then each order one query at a time), and the report:\n    \
+         psql '{app}' -c 'SELECT name FROM customers WHERE id = 1' -c 'SELECT status FROM orders WHERE id = 1' \\\n      \
+         -c 'SELECT status FROM orders WHERE id = 2' -c 'SELECT status FROM orders WHERE id = 3' \\\n      \
+         -c 'SELECT status FROM orders WHERE id = 4' -c 'SELECT status FROM orders WHERE id = 5'\n    \
+         psql '{console}' -c 'SHOW NPLUS1'\n\n\
+         The console also has SHOW REPLICAS, SHOW ROUTES and SHOW HELP; metrics: curl http://127.0.0.1:9930/metrics.\n\
+         Ctrl-C stops everything."
     );
 }
 
