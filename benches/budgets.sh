@@ -6,6 +6,7 @@
 #
 #   bash benches/budgets.sh
 #   TX=400 WORKLOADS="S16 CONNECT" bash benches/budgets.sh
+#   KEEP=/tmp/counts WORKLOADS=ROUTED16 bash benches/budgets.sh; callgrind_annotate /tmp/counts/routed.callgrind.1
 #
 # Counts are of the proxy's own user-space instructions, repeatable from run to run (within 0.3% here)
 # whatever else the machine does, unlike CPU time; and from machine to machine, since valgrind shows every
@@ -83,6 +84,8 @@ mkdir -p "$WORK/replica-socket"
 "${AS_SERVER_USER[@]}" "$PGBIN/pg_ctl" -D "$WORK/replica" -l "$WORK/replica.log" -w -t 60 start >/dev/null
 stop_replica() {
     "${AS_SERVER_USER[@]}" "$PGBIN/pg_ctl" -D "$WORK/replica" -m immediate -w stop >/dev/null 2>&1 || true
+    # KEEP=DIR keeps the callgrind files, for callgrind_annotate to say where the instructions went.
+    if [[ -n ${KEEP:-} ]]; then mkdir -p "$KEEP" && cp "$WORK"/*.callgrind.* "$KEEP"/ 2>/dev/null || true; fi
     cleanup
 }
 trap stop_replica EXIT

@@ -446,15 +446,16 @@ impl Shared {
 
     /// The pool for a server, database and (client) user, created on first use.
     pub fn pool(&self, server: &ServerUrl, user: &str, database: &str) -> Arc<Pool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let parts = (server, database, user);
+        if let Some(pool) = pools.get(&parts as &dyn pool::KeyParts) {
+            return pool.clone();
+        }
         let key = PoolKey {
             server: server.clone(),
             database: database.to_string(),
             user: user.to_string(),
         };
-        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(pool) = pools.get(&key) {
-            return pool.clone();
-        }
         let config = self.config.load();
         let pool = Pool::new(
             key.clone(),

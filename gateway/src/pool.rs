@@ -74,12 +74,57 @@ impl CheckoutError {
 }
 
 /// Which pool: server, database and the client's user (whose credentials the server connections use).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolKey {
     pub server: ServerUrl,
     pub database: String,
     pub user: String,
 }
+
+/// A pool key's parts, owned or borrowed: the pool map is searched with borrowed ones, so that finding a
+/// pool (every read routed to a replica does) allocates nothing.
+pub trait KeyParts {
+    fn parts(&self) -> (&ServerUrl, &str, &str);
+}
+
+impl KeyParts for PoolKey {
+    fn parts(&self) -> (&ServerUrl, &str, &str) {
+        (&self.server, &self.database, &self.user)
+    }
+}
+
+impl KeyParts for (&ServerUrl, &str, &str) {
+    fn parts(&self) -> (&ServerUrl, &str, &str) {
+        *self
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for PoolKey {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
+}
+
+// Owned and borrowed keys hash and compare by their parts alike, as `Borrow` requires.
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state)
+    }
+}
+
+impl std::hash::Hash for dyn KeyParts + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state)
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
 
 pub struct Pool {
     pub key: PoolKey,

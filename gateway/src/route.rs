@@ -238,7 +238,7 @@ impl Classifier {
 
     /// The class of a statement text (one or more statements).
     pub fn classify(&self, text: &[u8]) -> Class {
-        self.classify_shaped(text, crate::fingerprint::shape(text).hash)
+        self.classify_shaped(text, crate::fingerprint::shape_id(text).hash)
     }
 
     /// The class of a statement text whose shape hash is known, from the cache when the shape was seen before.

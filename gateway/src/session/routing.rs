@@ -194,8 +194,8 @@ impl Session {
         self.replicas && self.pinned.is_none()
     }
 
-    /// The class of one client message, if it carries a statement. `shape` is the Query's shape hash when the
-    /// caller has it already.
+    /// The class of one client message, if it carries a statement. `shape` is the Query's (or Parse's)
+    /// statement shape hash when the caller has it already.
     pub(super) fn message_class(
         &self,
         tag: u8,
@@ -218,7 +218,11 @@ impl Session {
             tag::PARSE => {
                 let (_, rest) = protocol::cstr(body)?;
                 let (text, _) = protocol::cstr(rest)?;
-                Some(self.shared.classifier.load().classify(text))
+                let classifier = self.shared.classifier.load();
+                Some(match shape {
+                    Some(shape) => classifier.classify_shaped(text, shape),
+                    None => classifier.classify(text),
+                })
             }
             tag::BIND => {
                 let (_, rest) = protocol::cstr(body)?;
@@ -275,7 +279,7 @@ impl Session {
 
     /// The combined class of the client's next exchange: its complete messages up to a Sync or Query; and
     /// the shape of its first statement that is not a BEGIN (the transaction's shape, when it opens one).
-    fn next_exchange_class(&self) -> (Class, Option<u64>) {
+    fn next_exchange_class(&mut self) -> (Class, Option<u64>) {
         let mut combined = Class::default();
         let mut first_shape = None;
         // Views read by the exchange's statements; any read of something else makes it a plain read.
@@ -287,13 +291,22 @@ impl Session {
                 break;
             }
             let message = &buffer[at..at + len];
-            if let Some(class) = self.message_class(message_tag, message, None) {
+            // Shaped once: the class is looked up by the shape, which also keys the transaction's prediction.
+            // A Query through the session's recent shapes, where the same text finds it again when it is
+            // forwarded (for N+1 detection), without a second lexing.
+            let shape = match message_tag {
+                tag::QUERY => protocol::query_text(protocol::body(message))
+                    .map(|text| self.observer.shape(text).hash),
+                tag::PARSE => self.statement_shape(message_tag, message),
+                _ => None,
+            };
+            if let Some(class) = self.message_class(message_tag, message, shape) {
                 combined.access = combined.access.and(class.access);
                 combined.hint = combined.hint.or(class.hint);
                 combined.begins |= class.begins;
                 combined.modes = class.modes.or(combined.modes);
                 if first_shape.is_none() && !class.begin {
-                    first_shape = self.statement_shape(message_tag, message);
+                    first_shape = shape.or_else(|| self.statement_shape(message_tag, message));
                 }
                 if class.access == Access::Read {
                     only_views &= class.views != 0;
@@ -315,17 +328,19 @@ impl Session {
     fn statement_shape(&self, message_tag: u8, message: &[u8]) -> Option<u64> {
         let body = protocol::body(message);
         match message_tag {
-            tag::QUERY => protocol::query_text(body).map(|t| crate::fingerprint::shape(t).hash),
+            tag::QUERY => protocol::query_text(body).map(|t| crate::fingerprint::shape_id(t).hash),
             tag::PARSE => {
                 let (_, rest) = protocol::cstr(body)?;
                 let (text, _) = protocol::cstr(rest)?;
-                Some(crate::fingerprint::shape(text).hash)
+                Some(crate::fingerprint::shape_id(text).hash)
             }
             tag::BIND => {
                 let (_, rest) = protocol::cstr(body)?;
                 let (name, _) = protocol::cstr(rest)?;
                 let statement = self.statements.get(name)?;
-                statement.text().map(|t| crate::fingerprint::shape(&t).hash)
+                statement
+                    .text()
+                    .map(|t| crate::fingerprint::shape_id(&t).hash)
             }
             _ => None,
         }
