@@ -555,7 +555,10 @@ impl Console {
             ("databases", databases.len()),
             ("users", self.shared.config.load().auth.users.len()),
             ("pools", pools.len()),
-            ("free_clients", clients.len() - used_clients - waiting),
+            (
+                "free_clients",
+                clients.len().saturating_sub(used_clients + waiting),
+            ),
             ("used_clients", used_clients),
             ("waiting_clients", waiting),
             ("console_clients", self.shared.consoles.list().len()),

@@ -23,7 +23,7 @@ use crate::protocol::{self, tag, PgError};
 use crate::server::{self, ServerConn, WAL_POSITION};
 use crate::Shared;
 use bytes::{BufMut, Bytes, BytesMut};
-use regions::Lsn;
+use regions::{Lsn, ServerUrl};
 use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
@@ -609,25 +609,41 @@ async fn flush(shared: Arc<Shared>, queue: Arc<Queue>, rows: Vec<Queued>, bytes:
     if shared.is_paused() {
         shared.wait_unpaused().await;
     }
-    let (pool, permits) = batch_pool(&shared, &key.database, &key.user);
-    // Wait for one of the database and user's flush connections without a deadline: while batches are slow
-    // (a locked table), rows wait as their clients' own inserts would, instead of failing at the pool's
-    // checkout timeout.
-    let _permit = permits.acquire_owned().await;
-    let result = match pool.checkout().await {
-        Ok(lease) => {
-            let position = shared.has_replicas() && shared.regions().routing.read_your_writes;
-            run(lease, key, rows, position).await
+    let fail = |rows: Vec<Queued>, error: PgError| {
+        for queued in rows {
+            let _ = queued.reply.send(Outcome::Failed(error.clone()));
         }
-        Err(error) => {
-            let error = PgError::error(
-                "08006",
-                format!("regiongate: cannot insert this row: {error}"),
-            );
-            for queued in rows {
-                let _ = queued.reply.send(Outcome::Failed(error.clone()));
+        Flushed::Failed(error.message)
+    };
+    let result = match shared.regions().writer() {
+        // Rows queued while a primary took writes: none goes to a node that does not take them now.
+        regions::Writer::Refused { why } => fail(
+            rows,
+            PgError::error(
+                "57P03",
+                format!("regiongate: cannot insert this row: {why}"),
+            ),
+        ),
+        regions::Writer::Node { url, .. } => {
+            let (pool, permits) = batch_pool(&shared, &url, &key.database, &key.user);
+            // Wait for one of the database and user's flush connections without a deadline: while batches
+            // are slow (a locked table), rows wait as their clients' own inserts would, instead of failing at
+            // the pool's checkout timeout.
+            let _permit = permits.acquire_owned().await;
+            match pool.checkout().await {
+                Ok(lease) => {
+                    let position =
+                        shared.has_replicas() && shared.regions().routing.read_your_writes;
+                    run(lease, key, rows, position).await
+                }
+                Err(error) => fail(
+                    rows,
+                    PgError::error(
+                        "08006",
+                        format!("regiongate: cannot insert this row: {error}"),
+                    ),
+                ),
             }
-            Flushed::Failed(error.message)
         }
     };
     let took = started.elapsed();
@@ -693,11 +709,10 @@ async fn flush(shared: Arc<Shared>, queue: Arc<Queue>, rows: Vec<Queued>, bytes:
 /// The pool batches of a database and user run on: the primary's, apart from the clients' pools so that
 /// flushes never wait behind client transactions (nor the reverse); with a permit per connection, which a
 /// flush holds while it runs.
-fn batch_pool(shared: &Shared, database: &str, user: &str) -> FlushPool {
+fn batch_pool(shared: &Shared, primary: &ServerUrl, database: &str, user: &str) -> FlushPool {
     let config = shared.config.load();
-    let writer = shared.regions().writer();
     let key = crate::pool::PoolKey {
-        server: writer.url().unwrap_or(&config.primary.url).clone(),
+        server: primary.clone(),
         database: database.to_string(),
         user: user.to_string(),
     };

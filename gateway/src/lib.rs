@@ -517,7 +517,6 @@ impl Shared {
 /// view refreshes to a promoted node, for as long as the gateway lives; a reload's new regions are followed
 /// within a second.
 async fn follow_writer(shared: std::sync::Weak<Shared>) {
-    let mut last: Option<ServerUrl> = None;
     // Where view refreshes run: they follow a failover (not an outage: they wait for the primary's return).
     let mut views_on: Option<ServerUrl> = shared
         .upgrade()
@@ -529,21 +528,20 @@ async fn follow_writer(shared: std::sync::Weak<Shared>) {
         let mut changes = regions.writer_changes();
         loop {
             let now = changes.borrow_and_update().url().cloned();
-            if let Some(old) = last.as_ref().filter(|old| now.as_ref() != Some(*old)) {
-                let Some(shared) = shared.upgrade() else {
-                    return;
-                };
-                shared.retire_primary(old);
+            let Some(strong) = shared.upgrade() else {
+                return;
+            };
+            for former in regions.take_former_writers() {
+                if now.as_ref() != Some(&former) {
+                    strong.retire_primary(&former);
+                }
             }
             if now.is_some() && now != views_on {
-                let Some(shared) = shared.upgrade() else {
-                    return;
-                };
                 tracing::info!(primary = ?now.as_ref().map(|u| u.to_string()), "view refreshes follow the new primary");
-                shared.start_views(&shared.config.load());
+                strong.start_views(&strong.config.load());
                 views_on = now.clone();
             }
-            last = now;
+            drop(strong);
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { break },
                 () = tokio::time::sleep(Duration::from_secs(1)) => {

@@ -484,6 +484,12 @@ async fn the_primary_fails_reads_go_on_and_writes_follow_the_promoted_replica() 
 async fn writes_resume_by_themselves_when_the_primary_comes_back() {
     let t = topology("back").await;
     write(t.port, 1).await.unwrap();
+    // A client connected through the outage: its session's pool on the primary is retired meanwhile.
+    let (staying, _) = client(t.port).await;
+    staying
+        .execute("INSERT INTO acks VALUES (10)", &[])
+        .await
+        .unwrap();
     t.primary.stop_immediate().unwrap();
     let refused = common::eventually(Duration::from_secs(5), || async {
         write(t.port, 2)
@@ -502,5 +508,16 @@ async fn writes_resume_by_themselves_when_the_primary_comes_back() {
     .await;
     assert!(resumed, "writes did not resume:\n{}", t.gateway.log());
     assert!(t.gateway.log().contains("the primary takes writes again"));
+    // The client that stayed runs whole transactions again, on a fresh pool.
+    for id in [11, 12] {
+        staying
+            .batch_execute(&format!(
+                "BEGIN; INSERT INTO acks VALUES ({id}); INSERT INTO acks VALUES ({})",
+                id + 100
+            ))
+            .await
+            .unwrap();
+        staying.batch_execute("COMMIT").await.unwrap();
+    }
     let _ = (&t.r1, &t.r2);
 }

@@ -51,6 +51,9 @@ pub struct Regions {
     writes: Mutex<monitor::Writes>,
     /// Each new writer, for those that must act on a change (the gateway retires the old one's pools).
     writer_changes: tokio::sync::watch::Sender<Writer>,
+    /// Every node that stopped taking writes, until taken: a watch keeps only the latest writer, and two
+    /// changes in a row (A, then B, then A) must still retire B.
+    former_writers: Mutex<Vec<ServerUrl>>,
 }
 
 impl Regions {
@@ -89,6 +92,7 @@ impl Regions {
             configured: Mutex::new(monitor::NodeProbe::default()),
             writes: Mutex::new(monitor::Writes::default()),
             writer_changes: tokio::sync::watch::Sender::new(Writer::default()),
+            former_writers: Mutex::new(Vec::new()),
             statuses: Mutex::new(statuses),
         };
         // Every node's series from the start (up 0, role unknown), so that alerts see them before a probe.
@@ -184,27 +188,31 @@ impl Regions {
     /// primary timeline), so that writes do not go back to the configured primary until its probe answers
     /// (after a failover it may be a stale or split-brained server).
     pub fn inherit(&self, old: &Regions) {
-        if old.primary_url == self.primary_url {
-            let seen = old.configured.lock().unwrap_or_else(|p| p.into_inner());
-            let mut mine = self.configured.lock().unwrap_or_else(|p| p.into_inner());
-            (mine.role, mine.timeline, mine.error) = (seen.role, seen.timeline, seen.error.clone());
-        }
         let old_statuses = old
             .statuses
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let old_configured = old
-            .configured
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .role;
+        let (old_role, old_timeline, old_error) = {
+            let seen = old.configured.lock().unwrap_or_else(|p| p.into_inner());
+            (seen.role, seen.timeline, seen.error.clone())
+        };
+        {
+            // The configured primary as it was seen, as the configured primary or as a replica.
+            let mut mine = self.configured.lock().unwrap_or_else(|p| p.into_inner());
+            if old.primary_url == self.primary_url {
+                (mine.role, mine.timeline, mine.error) = (old_role, old_timeline, old_error);
+            } else if let Some(seen) = old_statuses.iter().find(|s| s.url == self.primary_url) {
+                (mine.role, mine.timeline, mine.error) =
+                    (seen.role, seen.timeline, seen.error.clone());
+            }
+        }
         let mut statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
         for status in statuses.iter_mut() {
             if let Some(seen) = old_statuses.iter().find(|s| s.url == status.url) {
                 (status.role, status.timeline) = (seen.role, seen.timeline);
             } else if status.url == old.primary_url {
-                status.role = old_configured;
+                (status.role, status.timeline) = (old_role, old_timeline);
             }
         }
         {
@@ -220,6 +228,16 @@ impl Regions {
     /// Where writes go now.
     pub fn writer(&self) -> Writer {
         self.picture.load().writer.clone()
+    }
+
+    /// The nodes that stopped taking writes since the last call.
+    pub fn take_former_writers(&self) -> Vec<ServerUrl> {
+        std::mem::take(
+            &mut *self
+                .former_writers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
     }
 
     /// Each change of [`Regions::writer`].

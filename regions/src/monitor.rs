@@ -510,7 +510,7 @@ impl Regions {
     /// Decides where writes go from every node's last probe, and publishes the picture. A change of writer
     /// is logged: the `failover` event names both nodes and how long writes were unavailable.
     pub(crate) fn decide_writer(&self, statuses: &[ReplicaStatus]) {
-        {
+        let announce = {
             let configured = self.configured.lock().unwrap_or_else(|p| p.into_inner());
             let mut nodes = vec![NodeView {
                 node: Node::Configured,
@@ -529,6 +529,13 @@ impl Regions {
                 error: s.error.as_deref(),
             }));
             let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+            // The newest timeline any node reports: in a split brain, or from a standby that followed a
+            // newer primary, a node on an older one must not take writes when it is left alone.
+            writes.newest_timeline = nodes
+                .iter()
+                .filter(|n| matches!(n.role, Role::Primary | Role::Standby))
+                .filter_map(|n| n.timeline)
+                .fold(writes.newest_timeline, u32::max);
             let writer = picture::writer_of(&nodes, writes.newest_timeline);
             let before = writes.writer.url().cloned();
             let after = writer.url().cloned();
@@ -565,12 +572,22 @@ impl Regions {
                 }
                 _ => {}
             }
-            if changed {
-                let _ = self.writer_changes.send_replace(writer.clone());
+            if let (true, Some(former)) = (changed, before) {
+                self.former_writers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(former);
             }
+            let announce = changed.then(|| writer.clone());
             writes.writer = writer;
-        }
+            announce
+        };
         self.publish(statuses);
+        // After the picture: whoever acts on the change (retiring the old writer's pools) finds sessions
+        // already sent to the new one.
+        if let Some(writer) = announce {
+            self.writer_changes.send_replace(writer);
+        }
     }
 
     /// The heartbeat answered in `rtt`, or failed (None): the primary's part of the picture.

@@ -104,7 +104,12 @@ pub fn writer_of(nodes: &[NodeView], newest_timeline: u32) -> Writer {
         None => "timeline unknown".to_string(),
     };
     match primaries[..] {
-        [one] if one.timeline.is_some_and(|t| t < newest_timeline) => Writer::Refused {
+        // Older than a primary seen before, or (after a reload) not yet measured while one was: no writes.
+        [one]
+            if one.timeline.is_some_and(|t| t < newest_timeline)
+                || one.role == Role::Primary && one.timeline.is_none() && newest_timeline > 0 =>
+        {
+            Writer::Refused {
             why: format!(
                 "no primary: {} is out of recovery on {}, older than timeline {newest_timeline} of the last \
                  primary, so it gets no writes",
@@ -112,7 +117,8 @@ pub fn writer_of(nodes: &[NodeView], newest_timeline: u32) -> Writer {
                 timeline(one)
             )
             .into(),
-        },
+            }
+        }
         [one] => Writer::Node {
             node: one.node,
             url: one.url.clone(),
@@ -878,6 +884,10 @@ mod tests {
         // The new primary gone and the old one alone on its older timeline: still no writes.
         let w = writer_of(&[view(0, Role::Primary, 1), view(1, Role::Down, 2)], 2);
         assert!(why(&w).contains("older than timeline 2"), "{}", why(&w));
+        // A node out of recovery whose timeline is not known yet, while a newer one was seen: no writes.
+        let mut unknown = view(1, Role::Primary, 2);
+        unknown.timeline = None;
+        assert!(why(&writer_of(&[view(0, Role::Down, 1), unknown], 2)).contains("no primary"));
         // An unprobed configured primary does not compete with a node that says it is the primary.
         let w = writer_of(&[view(0, Role::Unknown, 1), view(1, Role::Primary, 2)], 0);
         assert_eq!(url(&w).as_deref(), Some("n1:5432"));

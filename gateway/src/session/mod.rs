@@ -233,6 +233,11 @@ impl Session {
             match self.process_client() {
                 Ok(Progress::Idle) => {}
                 Ok(Progress::NeedServer) => {
+                    // A KILL that came while the session was not waiting for its client (its login, a
+                    // pipelined request) ends it before the next request runs.
+                    if self.handle.entry.is_killed() {
+                        return End::Fatal(shutdown::killed());
+                    }
                     self.shutdown.grace = false;
                     self.attach().await;
                     continue;

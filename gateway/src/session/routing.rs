@@ -518,7 +518,8 @@ impl Session {
                 };
                 return Err(PgError::error("57P03", format!("regiongate: {why}")));
             };
-            if *url != self.pool.key.server {
+            // The same node back after an outage had its pools retired meanwhile: a fresh one.
+            if *url != self.pool.key.server || self.pool.is_retired() {
                 self.pool = self
                     .shared
                     .pool(url, &self.pool.key.user, &self.pool.key.database);

@@ -39,6 +39,15 @@ impl Shutdown {
     }
 }
 
+/// What a session ended by the console's KILL reads.
+pub fn killed() -> PgError {
+    tracing::info!("session ended by the admin console's KILL");
+    PgError::fatal(
+        "57P01",
+        "terminating connection due to administrator command (regiongate console KILL)",
+    )
+}
+
 /// What the client reads when the drain closes its connection, as PostgreSQL words it for a terminated
 /// backend.
 pub fn terminated() -> PgError {
@@ -80,11 +89,7 @@ impl Session {
     #[inline(never)]
     pub(super) fn on_drain(&mut self, phase: Phase) -> Result<(), End> {
         if self.handle.entry.is_killed() {
-            tracing::info!("session ended by the admin console's KILL");
-            return Err(End::Fatal(PgError::fatal(
-                "57P01",
-                "terminating connection due to administrator command (regiongate console KILL)",
-            )));
+            return Err(End::Fatal(killed()));
         }
         // Waking takes the waker out of the entry: the next wait puts it back, for the next phase.
         self.shutdown.registered = false;

@@ -119,6 +119,12 @@ pub async fn log_in(
     // Session mode is one client, one backend, from the start: the client gets the backend's own pid (with a
     // secret of the gateway's), so that pg_terminate_backend, NOTIFY's sender pid and the like match.
     let lease = if pool.config().mode == PoolMode::Session {
+        // The session's one backend is on the primary: none while no node takes writes (the configured
+        // primary may be a split-brained or stale server).
+        if let regions::Writer::Refused { why } = shared.regions().writer() {
+            let error = PgError::fatal("57P03", format!("regiongate: {why}"));
+            return refuse(client, StartupError::Refused(error)).await;
+        }
         match pool.checkout().await {
             Ok(lease) => Some(lease),
             Err(error) => {
