@@ -348,7 +348,10 @@ scenario_promote() {
   say "  write through gateway-us-east: ${w_state:-no error}: ${w_text}"
   expect "split brain: writes are refused with 57P03 naming both primaries" \
     eval '[ "$w_state" = 57P03 ] && [[ $w_text == *"split brain"* ]]'
-  write eu-west
+  # Each gateway sees the old primary back at its own next probe of it (retried every 2 s at most while it
+  # was down); until then its writes still go to eu-west-1, the one primary it knows.
+  t0=$(now)
+  until write eu-west; [[ $w_text == *"split brain"* ]] || ! le "$(elapsed "$t0")" 15; do sleep 0.2; done
   expect "split brain: the write through eu-west is refused too" is "$w_state" 57P03
   expect "split brain: no write reached the old primary" is "$(pg 15432 "SELECT count(*) FROM events")" "$before"
   local data
