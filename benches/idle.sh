@@ -22,17 +22,7 @@ PATH=$PATH:/usr/sbin
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
 
-PGBOUNCER=${PGBOUNCER:-/opt/pgbouncer-1.25.2/bin/pgbouncer}
-if [[ ! -x $PGBOUNCER ]]; then
-    builder=$ROOT/../shared/peers/build-pgbouncer.sh
-    if [[ ! -f $builder ]]; then
-        echo "no PgBouncer at $PGBOUNCER and no $builder to build 1.25.2; set PGBOUNCER" >&2
-        exit 2
-    fi
-    log "building PgBouncer 1.25.2"
-    bash "$builder" "$(dirname "$(dirname "$PGBOUNCER")")"
-fi
-PGBOUNCER_VERSION=$("$PGBOUNCER" --version | head -n 1)
+find_pgbouncer
 
 # Both proxies and the client program hold one descriptor per client (the proxies one more per server
 # connection); the limits are inherited from this shell. Counts that do not fit under the hard limit (raising

@@ -34,14 +34,13 @@ for workload in $WORKLOADS; do
 done
 
 missing=()
-command -v pgbouncer >/dev/null || missing+=(pgbouncer)
 command -v valgrind >/dev/null || missing+=(valgrind)
 if [[ ${#missing[@]} -gt 0 ]]; then
     log "installing ${missing[*]}"
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
 fi
-PGBOUNCER_VERSION=$(pgbouncer --version | head -n 1)
+find_pgbouncer
 
 log "building regiongate"
 (cd "$ROOT" && flock /tmp/regiongate-cargo.lock cargo build --release -p regiongate)
@@ -101,7 +100,7 @@ count() {
 }
 
 log "counting PgBouncer"
-count pgbouncer "$PGBOUNCER_PORT" yes -- pgbouncer "$WORK/pgbouncer.ini"
+count pgbouncer "$PGBOUNCER_PORT" yes -- "$PGBOUNCER" "$WORK/pgbouncer.ini"
 log "counting regiongate"
 count regiongate "$REGIONGATE_PORT" no -- "$REGIONGATE" --config "$WORK/regiongate.yaml"
 log "counting regiongate with N+1 detection off"

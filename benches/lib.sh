@@ -144,8 +144,26 @@ cleanup() {
     rm -rf "$WORK"
 }
 
+# Sets PGBOUNCER (the binary) and PGBOUNCER_VERSION. The bar is PgBouncer 1.25.2, built by
+# ../shared/peers/build-pgbouncer.sh into /opt/pgbouncer-1.25.2 when it is not there yet; Debian's 1.18 has no
+# prepared statements in transaction pooling. PGBOUNCER=/path/to/pgbouncer picks another one.
+find_pgbouncer() {
+    PGBOUNCER=${PGBOUNCER:-/opt/pgbouncer-1.25.2/bin/pgbouncer}
+    if [[ ! -x $PGBOUNCER ]]; then
+        local builder=$ROOT/../shared/peers/build-pgbouncer.sh
+        if [[ ! -f $builder ]]; then
+            echo "no PgBouncer at $PGBOUNCER and no $builder to build 1.25.2; set PGBOUNCER" >&2
+            exit 2
+        fi
+        log "building PgBouncer 1.25.2"
+        bash "$builder" "$(dirname "$(dirname "$PGBOUNCER")")" >&2
+    fi
+    PGBOUNCER_VERSION=$("$PGBOUNCER" --version | head -n 1)
+}
+
 # Writes $WORK/pgbouncer.ini (and its auth file): PgBouncer on port $1 in transaction pooling mode, POOL
-# server connections to the bench database, server_tls_sslmode $2. Clients log in with SCRAM against bench's
+# server connections to the bench database, server_tls_sslmode $2, protocol-level prepared statements
+# tracked (max_prepared_statements, 1.21 and later). Clients log in with SCRAM against bench's
 # stored verifier, as in pg_authid: PgBouncer then checks client proofs with stored keys (as regiongate does
 # with the verifier it derives once at startup) instead of running PBKDF2 for every login, and passes the
 # client's keys on to the server.
@@ -166,6 +184,7 @@ auth_type = scram-sha-256
 auth_file = $WORK/userlist.txt
 pool_mode = transaction
 default_pool_size = $POOL
+max_prepared_statements = 200
 max_client_conn = 2000
 log_connections = 0
 log_disconnections = 0

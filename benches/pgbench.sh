@@ -45,22 +45,13 @@ done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 README=$ROOT/benches/README.md
-# Debian installs pgbouncer in /usr/sbin, which a non-root PATH may lack.
-PATH=$PATH:/usr/sbin
 
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
 
 # ---------------------------------------------------------------- PgBouncer and regiongate binaries
 
-if ! command -v pgbouncer >/dev/null; then
-    log "installing pgbouncer"
-    if ! apt-cache policy pgbouncer 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; then
-        apt-get update
-    fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer
-fi
-PGBOUNCER_VERSION=$(pgbouncer --version | head -n 1)
+find_pgbouncer
 
 log "building regiongate"
 (cd "$ROOT" && flock /tmp/regiongate-cargo.lock cargo build --release -p regiongate)
@@ -83,7 +74,7 @@ log "pgbench -i -s $SCALE"
 log "starting $PGBOUNCER_VERSION"
 PGBOUNCER_PORT=$(free_port)
 write_pgbouncer_ini "$PGBOUNCER_PORT" "$SERVER_SSLMODE"
-"${AS_SERVER_USER[@]}" pgbouncer "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
+"${AS_SERVER_USER[@]}" "$PGBOUNCER" "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
 PGBOUNCER_PID=$!
 PIDS+=("$PGBOUNCER_PID")
 wait_listening "$PGBOUNCER_PID" "$PGBOUNCER_PORT" "$WORK/pgbouncer.log"

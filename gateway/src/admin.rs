@@ -986,6 +986,7 @@ impl Console {
             ("batching.max_rows", config.batching.max_rows.to_string()),
             ("batching.max_bytes", config.batching.max_bytes.to_string()),
             ("batching.max_delay", duration(config.batching.max_delay)),
+            ("batching.alone", config.batching.alone.to_string()),
             (
                 "batching.connections",
                 config.batching.connections.to_string(),

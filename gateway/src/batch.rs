@@ -5,9 +5,12 @@
 //! parameter types queue together and go out as one multi-row INSERT, so PostgreSQL plans, executes and commits
 //! (flushes WAL) once per batch. Each client is answered only when that statement has committed.
 //!
-//! When a batch goes out: at once when no batch of its kind is in flight, so a lone client waits for nobody;
-//! otherwise its rows gather while the batches in flight commit, and the next one leaves when one of them
-//! finishes, when `max_rows` or `max_bytes` is reached, or when its oldest row has waited `max_delay`.
+//! A row with nothing to batch with (no row of its kind queued, no batch of its kind committing) is not queued:
+//! it runs on its client's own connection as if batching were off ([`alone`]), so a few clients wait for
+//! nobody and pay nothing for batching. Past `connections` such rows at once, rows queue: a batch leaves at once
+//! when no batch of its kind is in flight; otherwise its rows gather while the batches in flight commit, and the
+//! next one leaves when one of them finishes, when `max_rows` or `max_bytes` is reached, or when its oldest row
+//! has waited `max_delay`.
 //!
 //! When a batch fails, nothing of it was committed (one statement is atomic), so its rows are run again, each
 //! alone and exactly as its client sent it, and every client gets exactly its own outcome: its own success or
@@ -113,10 +116,11 @@ pub fn analyze(text: &[u8], tables: &[String]) -> Option<Insert> {
     let (tuple, params) = row_tuple(text, open)?;
     let sql = std::str::from_utf8(text).ok()?;
     let elements = row_elements(text, tuple.clone());
-    let plain_params = elements
-        .iter()
-        .enumerate()
-        .all(|(i, e)| sql[e.clone()] == format!("${}", i + 1));
+    let plain_params = elements.iter().enumerate().all(|(i, e)| {
+        sql[e.clone()]
+            .strip_prefix('$')
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()) && n.parse() == Ok(i + 1))
+    });
     Some(Insert {
         table: table.into(),
         prefix: sql[..tuple.start].into(),
@@ -179,7 +183,11 @@ fn copy_line(sql: &str, elements: &[std::ops::Range<usize>]) -> Option<String> {
         if inner.contains('\\') || crate::lexer::token_end(text.as_bytes(), 0) != text.len() {
             return None;
         }
-        copy_escape(&mut line, inner.replace("''", "'").as_bytes());
+        if inner.contains('\'') {
+            copy_escape(&mut line, inner.replace("''", "'").as_bytes());
+        } else {
+            copy_escape(&mut line, inner.as_bytes());
+        }
     }
     String::from_utf8(line).ok()
 }
@@ -225,30 +233,39 @@ fn keyword(text: &[u8], at: &mut usize, word: &str) -> bool {
 /// Consumes an identifier (or, with `qualified`, a dotted name) at `at`, folded as PostgreSQL folds it:
 /// unquoted parts to lower case, quoted parts as written.
 fn name(text: &[u8], at: &mut usize, qualified: bool) -> Option<String> {
-    let mut parts = Vec::new();
+    let mut folded = String::new();
     loop {
         let start = crate::lexer::skip_space(text, *at);
         let first = *text.get(start)?;
         let end = crate::lexer::token_end(text, start);
-        let part = if first == b'"' {
+        if first == b'"' {
             let inner = text.get(start + 1..end.checked_sub(1)?)?;
             if end <= start + 1 || text[end - 1] != b'"' {
                 return None;
             }
-            std::str::from_utf8(inner).ok()?.replace("\"\"", "\"")
+            let inner = std::str::from_utf8(inner).ok()?;
+            if inner.contains('"') {
+                folded.push_str(&inner.replace("\"\"", "\""));
+            } else {
+                folded.push_str(inner);
+            }
         } else if first.is_ascii_alphabetic() || first == b'_' || first >= 0x80 {
-            std::str::from_utf8(&text[start..end]).ok()?.to_lowercase()
+            // PostgreSQL folds only ASCII letters in a multibyte encoding (downcase_identifier).
+            let part = std::str::from_utf8(&text[start..end]).ok()?;
+            let from = folded.len();
+            folded.push_str(part);
+            folded[from..].make_ascii_lowercase();
         } else {
             return None;
-        };
-        parts.push(part);
+        }
         *at = end;
         let next = crate::lexer::skip_space(text, *at);
         if qualified && text.get(next) == Some(&b'.') {
             *at = next + 1;
+            folded.push('.');
             continue;
         }
-        return Some(parts.join("."));
+        return Some(folded);
     }
 }
 
@@ -455,17 +472,55 @@ struct Queued {
     _slot: OwnedSemaphorePermit,
 }
 
-/// The rows of one key, and its flushes in flight.
-struct Queue {
+/// The rows of one key, and its flushes in flight. Kept while idle (a lone client's rows would otherwise make
+/// and drop one per row); idle queues are swept when there are many keys.
+pub struct Queue {
     key: Key,
     state: Mutex<QueueState>,
+    /// `regiongate_batched_rows_total{table, outcome="alone"}`, looked up once.
+    alone_rows: prometheus::IntCounter,
+    /// The flush pool last used, with the reload generation it was found in.
+    pool: Mutex<Option<(u64, FlushPool)>>,
 }
+
+impl Queue {
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    fn new(key: Key) -> Arc<Queue> {
+        let alone_rows = METRICS
+            .batched_rows
+            .with_label_values(&[&*key.table, "alone"]);
+        Arc::new(Queue {
+            key,
+            state: Mutex::default(),
+            alone_rows,
+            pool: Mutex::default(),
+        })
+    }
+
+    /// Nothing queued or running, and nobody but the batcher's map holds it.
+    fn is_idle(self: &Arc<Self>) -> bool {
+        if Arc::strong_count(self) > 1 {
+            return false;
+        }
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.rows.is_empty() && state.in_flight == 0 && state.alone == 0 && !state.timer
+    }
+}
+
+/// Idle queues are swept when a new key would make more than this many.
+const MAX_IDLE_QUEUES: usize = 256;
 
 #[derive(Default)]
 struct QueueState {
     rows: VecDeque<Queued>,
     bytes: usize,
+    /// Batches committing.
     in_flight: usize,
+    /// Rows running alone on their clients' connections.
+    alone: usize,
     timer: bool,
 }
 
@@ -502,7 +557,11 @@ impl Batcher {
 
 /// Queues a row, waiting for room when the queues are full. Dropping the returned receiver before the row is
 /// taken into a batch withdraws it; once taken, it runs. Cancel-safe: dropped while waiting, nothing is queued.
-pub async fn submit(shared: &Arc<Shared>, key: Key, row: Row) -> oneshot::Receiver<Outcome> {
+pub async fn submit(
+    shared: &Arc<Shared>,
+    queue: Arc<Queue>,
+    row: Row,
+) -> oneshot::Receiver<Outcome> {
     let batcher = &shared.batcher;
     let slot = match batcher.slots.clone().try_acquire_owned() {
         Ok(slot) => slot,
@@ -517,17 +576,7 @@ pub async fn submit(shared: &Arc<Shared>, key: Key, row: Row) -> oneshot::Receiv
         }
     };
     let (reply, receiver) = oneshot::channel();
-    let queue = {
-        let mut queues = batcher.queues.lock().unwrap_or_else(|p| p.into_inner());
-        let queue = queues
-            .entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(Queue {
-                    key,
-                    state: Mutex::default(),
-                })
-            })
-            .clone();
+    {
         let mut state = queue.state.lock().unwrap_or_else(|p| p.into_inner());
         state.bytes += row.bytes();
         state.rows.push_back(Queued {
@@ -536,11 +585,64 @@ pub async fn submit(shared: &Arc<Shared>, key: Key, row: Row) -> oneshot::Receiv
             arrived: Instant::now(),
             _slot: slot,
         });
-        drop(state);
-        queue
-    };
+    }
     poke(shared, &queue);
     receiver
+}
+
+/// A row running alone on its client's own connection. Dropped when its client's exchange is over.
+pub struct Alone {
+    queue: Arc<Queue>,
+}
+
+/// Whether a row of `key` may skip the queue and run on its client's own connection, as if batching were
+/// off: when no row of its kind is queued and no batch of its kind is committing, there is nothing to batch it
+/// with, and the queue, the flush task and the batch connection would only make its client slower. At most
+/// `batching.connections` rows of a key run alone at once; past that, rows queue and batches form (they do not
+/// wait for rows running alone).
+pub fn alone(shared: &Arc<Shared>, queue: &Arc<Queue>) -> Option<Alone> {
+    let config = shared.config.load();
+    if !config.batching.alone {
+        return None;
+    }
+    let lanes = config.batching.connections;
+    {
+        let mut state = queue.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !state.rows.is_empty() || state.in_flight > 0 || state.alone >= lanes {
+            return None;
+        }
+        state.alone += 1;
+    }
+    queue.alone_rows.inc();
+    Some(Alone {
+        queue: queue.clone(),
+    })
+}
+
+impl Drop for Alone {
+    fn drop(&mut self) {
+        self.queue
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .alone -= 1;
+    }
+}
+
+impl Batcher {
+    /// The queue of `key`, made when there is none.
+    pub fn queue(&self, key: Key) -> Arc<Queue> {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(queue) = queues.get(&key) {
+            return queue.clone();
+        }
+        if queues.len() >= MAX_IDLE_QUEUES {
+            queues.retain(|_, queue| !queue.is_idle());
+        }
+        let queue = Queue::new(key.clone());
+        queues.insert(key, queue.clone());
+        queue
+    }
 }
 
 /// Starts the batches that are due.
@@ -625,7 +727,7 @@ async fn flush(shared: Arc<Shared>, queue: Arc<Queue>, rows: Vec<Queued>, bytes:
             ),
         ),
         regions::Writer::Node { url, .. } => {
-            let (pool, permits) = batch_pool(&shared, &url, &key.database, &key.user);
+            let (pool, permits) = queue.flush_pool(&shared, &url);
             // Wait for one of the database and user's flush connections without a deadline: while batches
             // are slow (a locked table), rows wait as their clients' own inserts would, instead of failing at
             // the pool's checkout timeout.
@@ -688,22 +790,33 @@ async fn flush(shared: Arc<Shared>, queue: Arc<Queue>, rows: Vec<Queued>, bytes:
         ),
     }
     {
-        let mut queues = shared
-            .batcher
-            .queues
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
         let mut state = queue.state.lock().unwrap_or_else(|p| p.into_inner());
         state.in_flight -= 1;
-        if state.rows.is_empty() && state.in_flight == 0 && !state.timer {
-            // Nothing left to do for this key: forget it, so that keys do not accumulate.
-            if queues.get(key).is_some_and(|q| Arc::ptr_eq(q, &queue)) {
-                queues.remove(key);
-            }
+        if state.rows.is_empty() {
             return;
         }
     }
     poke(&shared, &queue);
+}
+
+impl Queue {
+    /// [`batch_pool`], remembered until a reload or a new primary.
+    fn flush_pool(&self, shared: &Shared, primary: &ServerUrl) -> FlushPool {
+        let generation = shared.generation();
+        let mut cached = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        match &*cached {
+            Some((seen, (pool, permits)))
+                if *seen == generation && pool.key.server == *primary && !pool.is_retired() =>
+            {
+                (pool.clone(), permits.clone())
+            }
+            _ => {
+                let found = batch_pool(shared, primary, &self.key.database, &self.key.user);
+                *cached = Some((generation, found.clone()));
+                found
+            }
+        }
+    }
 }
 
 /// The pool batches of a database and user run on: the primary's, apart from the clients' pools so that

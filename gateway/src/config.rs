@@ -127,6 +127,10 @@ pub struct BatchingConfig {
     pub max_delay: Duration,
     /// Batches in flight at once per database and user: the size of the primary pool flushes use.
     pub connections: usize,
+    /// A row with nothing to batch with (none of its kind queued, no batch of its kind committing) runs on
+    /// its client's own connection, as without batching, up to `connections` such rows of a kind at once.
+    /// Off: every row is queued.
+    pub alone: bool,
     /// Rows queued or in flight over all tables; past it, new inserts wait (backpressure).
     pub max_queued_rows: usize,
 }
@@ -139,6 +143,7 @@ impl Default for BatchingConfig {
             max_bytes: 1 << 20,
             max_delay: Duration::from_millis(2),
             connections: 4,
+            alone: true,
             max_queued_rows: 10_000,
         }
     }

@@ -33,9 +33,19 @@ fn batches_as(table: &str, form: &str, outcome: &str) -> u64 {
         .get()
 }
 
-/// A gateway batching `table` (created with `columns`) in a fresh database.
+/// A gateway batching `table` (created with `columns`) in a fresh database. Every row is queued (`alone:
+/// false`) unless `extra` says otherwise: most tests here are about what happens to rows in batches.
 async fn batching_gateway(table: &str, columns: &str, extra: &str) -> common::TestGateway {
-    let gw = common::gateway("batch", &format!("batching:\n  tables: [{table}]\n{extra}")).await;
+    let alone = if extra.contains("alone:") {
+        ""
+    } else {
+        "  alone: false\n"
+    };
+    let gw = common::gateway(
+        "batch",
+        &format!("batching:\n  tables: [{table}]\n{alone}{extra}"),
+    )
+    .await;
     let owner = gw.connect().await;
     owner
         .batch_execute(&format!("CREATE TABLE {table} ({columns})"))
@@ -64,6 +74,26 @@ async fn lock_table(database: &str, table: &str) -> tokio_postgres::Client {
         .await
         .unwrap();
     locker
+}
+
+/// Waits until `n` sessions of `database` wait on a lock.
+async fn lock_waiters(database: &str, n: i64) {
+    let observer = direct(database).await;
+    let waiting = || async {
+        observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+                &[&database],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert!(
+        common::eventually(Duration::from_secs(10), || async { waiting().await >= n }).await,
+        "expected {n} inserts waiting on the lock, have {}",
+        waiting().await
+    );
 }
 
 /// Waits until a batch is blocked on the lock, and returns its backend's pid.
@@ -95,7 +125,7 @@ async fn sixty_four_clients_each_insert_a_thousand_rows_exactly_once_in_both_pro
     let gw = batching_gateway(
         table,
         "id bigserial, client int NOT NULL, seq int NOT NULL, protocol text NOT NULL, note text",
-        "",
+        "  alone: true\n",
     )
     .await;
     const CLIENTS: i32 = 64;
@@ -202,7 +232,16 @@ async fn sixty_four_clients_each_insert_a_thousand_rows_exactly_once_in_both_pro
     );
     let rows = batched(table, "committed");
     let count = batches(table, "committed");
-    assert_eq!(rows, total as u64, "every row went through batching");
+    let alone = batched(table, "alone");
+    assert_eq!(
+        rows + alone,
+        total as u64,
+        "every row went through batching ({alone} of them alone)"
+    );
+    assert!(
+        alone > 0,
+        "no row ran alone, not even the first of its kind"
+    );
     for form in ["values", "copy_text", "copy_binary"] {
         assert!(
             batches_as(table, form, "committed") > 0,
@@ -655,4 +694,76 @@ async fn a_full_queue_makes_new_inserts_wait_and_drops_none() {
         .unwrap()
         .get(0);
     assert_eq!(count, 7);
+}
+
+/// A client alone runs its rows on its own connection, as without batching: nothing is queued for it. Past
+/// `connections` rows of a kind running at once, rows queue, and batches form behind the batch in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_client_runs_its_rows_alone_and_a_crowd_still_batches() {
+    let table = "events_alone";
+    let gw = batching_gateway(
+        table,
+        "n int NOT NULL",
+        "  alone: true\n  connections: 2\n  max_delay: 5s\n",
+    )
+    .await;
+    let lone = gw.connect().await;
+    for n in 0..20 {
+        lone.simple_query(&format!("INSERT INTO {table} VALUES ({n})"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(batched(table, "alone"), 20);
+    assert_eq!(
+        batches(table, "committed"),
+        0,
+        "a lone client's rows were queued"
+    );
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(gw.connect().await);
+    }
+    let locker = lock_table(&gw.database, table).await;
+    let mut clients = clients.into_iter();
+    let mut tasks = Vec::new();
+    let mut insert = |n: i32| {
+        let db = clients.next().unwrap();
+        tasks.push(tokio::spawn(async move {
+            db.simple_query(&format!("INSERT INTO {table} VALUES ({n})"))
+                .await
+                .map(|_| ())
+        }));
+    };
+    // Two rows run alone (both lanes), each waiting on the lock on its client's connection.
+    insert(100);
+    lock_waiters(&gw.database, 1).await;
+    insert(101);
+    lock_waiters(&gw.database, 2).await;
+    // The third is queued, and its batch leaves at once (no batch is in flight) to wait on the lock too.
+    insert(102);
+    lock_waiters(&gw.database, 3).await;
+    // The last two queue behind that batch.
+    insert(103);
+    insert(104);
+    queued(&gw, 2).await;
+    assert_eq!(batched(table, "alone"), 22);
+    locker.batch_execute("COMMIT").await.unwrap();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(batched(table, "committed"), 3);
+    assert_eq!(
+        batches(table, "committed"),
+        2,
+        "one batch of 1, then one of 2"
+    );
+    let check = direct(&gw.database).await;
+    let row = check
+        .query_one(
+            &format!("SELECT count(*), count(DISTINCT n) FROM {table}"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (25, 25));
 }

@@ -276,7 +276,7 @@ async fn batched_inserts_in_flight_at_sigterm_are_committed_once_and_answered() 
         "a.yaml",
         &database,
         port,
-        "shutdown_timeout: 10s\nbatching: { tables: [events], max_delay: 20ms }\n",
+        "shutdown_timeout: 10s\nbatching: { tables: [events], max_delay: 20ms, alone: false }\n",
     );
     common::direct(&database)
         .await

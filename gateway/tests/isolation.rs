@@ -584,7 +584,11 @@ async fn random_sessions_sharing_a_server_connection_match_direct_sessions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_rows_follow_the_search_path_set_with_set_config() {
-    let gw = superuser_gateway("iso_batch_path", "batching:\n  tables: [events]\n").await;
+    let gw = superuser_gateway(
+        "iso_batch_path",
+        "batching:\n  tables: [events]\n  alone: false\n",
+    )
+    .await;
     let admin = common::direct(&gw.database).await;
     admin
         .batch_execute(

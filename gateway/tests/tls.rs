@@ -369,7 +369,7 @@ async fn every_server_connection_verifies_tls_when_the_servers_accept_only_tls()
     let gw = gateway_to(
         &servers,
         &format!("{{ mode: verify-full, ca: {} }}", ca.display()),
-        "batching: { tables: [events] }\n\
+        "batching: { tables: [events], alone: false }\n\
          views:\n  - { name: event_counts, query: 'SELECT kind, count(*) AS rows FROM events GROUP BY kind', \
          unique_key: [kind], schedule: every 1s }\n",
     )

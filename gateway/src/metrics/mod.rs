@@ -242,7 +242,8 @@ impl Metrics {
             batched_rows: counter_vec(
                 "regiongate_batched_rows_total",
                 "Rows that went through insert batching, by table and how their batch ended \
-                 (committed, one_by_one after the batch failed, lost with the connection)",
+                 (committed, one_by_one after the batch failed, lost with the connection; alone: the row had \
+                 nothing to batch with and ran on its client's own connection)",
                 &["table", "outcome"],
             ),
             batches: counter_vec(
@@ -329,6 +330,7 @@ impl Metrics {
                 self.batched_rows.with_label_values(&[table, outcome]);
                 self.batches.with_label_values(&[table, "values", outcome]);
             }
+            self.batched_rows.with_label_values(&[table, "alone"]);
         }
         // Fingerprints come with the patterns; "other" (past the first 50) is a value of the family already.
         self.nplus1_episodes.with_label_values(&["other"]);

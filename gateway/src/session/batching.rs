@@ -4,7 +4,8 @@
 //! An exchange is batched when the client is idle (no transaction, not pinned), the whole exchange is in the
 //! buffer, and it is exactly one batchable INSERT: a Query, or [Parse] Bind [Describe portal] Execute Sync on
 //! the unnamed portal. Consecutive batchable exchanges a client pipelined are queued together, then answered in
-//! order. Anything else takes the ordinary path.
+//! order. Anything else takes the ordinary path, and so does a row with nothing to batch with
+//! ([`batch::alone`]): the session keeps its [`batch::Alone`] until the exchange is over.
 
 use super::duplex::client_gone;
 use super::{End, Session};
@@ -20,12 +21,32 @@ const MAX_PIPELINED: usize = 256;
 
 /// A batched exchange: its row (until submitted) and what the client's answer consists of.
 pub(super) struct Waiting {
-    key: Key,
+    queue: Arc<batch::Queue>,
     row: Option<Row>,
     /// The client sent a Parse, a Describe (of the portal); a Query when neither is extended.
     parse: bool,
     describe: bool,
     extended: bool,
+}
+
+/// The session's part in insert batching, made at its first look at a statement for it.
+#[derive(Default)]
+pub(super) struct Batching {
+    /// Exchanges taken for insert batching, not yet answered.
+    waiting: Vec<Waiting>,
+    /// What batch keys of this session carry.
+    identity: Option<Identity>,
+    /// The row of this session running alone on its own connection, until its exchange is over.
+    alone: Option<batch::Alone>,
+    /// The queue of the session's last batch key: a client inserting into one table reuses it without a
+    /// lookup in the batcher's map.
+    queue: Option<Arc<batch::Queue>>,
+}
+
+impl Batching {
+    pub(super) fn is_idle(&self) -> bool {
+        self.waiting.is_empty()
+    }
 }
 
 /// What batch keys of one session carry, made once per change of its settings (the first): database, user,
@@ -61,29 +82,68 @@ impl Session {
         if tables.is_empty() {
             return Ok(false);
         }
-        while self.batched.len() < MAX_PIPELINED {
+        let mut batch = self.batch.take().unwrap_or_default();
+        // The exchange a row ran alone in is over once the session is back here.
+        batch.alone = None;
+        let taken = loop {
+            if batch.waiting.len() >= MAX_PIPELINED {
+                break Ok(true);
+            }
             let waiting = match protocol::peek_header(&self.io.from_client) {
                 Some(Ok((tag::QUERY, len))) if self.io.from_client.len() >= len => {
-                    self.take_query(len, tables)
+                    self.take_query(&mut batch, len, tables)
                 }
-                Some(Ok((tag::PARSE | tag::BIND, _))) => self.take_extended(tables)?,
+                Some(Ok((tag::PARSE | tag::BIND, _))) => {
+                    match self.take_extended(&mut batch, tables) {
+                        Ok(waiting) => waiting,
+                        Err(error) => break Err(error),
+                    }
+                }
                 _ => None,
             };
             match waiting {
-                Some(waiting) => self.batched.push(waiting),
-                None => break,
+                Some(waiting) => batch.waiting.push(waiting),
+                None => break Ok(!batch.waiting.is_empty()),
             }
-        }
-        Ok(!self.batched.is_empty())
+        };
+        self.batch = Some(batch);
+        taken
     }
 
-    fn take_query(&mut self, len: usize, tables: &[String]) -> Option<Waiting> {
+    /// The exchange of a row that ran alone is over (answered, failed or lost): rows of its kind need not wait
+    /// for it any more.
+    #[inline]
+    pub(super) fn alone_over(&mut self) {
+        if let Some(batch) = &mut self.batch {
+            batch.alone = None;
+        }
+    }
+
+    /// Whether the first row of a take runs alone (see [`batch::alone`]); the session then keeps the claim.
+    fn runs_alone(&self, batch: &mut Batching, queue: &Arc<batch::Queue>) -> bool {
+        if !batch.waiting.is_empty() {
+            return false;
+        }
+        batch.alone = batch::alone(&self.shared, queue);
+        batch.alone.is_some()
+    }
+
+    fn take_query(
+        &mut self,
+        batch: &mut Batching,
+        len: usize,
+        tables: &[String],
+    ) -> Option<Waiting> {
         let text = protocol::query_text(protocol::body(&self.io.from_client[..len]))?;
         let insert = batch::analyze(text, tables)?;
-        let message = self.io.from_client.split_to(len).freeze();
         let copy = Key::copy_form(&insert, None, &[]);
+        let queue = self.batch_queue(batch, &insert, None, copy);
+        if self.runs_alone(batch, &queue) {
+            return None;
+        }
+        let message = self.io.from_client.split_to(len).freeze();
         Some(Waiting {
-            key: self.batch_key(&insert, None, copy),
+            queue,
             row: Some(Row {
                 insert: Arc::new(insert),
                 values: Values::Literal,
@@ -96,39 +156,41 @@ impl Session {
         })
     }
 
-    fn take_extended(&mut self, tables: &[String]) -> Result<Option<Waiting>, PgError> {
+    fn take_extended(
+        &mut self,
+        batch: &mut Batching,
+        tables: &[String],
+    ) -> Result<Option<Waiting>, PgError> {
         let Some(len) = extended_exchange(&self.io.from_client).map(|e| e.len) else {
             return Ok(None);
         };
         // A copy of just this exchange, so that the session can be updated while it is read.
         let bytes = Bytes::copy_from_slice(&self.io.from_client[..len]);
         let exchange = extended_exchange(&bytes).expect("the same bytes");
-        // The statement: the one parsed in this exchange, or one the client prepared earlier.
-        let (statement, parsed) = match exchange.parse {
+        // The statement: the one parsed in this exchange (remembered only if the row is taken), or one the
+        // client prepared earlier.
+        let (insert, parse_rest, parsed) = match exchange.parse {
             Some((name, rest)) => {
                 let text = protocol::cstr(rest).map(|(t, _)| t).unwrap_or_default();
-                if name != exchange.statement_name || batch::analyze(text, tables).is_none() {
+                if name != exchange.statement_name {
                     return Ok(None);
                 }
-                (
-                    self.new_statement(name, bytes.slice_ref(rest)),
-                    Some(bytes.slice_ref(name)),
-                )
+                let Some(insert) = batch::analyze(text, tables) else {
+                    return Ok(None);
+                };
+                (Arc::new(insert), bytes.slice_ref(rest), Some(name))
             }
             None => match self.statements.get(exchange.statement_name) {
-                Some(statement) => (statement.clone(), None),
+                Some(statement) => match &statement.batch {
+                    Some(insert) if batch::enabled(&insert.table, tables) => {
+                        (insert.clone(), statement.parse_rest.clone(), None)
+                    }
+                    _ => return Ok(None),
+                },
                 None => return Ok(None),
             },
         };
-        let Some(insert) = statement
-            .batch
-            .clone()
-            .filter(|insert| batch::enabled(&insert.table, tables))
-        else {
-            return Ok(None);
-        };
-        let Some((declared, formats, values)) =
-            bound_values(&statement.parse_rest, exchange.bind_rest)
+        let Some((declared, formats, values)) = bound_values(&parse_rest, exchange.bind_rest)
         else {
             return Ok(None);
         };
@@ -138,7 +200,11 @@ impl Session {
         let mut types = declared;
         types.resize(insert.params, 0);
         let copy = Key::copy_form(&insert, Some(&types), &formats);
-        let alone = alone_messages(&statement.parse_rest, exchange.bind_rest, exchange.describe);
+        let queue = self.batch_queue(batch, &insert, Some(types), copy);
+        if self.runs_alone(batch, &queue) {
+            return Ok(None);
+        }
+        let alone = alone_messages(&parse_rest, exchange.bind_rest, exchange.describe);
         let values = Values::Bound {
             formats,
             values: bytes.slice_ref(values),
@@ -147,10 +213,11 @@ impl Session {
         let parse = parsed.is_some();
         if let Some(name) = parsed {
             // The gateway answers this Parse; the session remembers the statement as on_parse would.
-            self.statements.insert(name, statement)?;
+            let statement = self.new_statement(name, parse_rest);
+            self.statements.insert(bytes.slice_ref(name), statement)?;
         }
         Ok(Some(Waiting {
-            key: self.batch_key(&insert, Some(types), copy),
+            queue,
             row: Some(Row {
                 insert,
                 values,
@@ -165,13 +232,19 @@ impl Session {
 
     /// The batch key for a row of this session. application_name is left out of it: it does not change what a
     /// row means, and leaving it in would keep apart clients that differ only in their name.
-    fn batch_key(&mut self, insert: &Insert, types: Option<Vec<u32>>, copy: CopyForm) -> Key {
-        let identity = match &self.batch_identity {
+    fn batch_key(
+        &self,
+        batch: &mut Batching,
+        insert: &Insert,
+        types: Option<Vec<u32>>,
+        copy: CopyForm,
+    ) -> Key {
+        let identity = match &batch.identity {
             Some(identity) if Arc::ptr_eq(&identity.0, &self.settings.current) => identity,
             _ => {
                 let mut settings = (*self.settings.current).clone();
                 settings.values.remove("application_name");
-                self.batch_identity.insert((
+                batch.identity.insert((
                     self.settings.current.clone(),
                     self.pool.key.database.as_str().into(),
                     self.pool.key.user.as_str().into(),
@@ -190,14 +263,32 @@ impl Session {
         }
     }
 
+    /// The queue of a row of this session.
+    fn batch_queue(
+        &self,
+        batch: &mut Batching,
+        insert: &Insert,
+        types: Option<Vec<u32>>,
+        copy: CopyForm,
+    ) -> Arc<batch::Queue> {
+        let key = self.batch_key(batch, insert, types, copy);
+        match &batch.queue {
+            Some(queue) if *queue.key() == key => queue.clone(),
+            _ => batch.queue.insert(self.shared.batcher.queue(key)).clone(),
+        }
+    }
+
     /// Queues the batched exchanges and answers each once its row's batch has committed (or its error),
     /// in the order the client sent them. A client that leaves meanwhile withdraws its rows not yet in a batch.
     pub(super) async fn run_batched(&mut self) -> Result<(), End> {
-        let mut waiting = std::mem::take(&mut self.batched);
+        let mut waiting = match self.batch.as_mut() {
+            Some(batch) => std::mem::take(&mut batch.waiting),
+            None => return Ok(()),
+        };
         let mut tickets = Vec::with_capacity(waiting.len());
         for entry in waiting.iter_mut() {
             let row = entry.row.take().expect("each row is submitted once");
-            let submit = batch::submit(&self.shared, entry.key.clone(), row);
+            let submit = batch::submit(&self.shared, entry.queue.clone(), row);
             tokio::select! {
                 ticket = submit => tickets.push(ticket),
                 _ = client_gone(&mut self.io.client, &mut self.io.from_client) => return Err(End::Client),

@@ -111,6 +111,7 @@ impl Session {
     /// Answers the client's next request (a Query, or an extended exchange up to its Sync) with an error the
     /// gateway found, instead of running it; `status` is the transaction status the exchange's Sync reports.
     fn answer_error(&mut self, error: PgError, status: TxStatus) {
+        self.alone_over();
         METRICS.error_sent(&error.code);
         error.encode(&mut self.io.to_client);
         match protocol::peek_header(&self.io.from_client) {
@@ -339,6 +340,7 @@ impl Session {
         // The transaction is over: count it and learn from it (before the WAL position's capture, which
         // forgets that the session wrote).
         self.close_transaction();
+        self.alone_over();
         if !self.conn().read_buf().is_empty()
             || self.capture_settings()
             || self.capture_write_position()
@@ -386,6 +388,7 @@ impl Session {
         let status = self.state.status();
         tracing::warn!(%server, reason, status = %(status.byte() as char), "server connection lost");
         let retried = status.is_idle() && self.retry_elsewhere(reason);
+        self.alone_over();
         self.lease = None;
         self.route = None;
         self.reads.draining = false;

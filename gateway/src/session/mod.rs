@@ -119,10 +119,9 @@ struct Session {
     server_fatal: bool,
     /// The server's FATAL went to the client: the session ends with it, quietly.
     fatal_forwarded: bool,
-    /// Exchanges taken for insert batching, not yet answered.
-    batched: Vec<batching::Waiting>,
-    /// What batch keys of this session carry (see [`batching`]).
-    batch_identity: Option<batching::Identity>,
+    /// Insert batching's state, made at the session's first look at a statement for it (boxed: most
+    /// sessions never batch, and an idle client's size is what it costs).
+    batch: Option<Box<batching::Batching>>,
     shutdown: shutdown::Shutdown,
 }
 
@@ -171,8 +170,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         discard_until_sync: None,
         server_fatal: false,
         fatal_forwarded: false,
-        batched: Vec::new(),
-        batch_identity: None,
+        batch: None,
         shutdown: shutdown::Shutdown::new(shared.drain.phase(), shared.drain.kills()),
     };
     // What the session does not keep goes now: an idle client's memory is what its session holds.

@@ -64,7 +64,7 @@ impl Session {
         self.state.settled()
             && (self.lease.is_none() || self.io.between_messages())
             && self.reads.deferred_begin.is_none()
-            && self.batched.is_empty()
+            && self.batch.as_ref().is_none_or(|b| b.is_idle())
             && self.discard_until_sync.is_none()
             && self.io.from_client.is_empty()
             && self.io.to_server.is_empty()
