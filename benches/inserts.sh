@@ -3,14 +3,15 @@
 # batching and regiongate with batching, interleaved in one run, fsync and synchronous_commit on.
 #
 #   bash benches/inserts.sh
-#   DURATION=10 CLIENTS="1 16 64" MODES="prepared simple" bash benches/inserts.sh
+#   DURATION=10 CLIENTS="1 4 64 256" MODES="prepared simple" bash benches/inserts.sh
 #
-# Prints a markdown table (TPS, mean and p99 latency, proxy CPU) and writes it into benches/README.md between
-# the inserts markers. Everything it starts is stopped on exit.
+# Prints a markdown table (TPS, mean and p99 latency, proxy CPU, and what each acknowledged row cost the
+# primary: CPU of all its processes, and WAL) and writes it into benches/README.md between the inserts
+# markers. Everything it starts is stopped on exit.
 set -euo pipefail
 
 DURATION=${DURATION:-10}
-CLIENT_COUNTS=${CLIENTS:-1 16 64}
+CLIENT_COUNTS=${CLIENTS:-1 4 64 256}
 MODES=${MODES:-prepared simple}
 POOL=${POOL:-16}
 
@@ -60,21 +61,34 @@ cat >"$WORK/insert-simple.sql" <<'EOF'
 INSERT INTO bench_events (client, payload) VALUES (:client, 'page_view /products/42');
 EOF
 
+# The rows in the table and the primary's WAL position, tab-separated.
+count_and_lsn() {
+    "$PGBIN/psql" -X -q -At -F $'\t' -h 127.0.0.1 -p "$PG_PORT" -U bench -d bench -c \
+        "SELECT count(*), pg_current_wal_lsn() FROM bench_events"
+}
+
 # One run; appends: clients mode target tps mean_ms p99_ms transactions proxy_cpu_ticks rows_inserted
+# primary_cpu_ticks wal_bytes
 run() {
     local clients=$1 mode=$2 target=$3 pid=${PROXY_PID[$target]:-} cpu_before=0 cpu_after=0
     local out=$WORK/run-$clients-$mode-$target.log prefix=$WORK/latency-$clients-$mode-$target
-    local before after
-    before=$("$PGBIN/psql" -X -q -At -h 127.0.0.1 -p "$PG_PORT" -U bench -d bench -c \
-        "SELECT count(*) FROM bench_events")
+    local before after lsn_before lsn_after pg_before pg_after wal
+    IFS=$'\t' read -r before lsn_before < <(count_and_lsn)
+    # The counting backend's time reaches the postmaster's account when it has exited: before the window.
+    sleep 0.3
+    pg_before=$(postgres_cpu_ticks)
     if [[ -n $pid ]]; then cpu_before=$(cpu_ticks "$pid"); fi
     "$PGBIN/pgbench" -h 127.0.0.1 -p "${PORT[$target]}" -U bench -n -T "$DURATION" -c "$clients" \
         -j $((clients < 2 ? clients : 2)) -M "$mode" -f "$WORK/insert-$([[ $mode == simple ]] && echo simple || echo extended).sql" \
         -D payload='page_view /products/42' -l --log-prefix="$prefix" \
         bench >"$out" 2>&1 || { cat "$out" >&2; exit 1; }
     if [[ -n $pid ]]; then cpu_after=$(cpu_ticks "$pid"); fi
-    after=$("$PGBIN/psql" -X -q -At -h 127.0.0.1 -p "$PG_PORT" -U bench -d bench -c \
-        "SELECT count(*) FROM bench_events")
+    # pgbench has ended its connections; a backend's time reaches the postmaster's account once it exits.
+    sleep 0.5
+    pg_after=$(postgres_cpu_ticks)
+    IFS=$'\t' read -r after lsn_after < <(count_and_lsn)
+    wal=$("$PGBIN/psql" -X -q -At -h 127.0.0.1 -p "$PG_PORT" -U bench -d bench -c \
+        "SELECT pg_wal_lsn_diff('$lsn_after', '$lsn_before')::bigint")
     local tps mean p99 transactions
     tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$out")
     mean=$(sed -n 's/^latency average = \([0-9.]*\) ms$/\1/p' "$out")
@@ -83,9 +97,11 @@ run() {
     p99=$(cat "$prefix".* | awk '{ print $3 }' | sort -n |
         awk '{ v[NR] = $1 } END { i = int(NR * 0.99); if (i < 1) i = 1; printf "%.3f", v[i] / 1000 }')
     rm -f "$prefix".*
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$clients" "$mode" "$target" "$tps" "$mean" "$p99" \
-        "$transactions" $((cpu_after - cpu_before)) $((after - before)) >>"$WORK/results"
-    log "-c $clients -M $mode $target: tps $tps, p99 $p99 ms, $((after - before)) rows for $transactions acks"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$clients" "$mode" "$target" "$tps" "$mean" "$p99" \
+        "$transactions" $((cpu_after - cpu_before)) $((after - before)) $((pg_after - pg_before)) "$wal" \
+        >>"$WORK/results"
+    log "-c $clients -M $mode $target: tps $tps, p99 $p99 ms, $((after - before)) rows for $transactions acks," \
+        "primary $((pg_after - pg_before)) ticks, $wal WAL bytes"
 }
 
 : >"$WORK/results"
@@ -100,17 +116,19 @@ done
 # The backquotes in the printf formats are markdown code spans, not command substitutions.
 # shellcheck disable=SC2016
 table() {
-    echo "| pgbench | target | TPS | vs direct | mean latency ms | p99 latency ms | proxy CPU ms / 1k rows | rows − acks |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|"
+    echo "| pgbench | target | rows/s | vs direct | mean latency ms | p99 latency ms | proxy CPU ms / 1k rows | primary CPU µs / row | vs direct | primary WAL bytes / row | rows − acks |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     awk -F '\t' -v hz="$CLK_TCK" '
-        $3 == "postgres" { direct[$1 "/" $2] = $4 }
-        { lines[NR] = $0 }
+        { lines[NR] = $0; primary[NR] = $10 / hz * 1e6 / $7 }
+        $3 == "postgres" { direct[$1 "/" $2] = $4; direct_cpu[$1 "/" $2] = $10 / hz * 1e6 / $7 }
         END {
             for (n = 1; n <= NR; n++) {
                 split(lines[n], f, "\t")
+                k = f[1] "/" f[2]
                 cpu = f[3] == "postgres" ? "-" : sprintf("%.1f", f[8] / hz * 1000 / f[7] * 1000)
-                printf "| `-c %s -M %s` | %s | %.0f | %.2f | %.3f | %.3f | %s | %d |\n", f[1], f[2], f[3], f[4],
-                    f[4] / direct[f[1] "/" f[2]], f[5], f[6], cpu, f[9] - f[7]
+                printf "| `-c %s -M %s` | %s | %.0f | %.2f | %.3f | %.3f | %s | %.1f | %.2f | %.0f | %d |\n", f[1], f[2],
+                    f[3], f[4], f[4] / direct[k], f[5], f[6], cpu, primary[n], primary[n] / direct_cpu[k],
+                    f[11] / f[7], f[9] - f[7]
             }
         }' "$WORK/results"
 }

@@ -98,6 +98,25 @@ CONF
         -c "CREATE ROLE bench LOGIN PASSWORD 'bench'" -c "CREATE DATABASE bench OWNER bench"
 }
 
+# CPU ticks (user + system) the PostgreSQL cluster has used so far: the postmaster, every process it runs now
+# (backends, WAL writer, checkpointer, background writer…) and the ones it has reaped (their time is in its
+# cutime and cstime, so backends that come and go are counted).
+postgres_cpu_ticks() {
+    local postmaster stat fields total child
+    postmaster=$(head -n 1 "$WORK/data/postmaster.pid")
+    stat=$(<"/proc/$postmaster/stat")
+    read -ra fields <<<"${stat##*) }"
+    # After "(comm) ": utime [11], stime [12], cutime [13], cstime [14].
+    total=$((fields[11] + fields[12] + fields[13] + fields[14]))
+    for child in $(cat "/proc/$postmaster/task/$postmaster/children" 2>/dev/null); do
+        if stat=$(<"/proc/$child/stat") 2>/dev/null; then
+            read -ra fields <<<"${stat##*) }"
+            total=$((total + fields[11] + fields[12]))
+        fi
+    done
+    echo "$total"
+}
+
 # Stops that PostgreSQL (for an EXIT trap).
 stop_postgres() {
     if [[ -f $WORK/data/postmaster.pid ]]; then

@@ -113,8 +113,36 @@ pub fn analyze(text: &[u8], tables: &[String]) -> Option<Insert> {
         return None;
     }
     let open = crate::lexer::skip_space(text, at);
-    let (tuple, params) = row_tuple(text, open)?;
     let sql = std::str::from_utf8(text).ok()?;
+    let head = Insert {
+        table: table.into(),
+        prefix: sql[..open].into(),
+        copy_target: (!columns.is_empty()).then(|| sql[target_start..target_end].trim().into()),
+        columns: columns.join(",").into(),
+        tuple: Arc::from(""),
+        params: 0,
+        plain_params: false,
+        copy_line: None,
+    };
+    with_row(sql, &head)
+}
+
+/// [`analyze`], for a client that sends the same INSERT again with other values: when `text` begins with
+/// `like`'s text up to its row, byte for byte, everything before the row reads the same, and only the row is
+/// read anew.
+pub fn analyze_like(text: &[u8], tables: &[String], like: Option<&Insert>) -> Option<Insert> {
+    match like {
+        Some(like) if text.starts_with(like.prefix.as_bytes()) && enabled(&like.table, tables) => {
+            with_row(std::str::from_utf8(text).ok()?, like)
+        }
+        _ => analyze(text, tables),
+    }
+}
+
+/// The INSERT whose text before the row is `head.prefix`, with the row that follows it in `sql`.
+fn with_row(sql: &str, head: &Insert) -> Option<Insert> {
+    let text = sql.as_bytes();
+    let (tuple, params) = row_tuple(text, head.prefix.len())?;
     let elements = row_elements(text, tuple.clone());
     let plain_params = elements.iter().enumerate().all(|(i, e)| {
         sql[e.clone()]
@@ -122,12 +150,12 @@ pub fn analyze(text: &[u8], tables: &[String]) -> Option<Insert> {
             .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()) && n.parse() == Ok(i + 1))
     });
     Some(Insert {
-        table: table.into(),
-        prefix: sql[..tuple.start].into(),
+        table: head.table.clone(),
+        prefix: head.prefix.clone(),
         tuple: sql[tuple].into(),
         params,
-        copy_target: (!columns.is_empty()).then(|| sql[target_start..target_end].trim().into()),
-        columns: columns.join(",").into(),
+        copy_target: head.copy_target.clone(),
+        columns: head.columns.clone(),
         plain_params,
         copy_line: copy_line(sql, &elements).map(Into::into),
     })
@@ -1159,6 +1187,33 @@ mod tests {
 
     fn tables() -> Vec<String> {
         vec!["events".to_string(), "audit.log".to_string()]
+    }
+
+    #[test]
+    fn a_statement_that_begins_like_the_last_one_reads_the_same() {
+        let tables = tables();
+        let first = analyze(b"INSERT INTO events (a, b) VALUES (1, 'x')", &tables).unwrap();
+        for text in [
+            &b"INSERT INTO events (a, b) VALUES ('y', NULL);"[..],
+            b"INSERT INTO events (a, b) VALUES ($1, $2)",
+            b"INSERT INTO events (a, b) VALUES (1, 2) RETURNING a",
+            b"INSERT INTO events (a, b) VALUES (1, 2); DELETE FROM events",
+            b"INSERT INTO other (a, b) VALUES (1, 2)",
+            b"INSERT INTO events (a) VALUES (1)",
+        ] {
+            assert_eq!(
+                analyze_like(text, &tables, Some(&first)),
+                analyze(text, &tables),
+                "{}",
+                String::from_utf8_lossy(text)
+            );
+        }
+        assert!(analyze_like(
+            b"INSERT INTO events (a, b) VALUES (2, 'z')",
+            &[],
+            Some(&first)
+        )
+        .is_none());
     }
 
     #[test]

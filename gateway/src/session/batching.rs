@@ -41,6 +41,8 @@ pub(super) struct Batching {
     /// The queue of the session's last batch key: a client inserting into one table reuses it without a
     /// lookup in the batcher's map.
     queue: Option<Arc<batch::Queue>>,
+    /// The session's last batchable Query: the next one that begins the same is read from its row on.
+    last: Option<Arc<Insert>>,
 }
 
 impl Batching {
@@ -135,7 +137,8 @@ impl Session {
         tables: &[String],
     ) -> Option<Waiting> {
         let text = protocol::query_text(protocol::body(&self.io.from_client[..len]))?;
-        let insert = batch::analyze(text, tables)?;
+        let insert = Arc::new(batch::analyze_like(text, tables, batch.last.as_deref())?);
+        batch.last = Some(insert.clone());
         let copy = Key::copy_form(&insert, None, &[]);
         let queue = self.batch_queue(batch, &insert, None, copy);
         if self.runs_alone(batch, &queue) {
@@ -145,7 +148,7 @@ impl Session {
         Some(Waiting {
             queue,
             row: Some(Row {
-                insert: Arc::new(insert),
+                insert,
                 values: Values::Literal,
                 alone: message,
                 drop_parse_complete: false,
@@ -161,14 +164,13 @@ impl Session {
         batch: &mut Batching,
         tables: &[String],
     ) -> Result<Option<Waiting>, PgError> {
-        let Some(len) = extended_exchange(&self.io.from_client).map(|e| e.len) else {
+        let buf = &self.io.from_client[..];
+        let Some(exchange) = extended_exchange(buf) else {
             return Ok(None);
         };
-        // A copy of just this exchange, so that the session can be updated while it is read.
-        let bytes = Bytes::copy_from_slice(&self.io.from_client[..len]);
-        let exchange = extended_exchange(&bytes).expect("the same bytes");
         // The statement: the one parsed in this exchange (remembered only if the row is taken), or one the
         // client prepared earlier.
+        let prepared;
         let (insert, parse_rest, parsed) = match exchange.parse {
             Some((name, rest)) => {
                 let text = protocol::cstr(rest).map(|(t, _)| t).unwrap_or_default();
@@ -178,20 +180,20 @@ impl Session {
                 let Some(insert) = batch::analyze(text, tables) else {
                     return Ok(None);
                 };
-                (Arc::new(insert), bytes.slice_ref(rest), Some(name))
+                (Arc::new(insert), rest, Some(name))
             }
             None => match self.statements.get(exchange.statement_name) {
                 Some(statement) => match &statement.batch {
                     Some(insert) if batch::enabled(&insert.table, tables) => {
-                        (insert.clone(), statement.parse_rest.clone(), None)
+                        prepared = statement.parse_rest.clone();
+                        (insert.clone(), &prepared[..], None)
                     }
                     _ => return Ok(None),
                 },
                 None => return Ok(None),
             },
         };
-        let Some((declared, formats, values)) = bound_values(&parse_rest, exchange.bind_rest)
-        else {
+        let Some((declared, formats, values)) = bound_values(parse_rest, exchange.bind_rest) else {
             return Ok(None);
         };
         if formats.len() != insert.params {
@@ -204,17 +206,25 @@ impl Session {
         if self.runs_alone(batch, &queue) {
             return Ok(None);
         }
-        let alone = alone_messages(&parse_rest, exchange.bind_rest, exchange.describe);
+        // Taken: what the row needs is copied out of the client's buffer.
+        let alone = alone_messages(parse_rest, exchange.bind_rest, exchange.describe);
         let values = Values::Bound {
             formats,
-            values: bytes.slice_ref(values),
+            values: Bytes::copy_from_slice(values),
         };
+        let parsed = parsed.map(|name| {
+            (
+                Bytes::copy_from_slice(name),
+                Bytes::copy_from_slice(parse_rest),
+            )
+        });
+        let (len, describe) = (exchange.len, exchange.describe);
         self.io.from_client.advance(len);
         let parse = parsed.is_some();
-        if let Some(name) = parsed {
+        if let Some((name, rest)) = parsed {
             // The gateway answers this Parse; the session remembers the statement as on_parse would.
-            let statement = self.new_statement(name, parse_rest);
-            self.statements.insert(bytes.slice_ref(name), statement)?;
+            let statement = self.new_statement(&name, rest);
+            self.statements.insert(name, statement)?;
         }
         Ok(Some(Waiting {
             queue,
@@ -225,7 +235,7 @@ impl Session {
                 drop_parse_complete: !parse,
             }),
             parse,
-            describe: exchange.describe,
+            describe,
             extended: true,
         }))
     }
