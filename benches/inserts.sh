@@ -3,7 +3,7 @@
 # batching and regiongate with batching, interleaved in one run, fsync and synchronous_commit on.
 #
 #   bash benches/inserts.sh
-#   DURATION=10 CLIENTS="1 4 64 256" MODES="prepared simple" bash benches/inserts.sh
+#   DURATION=10 ROUNDS=3 CLIENTS="1 4 64 256" MODES="prepared simple" bash benches/inserts.sh
 #
 # Prints a markdown table (TPS, mean and p99 latency, proxy CPU, and what each acknowledged row cost the
 # primary: CPU of all its processes, and WAL) and writes it into benches/README.md between the inserts
@@ -11,6 +11,9 @@
 set -euo pipefail
 
 DURATION=${DURATION:-10}
+# Each target runs ROUNDS times per client count and mode, the targets interleaved; the table shows the run
+# with the median rows/s (its other columns with it), and rows − acks summed over the rounds.
+ROUNDS=${ROUNDS:-3}
 CLIENT_COUNTS=${CLIENTS:-1 4 64 256}
 MODES=${MODES:-prepared simple}
 POOL=${POOL:-16}
@@ -107,8 +110,10 @@ run() {
 : >"$WORK/results"
 for mode in $MODES; do
     for clients in $CLIENT_COUNTS; do
-        for target in "${TARGETS[@]}"; do
-            run "$clients" "$mode" "$target"
+        for _ in $(seq "$ROUNDS"); do
+            for target in "${TARGETS[@]}"; do
+                run "$clients" "$mode" "$target"
+            done
         done
     done
 done
@@ -118,6 +123,28 @@ done
 table() {
     echo "| pgbench | target | rows/s | vs direct | mean latency ms | p99 latency ms | proxy CPU ms / 1k rows | primary CPU µs / row | vs direct | primary WAL bytes / row | rows − acks |"
     echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    # One line per client count, mode and target: its median run, with rows − acks summed over its rounds.
+    awk -F '\t' -v OFS='\t' '
+        {
+            k = $1 "/" $2 "/" $3
+            if (!(k in count)) order[++groups] = k
+            run[k, ++count[k]] = $0
+            tps[k, count[k]] = $4
+            lost[k] += $9 - $7
+        }
+        END {
+            for (g = 1; g <= groups; g++) {
+                k = order[g]; n = count[k]
+                for (i = 1; i <= n; i++) idx[i] = i
+                for (i = 2; i <= n; i++)
+                    for (j = i; j > 1 && tps[k, idx[j - 1]] > tps[k, idx[j]]; j--) {
+                        t = idx[j]; idx[j] = idx[j - 1]; idx[j - 1] = t
+                    }
+                split(run[k, idx[int((n + 1) / 2)]], f, "\t")
+                f[9] = f[7] + lost[k]
+                print f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11]
+            }
+        }' "$WORK/results" >"$WORK/medians"
     awk -F '\t' -v hz="$CLK_TCK" '
         { lines[NR] = $0; primary[NR] = $10 / hz * 1e6 / $7 }
         $3 == "postgres" { direct[$1 "/" $2] = $4; direct_cpu[$1 "/" $2] = $10 / hz * 1e6 / $7 }
@@ -130,14 +157,14 @@ table() {
                     f[3], f[4], f[4] / direct[k], f[5], f[6], cpu, primary[n], primary[n] / direct_cpu[k],
                     f[11] / f[7], f[9] - f[7]
             }
-        }' "$WORK/results"
+        }' "$WORK/medians"
 }
 
 BLOCK=$WORK/block.md
 {
     echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores, Linux $(uname -r)," \
         "PostgreSQL $("$PGBIN/postgres" --version | awk '{ print $3 }') with fsync and synchronous_commit on;" \
-        "DURATION=$DURATION POOL=$POOL; pgbench \`-n -T $DURATION -j min(clients, 2)\`, batching defaults" \
+        "DURATION=$DURATION ROUNDS=$ROUNDS POOL=$POOL (medians over rounds); pgbench \`-n -T $DURATION -j min(clients, 2)\`, batching defaults" \
         "(max_rows 500, max_delay 2ms, connections 4)."
     echo
     table

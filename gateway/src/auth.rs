@@ -316,7 +316,16 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     if looked_up.is_some() {
         secret = looked_up.as_ref();
     }
-    let learned = |proved: Option<LearnedSecret>| if looked_up.is_some() { proved } else { None };
+    // What a login proved is kept only for users found with auth.query (their servers' logins need it);
+    // recovering it costs an HMAC and a hash, so it is not done for the others.
+    let looked_up_user = looked_up.is_some();
+    let learned = |proved: &dyn Fn() -> Option<LearnedSecret>| {
+        if looked_up_user {
+            proved()
+        } else {
+            None
+        }
+    };
     match credentials.method {
         AuthMethod::Trust => match secret {
             Some(_) => Ok(None),
@@ -344,7 +353,7 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
                     input.extend_from_slice(&salt);
                     let expected = format!("md5{:x}", md5::compute(input));
                     if constant_time_eq(expected.as_bytes(), given.as_bytes()) {
-                        Ok(learned(Some(LearnedSecret::Md5(hash.clone()))))
+                        Ok(learned(&|| Some(LearnedSecret::Md5(hash.clone()))))
                     } else {
                         Err(failed())
                     }
@@ -393,15 +402,15 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
                 .map_err(|_| protocol_violation("expected a SASLResponse message"))?;
             match waiting.on_client_final_message(&response.data) {
                 Ok(server_final) if known => {
-                    let proved = learned(
+                    let proved = learned(&|| {
                         verifier
                             .recover_keys(
                                 &client_first,
                                 server_first_sent.as_bytes(),
                                 &response.data,
                             )
-                            .map(LearnedSecret::Scram),
-                    );
+                            .map(LearnedSecret::Scram)
+                    });
                     send(stream, Authentication::SASLFinal(Bytes::from(server_final))).await?;
                     Ok(proved)
                 }

@@ -29,8 +29,9 @@ pub type StartupParameters = Vec<(String, String)>;
 pub struct LoginState {
     /// The client's reset values: its session settings right after login.
     pub reset: Settings,
-    /// The ParameterStatus values a direct connection would have reported.
-    pub reported: Vec<(String, String)>,
+    /// The ParameterStatus messages a direct connection would have sent, made once per login state: each new
+    /// client of it gets a copy.
+    pub parameter_status: bytes::Bytes,
 }
 
 /// Why a pool could not give a connection.
@@ -352,9 +353,17 @@ impl Pool {
                 None => reported.push((name, value)),
             }
         }
+        let mut parameter_status = bytes::BytesMut::new();
+        for (name, value) in &reported {
+            crate::protocol::parameter_status_message(
+                &mut parameter_status,
+                name.as_bytes(),
+                value.as_bytes(),
+            );
+        }
         let login = Arc::new(LoginState {
             reset: state,
-            reported,
+            parameter_status: parameter_status.freeze(),
         });
         let mut logins = self.logins.lock().unwrap_or_else(|p| p.into_inner());
         if logins.len() >= MAX_LOGINS {

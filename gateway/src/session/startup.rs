@@ -161,12 +161,10 @@ pub async fn log_in(
         )
         .await;
     };
-    let mut hello = BytesMut::new();
+    let mut hello = BytesMut::with_capacity(login.parameter_status.len() + 32);
     protocol::authentication_ok(&mut hello);
     // As the server reported them with the client's parameters applied (`iso,dmy` is `ISO, DMY`).
-    for (name, value) in &login.reported {
-        protocol::parameter_status_message(&mut hello, name.as_bytes(), value.as_bytes());
-    }
+    hello.extend_from_slice(&login.parameter_status);
     protocol::backend_key_data(&mut hello, handle.pid, handle.secret);
     protocol::ready_for_query(&mut hello, TxStatus::Idle);
     Some(LoggedIn {
