@@ -102,19 +102,25 @@ CONF
 # (backends, WAL writer, checkpointer, background writer…) and the ones it has reaped (their time is in its
 # cutime and cstime, so backends that come and go are counted).
 postgres_cpu_ticks() {
-    local postmaster stat fields total child
+    local postmaster stat fields total=0 child children
     postmaster=$(head -n 1 "$WORK/data/postmaster.pid")
-    stat=$(<"/proc/$postmaster/stat")
-    read -ra fields <<<"${stat##*) }"
-    # After "(comm) ": utime [11], stime [12], cutime [13], cstime [14].
-    total=$((fields[11] + fields[12] + fields[13] + fields[14]))
-    for child in $(cat "/proc/$postmaster/task/$postmaster/children" 2>/dev/null); do
-        if stat=$(<"/proc/$child/stat") 2>/dev/null; then
+    if [[ ! -r /proc/$postmaster/task/$postmaster/children ]]; then
+        echo "no /proc/$postmaster/task/$postmaster/children (kernel without CONFIG_PROC_CHILDREN?):" \
+            "cannot count the server's CPU" >&2
+        exit 1
+    fi
+    # The children first: one reaped after this reaches the postmaster's account read below, not neither.
+    children=$(<"/proc/$postmaster/task/$postmaster/children")
+    for child in $children; do
+        if stat=$(cat "/proc/$child/stat" 2>/dev/null); then
             read -ra fields <<<"${stat##*) }"
             total=$((total + fields[11] + fields[12]))
         fi
     done
-    echo "$total"
+    stat=$(<"/proc/$postmaster/stat")
+    read -ra fields <<<"${stat##*) }"
+    # After "(comm) ": utime [11], stime [12], cutime [13], cstime [14].
+    echo $((total + fields[11] + fields[12] + fields[13] + fields[14]))
 }
 
 # Stops that PostgreSQL (for an EXIT trap).

@@ -133,7 +133,8 @@ pub fn analyze(text: &[u8], tables: &[String]) -> Option<Insert> {
 pub fn analyze_like(text: &[u8], tables: &[String], like: Option<&Insert>) -> Option<Insert> {
     match like {
         Some(like) if text.starts_with(like.prefix.as_bytes()) && enabled(&like.table, tables) => {
-            with_row(std::str::from_utf8(text).ok()?, like)
+            // The same bytes up to the row, but not a row where it was (`VALUES(1)`, then `VALUES (2)`).
+            with_row(std::str::from_utf8(text).ok()?, like).or_else(|| analyze(text, tables))
         }
         _ => analyze(text, tables),
     }
@@ -664,7 +665,9 @@ impl Batcher {
         if let Some(queue) = queues.get(&key) {
             return queue.clone();
         }
-        if queues.len() >= MAX_IDLE_QUEUES {
+        // At 256 keys, and again each time the count doubles (so that live keys do not make every new key
+        // pay for a sweep).
+        if queues.len() >= MAX_IDLE_QUEUES && queues.len().is_power_of_two() {
             queues.retain(|_, queue| !queue.is_idle());
         }
         let queue = Queue::new(key.clone());
@@ -862,12 +865,17 @@ fn batch_pool(shared: &Shared, primary: &ServerUrl, database: &str, user: &str) 
         .pools
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    // A reload may have moved the primary or resized the pools: those pools are replaced (their connections
-    // close as their flushes end).
+    // A reload or a failover may have moved the primary, or a reload resized the pools: those pools are
+    // replaced, and retired (their connections close as their flushes end), so that a queue that remembers one
+    // (`Queue::flush_pool`) takes the new one.
     pools.retain(|k, (pool, _)| {
-        k.server == key.server
+        let keep = k.server == key.server
             && pool.config().size == config.batching.connections
-            && pool.tls() == &config.server_tls
+            && pool.tls() == &config.server_tls;
+        if !keep {
+            pool.retire();
+        }
+        keep
     });
     if let Some((pool, permits)) = pools.get(&key) {
         return (pool.clone(), permits.clone());
@@ -1200,6 +1208,7 @@ mod tests {
             b"INSERT INTO events (a, b) VALUES (1, 2); DELETE FROM events",
             b"INSERT INTO other (a, b) VALUES (1, 2)",
             b"INSERT INTO events (a) VALUES (1)",
+            b"INSERT INTO events (a, b) VALUES  (3, 'w')",
         ] {
             assert_eq!(
                 analyze_like(text, &tables, Some(&first)),
@@ -1214,6 +1223,14 @@ mod tests {
             Some(&first)
         )
         .is_none());
+        // The row right after VALUES, then after a space: the same prefix bytes, the row elsewhere.
+        let tight = analyze(b"INSERT INTO events VALUES(1)", &tables).unwrap();
+        let spaced = b"INSERT INTO events VALUES (2)";
+        assert!(analyze(spaced, &tables).is_some());
+        assert_eq!(
+            analyze_like(spaced, &tables, Some(&tight)),
+            analyze(spaced, &tables)
+        );
     }
 
     #[test]

@@ -704,7 +704,7 @@ async fn a_lone_client_runs_its_rows_alone_and_a_crowd_still_batches() {
     let gw = batching_gateway(
         table,
         "n int NOT NULL",
-        "  alone: true\n  connections: 2\n  max_delay: 5s\n",
+        "  alone: true\n  connections: 2\n  max_delay: 60s\n",
     )
     .await;
     let lone = gw.connect().await;
@@ -751,6 +751,13 @@ async fn a_lone_client_runs_its_rows_alone_and_a_crowd_still_batches() {
     for task in tasks {
         task.await.unwrap().unwrap();
     }
+    // A batch's metrics are counted just after its clients are answered.
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            batches(table, "committed") >= 2
+        })
+        .await
+    );
     assert_eq!(batched(table, "committed"), 3);
     assert_eq!(
         batches(table, "committed"),

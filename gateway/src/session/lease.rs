@@ -329,6 +329,11 @@ impl Session {
     /// Returns the server connection to the pool once the client is idle between transactions. True when it
     /// did.
     pub(super) fn maybe_release(&mut self) -> bool {
+        // A row that ran alone is answered once the server owes nothing: its lane is free again, even when the
+        // connection stays (a transaction or a pinning statement came right behind it).
+        if self.state.quiet() {
+            self.alone_over();
+        }
         if self.lease.is_none()
             || self.pinned.is_some()
             || !self.state.settled()
@@ -340,7 +345,6 @@ impl Session {
         // The transaction is over: count it and learn from it (before the WAL position's capture, which
         // forgets that the session wrote).
         self.close_transaction();
-        self.alone_over();
         if !self.conn().read_buf().is_empty()
             || self.capture_settings()
             || self.capture_write_position()
