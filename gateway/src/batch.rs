@@ -582,6 +582,16 @@ impl Batcher {
             .map(|q| q.state.lock().unwrap_or_else(|p| p.into_inner()).rows.len())
             .sum()
     }
+
+    /// Rows running alone on their clients' connections right now (lanes taken).
+    pub fn running_alone(&self) -> usize {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|q| q.state.lock().unwrap_or_else(|p| p.into_inner()).alone)
+            .sum()
+    }
 }
 
 /// Queues a row, waiting for room when the queues are full. Dropping the returned receiver before the row is

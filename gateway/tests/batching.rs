@@ -774,3 +774,37 @@ async fn a_lone_client_runs_its_rows_alone_and_a_crowd_still_batches() {
         .unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (25, 25));
 }
+
+/// A lone row's lane is free once it is answered, also when its client keeps the server connection: here a
+/// session advisory lock pipelined right behind the insert pins the session for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_row_frees_its_lane_when_answered_even_if_its_session_stays_pinned() {
+    let table = "events_lanes";
+    let gw = batching_gateway(table, "n int NOT NULL", "  alone: true\n  connections: 1\n").await;
+    let pinned = gw.connect().await;
+    let insert = format!("INSERT INTO {table} VALUES (1)");
+    let (inserted, locked) = tokio::join!(
+        pinned.simple_query(&insert),
+        pinned.simple_query("SELECT pg_advisory_lock(42)")
+    );
+    inserted.unwrap();
+    locked.unwrap();
+    assert_eq!(batched(table, "alone"), 1);
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            gw.shared.batcher.running_alone() == 0
+        })
+        .await,
+        "the lane stayed taken: {} rows running alone",
+        gw.shared.batcher.running_alone()
+    );
+    // With the one lane free, another client's lone row runs alone too, instead of being queued.
+    let other = gw.connect().await;
+    other
+        .simple_query(&format!("INSERT INTO {table} VALUES (2)"))
+        .await
+        .unwrap();
+    assert_eq!(batched(table, "alone"), 2);
+    assert_eq!(batches(table, "committed"), 0);
+    drop(pinned);
+}
