@@ -135,13 +135,11 @@ impl TxModes {
         self.read_only == Some(true)
     }
 
-    /// A standby refuses serializable mode, except for `READ ONLY DEFERRABLE`, which waits for a snapshot
-    /// that cannot see anomalies ("Hot Standby" in the PostgreSQL documentation), and refuses to set
-    /// `READ WRITE` ("cannot set transaction read-write mode during recovery").
+    /// A standby refuses serializable mode ("cannot use serializable mode in a hot standby"), even for
+    /// `READ ONLY DEFERRABLE` (PostgreSQL 15 checks recovery before it looks at the other modes), and refuses
+    /// to set `READ WRITE` ("cannot set transaction read-write mode during recovery").
     pub fn needs_primary(&self) -> bool {
-        self.read_write
-            || self.isolation == Some(Isolation::Serializable)
-                && !(self.read_only() && self.deferrable == Some(true))
+        self.read_write || self.isolation == Some(Isolation::Serializable)
     }
 }
 
@@ -170,12 +168,16 @@ pub fn transaction_statement(text: &[u8]) -> Option<(bool, TxModes)> {
                 modes.isolation = Some(Isolation::Serializable);
                 rest
             }
+            // PostgreSQL sets each level said, in order: one serializable among them fails on a standby even
+            // when a later one replaces it, so serializable, once said, stays.
             ["isolation", "level", "repeatable", "read", rest @ ..] => {
-                modes.isolation = Some(Isolation::RepeatableRead);
+                modes.isolation = modes.isolation.filter(|i| *i == Isolation::Serializable);
+                modes.isolation.get_or_insert(Isolation::RepeatableRead);
                 rest
             }
             ["isolation", "level", "read", "committed" | "uncommitted", rest @ ..] => {
-                modes.isolation = Some(Isolation::ReadCommitted);
+                modes.isolation = modes.isolation.filter(|i| *i == Isolation::Serializable);
+                modes.isolation.get_or_insert(Isolation::ReadCommitted);
                 rest
             }
             ["read", "only", rest @ ..] => {
@@ -434,7 +436,12 @@ impl Classifier {
             | Statement::Prepare { .. }
             | Statement::Deallocate { .. } => Access::Any,
             Statement::ShowVariable { .. } | Statement::ShowVariables { .. } => Access::Any,
-            Statement::Commit { .. } | Statement::Rollback { .. } => Access::Any,
+            // Savepoints are allowed on a standby: a transaction that uses them (nested atomic blocks in
+            // Django, psycopg's nested `transaction()`) reads on the replica like any other.
+            Statement::Commit { .. }
+            | Statement::Rollback { .. }
+            | Statement::Savepoint { .. }
+            | Statement::ReleaseSavepoint { .. } => Access::Any,
             _ => Access::Write,
         }
     }
@@ -994,7 +1001,10 @@ mod tests {
                 read_write: false,
             }
         );
-        assert!(!modes.needs_primary());
+        assert!(
+            modes.needs_primary(),
+            "a standby refuses serializable, deferrable or not"
+        );
         assert!(class("BEGIN TRANSACTION ISOLATION LEVEL SERIALIZABLE")
             .modes
             .needs_primary());
@@ -1004,6 +1014,12 @@ mod tests {
         assert!(class("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
             .modes
             .needs_primary());
+        assert!(
+            class("BEGIN ISOLATION LEVEL SERIALIZABLE, ISOLATION LEVEL READ COMMITTED")
+                .modes
+                .needs_primary(),
+            "a standby fails at the first level said"
+        );
         // A standby refuses to set READ WRITE; the later statement's mode wins.
         assert!(class("BEGIN READ ONLY; SET TRANSACTION READ WRITE")
             .modes

@@ -573,6 +573,9 @@ async fn transactions_that_read_run_on_the_replica_and_move_to_the_primary_at_th
         )
         .await
         .unwrap();
+    // The replica stops replaying before the commit, so that it cannot show it: the next transaction must
+    // read it elsewhere.
+    env.eu_west().pause_replay().unwrap();
     client.batch_execute("COMMIT").await.unwrap();
     assert_eq!(
         (row.get::<_, i32>(0), row.get::<_, i32>(1) as u16),
@@ -594,6 +597,9 @@ async fn transactions_that_read_run_on_the_replica_and_move_to_the_primary_at_th
         .get(0);
     client.batch_execute("COMMIT").await.unwrap();
     assert_eq!(seen, 90);
+    env.eu_west().resume_replay().unwrap();
+    env.wait_eu_west_shows("SELECT balance::bigint FROM accounts WHERE id = 2", 90)
+        .await;
 
     // SET LOCAL and a statement prepared inside the transaction are sent again, in order, and hold on the
     // primary after the move.
@@ -777,8 +783,15 @@ async fn a_write_after_a_read_the_primary_answers_differently_gets_40001_and_com
     // ...the transaction is aborted, as after any error...
     let error = client.query_one("SELECT 1", &[]).await.unwrap_err();
     assert_eq!(common::sqlstate(&error), "25P02");
-    client.batch_execute("ROLLBACK").await.unwrap();
-    // ...and nothing was committed.
+    // ...and a COMMIT commits nothing: it rolls back, as in any aborted transaction.
+    let messages = client.simple_query("COMMIT").await.unwrap();
+    assert!(
+        matches!(
+            messages.last(),
+            Some(tokio_postgres::SimpleQueryMessage::CommandComplete(_))
+        ),
+        "{messages:?}"
+    );
     let left: i32 = direct
         .query_one("SELECT left_over FROM stock WHERE id = 1", &[])
         .await
@@ -805,6 +818,140 @@ async fn a_write_after_a_read_the_primary_answers_differently_gets_40001_and_com
         .get(0);
     assert_eq!(left, 10);
     env.eu_west().resume_replay().unwrap();
+}
+
+/// Savepoints are allowed on a standby, so a transaction that uses them (Django's nested atomic blocks,
+/// psycopg's nested `transaction()`) reads on the replica, and moves at its first write like any other. A
+/// rollback to a savepoint undoes what no answer shows, so a later write cannot be validated: 40001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_with_savepoints_read_on_the_replica() {
+    let env = start("max_lag: 1h").await;
+    let direct = env.direct_primary().await;
+    direct
+        .batch_execute("CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL); INSERT INTO notes VALUES (1, 'a')")
+        .await
+        .unwrap();
+    env.wait_eu_west_shows("SELECT count(*) FROM notes", 1)
+        .await;
+    let replica = env.port_of("eu-west");
+    let client = env.client().await;
+    let read_only = env.transactions("replica", "read-only");
+    client.batch_execute("BEGIN").await.unwrap();
+    client.batch_execute("SAVEPOINT ro_1").await.unwrap();
+    assert_eq!(server_port(&client, "").await, replica);
+    client
+        .batch_execute("RELEASE SAVEPOINT ro_1")
+        .await
+        .unwrap();
+    client.batch_execute("SAVEPOINT ro_2").await.unwrap();
+    assert_eq!(server_port(&client, "").await, replica);
+    client.batch_execute("COMMIT").await.unwrap();
+    // (At least: tests in this file run at once, and the counters are the process's.)
+    assert!(env.transactions("replica", "read-only") > read_only);
+
+    // A write after a savepoint moves the transaction, savepoint and all.
+    let moved = env.transactions("replica", "moved");
+    client.batch_execute("BEGIN").await.unwrap();
+    client.batch_execute("SAVEPOINT mv").await.unwrap();
+    let body: String = client
+        .query_one("SELECT body FROM notes WHERE id = $1", &[&1])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(body, "a");
+    client
+        .execute("UPDATE notes SET body = body || 'b' WHERE id = $1", &[&1])
+        .await
+        .unwrap();
+    client.batch_execute("RELEASE SAVEPOINT mv").await.unwrap();
+    assert_eq!(server_port(&client, "").await, env.primary_port());
+    client.batch_execute("COMMIT").await.unwrap();
+    assert!(env.transactions("replica", "moved") > moved);
+
+    // A rollback to a savepoint on the replica, then a write: refused, and nothing commits.
+    env.wait_eu_west_shows("SELECT count(*) FROM notes WHERE body = 'ab'", 1)
+        .await;
+    client.batch_execute("BEGIN").await.unwrap();
+    client.batch_execute("SAVEPOINT rb").await.unwrap();
+    assert_eq!(server_port(&client, "").await, replica);
+    client
+        .batch_execute("ROLLBACK TO SAVEPOINT rb")
+        .await
+        .unwrap();
+    let error = client
+        .execute("UPDATE notes SET body = 'c' WHERE id = $1", &[&1])
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&error), "40001", "{error:?}");
+    let message = error.as_db_error().unwrap().message().to_string();
+    assert!(message.contains("rolled back to a savepoint"), "{message}");
+    client.batch_execute("COMMIT").await.unwrap();
+    let body: String = direct
+        .query_one("SELECT body FROM notes WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(body, "ab");
+}
+
+/// A replica that dies in the middle of a transaction: the client gets an error and its session ends, as on a
+/// direct connection; no part of its transaction is run again anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_dying_mid_transaction_ends_it_with_an_error() {
+    let env = start("max_lag: 1h").await;
+    let direct = env.direct_primary().await;
+    direct
+        .batch_execute("CREATE TABLE tally (id int PRIMARY KEY, n int NOT NULL); INSERT INTO tally VALUES (1, 0)")
+        .await
+        .unwrap();
+    env.wait_eu_west_shows("SELECT count(*) FROM tally", 1)
+        .await;
+    let replica = common::connect(&format!(
+        "host=127.0.0.1 port={} user=app password={APP_PASSWORD} dbname=app application_name=regiongate-test",
+        env.port_of("eu-west")
+    ))
+    .await;
+    // The gateway's pooled connections to the replica (its own side connections name themselves).
+    let kill_pooled = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                       WHERE usename = 'app' AND backend_type = 'client backend' \
+                       AND application_name NOT LIKE 'regiongate%'";
+    // The next statement a read, then a write (which would move the transaction to the primary).
+    for next in [
+        "SELECT n FROM tally WHERE id = 1",
+        "UPDATE tally SET n = n + 1 WHERE id = 1",
+    ] {
+        let client = env.client().await;
+        client.batch_execute("BEGIN").await.unwrap();
+        let n: i32 = client
+            .query_one("SELECT n FROM tally WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0);
+        let killed: i64 = replica.query_one(kill_pooled, &[]).await.unwrap().get(0);
+        assert!(killed >= 1, "the transaction's connection on the replica");
+        let error = client
+            .batch_execute(next)
+            .await
+            .expect_err("a statement on a dead replica's connection");
+        // The server's FATAL as the statement's answer, or, when it came before the statement (the gateway
+        // read it first), as tokio-postgres reports an unsolicited FATAL on a direct connection: closed.
+        let code = error.as_db_error().map(|e| e.code().code().to_string());
+        assert!(
+            matches!(code.as_deref(), Some("57P01" | "08006")) || error.is_closed(),
+            "{next}: {error:?}"
+        );
+        assert!(
+            client.batch_execute("COMMIT").await.is_err(),
+            "{next}: the session went on after its transaction was lost"
+        );
+        let n: i32 = direct
+            .query_one("SELECT n FROM tally WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "{next}: part of the transaction ran elsewhere");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -853,24 +1000,93 @@ async fn transactions_can_be_kept_on_the_primary_by_configuration() {
     assert_eq!(server_port(&client, "").await, env.port_of("eu-west"));
     client.batch_execute("COMMIT").await.unwrap();
     assert_eq!(server_port(&client, "").await, env.port_of("eu-west"));
-    // Serializable goes to the primary, however it is asked for, unless READ ONLY DEFERRABLE.
-    client
-        .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY")
-        .await
-        .unwrap();
-    assert_eq!(server_port(&client, "").await, env.primary_port());
-    client.batch_execute("COMMIT").await.unwrap();
-    client
-        .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE")
-        .await
-        .unwrap();
-    assert_eq!(server_port(&client, "").await, env.port_of("eu-west"));
-    client.batch_execute("COMMIT").await.unwrap();
+    // Serializable goes to the primary, however it is asked for: a standby refuses it, READ ONLY DEFERRABLE
+    // too. Inside, the transaction is what it asked to be.
+    for begin in [
+        "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY",
+        "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE",
+        "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+    ] {
+        client.batch_execute(begin).await.unwrap();
+        assert_eq!(
+            server_port(&client, "").await,
+            env.primary_port(),
+            "{begin}"
+        );
+        let isolation: String = client
+            .query_one("SHOW transaction_isolation", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(isolation, "serializable", "{begin}");
+        client.batch_execute("COMMIT").await.unwrap();
+    }
     client
         .batch_execute("SET default_transaction_isolation = serializable")
         .await
         .unwrap();
     assert_eq!(server_port(&client, "").await, env.primary_port());
+}
+
+async fn isolation_and_port(client: &Client) -> (String, u16) {
+    let row = client
+        .query_one(
+            "SELECT current_setting('transaction_isolation'), inet_server_port()",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get::<_, String>(0), row.get::<_, i32>(1) as u16)
+}
+
+/// A standby refuses serializable mode, READ ONLY DEFERRABLE included ("cannot use serializable mode in a hot
+/// standby"): wherever the isolation comes from, a serializable transaction runs on the primary, and is
+/// serializable there. Were its BEGIN sent to the replica, the BEGIN would fail there and the statements after
+/// it run outside any transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_transactions_run_on_the_primary_wherever_the_isolation_comes_from() {
+    let env = start("max_lag: 5s").await;
+    let serializable = ("serializable".to_string(), env.primary_port());
+    let client = env.client().await;
+    for begin in [
+        "BEGIN ISOLATION LEVEL SERIALIZABLE",
+        "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE",
+        "START TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE, DEFERRABLE",
+    ] {
+        // A lone BEGIN, which the gateway answers itself and sends with the first statement.
+        client.batch_execute(begin).await.unwrap();
+        assert_eq!(isolation_and_port(&client).await, serializable, "{begin}");
+        client.batch_execute("COMMIT").await.unwrap();
+    }
+    // SET TRANSACTION as the transaction's first statement.
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        .await
+        .unwrap();
+    assert_eq!(isolation_and_port(&client).await, serializable);
+    client.batch_execute("COMMIT").await.unwrap();
+    // The session's default, from the startup options: transactions and autocommit reads alike.
+    let defaulted = common::connect(&format!(
+        "host=127.0.0.1 port={} user=app password={APP_PASSWORD} dbname=app \
+         options='-c default_transaction_isolation=serializable'",
+        env.addr.port()
+    ))
+    .await;
+    assert_eq!(isolation_and_port(&defaulted).await, serializable);
+    defaulted.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(isolation_and_port(&defaulted).await, serializable);
+    defaulted.batch_execute("COMMIT").await.unwrap();
+    // Repeatable read is served by the replica, and is what it asked for there.
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    assert_eq!(
+        isolation_and_port(&client).await,
+        ("repeatable read".to_string(), env.port_of("eu-west"))
+    );
+    client.batch_execute("COMMIT").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

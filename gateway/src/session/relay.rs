@@ -197,6 +197,29 @@ impl Session {
             Some(Own::Restore | Own::Abort) if !fatal => return Action::Drop,
             // Asked again (see the capture's ReadyForQuery).
             Some(Own::Capture) if !fatal => return Action::Drop,
+            // The client was told its transaction began, and its statements are on their way behind the
+            // BEGIN: run outside a transaction, a write among them would commit on its own. The gateway only
+            // defers a BEGIN it read whole and sends it where its modes are allowed, so this is not expected;
+            // if it happens, the session ends with the server's reason and the connection is closed.
+            Some(Own::Begin) => {
+                let (code, text) = protocol::error_fields(body);
+                tracing::error!(code, reason = %text, "the BEGIN of a client's transaction failed on its server; closing the session");
+                self.conn().discard();
+                self.server_fatal = true;
+                self.fatal_forwarded = true;
+                let mut out = BytesMut::new();
+                PgError {
+                    code: code.into(),
+                    ..PgError::fatal(
+                        "08006",
+                        format!(
+                            "regiongate: the transaction could not begin on its server: {text}"
+                        ),
+                    )
+                }
+                .encode(&mut out);
+                return Action::Replace(out.freeze());
+            }
             Some(_) => {
                 let (code, text) = protocol::error_fields(body);
                 tracing::warn!(code, reason = %text, "a statement the gateway sent for the client failed");

@@ -672,7 +672,7 @@ impl Session {
         self.reads.deferred_modes = TxModes::default();
         if let Some(begin) = self.reads.deferred_begin.take() {
             self.io.to_server.extend_from_slice(&begin);
-            self.state.own(Own::Plain);
+            self.state.own(Own::Begin);
         }
     }
 
@@ -778,27 +778,25 @@ mod tests {
             .unwrap();
         assert_eq!(decision.reason, Reason::Hint);
 
-        // A standby refuses serializable, in a transaction or not, unless read only and deferrable.
+        // A standby refuses serializable, in a transaction or not, read only and deferrable too.
         let serializable = TxModes {
             isolation: Some(Isolation::Serializable),
             ..NO_MODES
         };
         let read = class(Access::Read);
-        let decision = reads
-            .decide(&read, serializable, None, &regions, no_views)
-            .unwrap();
-        assert_eq!(decision.reason, Reason::Serializable);
-        let deferrable = TxModes {
-            read_only: Some(true),
-            deferrable: Some(true),
-            ..serializable
-        };
-        assert!(
-            reads
-                .decide(&read, deferrable, None, &regions, no_views)
-                .is_err(),
-            "a replica is asked for (none is up here)"
-        );
+        for modes in [
+            serializable,
+            TxModes {
+                read_only: Some(true),
+                deferrable: Some(true),
+                ..serializable
+            },
+        ] {
+            let decision = reads
+                .decide(&read, modes, None, &regions, no_views)
+                .unwrap();
+            assert_eq!(decision.reason, Reason::Serializable, "{modes:?}");
+        }
 
         // A transaction whose shape wrote recently starts on the primary; so does every transaction that may
         // write with `routing.transactions: primary`.

@@ -21,8 +21,11 @@ use std::sync::Arc;
 /// The gateway's own requests: their answers never reach the client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Own {
-    /// A re-prepare, a deferred BEGIN, a SQL-level PREPARE: nothing to read.
+    /// A re-prepare, a SQL-level PREPARE: nothing to read.
     Plain,
+    /// The BEGIN the gateway answered itself, sent ahead of the transaction's first statement: nothing to
+    /// read, and it must not fail (the statements behind it would run outside the client's transaction).
+    Begin,
     /// The WAL position after a write: its DataRow is read.
     Position,
     /// The session's settings ([`crate::settings::capture_sql`]): its DataRows are read.
@@ -563,7 +566,7 @@ mod tests {
         state.begin_answered();
         assert_eq!(state.status(), TxStatus::InTransaction);
         assert!(!state.settled());
-        state.own(Own::Plain); // the BEGIN, sent ahead of the first statement
+        state.own(Own::Begin); // the BEGIN, sent ahead of the first statement
         state.query(Reset::Nothing, Vec::new());
         let steps = run(
             &mut state,
@@ -579,7 +582,7 @@ mod tests {
             vec![
                 Step::Swallow,
                 Step::Ready(Answered::Own {
-                    own: Own::Plain,
+                    own: Own::Begin,
                     failed: false
                 }),
                 Step::Forward,
