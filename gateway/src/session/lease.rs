@@ -17,6 +17,35 @@ const ABORT: &str =
                      its write was refused with 40001'; END$$";
 
 impl Session {
+    /// The session holds a connection to a node that no longer takes writes (a failover, a split brain). A
+    /// transaction there ends, uncommitted, and so does a session-mode client's session: the client is told,
+    /// and nothing of either goes on elsewhere. Between statements (the rest of an exchange that got its
+    /// connection just before the change) it goes on: the connection is released at its end.
+    #[cold]
+    pub(super) fn primary_lost(&self) -> Option<PgError> {
+        let lease = self.lease.as_ref()?;
+        let in_transaction = self.state.status() != TxStatus::Idle;
+        let session_mode = lease.pool().config().mode == crate::config::PoolMode::Session;
+        if !in_transaction && !session_mode {
+            return None;
+        }
+        let server = lease.pool().key.server.to_string();
+        let now = match &self.regions.picture().writer {
+            regions::Writer::Node { url, .. } => format!("writes go to {url} now"),
+            regions::Writer::Refused { why } => why.to_string(),
+        };
+        tracing::warn!(%server, now = %now, in_transaction, "session ended: its server connection is on a former primary");
+        let what = if in_transaction {
+            "what its transaction did there was not committed"
+        } else {
+            "its session there ends"
+        };
+        Some(PgError::fatal(
+            "08006",
+            format!("regiongate: the server this session ran on ({server}) no longer takes writes ({now}); {what}"),
+        ))
+    }
+
     /// Routes the client's next exchange and checks out a server connection for it; on failure answers that
     /// request with the error. A replica that cannot give a connection is banned and the choice made again.
     pub(super) async fn attach(&mut self) {

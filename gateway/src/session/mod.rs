@@ -24,7 +24,7 @@ use crate::pool::{Lease, Pool};
 use crate::protocol::{self, tag, PgError, TxStatus};
 use crate::server::ServerConn;
 use crate::Shared;
-use bytes::{Buf, Bytes};
+use bytes::Buf;
 use duplex::{Broken, Duplex, IoEvent, Watch, HIGH_WATER};
 use routing::{Reads, Route};
 use state::ProtocolState;
@@ -397,90 +397,6 @@ impl Session {
         }
     }
 
-    /// The session holds a connection to a node that no longer takes writes (a failover, a split brain). A
-    /// transaction there ends, uncommitted, and so does a session-mode client's session: the client is told,
-    /// and nothing of either goes on elsewhere. Between statements (the rest of an exchange that got its
-    /// connection just before the change) it goes on: the connection is released at its end.
-    #[cold]
-    fn primary_lost(&self) -> Option<PgError> {
-        let lease = self.lease.as_ref()?;
-        let in_transaction = self.state.status() != TxStatus::Idle;
-        let session_mode = lease.pool().config().mode == PoolMode::Session;
-        if !in_transaction && !session_mode {
-            return None;
-        }
-        let server = lease.pool().key.server.to_string();
-        let now = match &self.regions.picture().writer {
-            regions::Writer::Node { url, .. } => format!("writes go to {url} now"),
-            regions::Writer::Refused { why } => why.to_string(),
-        };
-        tracing::warn!(%server, now = %now, in_transaction, "session ended: its server connection is on a former primary");
-        let what = if in_transaction {
-            "what its transaction did there was not committed"
-        } else {
-            "its session there ends"
-        };
-        Some(PgError::fatal(
-            "08006",
-            format!("regiongate: the server this session ran on ({server}) no longer takes writes ({now}); {what}"),
-        ))
-    }
-
-    /// One complete client message, with a server connection attached.
-    fn handle_message(
-        &mut self,
-        message_tag: u8,
-        message: Bytes,
-        shape: Option<crate::fingerprint::ShapeId>,
-    ) -> Result<(), PgError> {
-        match message_tag {
-            tag::QUERY => {
-                self.observer.request_sent();
-                // `process_client` shapes every Query whose text it can find.
-                let text =
-                    protocol::query_text(protocol::body(&message)).map(|t| message.slice_ref(t));
-                let (Some(text), Some(shape)) = (text, shape) else {
-                    return Err(PgError::fatal("08P01", "invalid Query message"));
-                };
-                self.observe_statement(shape.hash, shape.reads(), &text, &text);
-                self.on_query(&message, &text, shape)?;
-                self.observer.set_statement(Some(text));
-            }
-            tag::PARSE => self.on_parse(message)?,
-            tag::BIND | tag::DESCRIBE => self.on_statement_use(message_tag, message)?,
-            tag::CLOSE => self.on_close(message)?,
-            tag::EXECUTE => {
-                self.io.to_server.extend_from_slice(&message);
-                self.state.extended();
-            }
-            // A Flush asks for what is owed so far; alone (psycopg's pipeline sends one after its Sync) it
-            // opens no exchange, and must not keep the connection from its release.
-            tag::FLUSH => self.io.to_server.extend_from_slice(&message),
-            tag::SYNC => {
-                self.observer.request_sent();
-                self.io.to_server.extend_from_slice(&message);
-                self.state.sync();
-            }
-            tag::FUNCTION_CALL => {
-                self.observer.request_sent();
-                // A function called by OID may change anything: read the settings back afterwards.
-                self.settings.touch();
-                self.io.to_server.extend_from_slice(&message);
-                self.state.query(settings::Reset::Nothing, Vec::new());
-            }
-            tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
-                self.io.to_server.extend_from_slice(&message)
-            }
-            other => {
-                return Err(PgError::fatal(
-                    "08P01",
-                    format!("invalid frontend message type {other}"),
-                ))
-            }
-        }
-        Ok(())
-    }
-
     /// Writes what can be written without waiting.
     fn flush_now(&mut self) -> Result<(), End> {
         match self.io.flush_now(self.lease.as_mut().map(Lease::conn)) {
@@ -556,28 +472,6 @@ impl Session {
             IoEvent::ServerRead(Ok(_)) => self.process_server(),
             IoEvent::Drain(phase) => self.on_drain(phase),
         }
-    }
-
-    fn pin(&mut self, reason: &'static str) {
-        if self.pinned.is_none() {
-            tracing::info!(
-                reason,
-                "client pinned to its server connection for the rest of the session"
-            );
-            self.pinned = Some(reason);
-        }
-    }
-
-    /// Feeds the N+1 detector one statement about to run; `values` are what tells one run of it from another.
-    fn observe_statement(&mut self, shape: u64, read: bool, text: &Bytes, values: &[u8]) {
-        self.observer.statement_runs(
-            shape,
-            read,
-            text,
-            values,
-            &self.shared.nplus1,
-            &self.handle.entry,
-        );
     }
 }
 

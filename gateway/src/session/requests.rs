@@ -12,6 +12,89 @@ use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 
 impl Session {
+    /// One complete client message, with a server connection attached.
+    pub(super) fn handle_message(
+        &mut self,
+        message_tag: u8,
+        message: Bytes,
+        shape: Option<crate::fingerprint::ShapeId>,
+    ) -> Result<(), PgError> {
+        match message_tag {
+            tag::QUERY => {
+                self.observer.request_sent();
+                // `process_client` shapes every Query whose text it can find.
+                let text =
+                    protocol::query_text(protocol::body(&message)).map(|t| message.slice_ref(t));
+                let (Some(text), Some(shape)) = (text, shape) else {
+                    return Err(PgError::fatal("08P01", "invalid Query message"));
+                };
+                self.observe_statement(shape.hash, shape.reads(), &text, &text);
+                self.on_query(&message, &text, shape)?;
+                self.observer.set_statement(Some(text));
+            }
+            tag::PARSE => self.on_parse(message)?,
+            tag::BIND | tag::DESCRIBE => self.on_statement_use(message_tag, message)?,
+            tag::CLOSE => self.on_close(message)?,
+            tag::EXECUTE => {
+                self.io.to_server.extend_from_slice(&message);
+                self.state.extended();
+            }
+            // A Flush asks for what is owed so far; alone (psycopg's pipeline sends one after its Sync) it
+            // opens no exchange, and must not keep the connection from its release.
+            tag::FLUSH => self.io.to_server.extend_from_slice(&message),
+            tag::SYNC => {
+                self.observer.request_sent();
+                self.io.to_server.extend_from_slice(&message);
+                self.state.sync();
+            }
+            tag::FUNCTION_CALL => {
+                self.observer.request_sent();
+                // A function called by OID may change anything: read the settings back afterwards.
+                self.settings.touch();
+                self.io.to_server.extend_from_slice(&message);
+                self.state.query(Reset::Nothing, Vec::new());
+            }
+            tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
+                self.io.to_server.extend_from_slice(&message)
+            }
+            other => {
+                return Err(PgError::fatal(
+                    "08P01",
+                    format!("invalid frontend message type {other}"),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn pin(&mut self, reason: &'static str) {
+        if self.pinned.is_none() {
+            tracing::info!(
+                reason,
+                "client pinned to its server connection for the rest of the session"
+            );
+            self.pinned = Some(reason);
+        }
+    }
+
+    /// Feeds the N+1 detector one statement about to run; `values` are what tells one run of it from another.
+    pub(super) fn observe_statement(
+        &mut self,
+        shape: u64,
+        read: bool,
+        text: &Bytes,
+        values: &[u8],
+    ) {
+        self.observer.statement_runs(
+            shape,
+            read,
+            text,
+            values,
+            &self.shared.nplus1,
+            &self.handle.entry,
+        );
+    }
+
     /// A Query. `shape`: what the fingerprint lexer found in its text.
     pub(super) fn on_query(
         &mut self,
