@@ -14,6 +14,9 @@ struct Env {
     topology: Topology,
     shared: Arc<Shared>,
     addr: std::net::SocketAddr,
+    /// The configuration file (a test may rewrite it and reload), and its text.
+    config: (std::path::PathBuf, String),
+    _dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -53,8 +56,13 @@ async fn start_in(home: &str, primary_one_way: Duration, routing: &str) -> Env {
         "listen: 127.0.0.1:0\nhome_region: {home}\n{}auth: {{ method: scram-sha-256, users: [ {{ name: app, password: {APP_PASSWORD} }} ] }}\nadmin: {{ users: [ app ] }}\npool: {{ size: 4 }}\nrouting: {{ monitor_interval: 50ms, {routing} }}\n",
         topology.gateway_yaml("app")
     );
-    let config = Config::parse(&yaml, "test").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let gateway = Gateway::bind(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("regiongate.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let gateway = Gateway::bind_from(config, Some(path.clone()))
+        .await
+        .unwrap();
     let addr = gateway.local_addr();
     let shared = gateway.shared.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -65,23 +73,30 @@ async fn start_in(home: &str, primary_one_way: Duration, routing: &str) -> Env {
         topology,
         shared,
         addr,
+        config: (path, yaml),
+        _dir: dir,
         _stop: stop,
     };
-    // Wait for the monitors' first picture: every replica up and fresh.
-    let ready = common::eventually(Duration::from_secs(20), || async {
-        let picture = env.shared.regions().picture();
-        picture.replicas.iter().all(|r| r.up && r.lag.is_some())
-    })
-    .await;
-    assert!(
-        ready,
-        "replicas never looked healthy: {:?}",
-        env.shared.regions().picture()
-    );
+    env.wait_for_monitors().await;
     env
 }
 
 impl Env {
+    /// Waits for the monitors' first picture (at the start, and after a reload that changed the regions):
+    /// every replica up and fresh.
+    async fn wait_for_monitors(&self) {
+        let ready = common::eventually(Duration::from_secs(20), || async {
+            let picture = self.shared.regions().picture();
+            picture.replicas.iter().all(|r| r.up && r.lag.is_some())
+        })
+        .await;
+        assert!(
+            ready,
+            "replicas never looked healthy: {:?}",
+            self.shared.regions().picture()
+        );
+    }
+
     async fn client(&self) -> Client {
         common::connect(&format!(
             "host=127.0.0.1 port={} user=app password={APP_PASSWORD} dbname=app",
@@ -930,6 +945,17 @@ async fn a_replica_dying_mid_transaction_ends_it_with_an_error() {
         assert_eq!(n, 0);
         let killed: i64 = replica.query_one(kill_pooled, &[]).await.unwrap().get(0);
         assert!(killed >= 1, "the transaction's connection on the replica");
+        // pg_terminate_backend only signals: wait until the backend has gone.
+        let gone = common::eventually(Duration::from_secs(10), || async {
+            let left: i64 = replica
+                .query_one(&kill_pooled.replace("pg_terminate_backend(pid)", "*"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            left == 0
+        })
+        .await;
+        assert!(gone, "the terminated backend stayed");
         let error = client
             .batch_execute(next)
             .await
@@ -1026,6 +1052,22 @@ async fn transactions_can_be_kept_on_the_primary_by_configuration() {
         .await
         .unwrap();
     assert_eq!(server_port(&client, "").await, env.primary_port());
+    client
+        .batch_execute("RESET default_transaction_isolation")
+        .await
+        .unwrap();
+    // A reload to `validated` applies to sessions already open, at their next transaction.
+    let (path, yaml) = &env.config;
+    std::fs::write(
+        path,
+        yaml.replace("transactions: primary", "transactions: validated"),
+    )
+    .unwrap();
+    env.shared.reload().unwrap();
+    env.wait_for_monitors().await;
+    client.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(server_port(&client, "").await, env.port_of("eu-west"));
+    client.batch_execute("COMMIT").await.unwrap();
 }
 
 async fn isolation_and_port(client: &Client) -> (String, u16) {

@@ -352,6 +352,10 @@ impl Session {
             self.replicas = self.shared.has_replicas();
             self.observer.slow_after = config.log.slow_statement;
             self.batching = !config.batching.tables.is_empty();
+            // Budgets and transaction routing, as a new session would get them.
+            self.reads.budget = config.routing.budget_for(&user, &database);
+            self.reads.transactions = config.routing.transactions_for(&user, &database);
+            self.reads.max_replay_bytes = config.routing.transactions.max_replay_bytes;
         }
     }
 
