@@ -203,6 +203,11 @@ impl Drain {
         Live { drain: Some(self) }
     }
 
+    /// The count of a connection whose guard was handed over ([`Live::hand_over`]).
+    pub fn taken_over(&self) -> Live<'_> {
+        Live { drain: Some(self) }
+    }
+
     /// Client connections the drain still waits for.
     pub fn live_clients(&self) -> usize {
         self.live.load(Ordering::Acquire)
@@ -215,6 +220,11 @@ pub struct Live<'a> {
 }
 
 impl Live<'_> {
+    /// The connection goes on in another task, which takes the count over with [`Drain::taken_over`].
+    pub fn hand_over(mut self) {
+        self.drain = None;
+    }
+
     /// This connection no longer holds the drain back (it is the admin console's).
     pub fn release(&mut self) {
         if let Some(drain) = self.drain.take() {

@@ -82,6 +82,14 @@ impl Duplex {
         }
     }
 
+    /// What the client is told when its session is ready (AuthenticationOk and the rest), sent by the
+    /// session's first flush.
+    pub fn greet(&mut self, hello: BytesMut) {
+        debug_assert!(self.parked && self.to_client.is_empty());
+        self.parked = false;
+        self.to_client = hello;
+    }
+
     /// Whether a whole client message is in the buffer.
     #[inline]
     pub fn has_complete_message(&self) -> bool {
@@ -139,77 +147,99 @@ impl Duplex {
 
     /// Waits until a socket is ready and moves bytes: reads from the client and the server, and writes
     /// what is waiting for either.
-    pub async fn wait(&mut self, server: Option<&mut ServerConn>, watch: Watch<'_>) -> IoEvent {
-        if server.is_none()
-            && self.from_client.is_empty()
-            && self.to_client.is_empty()
-            && self.to_server.is_empty()
-        {
-            if let Some(event) = self.idle(watch.idle, watch.kick.as_ref()).await {
-                return event;
-            }
-        }
-        if self.parked {
-            // The client speaks again (or has not spoken yet): buffers for its exchange.
-            self.take_buffers();
-        }
-        let read_client = self.to_server.len() < HIGH_WATER;
-        let read_server = self.to_client.len() < HIGH_WATER;
-        if self.from_client.capacity() - self.from_client.len() < 4096 {
-            self.from_client.reserve(8192);
-        }
-        let client = stream_io(
-            &mut self.client,
-            &mut self.from_client,
-            &mut self.to_client,
-            read_client,
-            IoEvent::ClientRead,
-            IoEvent::ClientWrite,
-        );
-        let kick = watch.kick;
-        let Some(conn) = server else {
-            let client = async {
-                match kick {
-                    None => client.await,
-                    Some(kick) => tokio::select! {
-                        biased;
-                        event = client => event,
-                        phase = kick => IoEvent::Drain(phase),
-                    },
+    ///
+    /// (Not an `async fn`, which would keep a copy of its arguments beside the ones it works with, in the
+    /// future every waiting session holds.)
+    #[allow(clippy::manual_async_fn)] // on purpose, see above
+    pub fn wait<'a>(
+        &'a mut self,
+        server: Option<&'a mut ServerConn>,
+        watch: Watch<'a>,
+    ) -> impl std::future::Future<Output = IoEvent> + 'a {
+        async move {
+            if server.is_none()
+                && self.from_client.is_empty()
+                && self.to_client.is_empty()
+                && self.to_server.is_empty()
+            {
+                if let Some(event) = self.idle(watch.idle, watch.kick.as_ref()).await {
+                    return event;
                 }
+            }
+            if self.parked {
+                // The client speaks again (or has not spoken yet): buffers for its exchange.
+                self.take_buffers();
+            }
+            let read_client = self.to_server.len() < HIGH_WATER;
+            let read_server = self.to_client.len() < HIGH_WATER;
+            if self.from_client.capacity() - self.from_client.len() < 4096 {
+                self.from_client.reserve(8192);
+            }
+            let client = stream_io(
+                &mut self.client,
+                &mut self.from_client,
+                &mut self.to_client,
+                read_client,
+                IoEvent::ClientRead,
+                IoEvent::ClientWrite,
+            );
+            let kick = watch.kick;
+            let Some(conn) = server else {
+                let client = async {
+                    match kick {
+                        None => client.await,
+                        Some(kick) => tokio::select! {
+                            biased;
+                            event = client => event,
+                            phase = kick => IoEvent::Drain(phase),
+                        },
+                    }
+                };
+                return match watch.idle {
+                    None => client.await,
+                    Some(idle) => match tokio::time::timeout(idle, client).await {
+                        Ok(event) => event,
+                        Err(_) => IoEvent::ClientIdle,
+                    },
+                };
             };
-            return match watch.idle {
-                None => client.await,
-                Some(idle) => match tokio::time::timeout(idle, client).await {
-                    Ok(event) => event,
-                    Err(_) => IoEvent::ClientIdle,
-                },
+            let (stream, read_buf) = conn.io();
+            if read_buf.capacity() - read_buf.len() < 4096 {
+                read_buf.reserve(16 * 1024);
+            }
+            let server_busy =
+                read_server && watch.server || !self.to_server.is_empty() || stream.wants_flush();
+            let server = stream_io(
+                stream,
+                read_buf,
+                &mut self.to_server,
+                read_server,
+                IoEvent::ServerRead,
+                IoEvent::ServerWrite,
+            );
+            // One timer for both limits (a timer is most of a waiting session's future): the statement's deadline,
+            // or the end of the client's idle time, whichever comes first. The clock is read only when the
+            // client may be idle.
+            let idle_until = watch.idle.map(|idle| Instant::now() + idle);
+            let timer = match (idle_until, watch.deadline) {
+                (Some(idle), Some(deadline)) => Some(idle.min(deadline)),
+                (idle, deadline) => idle.or(deadline),
             };
-        };
-        let (stream, read_buf) = conn.io();
-        if read_buf.capacity() - read_buf.len() < 4096 {
-            read_buf.reserve(16 * 1024);
-        }
-        let server_busy =
-            read_server && watch.server || !self.to_server.is_empty() || stream.wants_flush();
-        let server = stream_io(
-            stream,
-            read_buf,
-            &mut self.to_server,
-            read_server,
-            IoEvent::ServerRead,
-            IoEvent::ServerWrite,
-        );
-        let idle = watch.idle.unwrap_or_default();
-        let has_kick = kick.is_some();
-        // Biased: no random branch order to draw; at most one or two are ready at a time anyway.
-        tokio::select! {
-            biased;
-            event = server, if server_busy => event,
-            event = client => event,
-            _ = sleep_for(idle), if watch.idle.is_some() => IoEvent::ClientIdle,
-            _ = sleep_until(watch.deadline), if watch.deadline.is_some() => IoEvent::StatementTimeout,
-            phase = kicked(kick), if has_kick => IoEvent::Drain(phase),
+            let has_kick = kick.is_some();
+            // Biased: no random branch order to draw; at most one or two are ready at a time anyway.
+            tokio::select! {
+                biased;
+                event = server, if server_busy => event,
+                event = client => event,
+                _ = sleep_until(timer), if timer.is_some() => {
+                    if watch.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                        IoEvent::StatementTimeout
+                    } else {
+                        IoEvent::ClientIdle
+                    }
+                }
+                phase = kicked(kick), if has_kick => IoEvent::Drain(phase),
+            }
         }
     }
 }
@@ -420,12 +450,6 @@ fn stream_io<'a>(
     })
 }
 
-/// Sleeps for `duration`. Unlike `tokio::time::sleep`, creating it reads no clock: select! creates the
-/// futures of disabled branches too, and this one is created at every wait for I/O.
-async fn sleep_for(duration: Duration) {
-    tokio::time::sleep(duration).await
-}
-
 /// The drain's kick, if the session is to be kicked (else never).
 async fn kicked(kick: Option<Kicked<'_>>) -> Phase {
     match kick {
@@ -434,7 +458,8 @@ async fn kicked(kick: Option<Kicked<'_>>) -> Phase {
     }
 }
 
-/// Sleeps until `deadline`.
+/// Sleeps until `deadline`. An `async fn`, so that no timer is made unless it is polled: select! creates the
+/// futures of disabled branches too, and this one is created at every wait for I/O.
 async fn sleep_until(deadline: Option<Instant>) {
     if let Some(deadline) = deadline {
         tokio::time::sleep_until(deadline.into()).await;

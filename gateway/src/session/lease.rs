@@ -223,7 +223,7 @@ impl Session {
                 .map(|text| self.observer.shape(text));
             // These messages passed here once already: an error now is the gateway's own.
             if let Err(error) = self.handle_message(message_tag, message, shape) {
-                return Err(End::Fatal(error));
+                return Err(End::Fatal(Box::new(error)));
             }
         }
         self.observer.resume_detection(detecting);
@@ -450,10 +450,10 @@ impl Session {
             } else {
                 "the session's settings are gone"
             };
-            return Err(End::Fatal(PgError::fatal(
+            return Err(End::Fatal(Box::new(PgError::fatal(
                 "08006",
                 format!("regiongate: the server connection was lost ({reason}); {gone}"),
-            )));
+            ))));
         }
         let error = PgError::error(
             "08006",

@@ -32,7 +32,6 @@ use statements::Statements;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
@@ -76,8 +75,9 @@ enum End {
     Client,
     /// The server ended the session's backend and the client was sent its FATAL (still to be written).
     Backend,
-    /// The client is told this, then the connection closes.
-    Fatal(PgError),
+    /// The client is told this, then the connection closes. (Boxed: every await that may end the session
+    /// returns an `End`, and its size is room in the session's future.)
+    Fatal(Box<PgError>),
     /// The gateway shuts down: the client is told 57P01, then the connection closes.
     Drained(crate::drain::Outcome),
 }
@@ -125,7 +125,9 @@ struct Session {
     shutdown: shutdown::Shutdown,
 }
 
-/// Serves one accepted connection until it closes.
+/// Serves one accepted connection until it closes: its login here, its session in a task of its own, so
+/// that the login's large future and locals are gone while the session lives (an idle client costs what its
+/// session's task holds).
 pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let mut live = shared.drain.live();
     // Counted by `admit`; over when the login is.
@@ -135,120 +137,161 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     else {
         return;
     };
-    let (startup, pool, login) = (logged_in.startup, logged_in.pool, logged_in.login);
-    let config = shared.config.load();
-    let span = tracing::info_span!("session", client = %peer, user = %startup.user, database = %startup.database);
-    span.in_scope(|| tracing::debug!("client logged in"));
-    METRICS.client_connections.inc();
-    let mut session = Session {
-        shared: shared.clone(),
-        io: Duplex::new(logged_in.client),
-        state: ProtocolState::default(),
-        statements: Statements::new(config.limits.max_prepared_statements),
-        settings: settings::Tracker::new(&login.reset),
-        observer: observe::Observer::new(&config),
-        pinned: (pool.config().mode == PoolMode::Session).then_some("session pool mode"),
-        reads: Reads {
-            budget: config.routing.budget_for(&startup.user, &startup.database),
-            transactions: config
-                .routing
-                .transactions_for(&startup.user, &startup.database),
-            max_replay_bytes: config.routing.transactions.max_replay_bytes,
-            ..Reads::default()
-        },
-        pool_generation: shared.generation(),
-        writer_epoch: 0,
-        replicas: shared.has_replicas(),
-        regions: shared.regions(),
-        batching: !config.batching.tables.is_empty(),
-        pool,
-        lease: None,
-        route: None,
-        handle: logged_in.handle,
-        max_message_size: config.limits.max_message_size,
-        client_idle_timeout: config.limits.client_idle_timeout,
-        discard_until_sync: None,
-        server_fatal: false,
-        fatal_forwarded: false,
-        batch: None,
-        shutdown: shutdown::Shutdown::new(shared.drain.phase(), shared.drain.kills()),
-    };
-    // What the session does not keep goes now: an idle client's memory is what its session holds.
-    drop((config, startup, login));
-    let (lease, hello) = (logged_in.lease, logged_in.hello);
-    let end = async {
-        if let Some(mut lease) = lease {
-            if let Err(mut error) = session.settings.bring(&mut lease).await {
-                error.severity = "FATAL";
-                return End::Fatal(error);
+    let (mut session, lease, hello, span) = Session::new(&shared, logged_in, peer);
+    // A session-mode connection gets the client's settings before the client hears it is ready.
+    if let Some(mut lease) = lease {
+        if let Err(mut error) = session
+            .settings
+            .bring(&mut lease)
+            .instrument(span.clone())
+            .await
+        {
+            error.severity = "FATAL";
+            Box::pin(session.end(End::Fatal(Box::new(error))).instrument(span)).await;
+            return;
+        }
+        session.take_lease(lease, Route::Primary);
+    }
+    session.io.greet(hello);
+    // The drain counts the connection on in the session's task.
+    live.hand_over();
+    tokio::spawn(session.live().instrument(span));
+}
+
+impl Session {
+    /// The session of a client that logged in; its server connection (session pool mode), and what the client
+    /// is told when the session is ready.
+    fn new(
+        shared: &Arc<Shared>,
+        logged_in: startup::LoggedIn,
+        peer: SocketAddr,
+    ) -> (Session, Option<Lease>, bytes::BytesMut, tracing::Span) {
+        let (startup, pool, login) = (logged_in.startup, logged_in.pool, logged_in.login);
+        let config = shared.config.load();
+        let span = tracing::info_span!("session", client = %peer, user = %startup.user, database = %startup.database);
+        span.in_scope(|| tracing::debug!("client logged in"));
+        METRICS.client_connections.inc();
+        let session = Session {
+            shared: shared.clone(),
+            io: Duplex::new(logged_in.client),
+            state: ProtocolState::default(),
+            statements: Statements::new(config.limits.max_prepared_statements),
+            settings: settings::Tracker::new(&login.reset),
+            observer: observe::Observer::new(&config),
+            pinned: (pool.config().mode == PoolMode::Session).then_some("session pool mode"),
+            reads: Reads {
+                budget: config.routing.budget_for(&startup.user, &startup.database),
+                transactions: config
+                    .routing
+                    .transactions_for(&startup.user, &startup.database),
+                max_replay_bytes: config.routing.transactions.max_replay_bytes,
+                ..Reads::default()
+            },
+            pool_generation: shared.generation(),
+            writer_epoch: 0,
+            replicas: shared.has_replicas(),
+            regions: shared.regions(),
+            batching: !config.batching.tables.is_empty(),
+            pool,
+            lease: None,
+            route: None,
+            handle: logged_in.handle,
+            max_message_size: config.limits.max_message_size,
+            client_idle_timeout: config.limits.client_idle_timeout,
+            discard_until_sync: None,
+            server_fatal: false,
+            fatal_forwarded: false,
+            batch: None,
+            shutdown: shutdown::Shutdown::new(shared.drain.phase(), shared.drain.kills()),
+        };
+        (session, logged_in.lease, logged_in.hello, span)
+    }
+
+    /// The session's task: serves the client until the end. (Not an `async fn`: one would copy the session
+    /// from its argument into a local, and hold both for the session's life.)
+    #[allow(clippy::manual_async_fn)] // on purpose, see above
+    fn live(mut self) -> impl std::future::Future<Output = ()> {
+        async move {
+            let shared = self.shared.clone();
+            let _live = shared.drain.taken_over();
+            let end = self.run().await;
+            // Boxed: once per session, and it would otherwise take room in every session's future.
+            Box::pin(self.end(end)).await;
+        }
+    }
+
+    /// The session is over: the client is told why (when it is still there to hear it), and the server
+    /// connection goes back.
+    #[allow(clippy::manual_async_fn)] // as `live`: the session is not copied
+    fn end(mut self, end: End) -> impl std::future::Future<Output = ()> {
+        async move {
+            METRICS.client_connections.dec();
+            let shared = self.shared.clone();
+            if !matches!(end, End::Drained(_))
+                && shared.drain.phase() != crate::drain::Phase::Serving
+            {
+                shared.drain.ended(crate::drain::Outcome::Left);
             }
-            session.take_lease(lease, Route::Primary);
-        }
-        let client = &mut session.io.client;
-        let greeted = client.write_all(&hello).await.is_ok() && client.flush().await.is_ok();
-        drop(hello);
-        if !greeted {
-            return End::Client;
-        }
-        session.run().await
-    }
-    .instrument(span.clone())
-    .await;
-    METRICS.client_connections.dec();
-    if !matches!(end, End::Drained(_)) && shared.drain.phase() != crate::drain::Phase::Serving {
-        shared.drain.ended(crate::drain::Outcome::Left);
-    }
-    match end {
-        End::Client => span.in_scope(|| tracing::debug!("client disconnected")),
-        End::Backend => {
-            span.in_scope(|| tracing::info!("the server ended the session's backend"));
-            let last = std::mem::take(&mut session.io.to_client);
-            session.io.goodbye(&last).await;
-        }
-        End::Fatal(error) => {
-            span.in_scope(|| tracing::info!(code = %error.code, reason = %error.message, "closing client connection"));
-            METRICS.error_sent(&error.code);
-            let mut last = std::mem::take(&mut session.io.to_client);
-            error.encode(&mut last);
-            session.io.goodbye(&last).await;
-        }
-        End::Drained(outcome) => {
-            span.in_scope(|| tracing::info!(outcome = ?outcome, "closing client connection: the gateway shuts down"));
-            shared.drain.ended(outcome);
-            let error = shutdown::terminated();
-            METRICS.error_sent(&error.code);
-            let mut last = std::mem::take(&mut session.io.to_client);
-            error.encode(&mut last);
-            session.io.goodbye(&last).await;
+            let error = match end {
+                End::Client => {
+                    tracing::debug!("client disconnected");
+                    None
+                }
+                End::Backend => {
+                    tracing::info!("the server ended the session's backend");
+                    Some(None)
+                }
+                End::Fatal(error) => {
+                    tracing::info!(code = %error.code, reason = %error.message, "closing client connection");
+                    Some(Some(error))
+                }
+                End::Drained(outcome) => {
+                    tracing::info!(outcome = ?outcome, "closing client connection: the gateway shuts down");
+                    shared.drain.ended(outcome);
+                    Some(Some(Box::new(shutdown::terminated())))
+                }
+            };
+            if let Some(error) = error {
+                let mut last = std::mem::take(&mut self.io.to_client);
+                if let Some(error) = error {
+                    METRICS.error_sent(&error.code);
+                    error.encode(&mut last);
+                }
+                self.io.goodbye(&last).await;
+            }
+            self.finish();
         }
     }
-    session.finish();
 }
 
 impl Session {
     async fn run(&mut self) -> End {
         loop {
-            match self.process_client() {
-                Ok(Progress::Idle) => {}
-                Ok(Progress::NeedServer) => {
+            // Out of the match: the result would be kept, with the room of its error, across its arms' awaits.
+            let progress = match self.process_client() {
+                Ok(progress) => progress,
+                Err(fatal) => return End::Fatal(Box::new(fatal)),
+            };
+            match progress {
+                Progress::Idle => {}
+                Progress::NeedServer => {
                     // A KILL that came while the session was not waiting for its client (its login, a
                     // pipelined request) ends it before the next request runs.
                     if self.handle.entry.is_killed() {
-                        return End::Fatal(shutdown::killed());
+                        return End::Fatal(Box::new(shutdown::killed()));
                     }
                     self.shutdown.grace = false;
                     self.attach().await;
                     continue;
                 }
-                Ok(Progress::Batched) => {
+                Progress::Batched => {
                     self.shutdown.grace = false;
                     if let Err(end) = Box::pin(self.run_batched()).await {
                         return end;
                     }
                     continue;
                 }
-                Ok(Progress::Terminate) => return End::Client,
-                Err(fatal) => return End::Fatal(fatal),
+                Progress::Terminate => return End::Client,
             }
             if let Err(end) = self.flush_now() {
                 return end;
@@ -448,7 +491,7 @@ impl Session {
                 }
                 Ok(())
             }
-            IoEvent::ClientIdle => Err(End::Fatal(if self.state.status().is_idle() {
+            IoEvent::ClientIdle => Err(End::Fatal(Box::new(if self.state.status().is_idle() {
                 PgError::fatal(
                     "57P05",
                     "terminating connection due to idle-session timeout (regiongate limits.client_idle_timeout)",
@@ -458,7 +501,7 @@ impl Session {
                     "25P03",
                     "terminating connection due to idle-in-transaction timeout (regiongate limits.client_idle_timeout)",
                 )
-            })),
+            }))),
             IoEvent::ClientRead(Ok(0))
             | IoEvent::ClientRead(Err(_))
             | IoEvent::ClientWrite(Err(_)) => Err(End::Client),

@@ -97,11 +97,11 @@ impl Session {
             self.answered();
         }
         if self.settings.is_lost() {
-            return Err(End::Fatal(PgError::fatal(
+            return Err(End::Fatal(Box::new(PgError::fatal(
                 "08006",
                 "regiongate: could not read this session's settings back from its server connection; \
                  the session cannot go on without them",
-            )));
+            ))));
         }
         match lost {
             Some(reason) => self.server_lost(&reason),

@@ -89,7 +89,7 @@ impl Session {
     #[inline(never)]
     pub(super) fn on_drain(&mut self, phase: Phase) -> Result<(), End> {
         if self.handle.entry.is_killed() {
-            return Err(End::Fatal(killed()));
+            return Err(End::Fatal(Box::new(killed())));
         }
         // Waking takes the waker out of the entry: the next wait puts it back, for the next phase.
         self.shutdown.registered = false;
