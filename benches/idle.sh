@@ -89,7 +89,8 @@ start_proxy() {
         "${AS_SERVER_USER[@]}" "$PGBOUNCER" "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
         PROXY_PORT=$PGBOUNCER_PORT
     else
-        RUST_LOG=warn "$REGIONGATE" --config "$WORK/regiongate.yaml" >"$WORK/regiongate.log" 2>&1 &
+        # The log level a user runs with: at info, each session has its span (client, user, database).
+        RUST_LOG=${REGIONGATE_LOG:-info} "$REGIONGATE" --config "$WORK/regiongate.yaml" >"$WORK/regiongate.log" 2>&1 &
         PROXY_PORT=$REGIONGATE_PORT
     fi
     PROXY_PID=$!

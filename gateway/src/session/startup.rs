@@ -1,6 +1,11 @@
 //! A client's way in: its first packets (a CancelRequest, TLS), authentication, the admin console, and the
 //! login state it starts its session with.
 
+use super::duplex::Duplex;
+use super::routing::Reads;
+use super::state::ProtocolState;
+use super::statements::Statements;
+use super::{observe, settings, shutdown, Session};
 use crate::auth::{authenticate_client, read_first_packet, FirstPacket, Startup, StartupError};
 use crate::clients::{ClientHandle, ClientInfo};
 use crate::config::{PoolMode, TlsMode};
@@ -291,4 +296,54 @@ async fn refuse<T>(mut client: Stream, error: StartupError) -> Option<T> {
         .await;
     }
     None
+}
+
+impl Session {
+    /// The session of a client that logged in; its server connection (session pool mode), and what the client
+    /// is told when the session is ready.
+    pub(super) fn new(
+        shared: &Arc<Shared>,
+        logged_in: LoggedIn,
+        peer: SocketAddr,
+    ) -> (Session, Option<Lease>, bytes::BytesMut, tracing::Span) {
+        let (startup, pool, login) = (logged_in.startup, logged_in.pool, logged_in.login);
+        let config = shared.config.load();
+        let span = tracing::info_span!("session", client = %peer, user = %startup.user, database = %startup.database);
+        span.in_scope(|| tracing::debug!("client logged in"));
+        METRICS.client_connections.inc();
+        let session = Session {
+            shared: shared.clone(),
+            io: Duplex::new(logged_in.client),
+            state: ProtocolState::default(),
+            statements: Statements::new(config.limits.max_prepared_statements),
+            settings: settings::Tracker::new(&login.reset),
+            observer: observe::Observer::new(&config),
+            pinned: (pool.config().mode == PoolMode::Session).then_some("session pool mode"),
+            reads: Reads {
+                budget: config.routing.budget_for(&startup.user, &startup.database),
+                transactions: config
+                    .routing
+                    .transactions_for(&startup.user, &startup.database),
+                max_replay_bytes: config.routing.transactions.max_replay_bytes,
+                ..Reads::default()
+            },
+            pool_generation: shared.generation(),
+            writer_epoch: 0,
+            replicas: shared.has_replicas(),
+            regions: shared.regions(),
+            batching: !config.batching.tables.is_empty(),
+            pool,
+            lease: None,
+            route: None,
+            handle: logged_in.handle,
+            max_message_size: config.limits.max_message_size,
+            client_idle_timeout: config.limits.client_idle_timeout,
+            discard_until_sync: None,
+            server_fatal: false,
+            fatal_forwarded: false,
+            batch: None,
+            shutdown: shutdown::Shutdown::new(shared.drain.phase(), shared.drain.kills()),
+        };
+        (session, logged_in.lease, logged_in.hello, span)
+    }
 }
