@@ -131,6 +131,17 @@ impl TxModes {
         }
     }
 
+    /// The modes once `later`'s statements ran after the ones these came from (a BEGIN, then SET
+    /// TRANSACTION): the later modes win, except that serializable, once said, stays. PostgreSQL sets each
+    /// level in turn, and a standby fails at a serializable one even when a later one replaces it.
+    pub fn then(self, later: TxModes) -> TxModes {
+        let mut modes = later.or(self);
+        if self.isolation == Some(Isolation::Serializable) {
+            modes.isolation = self.isolation;
+        }
+        modes
+    }
+
     pub fn read_only(&self) -> bool {
         self.read_only == Some(true)
     }
@@ -281,7 +292,7 @@ impl Classifier {
             match transaction_statement(&text[range]) {
                 Some((begin, said)) => {
                     begins |= begin;
-                    modes = said.or(modes);
+                    modes = modes.then(said);
                 }
                 None => transaction_only = false,
             }
@@ -1035,11 +1046,15 @@ mod tests {
                 .isolation,
             Some(Isolation::ReadCommitted)
         );
-        // The later statement's modes win.
+        // The later statement's modes win, but serializable, once said, stays: a standby fails at it.
+        let later = class(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+        );
+        assert_eq!(later.modes.isolation, Some(Isolation::ReadCommitted));
         let later = class(
             "BEGIN ISOLATION LEVEL SERIALIZABLE; SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
         );
-        assert_eq!(later.modes.isolation, Some(Isolation::RepeatableRead));
+        assert!(later.modes.needs_primary());
         assert_eq!(class("SELECT 1").modes, TxModes::default());
         assert_eq!(
             Isolation::from_setting("repeatable read"),

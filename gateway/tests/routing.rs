@@ -1108,6 +1108,21 @@ async fn serializable_transactions_run_on_the_primary_wherever_the_isolation_com
         .unwrap();
     assert_eq!(isolation_and_port(&client).await, serializable);
     client.batch_execute("COMMIT").await.unwrap();
+    // A serializable BEGIN, then a SET TRANSACTION to another level: PostgreSQL takes the later level, but a
+    // standby fails at the BEGIN, so the transaction runs on the primary.
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .await
+        .unwrap();
+    assert_eq!(
+        isolation_and_port(&client).await,
+        ("read committed".to_string(), env.primary_port())
+    );
+    client.batch_execute("COMMIT").await.unwrap();
     // The session's default, from the startup options: transactions and autocommit reads alike.
     let defaulted = common::connect(&format!(
         "host=127.0.0.1 port={} user=app password={APP_PASSWORD} dbname=app \

@@ -34,7 +34,7 @@ impl Session {
             regions::Writer::Node { url, .. } => format!("writes go to {url} now"),
             regions::Writer::Refused { why } => why.to_string(),
         };
-        tracing::warn!(%server, now = %now, in_transaction, "session ended: its server connection is on a former primary");
+        event!(self, warn, %server, now = %now, in_transaction, "session ended: its server connection is on a former primary");
         let what = if in_transaction {
             "what its transaction did there was not committed"
         } else {
@@ -101,7 +101,7 @@ impl Session {
                     // The connection is closed (dropped); another may take the settings, once.
                     Err(error) if replays_failed == 0 => {
                         replays_failed += 1;
-                        tracing::warn!(code = %error.code, reason = %error.message, "retrying the session's settings on another server connection");
+                        event!(self, warn, code = %error.code, reason = %error.message, "retrying the session's settings on another server connection");
                     }
                     Err(error) => break Err(error),
                 },
@@ -253,7 +253,7 @@ impl Session {
                 super::routing::count_transaction("replica", "moved");
                 let regions = self.regions.clone();
                 self.record(&super::routing::primary(&regions, Reason::Moved), &regions);
-                tracing::info!(
+                event!(self, info,
                     requests,
                     elapsed_ms = regions::millis(started.elapsed()),
                     "transaction moved to the primary at its first write: the replica's answers held there"
@@ -287,7 +287,7 @@ impl Session {
             transaction.start = Start::Aborted;
         }
         super::routing::count_transaction("replica", "aborted");
-        tracing::warn!(reason = %message, "a transaction's write refused: it read on a replica");
+        event!(self, warn, reason = %message, "a transaction's write refused: it read on a replica");
         self.send_own_query(ABORT, Own::Abort);
         self.state.set_status(TxStatus::Failed);
         self.answer_error(PgError::error("40001", message), TxStatus::Failed);
@@ -423,7 +423,7 @@ impl Session {
             .map(|l| l.conn().addr().to_string())
             .unwrap_or_default();
         let status = self.state.status();
-        tracing::warn!(%server, reason, status = %(status.byte() as char), "server connection lost");
+        event!(self, warn, %server, reason, status = %(status.byte() as char), "server connection lost");
         let retried = status.is_idle() && self.retry_elsewhere(reason);
         self.alone_over();
         self.lease = None;
@@ -498,7 +498,9 @@ impl Session {
                 // next writes to the closed socket (a pg_sleep holding row locks would run on). The closed
                 // connection then ends the backend, which rolls its transaction back.
                 let target = conn.cancel_target();
-                tracing::info!(
+                event!(
+                    self,
+                    info,
                     server_pid = target.pid,
                     "client left mid-request: cancelling it on the server"
                 );

@@ -34,6 +34,16 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+/// An event about this session, at info level or above: with the client's address, user and database.
+/// (The session's span carries them at debug level only: entered at every poll of the session's task, an
+/// enabled span cost about 540 instructions per transaction, 7%, and about 300 bytes per idle client.)
+macro_rules! event {
+    ($session:expr, $level:ident, $($rest:tt)+) => {{
+        let entry = &$session.handle.entry;
+        tracing::$level!(client = %entry.addr, user = %entry.user, database = %entry.database, $($rest)+)
+    }};
+}
+
 mod batching;
 mod duplex;
 mod lease;
@@ -189,15 +199,15 @@ impl Session {
                     None
                 }
                 End::Backend => {
-                    tracing::info!("the server ended the session's backend");
+                    event!(self, info, "the server ended the session's backend");
                     Some(None)
                 }
                 End::Fatal(error) => {
-                    tracing::info!(code = %error.code, reason = %error.message, "closing client connection");
+                    event!(self, info, code = %error.code, reason = %error.message, "closing client connection");
                     Some(Some(error))
                 }
                 End::Drained(outcome) => {
-                    tracing::info!(outcome = ?outcome, "closing client connection: the gateway shuts down");
+                    event!(self, info, outcome = ?outcome, "closing client connection: the gateway shuts down");
                     shared.drain.ended(outcome);
                     Some(Some(Box::new(shutdown::terminated())))
                 }
@@ -229,6 +239,7 @@ impl Session {
                     // A KILL that came while the session was not waiting for its client (its login, a
                     // pipelined request) ends it before the next request runs.
                     if self.handle.entry.is_killed() {
+                        event!(self, info, "session ended by the admin console's KILL");
                         return End::Fatal(Box::new(shutdown::killed()));
                     }
                     self.shutdown.grace = false;
@@ -432,7 +443,9 @@ impl Session {
             IoEvent::StatementTimeout => {
                 self.observer.timed_out = true;
                 if let Some(target) = self.handle.entry.server() {
-                    tracing::warn!(
+                    event!(
+                        self,
+                        warn,
                         timeout_ms = self.observer.statement_timeout.as_millis() as u64,
                         statement = %self.observer.statement(200),
                         "statement timeout: cancelling the request on its server"

@@ -145,7 +145,13 @@ impl Observer {
 
     /// A client request got its ReadyForQuery: time it, and log it if it was slow. `more` when another
     /// client request is pipelined behind it.
-    pub fn answered(&mut self, replica: bool, server: Option<SocketAddr>, more: bool) {
+    pub fn answered(
+        &mut self,
+        replica: bool,
+        server: Option<SocketAddr>,
+        more: bool,
+        entry: &ClientEntry,
+    ) {
         self.timed_out = false;
         let Some(started) = self.started.take() else {
             return;
@@ -167,6 +173,9 @@ impl Observer {
         if elapsed >= self.slow_after {
             METRICS.slow_statements.inc();
             tracing::warn!(
+                client = %entry.addr,
+                user = %entry.user,
+                database = %entry.database,
                 duration_ms = regions::millis(elapsed),
                 %server,
                 role,

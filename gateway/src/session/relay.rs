@@ -165,7 +165,8 @@ impl Session {
                 let replica = matches!(self.route, Some(super::Route::Replica(_)));
                 let server = self.lease.as_mut().map(|l| l.conn().addr());
                 let more = self.state.client_request_pending();
-                self.observer.answered(replica, server, more);
+                self.observer
+                    .answered(replica, server, more, &self.handle.entry);
                 Action::Forward
             }
             Step::Error(error) => self.on_server_error(error, body),
@@ -203,7 +204,7 @@ impl Session {
             // if it happens, the session ends with the server's reason and the connection is closed.
             Some(Own::Begin) => {
                 let (code, text) = protocol::error_fields(body);
-                tracing::error!(code, reason = %text, "the BEGIN of a client's transaction failed on its server; closing the session");
+                event!(self, error, code, reason = %text, "the BEGIN of a client's transaction failed on its server; closing the session");
                 self.conn().discard();
                 self.server_fatal = true;
                 self.fatal_forwarded = true;
@@ -222,7 +223,7 @@ impl Session {
             }
             Some(_) => {
                 let (code, text) = protocol::error_fields(body);
-                tracing::warn!(code, reason = %text, "a statement the gateway sent for the client failed");
+                event!(self, warn, code, reason = %text, "a statement the gateway sent for the client failed");
                 // Our picture of this connection is wrong; do not hand it to anyone else.
                 self.conn().discard();
                 return Action::Drop;
@@ -275,7 +276,9 @@ impl Session {
             self.conn().discard();
         }
         if statements::stale_statement(body) {
-            tracing::info!(
+            event!(
+                self,
+                info,
                 "a prepared statement's result type changed: statements are prepared anew"
             );
             self.shared.statement_names.forget_all();

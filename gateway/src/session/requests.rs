@@ -69,7 +69,9 @@ impl Session {
 
     pub(super) fn pin(&mut self, reason: &'static str) {
         if self.pinned.is_none() {
-            tracing::info!(
+            event!(
+                self,
+                info,
                 reason,
                 "client pinned to its server connection for the rest of the session"
             );
@@ -353,7 +355,9 @@ impl Session {
         let error = match crate::route::hint::malformed(text) {
             Some(_) if has_parameters(text) => {
                 // Not the statement's text: its literals may be secrets.
-                tracing::warn!(
+                event!(
+                    self,
+                    warn,
                     "a malformed routing hint in a statement with parameters is ignored"
                 );
                 return None;

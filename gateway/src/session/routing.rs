@@ -304,7 +304,7 @@ impl Session {
                 combined.access = combined.access.and(class.access);
                 combined.hint = combined.hint.or(class.hint);
                 combined.begins |= class.begins;
-                combined.modes = class.modes.or(combined.modes);
+                combined.modes = combined.modes.then(class.modes);
                 if first_shape.is_none() && !class.begin {
                     first_shape = shape.or_else(|| self.statement_shape(message_tag, message));
                 }
@@ -376,9 +376,12 @@ impl Session {
         }
         let (class, first_shape) = self.next_exchange_class();
         let opening = self.reads.deferred_begin.is_some() || class.begins;
-        let modes = class
-            .modes
-            .or(self.reads.deferred_modes)
+        // The session's defaults apply where the transaction's statements said nothing; a BEGIN's own modes
+        // are set before any statement runs, so a serializable default is not set on the way.
+        let modes = self
+            .reads
+            .deferred_modes
+            .then(class.modes)
             .or(self.session_modes());
         let opening = (opening && !modes.read_only()).then(|| {
             let key = &self.pool.key;
@@ -610,7 +613,7 @@ impl Session {
         if input.is_empty() || self.reads.exclude.is_some() {
             return false; // one retry per exchange
         }
-        tracing::info!(replica = %regions.replica_urls[id], reason, "retrying a read elsewhere");
+        event!(self, info, replica = %regions.replica_urls[id], reason, "retrying a read elsewhere");
         let mut requeued = input;
         requeued.extend_from_slice(&self.io.from_client);
         self.io.from_client = requeued;

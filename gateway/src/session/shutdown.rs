@@ -41,7 +41,6 @@ impl Shutdown {
 
 /// What a session ended by the console's KILL reads.
 pub fn killed() -> PgError {
-    tracing::info!("session ended by the admin console's KILL");
     PgError::fatal(
         "57P01",
         "terminating connection due to administrator command (regiongate console KILL)",
@@ -89,6 +88,7 @@ impl Session {
     #[inline(never)]
     pub(super) fn on_drain(&mut self, phase: Phase) -> Result<(), End> {
         if self.handle.entry.is_killed() {
+            event!(self, info, "session ended by the admin console's KILL");
             return Err(End::Fatal(Box::new(killed())));
         }
         // Waking takes the waker out of the entry: the next wait puts it back, for the next phase.
@@ -107,7 +107,7 @@ impl Session {
                     Outcome::Closed
                 }));
             }
-            tracing::warn!(
+            event!(self, warn,
                 in_transaction = !self.state.status().is_idle() || self.reads.deferred_begin.is_some(),
                 request_running = self.state.owes_answers(),
                 "shutdown timeout: closing a client in the middle of its transaction; it rolls back"

@@ -308,7 +308,7 @@ impl Session {
     ) -> (Session, Option<Lease>, bytes::BytesMut, tracing::Span) {
         let (startup, pool, login) = (logged_in.startup, logged_in.pool, logged_in.login);
         let config = shared.config.load();
-        let span = tracing::info_span!("session", client = %peer, user = %startup.user, database = %startup.database);
+        let span = tracing::debug_span!("session", client = %peer, user = %startup.user, database = %startup.database);
         span.in_scope(|| tracing::debug!("client logged in"));
         METRICS.client_connections.inc();
         let session = Session {
