@@ -13,6 +13,8 @@
 set -euo pipefail
 
 COUNTS=${COUNTS:-"1000 10000 50000"}
+# IDLE_QUERY="SELECT 1": each client runs it once after its login, then idles (a client that did something).
+IDLE_QUERY=${IDLE_QUERY:-}
 POOL=8
 DURATION=${DURATION:-10}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -116,7 +118,7 @@ measure() {
         start_proxy "$name"
         sleep 1
         before=$(rss_kb "$PROXY_PID")
-        coproc IDLE { "$IDLE_CLIENTS" "$PROXY_PORT" bench bench "$n"; }
+        coproc IDLE { "$IDLE_CLIENTS" "$PROXY_PORT" bench bench "$n" ${IDLE_QUERY:+"$IDLE_QUERY"}; }
         if ! read -r line <&"${IDLE[0]}"; then
             echo "the idle clients failed against $name" >&2
             exit 1

@@ -91,8 +91,9 @@ pub fn mentions_watched(text: &[u8]) -> bool {
 #[derive(Default)]
 pub struct Recent {
     /// Sets of two, the newest first: a statement whose values change its shape now and then (a negative
-    /// number is `-` and a value) keeps both shapes at hand.
-    sets: [[Option<Remembered>; 2]; Recent::SETS],
+    /// number is `-` and a value) keeps both shapes at hand. Each set is made when a text first lands in it:
+    /// most sessions send a few statements, and an idle client's memory is what its session holds.
+    sets: [Option<Box<[Option<Remembered>; 2]>>; Recent::SETS],
     /// Bytes of text held, at most [`Recent::BUDGET`].
     held: usize,
 }
@@ -128,15 +129,18 @@ impl Recent {
         };
         let key = blank_digits(word(0)) ^ blank_digits(word(8)).rotate_left(29);
         let index = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 60) as usize;
-        for (text, id) in self.sets[index].iter().flatten() {
-            if unquoted_same_but_numbers(text, sql) {
-                return *id;
+        if let Some(set) = &self.sets[index] {
+            for (text, id) in set.iter().flatten() {
+                if unquoted_same_but_numbers(text, sql) {
+                    return *id;
+                }
             }
         }
         let id = shape_id(sql);
         if n <= Self::MAX_TEXT && memchr::memchr(b'"', sql).is_none() {
-            let older = self.sets[index][1]
+            let older = self.sets[index]
                 .as_ref()
+                .and_then(|set| set[1].as_ref())
                 .map_or(0, |(text, _)| text.len());
             if self.held - older + n > Self::BUDGET {
                 *self = Recent::default();
@@ -145,7 +149,7 @@ impl Recent {
             }
             self.held += n;
             // The older entry makes way for the new one, which goes first.
-            let set = &mut self.sets[index];
+            let set = self.sets[index].get_or_insert_with(Box::default);
             set[1] = Some((sql.to_vec(), id));
             set.swap(0, 1);
         }

@@ -57,6 +57,8 @@ pub struct Detector {
     run: Option<Run>,
     /// The previous statement, which becomes the parent of a run that starts now.
     previous: Option<(u64, Bytes)>,
+    /// Some text kept is a slice of the session's read buffer (see [`Detector::unpin`]).
+    borrowed: bool,
 }
 
 /// Who ran an episode, for its report.
@@ -84,6 +86,7 @@ impl Detector {
         if !statement.read {
             self.finish(settings, patterns, origin);
             self.previous = Some((statement.shape, statement.text.clone()));
+            self.borrowed = true;
             return;
         }
         let now = statement.at;
@@ -122,10 +125,32 @@ impl Detector {
                 samples: statement.sample.into_iter().collect(),
                 parent,
             });
+            self.borrowed = true;
         }
         // The parent is shown canonical, so any statement of its shape serves: in a run, keep the one held.
         if self.previous.as_ref().map(|(shape, _)| *shape) != Some(statement.shape) {
             self.previous = Some((statement.shape, statement.text.clone()));
+            self.borrowed = true;
+        }
+    }
+
+    /// The client is idle: the texts kept become copies of their own. The session hands over slices of the
+    /// client's read buffer, and holding one while the client idles would keep that buffer's whole
+    /// allocation from being reused (several KB per idle client, and a new buffer at its next request).
+    /// Copied at most once per idle moment, and only what changed since the last.
+    pub fn unpin(&mut self) {
+        if !std::mem::take(&mut self.borrowed) {
+            return;
+        }
+        let own = |text: &mut Bytes| *text = Bytes::copy_from_slice(text);
+        if let Some((_, text)) = self.previous.as_mut() {
+            own(text);
+        }
+        if let Some(run) = self.run.as_mut() {
+            own(&mut run.text);
+            if let Some(parent) = run.parent.as_mut() {
+                own(parent);
+            }
         }
     }
 
@@ -302,6 +327,43 @@ mod tests {
             application_name: "app",
             client: "127.0.0.1:1".parse().unwrap(),
         }
+    }
+
+    /// What the detector keeps while the client idles is its own: no slice of the buffer the statements came
+    /// in holds that buffer's allocation.
+    #[test]
+    fn kept_texts_let_go_of_the_read_buffer_when_the_client_idles() {
+        let patterns = Patterns::default();
+        let buffer = Bytes::from(b"UPDATE t SET a = 1SELECT * FROM t WHERE id = 1".to_vec());
+        let inside = |text: &Bytes| buffer.as_ptr_range().contains(&text.as_ptr());
+        let mut detector = Detector::default();
+        for (range, read) in [(0..18, false), (18..buffer.len(), true)] {
+            let text = buffer.slice(range);
+            detector.observe(
+                Statement {
+                    shape: fingerprint::shape(&text).hash,
+                    read,
+                    text: &text,
+                    values: 1,
+                    sample: None,
+                    at: Instant::now(),
+                },
+                &settings(),
+                &patterns,
+                &origin(),
+            );
+        }
+        let run = detector.run.as_ref().expect("a run started");
+        assert!(inside(&run.text) && inside(run.parent.as_ref().expect("its parent")));
+        detector.unpin();
+        let run = detector.run.as_ref().unwrap();
+        assert!(!inside(&run.text), "the run's text");
+        assert!(!inside(run.parent.as_ref().unwrap()), "its parent");
+        assert!(
+            !inside(&detector.previous.as_ref().unwrap().1),
+            "the previous statement"
+        );
+        assert_eq!(&run.text[..], b"SELECT * FROM t WHERE id = 1");
     }
 
     fn run(detector: &mut Detector, patterns: &Patterns, sql: &str, values: u64) {

@@ -1,5 +1,6 @@
-//! `idle_clients PORT USER DATABASE N`: opens N client connections to a proxy on 127.0.0.1:PORT, logs each in
-//! (trust authentication: a StartupMessage, then the answers up to ReadyForQuery) and keeps them open, idle.
+//! `idle_clients PORT USER DATABASE N [QUERY]`: opens N client connections to a proxy on 127.0.0.1:PORT, logs
+//! each in (trust authentication: a StartupMessage, then the answers up to ReadyForQuery), runs QUERY once on
+//! each when it is given (a client that did something, then went idle), and keeps them open, idle.
 //! Prints `logged-in N SECONDS` once all are in, then waits for a line (or the end) on stdin and exits,
 //! closing them. Used by `benches/idle.sh` to measure what an idle client costs a proxy.
 //!
@@ -21,12 +22,15 @@ const PER_SOURCE_ADDRESS: usize = 1_000;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [port, user, database, count] = args.as_slice() else {
-        bail!("usage: idle_clients PORT USER DATABASE N");
+    let (port, user, database, count, query) = match args.as_slice() {
+        [port, user, database, count] => (port, user, database, count, None),
+        [port, user, database, count, query] => (port, user, database, count, Some(query)),
+        _ => bail!("usage: idle_clients PORT USER DATABASE N [QUERY]"),
     };
     let port: u16 = port.parse().context("PORT")?;
     let count: usize = count.parse().context("N")?;
     let startup = std::sync::Arc::new(startup_message(user, database));
+    let query = std::sync::Arc::new(query.map(|q| query_message(q)));
     let started = Instant::now();
     let mut clients = Vec::with_capacity(count);
     let mut logins = tokio::task::JoinSet::new();
@@ -34,8 +38,15 @@ async fn main() -> Result<()> {
         if logins.len() >= CONCURRENCY {
             clients.push(logins.join_next().await.expect("one in flight")??);
         }
-        let startup = startup.clone();
-        logins.spawn(async move { log_in(i, port, &startup).await });
+        let (startup, query) = (startup.clone(), query.clone());
+        logins.spawn(async move {
+            let mut stream = log_in(i, port, &startup).await?;
+            if let Some(query) = query.as_deref() {
+                stream.write_all(query).await?;
+                read_to_ready(i, &mut stream).await?;
+            }
+            Ok::<_, anyhow::Error>(stream)
+        });
     }
     while let Some(client) = logins.join_next().await {
         clients.push(client??);
@@ -68,6 +79,14 @@ fn startup_message(user: &str, database: &str) -> Vec<u8> {
     message
 }
 
+fn query_message(text: &str) -> Vec<u8> {
+    let mut message = vec![b'Q'];
+    message.extend_from_slice(&((text.len() + 5) as i32).to_be_bytes());
+    message.extend_from_slice(text.as_bytes());
+    message.push(0);
+    message
+}
+
 /// Connects (from the i-th client's source address) and reads the login answers up to ReadyForQuery.
 async fn log_in(i: usize, port: u16, startup: &[u8]) -> Result<TcpStream> {
     let address = (std::process::id() as usize % 200) * 100 + i / PER_SOURCE_ADDRESS;
@@ -79,6 +98,12 @@ async fn log_in(i: usize, port: u16, startup: &[u8]) -> Result<TcpStream> {
         .await
         .with_context(|| format!("client {i}: connect"))?;
     stream.write_all(startup).await?;
+    read_to_ready(i, &mut stream).await?;
+    Ok(stream)
+}
+
+/// Reads messages up to ReadyForQuery; an ErrorResponse is an error.
+async fn read_to_ready(i: usize, stream: &mut TcpStream) -> Result<()> {
     loop {
         let tag = stream
             .read_u8()
@@ -88,11 +113,8 @@ async fn log_in(i: usize, port: u16, startup: &[u8]) -> Result<TcpStream> {
         let mut body = vec![0; len.saturating_sub(4)];
         stream.read_exact(&mut body).await?;
         match tag {
-            b'Z' => return Ok(stream),
-            b'E' => bail!(
-                "client {i}: login refused: {}",
-                String::from_utf8_lossy(&body)
-            ),
+            b'Z' => return Ok(()),
+            b'E' => bail!("client {i}: refused: {}", String::from_utf8_lossy(&body)),
             b'R' if body.get(..4) != Some(&[0, 0, 0, 0]) => {
                 bail!("client {i}: the proxy asks for a password; use trust authentication")
             }

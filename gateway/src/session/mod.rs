@@ -413,6 +413,10 @@ impl Session {
 
     /// Waits until a socket is ready, moves bytes, and acts on what happened.
     async fn wait_io(&mut self) -> Result<(), End> {
+        if self.lease.is_none() {
+            // The client may idle now, and its buffers go to the stock.
+            self.observer.unpin();
+        }
         let nothing_owed = !self.state.owes_answers() && self.io.to_server.is_empty();
         let idle = (!self.client_idle_timeout.is_zero() && (self.lease.is_none() || nothing_owed))
             .then_some(self.client_idle_timeout);

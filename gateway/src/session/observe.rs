@@ -183,9 +183,23 @@ impl Observer {
                 "slow statement"
             );
         }
+        if !more {
+            // The statement's text is a slice of the client's read buffer: held while the client idles, it
+            // would keep that buffer's allocation alive (several KB per idle client) and make the next read
+            // allocate a new one.
+            self.last_statement = None;
+        }
         // A pipelined request behind this one has been waiting since now at the latest.
         if more {
             self.started = Some(Instant::now());
+        }
+    }
+
+    /// The client is idle: nothing kept refers to its read buffer (see [`nplus1::Detector::unpin`]).
+    #[inline]
+    pub fn unpin(&mut self) {
+        if let Some(detector) = self.detector.as_mut() {
+            detector.unpin();
         }
     }
 
