@@ -393,9 +393,9 @@ impl Console {
                 vec![
                     pid.to_string(),
                     c.addr.to_string(),
-                    c.user.clone(),
-                    c.database.clone(),
-                    c.application_name.clone(),
+                    c.user.to_string(),
+                    c.database.to_string(),
+                    c.application_name.to_string(),
                     if server.is_some() {
                         "active"
                     } else if c.is_waiting() {

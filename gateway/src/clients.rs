@@ -24,9 +24,10 @@ pub struct ServerTarget {
 /// One connected client.
 pub struct ClientEntry {
     pub addr: SocketAddr,
-    pub user: String,
-    pub database: String,
-    pub application_name: String,
+    /// Shared by the clients with the same name (see [`Clients::register`]).
+    pub user: Arc<str>,
+    pub database: Arc<str>,
+    pub application_name: Box<str>,
     pub connected_at: SystemTime,
     /// Server connections checked out so far (one per transaction in transaction mode).
     pub checkouts: AtomicU64,
@@ -96,6 +97,9 @@ pub struct ClientInfo {
 #[derive(Default)]
 pub struct Clients {
     by_key: Mutex<HashMap<(i32, i32), Arc<ClientEntry>>>,
+    /// User and database names, one copy each for all their clients: two allocations fewer per client. Only
+    /// names that logged in are kept, and they stay (a few per configured user and database).
+    names: Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 /// A client's registration: its cancel key and entry, removed when the session ends.
@@ -116,6 +120,16 @@ impl Drop for ClientHandle {
     }
 }
 
+/// The shared copy of `name`.
+fn intern(names: &mut std::collections::HashSet<Arc<str>>, name: String) -> Arc<str> {
+    if let Some(name) = names.get(name.as_str()) {
+        return name.clone();
+    }
+    let name: Arc<str> = name.into();
+    names.insert(name.clone());
+    name
+}
+
 impl Clients {
     /// Registers a new client under a fresh random cancel key: a random pid, or the pid of the backend it
     /// holds for its whole session (session pool mode), and always a random secret. None when `max` clients
@@ -126,11 +140,18 @@ impl Clients {
         info: ClientInfo,
         max: usize,
     ) -> Option<ClientHandle> {
+        let (user, database) = {
+            let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                intern(&mut names, info.user),
+                intern(&mut names, info.database),
+            )
+        };
         let entry = Arc::new(ClientEntry {
             addr: info.addr,
-            user: info.user,
-            database: info.database,
-            application_name: info.application_name,
+            user,
+            database,
+            application_name: info.application_name.into_boxed_str(),
             connected_at: SystemTime::now(),
             checkouts: AtomicU64::new(0),
             target: Mutex::new(None),
@@ -180,7 +201,7 @@ impl Clients {
     pub fn kill_database(&self, database: &str) -> usize {
         let clients = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         let mut killed = 0;
-        for entry in clients.values().filter(|e| e.database == database) {
+        for entry in clients.values().filter(|e| *e.database == *database) {
             entry.kill();
             killed += 1;
         }

@@ -68,11 +68,8 @@ pub struct Origin<'a> {
     pub client: std::net::SocketAddr,
 }
 
-pub struct Settings {
-    pub threshold: u32,
-    pub window: Duration,
-    pub log_parameters: bool,
-}
+/// The `nplus1` section of the configuration: what makes an episode, and what its report shows.
+pub type Settings = crate::config::NPlusOneConfig;
 
 impl Detector {
     /// Notes a statement; reports the run it ends if that was an episode.
@@ -315,6 +312,7 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
+            enabled: true,
             threshold: 5,
             window: Duration::from_secs(1),
             log_parameters: false,

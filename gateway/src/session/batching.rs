@@ -76,7 +76,7 @@ impl Session {
         }
         self.follow_reload();
         // Without a primary the insert is not queued: it is answered at once with why (57P03).
-        if !self.batching || self.regions.picture().writer.url().is_none() {
+        if self.config.batching.tables.is_empty() || self.regions.picture().writer.url().is_none() {
             return Ok(false);
         }
         let config = self.shared.config.load_full();

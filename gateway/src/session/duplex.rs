@@ -12,6 +12,7 @@ use crate::drain::{Kicked, Phase};
 use crate::server::ServerConn;
 use crate::tls::Stream;
 use bytes::{Buf, BytesMut};
+use std::future::Future;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -155,7 +156,7 @@ impl Duplex {
         &'a mut self,
         server: Option<&'a mut ServerConn>,
         watch: Watch<'a>,
-    ) -> impl std::future::Future<Output = IoEvent> + 'a {
+    ) -> impl Future<Output = IoEvent> + 'a {
         async move {
             if server.is_none()
                 && self.from_client.is_empty()
@@ -183,24 +184,15 @@ impl Duplex {
                 IoEvent::ClientRead,
                 IoEvent::ClientWrite,
             );
-            let kick = watch.kick;
+            // (What the branches need goes straight into their futures: a copy in a local would be kept in
+            // every waiting session's future.)
+            let has_kick = watch.kick.is_some();
             let Some(conn) = server else {
-                let client = async {
-                    match kick {
-                        None => client.await,
-                        Some(kick) => tokio::select! {
-                            biased;
-                            event = client => event,
-                            phase = kick => IoEvent::Drain(phase),
-                        },
-                    }
-                };
-                return match watch.idle {
-                    None => client.await,
-                    Some(idle) => match tokio::time::timeout(idle, client).await {
-                        Ok(event) => event,
-                        Err(_) => IoEvent::ClientIdle,
-                    },
+                return tokio::select! {
+                    biased;
+                    event = client => event,
+                    phase = kicked(watch.kick), if has_kick => IoEvent::Drain(phase),
+                    _ = sleep_until(first(watch.idle, None)), if watch.idle.is_some() => IoEvent::ClientIdle,
                 };
             };
             let (stream, read_buf) = conn.io();
@@ -217,30 +209,33 @@ impl Duplex {
                 IoEvent::ServerRead,
                 IoEvent::ServerWrite,
             );
-            // One timer for both limits (a timer is most of a waiting session's future): the statement's deadline,
-            // or the end of the client's idle time, whichever comes first. The clock is read only when the
-            // client may be idle.
-            let idle_until = watch.idle.map(|idle| Instant::now() + idle);
-            let timer = match (idle_until, watch.deadline) {
-                (Some(idle), Some(deadline)) => Some(idle.min(deadline)),
-                (idle, deadline) => idle.or(deadline),
-            };
-            let has_kick = kick.is_some();
+            // One timer for both limits: the statement's deadline, or the end of the client's idle time,
+            // whichever comes first.
+            let has_timer = watch.idle.is_some() || watch.deadline.is_some();
             // Biased: no random branch order to draw; at most one or two are ready at a time anyway.
             tokio::select! {
                 biased;
                 event = server, if server_busy => event,
                 event = client => event,
-                _ = sleep_until(timer), if timer.is_some() => {
+                _ = sleep_until(first(watch.idle, watch.deadline)), if has_timer => {
                     if watch.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                         IoEvent::StatementTimeout
                     } else {
                         IoEvent::ClientIdle
                     }
                 }
-                phase = kicked(kick), if has_kick => IoEvent::Drain(phase),
+                phase = kicked(watch.kick), if has_kick => IoEvent::Drain(phase),
             }
         }
+    }
+}
+
+/// The earlier of the end of the client's idle time (from now) and the statement's deadline. The clock is
+/// read only when the client may be idle.
+fn first(idle: Option<Duration>, deadline: Option<Instant>) -> Option<Instant> {
+    match (idle.map(|idle| Instant::now() + idle), deadline) {
+        (Some(idle), Some(deadline)) => Some(idle.min(deadline)),
+        (idle, deadline) => idle.or(deadline),
     }
 }
 
@@ -253,6 +248,8 @@ impl Duplex {
             return None;
         }
         self.give_buffers();
+        // One timer for the whole idle time, boxed (see [`sleep_until`]).
+        let mut timer = idle.map(|idle| Box::pin(tokio::time::sleep(idle)));
         loop {
             if let Some(read) = self.read_idle() {
                 return Some(IoEvent::ClientRead(read));
@@ -261,19 +258,22 @@ impl Duplex {
                 unreachable!("checked above")
             };
             // poll_read_ready uses the socket's one reader slot; `readable()` would queue a waiter behind a
-            // lock, which costs more at every transaction.
-            let readable = std::future::poll_fn(|cx| {
+            // lock, which costs more at every transaction. None: the idle time is over.
+            let ready = std::future::poll_fn(|cx| {
                 if let Some(phase) = kick.and_then(Kicked::moved) {
-                    return Poll::Ready(Err(phase));
+                    return Poll::Ready(Some(Err(phase)));
                 }
-                tcp.poll_read_ready(cx).map(Ok)
-            });
-            let ready = match idle {
-                None => readable.await,
-                Some(idle) => match tokio::time::timeout(idle, readable).await {
-                    Ok(ready) => ready,
-                    Err(_) => return Some(IoEvent::ClientIdle),
-                },
+                if let Poll::Ready(ready) = tcp.poll_read_ready(cx) {
+                    return Poll::Ready(Some(Ok(ready)));
+                }
+                match timer.as_mut() {
+                    Some(timer) => timer.as_mut().poll(cx).map(|()| None),
+                    None => Poll::Pending,
+                }
+            })
+            .await;
+            let Some(ready) = ready else {
+                return Some(IoEvent::ClientIdle);
             };
             match ready {
                 Err(phase) => {
@@ -425,7 +425,7 @@ fn stream_io<'a>(
     read: bool,
     on_read: fn(std::io::Result<usize>) -> IoEvent,
     on_write: fn(std::io::Result<usize>) -> IoEvent,
-) -> impl std::future::Future<Output = IoEvent> + 'a {
+) -> impl Future<Output = IoEvent> + 'a {
     std::future::poll_fn(move |cx| {
         if read {
             if let Poll::Ready(r) =
@@ -459,10 +459,12 @@ async fn kicked(kick: Option<Kicked<'_>>) -> Phase {
 }
 
 /// Sleeps until `deadline`. An `async fn`, so that no timer is made unless it is polled: select! creates the
-/// futures of disabled branches too, and this one is created at every wait for I/O.
+/// futures of disabled branches too, and this one is created at every wait for I/O. The timer is boxed:
+/// tokio's is 112 bytes, which would take room in every session's future, while only sessions with a
+/// configured timeout make one.
 async fn sleep_until(deadline: Option<Instant>) {
     if let Some(deadline) = deadline {
-        tokio::time::sleep_until(deadline.into()).await;
+        Box::pin(tokio::time::sleep_until(deadline.into())).await;
     }
 }
 

@@ -82,7 +82,9 @@ impl Session {
                 Ok(target) => target,
                 Err(error) => break Err(error),
             };
-            match pool.checkout().await {
+            // (The checkout's result is done with inside this block: a value matched on would otherwise be kept,
+            // with the room of its error, across the settings' await below, in every session's future.)
+            let mut lease = match pool.checkout().await {
                 // A replica fits the read's budget at the decision; waiting for a free connection, or opening
                 // one (a TCP and authentication exchange over the link), takes time during which a replica
                 // whose replay stalled grows staler. Past the instant it goes over the budget, the connection
@@ -95,22 +97,25 @@ impl Session {
                 {
                     lease.release();
                     stale_checkouts += 1;
+                    continue;
                 }
-                Ok(mut lease) => match self.settings.bring(&mut lease).await {
-                    Ok(()) => break Ok((lease, route, decision, opening)),
-                    // The connection is closed (dropped); another may take the settings, once.
-                    Err(error) if replays_failed == 0 => {
-                        replays_failed += 1;
-                        event!(self, warn, code = %error.code, reason = %error.message, "retrying the session's settings on another server connection");
-                    }
-                    Err(error) => break Err(error),
-                },
+                Ok(lease) => lease,
                 Err(error) => match route {
                     Route::Replica(in_flight) if attempts <= 3 => {
                         regions.ban(in_flight.id(), &error.to_client().message);
+                        continue;
                     }
                     _ => break Err(error.to_client()),
                 },
+            };
+            match self.settings.bring(&mut lease).await {
+                Ok(()) => break Ok((lease, route, decision, opening)),
+                // The connection is closed (dropped); another may take the settings, once.
+                Err(error) if replays_failed == 0 => {
+                    replays_failed += 1;
+                    event!(self, warn, code = %error.code, reason = %error.message, "retrying the session's settings on another server connection");
+                }
+                Err(error) => break Err(error),
             }
         };
         match result {
@@ -340,6 +345,8 @@ impl Session {
             self.pool_generation = self.shared.generation();
             let (user, database) = (self.pool.key.user.clone(), self.pool.key.database.clone());
             let config = self.shared.config.load_full();
+            self.config = config.clone();
+            self.observer.follow(config.clone());
             self.regions = self.shared.regions();
             let primary = self
                 .regions
@@ -350,12 +357,9 @@ impl Session {
             self.pool = self.shared.pool(&primary, &user, &database);
             self.writer_epoch = 0;
             self.replicas = self.shared.has_replicas();
-            self.observer.slow_after = config.log.slow_statement;
-            self.batching = !config.batching.tables.is_empty();
             // Budgets and transaction routing, as a new session would get them.
             self.reads.budget = config.routing.budget_for(&user, &database);
             self.reads.transactions = config.routing.transactions_for(&user, &database);
-            self.reads.max_replay_bytes = config.routing.transactions.max_replay_bytes;
         }
     }
 

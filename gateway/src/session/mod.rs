@@ -30,7 +30,6 @@ use state::ProtocolState;
 use statements::Statements;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
@@ -107,19 +106,17 @@ struct Session {
     /// The regions' writer epoch `pool` follows (0: look again; see [`Session::primary_pool`]).
     /// (u32: the low half is enough to notice a change; the session's size is what an idle client costs.)
     writer_epoch: u32,
-    /// The reload generation `pool`, `replicas`, `regions`, `slow_after` and `batching` were read in.
+    /// The reload generation `config`, `pool`, `replicas` and `regions` were read in.
     pool_generation: u64,
+    /// The configuration the session follows (limits, batching; one pointer where copies of what the session
+    /// reads in it would take room in every idle client).
+    config: Arc<crate::config::Config>,
     /// Whether any replica is configured (read routing is on).
     replicas: bool,
     /// The regions in force (replaced by a reload only; their live picture changes inside).
     regions: Arc<regions::Regions>,
-    /// Whether any table is configured for insert batching (no statement is looked at for it otherwise).
-    batching: bool,
     /// This client's registration: cancel key, and what the console shows.
     handle: ClientHandle,
-    max_message_size: usize,
-    /// `limits.client_idle_timeout`.
-    client_idle_timeout: Duration,
     pinned: Option<&'static str>,
     /// After an error the gateway answered (a failed checkout, a write refused): drop extended-protocol
     /// messages up to the next Sync, then answer it with this status.
@@ -164,7 +161,13 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     session.io.greet(hello);
     // The drain counts the connection on in the session's task.
     live.hand_over();
-    tokio::spawn(session.live().instrument(span));
+    // Without the span when it is off (debug level): a disabled span still takes 56 bytes in the task, and
+    // the task's size is what an idle client costs.
+    if span.is_disabled() {
+        tokio::spawn(session.live());
+    } else {
+        tokio::spawn(session.live().instrument(span));
+    }
 }
 
 impl Session {
@@ -329,12 +332,13 @@ impl Session {
                 }
                 Some(Ok(header)) => header,
             };
-            if len > self.max_message_size {
+            let max_message_size = self.config.limits.max_message_size;
+            if len > max_message_size {
                 return Err(PgError::fatal(
                     "08P01",
                     format!(
                         "message of {len} bytes exceeds the gateway's max_message_size ({} bytes)",
-                        self.max_message_size
+                        max_message_size
                     ),
                 ));
             }
@@ -418,8 +422,11 @@ impl Session {
             self.observer.unpin();
         }
         let nothing_owed = !self.state.owes_answers() && self.io.to_server.is_empty();
-        let idle = (!self.client_idle_timeout.is_zero() && (self.lease.is_none() || nothing_owed))
-            .then_some(self.client_idle_timeout);
+        // (In a block: a local left in scope would be kept across the wait, in every session's future.)
+        let idle = {
+            let limit = self.config.limits.client_idle_timeout;
+            (!limit.is_zero() && (self.lease.is_none() || nothing_owed)).then_some(limit)
+        };
         // Inside a transaction with no request in flight the server has nothing to say: its connection dying
         // shows at the next request, which could not have run on it anyway, so its socket is left alone (two
         // polls per statement saved). Outside one it may speak at any time (a notification, a session-mode
@@ -450,7 +457,7 @@ impl Session {
                     event!(
                         self,
                         warn,
-                        timeout_ms = self.observer.statement_timeout.as_millis() as u64,
+                        timeout_ms = self.observer.statement_timeout().as_millis() as u64,
                         statement = %self.observer.statement(200),
                         "statement timeout: cancelling the request on its server"
                     );

@@ -2,11 +2,13 @@
 //! rows it returned, the statement timeout's clock, and the statements the N+1 detector is fed.
 
 use crate::clients::ClientEntry;
+use crate::config::Config;
 use crate::fingerprint::{self, Recent};
 use crate::metrics::METRICS;
 use crate::nplus1;
 use bytes::Bytes;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct Observer {
@@ -24,19 +26,18 @@ pub struct Observer {
     /// runs one does not carry it).
     detecting: bool,
     detector: Option<Box<nplus1::Detector>>,
-    nplus1: nplus1::Settings,
     /// The shapes of this client's recent Query texts (computing a shape anew costs a lexer pass); boxed on
     /// first use, so that a client that never queries does not carry its 1.8 KB.
     recent_shapes: Option<Box<Recent>>,
-    /// `log.slow_statement`.
-    pub slow_after: Duration,
-    /// `limits.statement_timeout`, and whether the request in flight was cancelled for it already.
-    pub statement_timeout: Duration,
+    /// The configuration the session follows: `log.slow_statement`, `limits.statement_timeout` and `nplus1`
+    /// are read in it (one pointer, where copies of them took 56 bytes of every idle client).
+    config: Arc<Config>,
+    /// Whether the request in flight was cancelled for `limits.statement_timeout` already.
     pub timed_out: bool,
 }
 
 impl Observer {
-    pub fn new(config: &crate::config::Config) -> Observer {
+    pub fn new(config: Arc<Config>) -> Observer {
         Observer {
             started: None,
             last_answer: Instant::now(),
@@ -44,16 +45,20 @@ impl Observer {
             rows: 0,
             detecting: config.nplus1.enabled,
             detector: None,
-            nplus1: nplus1::Settings {
-                threshold: config.nplus1.threshold,
-                window: config.nplus1.window,
-                log_parameters: config.nplus1.log_parameters,
-            },
             recent_shapes: None,
-            slow_after: config.log.slow_statement,
-            statement_timeout: config.limits.statement_timeout,
+            config,
             timed_out: false,
         }
+    }
+
+    /// A reload: the session follows the new configuration from its next request.
+    pub fn follow(&mut self, config: Arc<Config>) {
+        self.config = config;
+    }
+
+    /// `limits.statement_timeout` (zero: none).
+    pub fn statement_timeout(&self) -> Duration {
+        self.config.limits.statement_timeout
     }
 
     /// The shape of a Query's text.
@@ -92,8 +97,8 @@ impl Observer {
     #[inline]
     pub fn deadline(&self) -> Option<Instant> {
         let started = self.started?;
-        (!self.statement_timeout.is_zero() && !self.timed_out)
-            .then(|| started + self.statement_timeout)
+        let timeout = self.config.limits.statement_timeout;
+        (!timeout.is_zero() && !self.timed_out).then(|| started + timeout)
     }
 
     #[inline]
@@ -124,6 +129,7 @@ impl Observer {
         }
         let detector = self.detector.get_or_insert_with(Box::default);
         let sample = self
+            .config
             .nplus1
             .log_parameters
             .then(|| String::from_utf8_lossy(&values[..values.len().min(200)]).into_owned());
@@ -137,7 +143,7 @@ impl Observer {
                 // A Query has just started the request clock: no second reading.
                 at: self.started.unwrap_or_else(Instant::now),
             },
-            &self.nplus1,
+            &self.config.nplus1,
             patterns,
             &origin(entry),
         );
@@ -170,7 +176,7 @@ impl Observer {
             "request"
         );
         METRICS.request_seconds(replica, elapsed.as_secs_f64());
-        if elapsed >= self.slow_after {
+        if elapsed >= self.config.log.slow_statement {
             METRICS.slow_statements.inc();
             tracing::warn!(
                 client = %entry.addr,
@@ -206,7 +212,7 @@ impl Observer {
     /// The session ends: a run of N+1 statements in progress is reported.
     pub fn finish(&mut self, patterns: &nplus1::Patterns, entry: &ClientEntry) {
         if let Some(mut detector) = self.detector.take() {
-            detector.finish(&self.nplus1, patterns, &origin(entry));
+            detector.finish(&self.config.nplus1, patterns, &origin(entry));
         }
     }
 }

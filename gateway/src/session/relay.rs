@@ -254,7 +254,7 @@ impl Session {
                 "57014",
                 format!(
                     "canceling statement due to statement timeout (regiongate limits.statement_timeout is {})",
-                    humantime::format_duration(self.observer.statement_timeout)
+                    humantime::format_duration(self.observer.statement_timeout())
                 ),
             )
             .encode(&mut out);

@@ -60,14 +60,14 @@ pub(super) struct Reads {
     pub moving: bool,
     /// The connection held was chosen for the client's next exchange, none of which was sent yet.
     pub chosen_for_next: bool,
-    /// `routing.transactions` for this user and database, and how much a transaction may record.
+    /// `routing.transactions` for this user and database.
     pub transactions: TransactionRouting,
-    pub max_replay_bytes: usize,
     /// The transaction under way, if it could write: how it started, for its count and its shape's lesson.
     pub transaction: Option<Transaction>,
     /// `regiongate_routed_total` children this session used, so that a decision is counted without a
     /// label lookup (one per transaction otherwise).
-    pub counters: Vec<(CounterKey, prometheus::IntCounter)>,
+    /// (A boxed slice, grown by one at each new child: one word less than a Vec in every session.)
+    pub counters: Box<[(CounterKey, prometheus::IntCounter)]>,
 }
 
 /// A transaction that could write, as it started.
@@ -409,7 +409,7 @@ impl Session {
             Target::Replica(_) => {
                 let replay = Replay::new(
                     self.reads.deferred_begin.clone(),
-                    self.reads.max_replay_bytes,
+                    self.config.routing.transactions.max_replay_bytes,
                 );
                 self.state.start_recording(Box::new(replay));
                 Start::Replica
@@ -478,7 +478,9 @@ impl Session {
                         .with_label_values(&[region, role, decision.reason.label()]);
                 counter.inc();
                 let key: CounterKey = (decision.region.clone(), primary, decision.reason);
-                self.reads.counters.push((key, counter));
+                let mut counters = std::mem::take(&mut self.reads.counters).into_vec();
+                counters.push((key, counter));
+                self.reads.counters = counters.into_boxed_slice();
             }
         }
         let server = match decision.target {

@@ -77,20 +77,27 @@ impl Reset {
     }
 }
 
+#[derive(Default)]
+struct Named {
+    /// Custom settings the client named (a capture asks for them).
+    custom: BTreeSet<String>,
+    /// The rows of a capture under way.
+    rows: Vec<Vec<Option<String>>>,
+}
+
 /// The settings of one client's session, and what the gateway does to keep them exact.
 pub struct Tracker {
     /// What the session holds now (as last read back from the server).
     pub current: Settings,
     /// The session's settings right after login: what RESET returns to.
     reset_values: Settings,
-    /// Custom settings the client named (a capture asks for them).
-    custom: BTreeSet<String>,
+    /// The custom settings the client named, and the rows of a capture under way: made when first needed
+    /// (empty, they would take 48 bytes of every idle client).
+    named: Option<Box<Named>>,
     /// A request that may have changed settings was sent: read them back before the connection goes.
     touched: bool,
     /// A capture was sent: the client's next message waits for the connection's release.
     capturing: bool,
-    /// The rows of a capture under way.
-    rows: Vec<Vec<Option<String>>>,
     /// The last capture failed once and was sent again.
     retried: bool,
     /// A capture failed twice: what the session's settings are is unknown, so it cannot go on.
@@ -103,10 +110,17 @@ impl Tracker {
         Tracker {
             current: login.clone(),
             reset_values: login.clone(),
-            custom: login.custom_names().cloned().collect(),
+            named: {
+                let custom: BTreeSet<String> = login.custom_names().cloned().collect();
+                (!custom.is_empty()).then(|| {
+                    Box::new(Named {
+                        custom,
+                        rows: Vec::new(),
+                    })
+                })
+            },
             touched: false,
             capturing: false,
-            rows: Vec::new(),
             retried: false,
             lost: false,
         }
@@ -116,8 +130,9 @@ impl Tracker {
     pub fn touched(&mut self, touch: &Touch) {
         self.touched = true;
         for name in &touch.custom {
-            if !self.custom.contains(name) {
-                self.custom.insert(name.clone());
+            let custom = &mut self.named.get_or_insert_default().custom;
+            if !custom.contains(name) {
+                custom.insert(name.clone());
             }
         }
     }
@@ -129,7 +144,7 @@ impl Tracker {
 
     /// A bound parameter names a custom setting.
     pub fn named(&mut self, name: String) {
-        self.custom.insert(name);
+        self.named.get_or_insert_default().custom.insert(name);
     }
 
     pub fn is_touched(&self) -> bool {
@@ -170,20 +185,28 @@ impl Tracker {
 
     fn start_capture(&mut self) -> String {
         METRICS.settings_captures.inc();
-        self.rows.clear();
         self.capturing = true;
-        crate::settings::capture_sql(self.custom.iter())
+        match &mut self.named {
+            Some(named) => {
+                named.rows.clear();
+                crate::settings::capture_sql(named.custom.iter())
+            }
+            None => crate::settings::capture_sql(std::iter::empty()),
+        }
     }
 
     pub fn capture_row(&mut self, row: Vec<Option<String>>) {
-        self.rows.push(row);
+        self.named.get_or_insert_default().rows.push(row);
     }
 
     /// The capture's answer is complete: the connection holds what the server said, the client that over
     /// its reset values.
     pub fn captured(&mut self, conn: &mut ServerConn) {
         self.retried = false;
-        let rows = std::mem::take(&mut self.rows);
+        let rows = match &mut self.named {
+            Some(named) => std::mem::take(&mut named.rows),
+            None => Vec::new(),
+        };
         let held = crate::settings::from_capture(&rows, conn.login_user());
         let session = SessionSettings::over(held.clone(), &self.reset_values);
         let held = Arc::new(held);

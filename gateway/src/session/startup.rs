@@ -307,7 +307,7 @@ impl Session {
         peer: SocketAddr,
     ) -> (Session, Option<Lease>, bytes::BytesMut, tracing::Span) {
         let (startup, pool, login) = (logged_in.startup, logged_in.pool, logged_in.login);
-        let config = shared.config.load();
+        let config = shared.config.load_full();
         let span = tracing::debug_span!("session", client = %peer, user = %startup.user, database = %startup.database);
         span.in_scope(|| tracing::debug!("client logged in"));
         METRICS.client_connections.inc();
@@ -317,27 +317,24 @@ impl Session {
             state: ProtocolState::default(),
             statements: Statements::new(config.limits.max_prepared_statements),
             settings: settings::Tracker::new(&login.reset),
-            observer: observe::Observer::new(&config),
+            observer: observe::Observer::new(config.clone()),
             pinned: (pool.config().mode == PoolMode::Session).then_some("session pool mode"),
             reads: Reads {
                 budget: config.routing.budget_for(&startup.user, &startup.database),
                 transactions: config
                     .routing
                     .transactions_for(&startup.user, &startup.database),
-                max_replay_bytes: config.routing.transactions.max_replay_bytes,
                 ..Reads::default()
             },
             pool_generation: shared.generation(),
             writer_epoch: 0,
             replicas: shared.has_replicas(),
             regions: shared.regions(),
-            batching: !config.batching.tables.is_empty(),
             pool,
+            config,
             lease: None,
             route: None,
             handle: logged_in.handle,
-            max_message_size: config.limits.max_message_size,
-            client_idle_timeout: config.limits.client_idle_timeout,
             discard_until_sync: None,
             server_fatal: false,
             fatal_forwarded: false,

@@ -120,12 +120,19 @@ pub struct ProtocolState {
     in_exchange: bool,
     /// The last ReadyForQuery status (or the gateway's, for a BEGIN it answered itself).
     status: TxStatus,
+    /// What few exchanges leave: made when first needed (an empty one would take 48 bytes of every idle
+    /// client).
+    rare: Option<Box<Rare>>,
+    /// A transaction on a replica that may move to the primary: what it sent and what it was answered.
+    replay: Option<Box<Replay>>,
+}
+
+#[derive(Debug, Default)]
+struct Rare {
     /// Settings reset by statements bound since the last Sync.
     segment_reset: Reset,
     /// Server-side statements whose Parse failed or was skipped: the connection does not have them.
     forgotten: Vec<Arc<str>>,
-    /// A transaction on a replica that may move to the primary: what it sent and what it was answered.
-    replay: Option<Box<Replay>>,
 }
 
 impl Default for ProtocolState {
@@ -135,8 +142,7 @@ impl Default for ProtocolState {
             pending: VecDeque::new(),
             in_exchange: false,
             status: TxStatus::Idle,
-            segment_reset: Reset::Nothing,
-            forgotten: Vec::new(),
+            rare: None,
             replay: None,
         }
     }
@@ -162,13 +168,16 @@ impl ProtocolState {
     /// A statement bound in this exchange resets settings.
     #[inline]
     pub fn resets(&mut self, reset: Reset) {
-        self.segment_reset.add(reset);
+        self.rare.get_or_insert_default().segment_reset.add(reset);
     }
 
     /// The client's Sync: its exchange is answered by one ReadyForQuery.
     #[inline]
     pub fn sync(&mut self) {
-        let reset = std::mem::take(&mut self.segment_reset);
+        let reset = match &mut self.rare {
+            Some(rare) => std::mem::take(&mut rare.segment_reset),
+            None => Reset::Nothing,
+        };
         self.pending.push_back(client(false, reset, Vec::new()));
         self.in_exchange = false;
     }
@@ -306,7 +315,8 @@ impl ProtocolState {
     /// Server-side statements found not to exist since the last call.
     #[inline]
     pub fn take_forgotten(&mut self) -> Option<std::vec::Drain<'_, Arc<str>>> {
-        (!self.forgotten.is_empty()).then(|| self.forgotten.drain(..))
+        let forgotten = &mut self.rare.as_mut()?.forgotten;
+        (!forgotten.is_empty()).then(|| forgotten.drain(..))
     }
 
     // ---- what the server says ----------------------------------------------------------------------------
@@ -399,7 +409,7 @@ impl ProtocolState {
 
     fn forget(&mut self, name: Option<Arc<str>>) {
         if let Some(name) = name {
-            self.forgotten.push(name);
+            self.rare.get_or_insert_default().forgotten.push(name);
         }
     }
 
@@ -427,8 +437,7 @@ impl ProtocolState {
     pub fn clear(&mut self) {
         self.pending.clear();
         self.in_exchange = false;
-        self.segment_reset = Reset::Nothing;
-        self.forgotten.clear();
+        self.rare = None;
     }
 }
 

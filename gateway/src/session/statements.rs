@@ -120,21 +120,90 @@ pub struct SqlPrepared {
 /// The statements one client prepared.
 pub struct Statements {
     /// Protocol-level, by the client's name.
-    pub named: HashMap<Bytes, Arc<Statement>>,
+    pub named: LazyMap<Bytes, Arc<Statement>>,
     /// The client's unnamed statement (its last unnamed Parse).
     pub unnamed: Option<Arc<Statement>>,
     /// SQL-level, by the client's name.
-    pub sql: HashMap<String, Arc<SqlPrepared>>,
+    pub sql: LazyMap<String, Arc<SqlPrepared>>,
     /// `limits.max_prepared_statements`.
     max: usize,
+}
+
+/// A map made at its first insert: most clients prepare nothing (or nothing SQL-level), and an empty map
+/// would take 48 bytes of every idle client.
+#[allow(clippy::box_collection)] // the box is the point: 8 bytes while empty
+pub struct LazyMap<K, V>(Option<Box<HashMap<K, V>>>);
+
+impl<K, V> Default for LazyMap<K, V> {
+    fn default() -> Self {
+        LazyMap(None)
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V> LazyMap<K, V> {
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|map| map.is_empty())
+    }
+
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |map| map.len())
+    }
+
+    #[inline]
+    pub fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.0.as_ref()?.get(key)
+    }
+
+    #[inline]
+    pub fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.get(key).is_some()
+    }
+
+    pub fn insert(&mut self, key: K, value: V) {
+        self.0.get_or_insert_default().insert(key, value);
+    }
+
+    pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.0.as_mut()?.remove(key)
+    }
+
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.0.iter().flat_map(|map| map.iter())
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V> std::ops::Index<&K> for LazyMap<K, V> {
+    type Output = V;
+
+    fn index(&self, key: &K) -> &V {
+        self.get(key).expect("a key the caller found in the map")
+    }
 }
 
 impl Statements {
     pub fn new(max: usize) -> Statements {
         Statements {
-            named: HashMap::new(),
+            named: LazyMap::default(),
             unnamed: None,
-            sql: HashMap::new(),
+            sql: LazyMap::default(),
             max,
         }
     }
