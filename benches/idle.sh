@@ -6,6 +6,7 @@
 #
 #   bash benches/idle.sh
 #   COUNTS="1000 10000" bash benches/idle.sh
+#   CLIENT_TLS=1 bash benches/idle.sh      # the clients log in over TLS (a self-signed certificate)
 #
 # PgBouncer is 1.25.2, built by ../shared/peers/build-pgbouncer.sh into /opt/pgbouncer-1.25.2 when it is not
 # there yet (PGBOUNCER=/path/to/pgbouncer to use another). The table goes into benches/README.md between the
@@ -15,6 +16,7 @@ set -euo pipefail
 COUNTS=${COUNTS:-"1000 10000 50000"}
 # IDLE_QUERY="SELECT 1": each client runs it once after its login, then idles (a client that did something).
 IDLE_QUERY=${IDLE_QUERY:-}
+CLIENT_TLS=${CLIENT_TLS:-0}
 POOL=8
 DURATION=${DURATION:-10}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -66,6 +68,20 @@ echo '"bench" "bench"' >"$WORK/userlist.txt"
 sed -i -e 's/^auth_type = .*/auth_type = trust/' -e "s/^max_client_conn = .*/max_client_conn = $((largest + 100))/" \
     "$WORK/pgbouncer.ini"
 REGIONGATE_PORT=$(free_port)
+TLS_YAML="" CONNECTION="plain TCP"
+if [[ $CLIENT_TLS == 1 ]]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=127.0.0.1" \
+        -keyout "$WORK/client-tls.key" -out "$WORK/client-tls.crt" 2>"$WORK/openssl.log"
+    chmod 644 "$WORK/client-tls.key"
+    cat >>"$WORK/pgbouncer.ini" <<EOF
+client_tls_sslmode = require
+client_tls_key_file = $WORK/client-tls.key
+client_tls_cert_file = $WORK/client-tls.crt
+EOF
+    TLS_YAML="tls: { mode: require, cert: $WORK/client-tls.crt, key: $WORK/client-tls.key }"
+    CONNECTION="TLS clients (rustls in regiongate, OpenSSL in PgBouncer; RSA 2048, no client certificate)"
+    export IDLE_TLS=1 PGSSLMODE=require
+fi
 cat >"$WORK/regiongate.yaml" <<EOF
 listen: 127.0.0.1:$REGIONGATE_PORT
 primary: postgres://127.0.0.1:$PG_PORT/bench
@@ -73,6 +89,7 @@ pool: { mode: transaction, size: $POOL }
 auth: { method: trust, users: [ { name: bench, password: bench } ] }
 server_tls: { mode: disable }
 limits: { max_clients: $((largest + 100)) }
+$TLS_YAML
 EOF
 
 rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
@@ -144,7 +161,7 @@ measure regiongate
 
 BLOCK=$WORK/block.md
 {
-    echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores, $PGBOUNCER_VERSION, POOL=$POOL, trust authentication, plain TCP; growth of the proxy's VmRSS per idle client, and the time to log them all in (256 at a time)."
+    echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores, $PGBOUNCER_VERSION, POOL=$POOL, trust authentication, $CONNECTION; growth of the proxy's VmRSS per idle client, and the time to log them all in (256 at a time)."
     echo
     echo "| idle clients | PgBouncer bytes/client | regiongate bytes/client | PgBouncer login s | regiongate login s |"
     echo "|---:|---:|---:|---:|---:|"
@@ -159,4 +176,8 @@ BLOCK=$WORK/block.md
     echo "pgbench \`-S -c 16\`, $DURATION s: PgBouncer ${TPS_ALONE[pgbouncer]} tps alone, ${TPS_CROWD[pgbouncer]} beside $largest idle clients; regiongate ${TPS_ALONE[regiongate]} alone, ${TPS_CROWD[regiongate]} beside them."
 } >"$BLOCK"
 cat "$BLOCK"
-replace_block "<!-- idle:begin -->" "<!-- idle:end -->" "$BLOCK"
+if [[ $CLIENT_TLS == 1 ]]; then
+    replace_block "<!-- idle-tls:begin -->" "<!-- idle-tls:end -->" "$BLOCK"
+else
+    replace_block "<!-- idle:begin -->" "<!-- idle:end -->" "$BLOCK"
+fi

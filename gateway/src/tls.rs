@@ -182,6 +182,32 @@ impl Stream {
         }
     }
 
+    /// Reads what is there without waiting (WouldBlock when nothing is). Over TLS, what rustls has decrypted
+    /// already comes first, and a record only partly received stays in rustls for the next read.
+    pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(stream) => stream.try_read(buf),
+            Stream::Tls(stream) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let mut buf = ReadBuf::new(buf);
+                match Pin::new(stream.as_mut()).poll_read(&mut cx, &mut buf) {
+                    Poll::Ready(Ok(())) => Ok(buf.filled().len()),
+                    Poll::Ready(Err(error)) => Err(error),
+                    Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+                }
+            }
+        }
+    }
+
+    /// The TCP socket (under TLS, the one the TLS runs over): its readiness says when to read again after
+    /// [`Stream::try_read`] would block.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(stream) => stream,
+            Stream::Tls(stream) => stream.get_ref().0,
+        }
+    }
+
     /// TLS records are waiting to go out.
     pub fn wants_flush(&self) -> bool {
         match self {

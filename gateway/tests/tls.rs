@@ -246,6 +246,12 @@ async fn tokio_postgres_over_rustls_moves_large_results_and_copies() {
         .unwrap()
         .get(0);
     assert_eq!(count, 10_100);
+    // An idle TLS client's buffers go to the stock, and its next bytes are decrypted into a 4 KB probe first:
+    // a statement of many TLS records, sent after a pause, arrives whole.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let long = format!("SELECT length('{}')", "y".repeat(60_000));
+    let length: i32 = client.query_one(&long, &[]).await.unwrap().get(0);
+    assert_eq!(length, 60_000);
     // With mode allow, a plain client is served too.
     let plain = gw.connect().await;
     let one: i32 = plain.query_one("SELECT 1", &[]).await.unwrap().get(0);

@@ -4,6 +4,9 @@
 //! Prints `logged-in N SECONDS` once all are in, then waits for a line (or the end) on stdin and exits,
 //! closing them. Used by `benches/idle.sh` to measure what an idle client costs a proxy.
 //!
+//! With `IDLE_TLS=1` each client asks for TLS (SSLRequest) and logs in over it, without verifying the
+//! proxy's certificate (as `sslmode=require`).
+//!
 //! A socket bound to a source address before it connects takes a port no other socket of that address holds,
 //! connections closed a moment ago included (TIME_WAIT), and one address has about 28,000: so the connections
 //! come from many addresses of 127.0.0.0/8 (all loopback), 1,000 per address, starting at an address picked
@@ -11,9 +14,15 @@
 
 use anyhow::{bail, Context, Result};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpSocket;
+use tokio_rustls::TlsConnector;
+
+/// A client's connection, plain or TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Logins in flight at once.
 const CONCURRENCY: usize = 256;
@@ -29,8 +38,16 @@ async fn main() -> Result<()> {
     };
     let port: u16 = port.parse().context("PORT")?;
     let count: usize = count.parse().context("N")?;
-    let startup = std::sync::Arc::new(startup_message(user, database));
-    let query = std::sync::Arc::new(query.map(|q| query_message(q)));
+    let startup = Arc::new(startup_message(user, database));
+    let query = Arc::new(query.map(|q| query_message(q)));
+    let tls = match std::env::var("IDLE_TLS").as_deref() {
+        Ok("1") => Some(TlsConnector::from(
+            regions::ServerTls::with_mode(regions::ServerTlsMode::Require)
+                .client_config()
+                .map_err(anyhow::Error::msg)?,
+        )),
+        _ => None,
+    };
     let started = Instant::now();
     let mut clients = Vec::with_capacity(count);
     let mut logins = tokio::task::JoinSet::new();
@@ -38,9 +55,9 @@ async fn main() -> Result<()> {
         if logins.len() >= CONCURRENCY {
             clients.push(logins.join_next().await.expect("one in flight")??);
         }
-        let (startup, query) = (startup.clone(), query.clone());
+        let (startup, query, tls) = (startup.clone(), query.clone(), tls.clone());
         logins.spawn(async move {
-            let mut stream = log_in(i, port, &startup).await?;
+            let mut stream = log_in(i, port, &startup, tls).await?;
             if let Some(query) = query.as_deref() {
                 stream.write_all(query).await?;
                 read_to_ready(i, &mut stream).await?;
@@ -87,23 +104,46 @@ fn query_message(text: &str) -> Vec<u8> {
     message
 }
 
-/// Connects (from the i-th client's source address) and reads the login answers up to ReadyForQuery.
-async fn log_in(i: usize, port: u16, startup: &[u8]) -> Result<TcpStream> {
+/// Connects (from the i-th client's source address), over TLS when `tls` is given, and reads the login
+/// answers up to ReadyForQuery.
+async fn log_in(
+    i: usize,
+    port: u16,
+    startup: &[u8],
+    tls: Option<TlsConnector>,
+) -> Result<Box<dyn Io>> {
     let address = (std::process::id() as usize % 200) * 100 + i / PER_SOURCE_ADDRESS;
     let source = Ipv4Addr::new(127, 1 + (address >> 8) as u8, address as u8, 2);
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::from((source, 0)))?;
-    let mut stream = socket
+    let stream = socket
         .connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
         .await
         .with_context(|| format!("client {i}: connect"))?;
+    let mut stream: Box<dyn Io> = match tls {
+        None => Box::new(stream),
+        Some(tls) => {
+            // SSLRequest: length 8, code 80877103; the answer is one byte, S to go on with TLS.
+            let mut stream = stream;
+            stream.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await?;
+            if stream.read_u8().await? != b'S' {
+                bail!("client {i}: the proxy refused TLS");
+            }
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+            Box::new(
+                tls.connect(name, stream)
+                    .await
+                    .with_context(|| format!("client {i}: TLS handshake"))?,
+            )
+        }
+    };
     stream.write_all(startup).await?;
     read_to_ready(i, &mut stream).await?;
     Ok(stream)
 }
 
 /// Reads messages up to ReadyForQuery; an ErrorResponse is an error.
-async fn read_to_ready(i: usize, stream: &mut TcpStream) -> Result<()> {
+async fn read_to_ready(i: usize, stream: &mut Box<dyn Io>) -> Result<()> {
     loop {
         let tag = stream
             .read_u8()

@@ -3,8 +3,8 @@
 //! one side stops while too much waits for the other (backpressure).
 //!
 //! An idle client holds no buffers: while it has nothing buffered and no server connection, its buffers go
-//! to a per-thread stock of spare ones and it waits for its socket to become readable without one (plain
-//! TCP; a TLS stream needs a buffer to read into, and rustls holds its own). The next message takes them back
+//! to a per-thread stock of spare ones and it waits for its socket to become readable without one (over TLS,
+//! rustls keeps what it holds of a record not yet whole, in buffers of its own). The next message takes them back
 //! from the stock, so a busy session reuses warm buffers instead of allocating at every transaction, and tens
 //! of thousands of idle clients cost no buffer memory.
 
@@ -241,10 +241,11 @@ fn first(idle: Option<Duration>, deadline: Option<Instant>) -> Option<Instant> {
 
 impl Duplex {
     /// The client is idle with nothing buffered: its buffers go to the stock while it waits for its socket to
-    /// become readable (or `idle` to pass: [`IoEvent::ClientIdle`]), and come back with its next bytes. None
-    /// over TLS, where reading takes a buffer of the session's own.
+    /// become readable (or `idle` to pass: [`IoEvent::ClientIdle`]), and come back with its next bytes. Over
+    /// TLS too: rustls decrypts into the probe buffer, and what it holds of a record not yet whole stays in
+    /// it. None when TLS records wait to go out (a key update's answer): the busy path flushes them.
     async fn idle(&mut self, idle: Option<Duration>, kick: Option<&Kicked<'_>>) -> Option<IoEvent> {
-        if !matches!(self.client, Stream::Plain(_)) {
+        if self.client.wants_flush() {
             return None;
         }
         self.give_buffers();
@@ -254,9 +255,10 @@ impl Duplex {
             if let Some(read) = self.read_idle() {
                 return Some(IoEvent::ClientRead(read));
             }
-            let Stream::Plain(tcp) = &self.client else {
-                unreachable!("checked above")
-            };
+            if self.client.wants_flush() {
+                return None;
+            }
+            let tcp = self.client.tcp();
             // poll_read_ready uses the socket's one reader slot; `readable()` would queue a waiter behind a
             // lock, which costs more at every transaction. None: the idle time is over.
             let ready = std::future::poll_fn(|cx| {
@@ -293,9 +295,7 @@ impl Duplex {
     /// buffers (None: nothing there). A read that would block also clears tokio's readiness, which a read
     /// that got data leaves set.
     fn read_idle(&mut self) -> Option<std::io::Result<usize>> {
-        let Stream::Plain(tcp) = &self.client else {
-            unreachable!("idle waits are for plain TCP")
-        };
+        let client = &mut self.client;
         let buffers = [
             &mut self.from_client,
             &mut self.to_client,
@@ -303,7 +303,7 @@ impl Duplex {
         ];
         let parked = &mut self.parked;
         spare::STOCK.with_borrow_mut(|stock| {
-            let read = match tcp.try_read(&mut stock.probe[..]) {
+            let read = match client.try_read(&mut stock.probe[..]) {
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return None,
                 read => read,
             };
