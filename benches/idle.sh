@@ -100,7 +100,7 @@ select_tps() {
         sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -n 1 | cut -d. -f1
 }
 
-declare -A PER_CLIENT LOGIN_SECONDS TPS_ALONE TPS_CROWD
+declare -A PER_CLIENT TOTAL_MB LOGIN_SECONDS TPS_ALONE TPS_CROWD
 # Measures proxy $1 (pid $2, port $3) for every count.
 # Starts proxy $1 (pgbouncer or regiongate); sets PROXY_PID and PROXY_PORT.
 start_proxy() {
@@ -143,6 +143,7 @@ measure() {
         sleep 1
         after=$(rss_kb "$PROXY_PID")
         PER_CLIENT[$name/$n]=$(((after - before) * 1024 / n))
+        TOTAL_MB[$name/$n]=$(((after + 512) / 1024))
         LOGIN_SECONDS[$name/$n]=$(awk '{ print $3 }' <<<"$line")
         log "$name: $n idle clients, $((after - before)) kB more ($((PER_CLIENT[$name/$n])) bytes each), logged in in ${LOGIN_SECONDS[$name/$n]} s"
         if ((n == largest)); then
@@ -161,12 +162,12 @@ measure regiongate
 
 BLOCK=$WORK/block.md
 {
-    echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores, $PGBOUNCER_VERSION, POOL=$POOL, trust authentication, $CONNECTION; growth of the proxy's VmRSS per idle client, and the time to log them all in (256 at a time)."
+    echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores, $PGBOUNCER_VERSION, POOL=$POOL, trust authentication, $CONNECTION; growth of the proxy's VmRSS per idle client, its whole VmRSS with them, and the time to log them all in (256 at a time)."
     echo
-    echo "| idle clients | PgBouncer bytes/client | regiongate bytes/client | PgBouncer login s | regiongate login s |"
-    echo "|---:|---:|---:|---:|---:|"
+    echo "| idle clients | PgBouncer bytes/client | regiongate bytes/client | PgBouncer RSS MB | regiongate RSS MB | PgBouncer login s | regiongate login s |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|"
     for n in $COUNTS; do
-        echo "| $n | ${PER_CLIENT[pgbouncer/$n]} | ${PER_CLIENT[regiongate/$n]} | ${LOGIN_SECONDS[pgbouncer/$n]} | ${LOGIN_SECONDS[regiongate/$n]} |"
+        echo "| $n | ${PER_CLIENT[pgbouncer/$n]} | ${PER_CLIENT[regiongate/$n]} | ${TOTAL_MB[pgbouncer/$n]} | ${TOTAL_MB[regiongate/$n]} | ${LOGIN_SECONDS[pgbouncer/$n]} | ${LOGIN_SECONDS[regiongate/$n]} |"
     done
     echo
     if [[ ${#skipped[@]} -gt 0 ]]; then

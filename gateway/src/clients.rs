@@ -97,9 +97,34 @@ pub struct ClientInfo {
 #[derive(Default)]
 pub struct Clients {
     by_key: Mutex<HashMap<(i32, i32), Arc<ClientEntry>>>,
-    /// User and database names, one copy each for all their clients: two allocations fewer per client. Only
-    /// names that logged in are kept, and they stay (a few per configured user and database).
-    names: Mutex<std::collections::HashSet<Arc<str>>>,
+    /// User and database names, one copy each for all their clients: two allocations fewer per client.
+    names: Mutex<Names>,
+}
+
+/// Interned names. A name no client holds any more is dropped at the next sweep, made when the set has
+/// doubled since the last one: the set stays within twice the names in use (plus a few), whatever names come
+/// and go (a role per tenant, a database per test run), at an amortized constant cost per login.
+#[derive(Default)]
+struct Names {
+    set: std::collections::HashSet<Arc<str>>,
+    sweep_at: usize,
+}
+
+impl Names {
+    /// The shared copy of `name`.
+    fn intern(&mut self, name: String) -> Arc<str> {
+        if let Some(name) = self.set.get(name.as_str()) {
+            return name.clone();
+        }
+        if self.set.len() >= self.sweep_at {
+            // Held only by the set: no client has it.
+            self.set.retain(|name| Arc::strong_count(name) > 1);
+            self.sweep_at = (2 * self.set.len()).max(64);
+        }
+        let name: Arc<str> = name.into();
+        self.set.insert(name.clone());
+        name
+    }
 }
 
 /// A client's registration: its cancel key and entry, removed when the session ends.
@@ -120,16 +145,6 @@ impl Drop for ClientHandle {
     }
 }
 
-/// The shared copy of `name`.
-fn intern(names: &mut std::collections::HashSet<Arc<str>>, name: String) -> Arc<str> {
-    if let Some(name) = names.get(name.as_str()) {
-        return name.clone();
-    }
-    let name: Arc<str> = name.into();
-    names.insert(name.clone());
-    name
-}
-
 impl Clients {
     /// Registers a new client under a fresh random cancel key: a random pid, or the pid of the backend it
     /// holds for its whole session (session pool mode), and always a random secret. None when `max` clients
@@ -142,10 +157,7 @@ impl Clients {
     ) -> Option<ClientHandle> {
         let (user, database) = {
             let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                intern(&mut names, info.user),
-                intern(&mut names, info.database),
-            )
+            (names.intern(info.user), names.intern(info.database))
         };
         let entry = Arc::new(ClientEntry {
             addr: info.addr,
@@ -259,5 +271,28 @@ pub async fn cancel_server(target: ServerTarget) {
             METRICS.cancels.with_label_values(&["failed"]).inc();
             tracing::warn!(server = %target.addr, "could not forward a cancel request");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One copy per name in use; names no client holds go at a sweep, so that names that come and go do not
+    /// pile up.
+    #[test]
+    fn interned_names_are_shared_and_swept_when_unused() {
+        let mut names = Names::default();
+        let a = names.intern("app".to_string());
+        let b = names.intern("app".to_string());
+        assert!(Arc::ptr_eq(&a, &b));
+        for i in 0..1000 {
+            // A tenant's name, held by no client once its login is over.
+            drop(names.intern(format!("tenant_{i}")));
+        }
+        assert!(names.set.len() <= 130, "{} names kept", names.set.len());
+        // The name in use survives the sweeps.
+        let c = names.intern("app".to_string());
+        assert!(Arc::ptr_eq(&a, &c));
     }
 }

@@ -356,3 +356,46 @@ async fn a_reload_that_raises_max_clients_applies_to_the_next_login() {
     let _second = connect().await.expect("the raised limit is in force");
     assert_eq!(connect().await.unwrap_err(), "53300");
 }
+
+/// A reload reaches clients already connected, from their next transaction: a statement timeout set by it
+/// cancels a connected client's long statement, and one removed by it no longer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_statement_timeout_applies_to_connected_clients_from_their_next_transaction() {
+    let database = common::fresh_database("reload_limits");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("regiongate.yaml");
+    let yaml = |timeout: &str| {
+        format!(
+            "listen: 127.0.0.1:0\nprimary: postgres://127.0.0.1:{}/{database}\n{}limits: {{ statement_timeout: {timeout} }}\n",
+            common::cluster().port(),
+            common::own_user(&database)
+        )
+    };
+    std::fs::write(&path, yaml("0")).unwrap();
+    let config = regiongate::config::Config::load(&path).unwrap();
+    let gateway = regiongate::Gateway::bind_from(config, Some(path.clone()))
+        .await
+        .unwrap();
+    let (addr, shared) = (gateway.local_addr(), gateway.shared.clone());
+    tokio::spawn(gateway.run(std::future::pending()));
+    let (db, connection) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user={database} password={PASSWORD} dbname={database}",
+            addr.port()
+        ),
+        NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    db.simple_query("SELECT pg_sleep(0.6)").await.unwrap();
+    std::fs::write(&path, yaml("300ms")).unwrap();
+    shared.reload().unwrap();
+    let error = db.simple_query("SELECT pg_sleep(10)").await.unwrap_err();
+    assert_eq!(sqlstate(&error), "57014", "{error}");
+    std::fs::write(&path, yaml("0")).unwrap();
+    shared.reload().unwrap();
+    db.simple_query("SELECT pg_sleep(0.6)")
+        .await
+        .expect("no statement timeout after the second reload");
+}

@@ -249,14 +249,18 @@ impl Duplex {
             return None;
         }
         self.give_buffers();
-        // One timer for the whole idle time, boxed (see [`sleep_until`]).
-        let mut timer = idle.map(|idle| Box::pin(tokio::time::sleep(idle)));
+        // One timer for the whole idle time, boxed (see [`sleep_until`]), made once the client has nothing
+        // to read: most idle waits of a busy client find its next request there already.
+        let mut timer = None;
         loop {
             if let Some(read) = self.read_idle() {
                 return Some(IoEvent::ClientRead(read));
             }
             if self.client.wants_flush() {
                 return None;
+            }
+            if timer.is_none() {
+                timer = idle.map(|idle| Box::pin(tokio::time::sleep(idle)));
             }
             let tcp = self.client.tcp();
             // poll_read_ready uses the socket's one reader slot; `readable()` would queue a waiter behind a

@@ -345,8 +345,11 @@ impl Session {
             self.pool_generation = self.shared.generation();
             let (user, database) = (self.pool.key.user.clone(), self.pool.key.database.clone());
             let config = self.shared.config.load_full();
+            // Limits, budgets and N+1 detection as a new session would get them, from this transaction on.
             self.config = config.clone();
             self.observer.follow(config.clone());
+            self.statements
+                .set_max(config.limits.max_prepared_statements);
             self.regions = self.shared.regions();
             let primary = self
                 .regions
@@ -357,7 +360,6 @@ impl Session {
             self.pool = self.shared.pool(&primary, &user, &database);
             self.writer_epoch = 0;
             self.replicas = self.shared.has_replicas();
-            // Budgets and transaction routing, as a new session would get them.
             self.reads.budget = config.routing.budget_for(&user, &database);
             self.reads.transactions = config.routing.transactions_for(&user, &database);
         }

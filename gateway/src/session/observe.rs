@@ -51,8 +51,10 @@ impl Observer {
         }
     }
 
-    /// A reload: the session follows the new configuration from its next request.
+    /// A reload: the session follows the new configuration from its next transaction (N+1 detection turned
+    /// on or off included).
     pub fn follow(&mut self, config: Arc<Config>) {
+        self.detecting = config.nplus1.enabled;
         self.config = config;
     }
 

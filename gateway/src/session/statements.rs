@@ -219,6 +219,12 @@ impl Statements {
 
     /// A new named statement must fit within `limits.max_prepared_statements`; past it the client is
     /// disconnected (its statements would otherwise grow without bound in the gateway's memory).
+    /// A reload: `limits.max_prepared_statements` from the client's next statement (statements it holds
+    /// already stay).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
     pub fn check_room(&self, name: &[u8]) -> Result<(), PgError> {
         if self.named.len() < self.max || self.named.contains_key(name) {
             return Ok(());
