@@ -2,12 +2,14 @@
 //! given the session's settings, released when the client is idle again (after reading back what the
 //! session may have changed), and handled when it breaks or the client leaves.
 
+use super::duplex::Broken;
 use super::routing::{Route, Start};
 use super::state::Own;
 use super::{End, Session};
 use crate::metrics::METRICS;
 use crate::pool::Lease;
 use crate::protocol::{self, tag, PgError, TxStatus};
+use crate::server::ServerConn;
 use bytes::Buf;
 use regions::Reason;
 
@@ -524,6 +526,25 @@ impl Session {
             lease.clean_up(rollback, reset);
         } else {
             lease.release();
+        }
+    }
+}
+
+impl Session {
+    /// The server connection attached (called only with one).
+    pub(super) fn conn(&mut self) -> &mut ServerConn {
+        self.lease
+            .as_mut()
+            .expect("called with a server attached")
+            .conn()
+    }
+
+    /// Writes what can be written without waiting.
+    pub(super) fn flush_now(&mut self) -> Result<(), End> {
+        match self.io.flush_now(self.lease.as_mut().map(Lease::conn)) {
+            Ok(()) => Ok(()),
+            Err(Broken::Client) => Err(End::Client),
+            Err(Broken::Server) => self.server_lost("write failed"),
         }
     }
 }

@@ -21,10 +21,9 @@ use crate::clients::ClientHandle;
 use crate::metrics::METRICS;
 use crate::pool::{Lease, Pool};
 use crate::protocol::{self, tag, PgError, TxStatus};
-use crate::server::ServerConn;
 use crate::Shared;
 use bytes::Buf;
-use duplex::{Broken, Duplex, IoEvent, Watch, HIGH_WATER};
+use duplex::{Duplex, IoEvent, Watch, HIGH_WATER};
 use routing::{Reads, Route};
 use state::ProtocolState;
 use statements::Statements;
@@ -290,13 +289,6 @@ impl Session {
         }
     }
 
-    fn conn(&mut self) -> &mut ServerConn {
-        self.lease
-            .as_mut()
-            .expect("called with a server attached")
-            .conn()
-    }
-
     /// Handles every complete client message in the buffer, as far as it can without waiting.
     fn process_client(&mut self) -> Result<Progress, PgError> {
         loop {
@@ -332,15 +324,12 @@ impl Session {
                 }
                 Some(Ok(header)) => header,
             };
-            let max_message_size = self.config.limits.max_message_size;
-            if len > max_message_size {
-                return Err(PgError::fatal(
-                    "08P01",
-                    format!(
-                        "message of {len} bytes exceeds the gateway's max_message_size ({} bytes)",
-                        max_message_size
-                    ),
-                ));
+            let max = self.config.limits.max_message_size;
+            if len > max {
+                let text = format!(
+                    "message of {len} bytes exceeds the gateway's max_message_size ({max} bytes)"
+                );
+                return Err(PgError::fatal("08P01", text));
             }
             let complete = io.from_client.len() >= len;
             // CopyData can be large; stream it rather than buffer it whole.
@@ -403,15 +392,6 @@ impl Session {
             let message = self.io.from_client.split_to(len).freeze();
             self.remember(&message);
             self.handle_message(message_tag, message, shape)?;
-        }
-    }
-
-    /// Writes what can be written without waiting.
-    fn flush_now(&mut self) -> Result<(), End> {
-        match self.io.flush_now(self.lease.as_mut().map(Lease::conn)) {
-            Ok(()) => Ok(()),
-            Err(Broken::Client) => Err(End::Client),
-            Err(Broken::Server) => self.server_lost("write failed"),
         }
     }
 
