@@ -15,7 +15,7 @@ use bytes::{Buf, BytesMut};
 use std::future::Future;
 use std::task::Poll;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Stop reading from one side while this much is waiting to be written to the other (backpressure).
 pub const HIGH_WATER: usize = 256 * 1024;
@@ -110,7 +110,7 @@ impl Duplex {
                 let (stream, _) = conn.io();
                 while !self.to_server.is_empty() {
                     match stream.try_write(&self.to_server) {
-                        Ok(n) => self.to_server.advance(n),
+                        Ok(n) => written(&mut self.to_server, n),
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                         Err(_) => return Err(Broken::Server),
                     }
@@ -119,7 +119,7 @@ impl Duplex {
         }
         while !self.to_client.is_empty() {
             match self.client.try_write(&self.to_client) {
-                Ok(n) => self.to_client.advance(n),
+                Ok(n) => written(&mut self.to_client, n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => return Err(Broken::Client),
             }
@@ -252,53 +252,34 @@ impl Duplex {
         // One timer for the whole idle time, boxed (see [`sleep_until`]), made once the client has nothing
         // to read: most idle waits of a busy client find its next request there already.
         let mut timer = None;
-        loop {
-            if let Some(read) = self.read_idle() {
-                return Some(IoEvent::ClientRead(read));
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(read) = self.poll_read_idle(cx) {
+                return Poll::Ready(Some(IoEvent::ClientRead(read)));
             }
             if self.client.wants_flush() {
-                return None;
+                return Poll::Ready(None);
             }
-            if timer.is_none() {
-                timer = idle.map(|idle| Box::pin(tokio::time::sleep(idle)));
+            if let Some(phase) = kick.and_then(Kicked::moved) {
+                self.take_buffers();
+                return Poll::Ready(Some(IoEvent::Drain(phase)));
             }
-            let tcp = self.client.tcp();
-            // poll_read_ready uses the socket's one reader slot; `readable()` would queue a waiter behind a
-            // lock, which costs more at every transaction. None: the idle time is over.
-            let ready = std::future::poll_fn(|cx| {
-                if let Some(phase) = kick.and_then(Kicked::moved) {
-                    return Poll::Ready(Some(Err(phase)));
-                }
-                if let Poll::Ready(ready) = tcp.poll_read_ready(cx) {
-                    return Poll::Ready(Some(Ok(ready)));
-                }
-                match timer.as_mut() {
-                    Some(timer) => timer.as_mut().poll(cx).map(|()| None),
-                    None => Poll::Pending,
-                }
-            })
-            .await;
-            let Some(ready) = ready else {
-                return Some(IoEvent::ClientIdle);
-            };
-            match ready {
-                Err(phase) => {
-                    self.take_buffers();
-                    return Some(IoEvent::Drain(phase));
-                }
-                Ok(Err(error)) => {
-                    self.take_buffers();
-                    return Some(IoEvent::ClientRead(Err(error)));
-                }
-                Ok(Ok(())) => {}
+            let timer = timer.get_or_insert_with(|| idle.map(|idle| Box::pin(tokio::time::sleep(idle))));
+            match timer.as_mut() {
+                Some(timer) => timer.as_mut().poll(cx).map(|()| Some(IoEvent::ClientIdle)),
+                None => Poll::Pending,
             }
-        }
+        })
+        .await
     }
 
     /// Reads what an idle client sent, if anything, into the thread's probe buffer, and only then takes
-    /// buffers (None: nothing there). A read that would block also clears tokio's readiness, which a read
-    /// that got data leaves set.
-    fn read_idle(&mut self) -> Option<std::io::Result<usize>> {
+    /// buffers (Pending: nothing there, and the task is woken when something is).
+    ///
+    /// A plain socket is read with tokio's `poll_read`: a read that fills less than the probe tells tokio the
+    /// socket is drained, so the wait for the answer that follows makes no system call to find the client
+    /// silent (a `try_read` would leave the readiness set, and cost one `recv` more per transaction). Over
+    /// TLS, rustls reads what it can without waiting, and the TCP socket's readiness says when to try again.
+    fn poll_read_idle(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<usize>> {
         let client = &mut self.client;
         let buffers = [
             &mut self.from_client,
@@ -307,9 +288,26 @@ impl Duplex {
         ];
         let parked = &mut self.parked;
         spare::STOCK.with_borrow_mut(|stock| {
-            let read = match client.try_read(&mut stock.probe[..]) {
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return None,
-                read => read,
+            let read = loop {
+                match client {
+                    Stream::Plain(tcp) => {
+                        let mut buf = tokio::io::ReadBuf::new(&mut stock.probe[..]);
+                        match std::pin::Pin::new(tcp).poll_read(cx, &mut buf) {
+                            Poll::Ready(read) => break read.map(|()| buf.filled().len()),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
+                    Stream::Tls(_) => match client.try_read(&mut stock.probe[..]) {
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                            match client.tcp().poll_read_ready(cx) {
+                                Poll::Ready(Ok(())) => continue,
+                                Poll::Ready(Err(error)) => break Err(error),
+                                Poll::Pending => return Poll::Pending,
+                            }
+                        }
+                        read => break read,
+                    },
+                }
             };
             let [from_client, to_client, to_server] = buffers;
             stock.take_into(from_client, to_client, to_server);
@@ -317,7 +315,7 @@ impl Duplex {
             if let Ok(n) = read {
                 from_client.extend_from_slice(&stock.probe[..n]);
             }
-            Some(read)
+            Poll::Ready(read)
         })
     }
 }
@@ -441,7 +439,7 @@ fn stream_io<'a>(
         if !to.is_empty() {
             if let Poll::Ready(r) = std::pin::Pin::new(&mut *stream).poll_write(cx, to) {
                 if let Ok(n) = r {
-                    to.advance(n);
+                    written(to, n);
                 }
                 return Poll::Ready(on_write(r));
             }
@@ -452,6 +450,18 @@ fn stream_io<'a>(
         }
         Poll::Pending
     })
+}
+
+/// Drops the first `n` bytes of `buf`, which went out. All of them: the buffer is emptied where it starts,
+/// so that it keeps its whole capacity (an `advance` to the end would leave the next write a `reserve` that
+/// moves it back, at every request).
+#[inline]
+fn written(buf: &mut BytesMut, n: usize) {
+    if n == buf.len() {
+        buf.clear();
+    } else {
+        buf.advance(n);
+    }
 }
 
 /// The drain's kick, if the session is to be kicked (else never).

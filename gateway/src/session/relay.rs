@@ -82,7 +82,12 @@ impl Session {
             }
         }
         self.io.to_client.extend_from_slice(&buf[run_start..i]);
-        buf.advance(i);
+        // Emptied where it starts when all was read, so that it keeps its capacity for the next answer.
+        if i == buf.len() {
+            buf.clear();
+        } else {
+            buf.advance(i);
+        }
         *self.conn().read_buf() = buf;
         if let Some(replay) = self.state.replay() {
             // A transaction that may move digests what its client gets; a replay's answers are digested and
