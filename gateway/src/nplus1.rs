@@ -43,6 +43,9 @@ struct Run {
     text: Bytes,
     count: u32,
     started: Instant,
+    /// Where the run's window ends (None: past what the clock can say): a comparison per statement, where
+    /// the time since `started` would be a subtraction.
+    window_end: Option<Instant>,
     last: Instant,
     /// The first few distinct value hashes (a tiny set: no hashing of hashes on the hot path).
     values: [u64; MAX_VALUES],
@@ -88,7 +91,7 @@ impl Detector {
         }
         let now = statement.at;
         let continues = self.run.as_ref().is_some_and(|r| {
-            r.shape == statement.shape && now.duration_since(r.started) <= settings.window
+            r.shape == statement.shape && r.window_end.is_none_or(|end| now <= end)
         });
         if continues {
             let run = self.run.as_mut().expect("checked above");
@@ -116,6 +119,7 @@ impl Detector {
                 text: statement.text.clone(),
                 count: 1,
                 started: now,
+                window_end: now.checked_add(settings.window),
                 last: now,
                 values: [statement.values; MAX_VALUES],
                 distinct: 1,

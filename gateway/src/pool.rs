@@ -190,7 +190,7 @@ impl Pool {
         match self.permits.try_acquire() {
             Ok(permit) => {
                 // The common case, counted without reading the clock.
-                METRICS.pool_wait_seconds.observe(0, 0.0);
+                METRICS.pool_wait_seconds.observe_zero(0);
                 permit.forget();
             }
             // Boxed, as is the opening of a connection: rare, and a session's future is as large as the largest
@@ -257,7 +257,8 @@ impl Pool {
             ))),
         };
         match result {
-            Ok((conn, parameters)) => {
+            Ok((mut conn, parameters)) => {
+                conn.retire_at = conn.created.checked_add(self.config.max_lifetime);
                 self.open.fetch_add(1, Ordering::Relaxed);
                 METRICS.server_connections.inc();
                 let mut cached = self
@@ -394,7 +395,7 @@ impl Pool {
         // Retire a connection past its lifetime, or holding too many statements (rather than track which are
         // still wanted).
         if self.is_retired()
-            || now.duration_since(conn.created) >= self.config.max_lifetime
+            || conn.retire_at.is_some_and(|at| now >= at)
             || conn.statement_count() > self.config.max_prepared_statements
         {
             self.closed_one();
@@ -418,13 +419,15 @@ impl Pool {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             let keep = self.config.min_idle;
             let mut expired = Vec::new();
+            let now = Instant::now();
             let mut i = 0;
             while i < idle.len() {
                 let idle_count = idle.len();
                 let conn = &mut idle[i];
-                let too_old = conn.created.elapsed() >= self.config.max_lifetime;
-                let idle_too_long =
-                    conn.idle_since.elapsed() >= self.config.idle_timeout && idle_count > keep;
+                let too_old = conn.retire_at.is_some_and(|at| now >= at);
+                let idle_too_long = now.saturating_duration_since(conn.idle_since)
+                    >= self.config.idle_timeout
+                    && idle_count > keep;
                 if too_old || idle_too_long || !conn.looks_alive() {
                     expired.push(idle.remove(i));
                 } else {

@@ -475,8 +475,16 @@ pub fn bind_parameter(rest: &[u8], n: usize) -> Option<Option<&[u8]>> {
 }
 
 /// The text of a Query body (without its NUL), if well-formed.
+///
+/// A well-formed body ends with the text's NUL: then the text is all before it, found without a search. (A
+/// NUL inside such a text makes the message malformed, and the server refuses it as such, whatever the
+/// gateway takes its text to be.) Otherwise the text ends at the first NUL, if any.
+#[inline]
 pub fn query_text(body: &[u8]) -> Option<&[u8]> {
-    cstr(body).map(|(text, _)| text)
+    match body.split_last() {
+        Some((0, text)) => Some(text),
+        _ => cstr(body).map(|(text, _)| text),
+    }
 }
 
 pub fn parameter_status_message(out: &mut BytesMut, name: &[u8], value: &[u8]) {

@@ -82,6 +82,9 @@ pub struct ServerConn {
     /// said FATAL): close it instead of returning it to the pool.
     discard: bool,
     pub(crate) created: Instant,
+    /// When the pool retires the connection (its `max_lifetime` after `created`; None: never), set by the
+    /// pool that opened it: a comparison at each checkin, where the connection's age would be a subtraction.
+    pub(crate) retire_at: Option<Instant>,
     pub(crate) idle_since: Instant,
 }
 
@@ -134,6 +137,7 @@ impl ServerConn {
                 unnamed_valid: false,
                 discard: false,
                 created: now,
+                retire_at: None,
                 idle_since: now,
             },
             login.parameters,

@@ -181,6 +181,22 @@ impl Histograms {
         self.bounds.len() + 2
     }
 
+    /// Adds a zero to series `series`: one cell, no bucket to search and nothing to add to the sum (a
+    /// checkout that found a free slot, nearly every one).
+    pub fn observe_zero(&self, series: usize) {
+        let shard = shard();
+        let bucket = self
+            .bounds
+            .iter()
+            .position(|&bound| 0.0 <= bound)
+            .unwrap_or(self.bounds.len());
+        add(
+            self.shards[shard].cell(series * self.width() + bucket),
+            shard,
+            1,
+        );
+    }
+
     /// Adds `value` to series `series`.
     pub fn observe(&self, series: usize, value: f64) {
         let shard = shard();
@@ -309,5 +325,29 @@ mod tests {
             );
         }
         assert_eq!(count, total);
+    }
+
+    #[test]
+    fn a_zero_counts_as_observe_would_count_it() {
+        let bounds = [0.0005, 0.1];
+        let fast = Histograms::new("fast_seconds", "help", &bounds, None);
+        let slow = Histograms::new("slow_seconds", "help", &bounds, None);
+        for _ in 0..3 {
+            fast.observe_zero(0);
+            slow.observe(0, 0.0);
+        }
+        fast.observe(0, 0.05);
+        slow.observe(0, 0.05);
+        let (a, b) = (fast.series_proto(0), slow.series_proto(0));
+        assert_eq!(a.get_sample_count(), 4);
+        assert_eq!(a.get_sample_sum(), b.get_sample_sum());
+        let counts = |h: &proto::Histogram| {
+            h.get_bucket()
+                .iter()
+                .map(|b| b.cumulative_count())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(counts(&a), counts(&b));
+        assert_eq!(counts(&a), vec![3, 4]);
     }
 }

@@ -224,12 +224,11 @@ impl Session {
         while let Some(Ok((message_tag, len))) = protocol::peek_header(&messages[at..]) {
             let message = messages.slice(at..at + len);
             at += len;
-            let shape = (message_tag == tag::QUERY)
-                .then(|| protocol::query_text(protocol::body(&message)))
-                .flatten()
-                .map(|text| self.observer.shape(text));
+            let query = (message_tag == tag::QUERY)
+                .then(|| self.observer.query(&message))
+                .flatten();
             // These messages passed here once already: an error now is the gateway's own.
-            if let Err(error) = self.handle_message(message_tag, message, shape) {
+            if let Err(error) = self.handle_message(message_tag, message, query) {
                 return Err(End::Fatal(Box::new(error)));
             }
         }

@@ -375,9 +375,8 @@ impl Session {
             }
             // A Query's shape serves routing (its cache key), N+1 detection and the session's own tracking
             // (a plain statement needs no closer look): compute it once.
-            let shape = if message_tag == tag::QUERY {
-                protocol::query_text(protocol::body(&io.from_client[..len]))
-                    .map(|text| self.observer.shape(text))
+            let query = if message_tag == tag::QUERY {
+                self.observer.query(&io.from_client[..len])
             } else {
                 None
             };
@@ -386,12 +385,12 @@ impl Session {
                     return Err(error);
                 }
             }
-            if !self.admit(message_tag, len, shape.map(|s| s.hash)) {
+            if !self.admit(message_tag, len, query.as_ref().map(|q| q.shape.hash)) {
                 return Ok(Progress::Idle);
             }
             let message = self.io.from_client.split_to(len).freeze();
             self.remember(&message);
-            self.handle_message(message_tag, message, shape)?;
+            self.handle_message(message_tag, message, query)?;
         }
     }
 

@@ -6,10 +6,18 @@ use crate::config::Config;
 use crate::fingerprint::{self, Recent};
 use crate::metrics::METRICS;
 use crate::nplus1;
+use crate::protocol;
 use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// A Query's shape, and the range of its message that is its text (found once, used by routing, N+1
+/// detection and the session's tracking).
+pub struct Query {
+    pub shape: fingerprint::ShapeId,
+    pub text: std::ops::Range<usize>,
+}
 
 pub struct Observer {
     /// When the oldest unanswered request (Query, Sync, FunctionCall) was sent, for the latency histogram
@@ -69,6 +77,17 @@ impl Observer {
         self.recent_shapes
             .get_or_insert_with(Box::default)
             .shape_id(text)
+    }
+
+    /// A whole Query message's shape and where its text is (None: it has no NUL-terminated text).
+    #[inline]
+    pub fn query(&mut self, message: &[u8]) -> Option<Query> {
+        let text = protocol::query_text(protocol::body(message))?;
+        let start = protocol::HEADER_LEN;
+        Some(Query {
+            shape: self.shape(text),
+            text: start..start + text.len(),
+        })
     }
 
     /// Whether N+1 detection is on (statements are shaped at Parse for it).

@@ -17,17 +17,16 @@ impl Session {
         &mut self,
         message_tag: u8,
         message: Bytes,
-        shape: Option<crate::fingerprint::ShapeId>,
+        query: Option<super::observe::Query>,
     ) -> Result<(), PgError> {
         match message_tag {
             tag::QUERY => {
                 self.observer.request_sent();
-                // `process_client` shapes every Query whose text it can find.
-                let text =
-                    protocol::query_text(protocol::body(&message)).map(|t| message.slice_ref(t));
-                let (Some(text), Some(shape)) = (text, shape) else {
+                // The caller shapes every Query whose text it can find.
+                let Some(super::observe::Query { shape, text }) = query else {
                     return Err(PgError::fatal("08P01", "invalid Query message"));
                 };
+                let text = message.slice(text);
                 self.observe_statement(shape.hash, shape.reads(), &text, &text);
                 self.on_query(&message, &text, shape)?;
                 self.observer.set_statement(Some(text));
