@@ -803,6 +803,10 @@ pub mod hint {
     /// The error for a `regiongate:` comment at the start of `text` that is not a hint: a statement with a
     /// misspelled hint fails rather than run where the hint did not mean.
     pub fn malformed(text: &[u8]) -> Option<crate::protocol::PgError> {
+        // Nearly every statement starts with a word: no comment, no hint (one byte looked at, per Query).
+        if text.first().is_some_and(u8::is_ascii_alphabetic) {
+            return None;
+        }
         let directive = directive(text).filter(|d| parse_directive(d).is_none())?;
         Some(crate::protocol::PgError::error(
             "22023",

@@ -176,56 +176,61 @@ impl Duplex {
             if self.from_client.capacity() - self.from_client.len() < 4096 {
                 self.from_client.reserve(8192);
             }
-            let client = stream_io(
-                &mut self.client,
-                &mut self.from_client,
-                &mut self.to_client,
-                read_client,
-                IoEvent::ClientRead,
-                IoEvent::ClientWrite,
-            );
-            // (What the branches need goes straight into their futures: a copy in a local would be kept in
-            // every waiting session's future.)
-            let has_kick = watch.kick.is_some();
-            let Some(conn) = server else {
-                return tokio::select! {
-                    biased;
-                    event = client => event,
-                    phase = kicked(watch.kick), if has_kick => IoEvent::Drain(phase),
-                    _ = sleep_until(first(watch.idle, None)), if watch.idle.is_some() => IoEvent::ClientIdle,
-                };
+            let (mut server, server_busy) = match server {
+                Some(conn) => {
+                    let (stream, read_buf) = conn.io();
+                    if read_buf.capacity() - read_buf.len() < 4096 {
+                        read_buf.reserve(16 * 1024);
+                    }
+                    let busy = read_server && watch.server
+                        || !self.to_server.is_empty()
+                        || stream.wants_flush();
+                    (Some((stream, read_buf)), busy)
+                }
+                None => (None, false),
             };
-            let (stream, read_buf) = conn.io();
-            if read_buf.capacity() - read_buf.len() < 4096 {
-                read_buf.reserve(16 * 1024);
-            }
-            let server_busy =
-                read_server && watch.server || !self.to_server.is_empty() || stream.wants_flush();
-            let server = stream_io(
-                stream,
-                read_buf,
-                &mut self.to_server,
-                read_server,
-                IoEvent::ServerRead,
-                IoEvent::ServerWrite,
-            );
-            // One timer for both limits: the statement's deadline, or the end of the client's idle time,
-            // whichever comes first.
-            let has_timer = watch.idle.is_some() || watch.deadline.is_some();
-            // Biased: no random branch order to draw; at most one or two are ready at a time anyway.
-            tokio::select! {
-                biased;
-                event = server, if server_busy => event,
-                event = client => event,
-                _ = sleep_until(first(watch.idle, watch.deadline)), if has_timer => {
-                    if watch.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            // One timer for both limits: the statement's deadline (a request is in flight only on a server),
+            // or the end of the client's idle time, whichever comes first. Boxed (tokio's is 112 bytes, which
+            // would take room in every waiting session's future) and made at the first poll that finds nothing
+            // ready; the clock is read only when the client may be idle.
+            let deadline = watch.deadline.filter(|_| server.is_some());
+            let timer_at = first(watch.idle, deadline);
+            let mut timer = None;
+            // Each side polled in turn, by hand rather than with `select!` (its branch futures and bookkeeping
+            // cost more than the polls at every wait): the server first (its answers are what the client
+            // waits for), then the client, the drain and the timer.
+            std::future::poll_fn(|cx| {
+                if let Some((stream, read_buf)) = server.as_mut().filter(|_| server_busy) {
+                    let to = &mut self.to_server;
+                    if let Poll::Ready(event) =
+                        poll_io(stream, read_buf, to, read_server, cx, Side::Server)
+                    {
+                        return Poll::Ready(event);
+                    }
+                }
+                let (from, to) = (&mut self.from_client, &mut self.to_client);
+                if let Poll::Ready(event) =
+                    poll_io(&mut self.client, from, to, read_client, cx, Side::Client)
+                {
+                    return Poll::Ready(event);
+                }
+                if let Some(phase) = watch.kick.as_ref().and_then(Kicked::moved) {
+                    return Poll::Ready(IoEvent::Drain(phase));
+                }
+                let Some(at) = timer_at else {
+                    return Poll::Pending;
+                };
+                let timer =
+                    timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at.into())));
+                timer.as_mut().poll(cx).map(|()| {
+                    if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                         IoEvent::StatementTimeout
                     } else {
                         IoEvent::ClientIdle
                     }
-                }
-                phase = kicked(watch.kick), if has_kick => IoEvent::Drain(phase),
-            }
+                })
+            })
+            .await
         }
     }
 }
@@ -249,7 +254,7 @@ impl Duplex {
             return None;
         }
         self.give_buffers();
-        // One timer for the whole idle time, boxed (see [`sleep_until`]), made once the client has nothing
+        // One timer for the whole idle time, boxed (as in [`Duplex::wait`]), made once the client has nothing
         // to read: most idle waits of a busy client find its next request there already.
         let mut timer = None;
         std::future::poll_fn(|cx| {
@@ -263,7 +268,8 @@ impl Duplex {
                 self.take_buffers();
                 return Poll::Ready(Some(IoEvent::Drain(phase)));
             }
-            let timer = timer.get_or_insert_with(|| idle.map(|idle| Box::pin(tokio::time::sleep(idle))));
+            let timer =
+                timer.get_or_insert_with(|| idle.map(|idle| Box::pin(tokio::time::sleep(idle))));
             match timer.as_mut() {
                 Some(timer) => timer.as_mut().poll(cx).map(|()| Some(IoEvent::ClientIdle)),
                 None => Poll::Pending,
@@ -416,39 +422,54 @@ mod spare {
     }
 }
 
+/// Which side [`poll_io`] polls, for its event.
+#[derive(Clone, Copy)]
+enum Side {
+    Client,
+    Server,
+}
+
 /// One side (client or server) of [`Duplex::wait`]: reads into `from` (when `read`), writes `to`, and over
-/// TLS flushes records rustls still holds; completes with the first of these that happened, as the caller's
-/// event. One future for both directions, because a TLS stream cannot be split into halves that wait
+/// TLS flushes records rustls still holds; ready with the first of these that happened, as that side's
+/// event. One poll for both directions, because a TLS stream cannot be split into halves that wait
 /// independently.
-fn stream_io<'a>(
-    stream: &'a mut Stream,
-    from: &'a mut BytesMut,
-    to: &'a mut BytesMut,
+fn poll_io(
+    stream: &mut Stream,
+    from: &mut BytesMut,
+    to: &mut BytesMut,
     read: bool,
-    on_read: fn(std::io::Result<usize>) -> IoEvent,
-    on_write: fn(std::io::Result<usize>) -> IoEvent,
-) -> impl Future<Output = IoEvent> + 'a {
-    std::future::poll_fn(move |cx| {
-        if read {
-            if let Poll::Ready(r) =
-                tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *stream), cx, from)
-            {
-                return Poll::Ready(on_read(r));
-            }
+    cx: &mut std::task::Context<'_>,
+    side: Side,
+) -> Poll<IoEvent> {
+    if read {
+        if let Poll::Ready(r) =
+            tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *stream), cx, from)
+        {
+            return Poll::Ready(match side {
+                Side::Client => IoEvent::ClientRead(r),
+                Side::Server => IoEvent::ServerRead(r),
+            });
         }
-        if !to.is_empty() {
-            if let Poll::Ready(r) = std::pin::Pin::new(&mut *stream).poll_write(cx, to) {
+    }
+    let wrote = if !to.is_empty() {
+        std::pin::Pin::new(&mut *stream)
+            .poll_write(cx, to)
+            .map(|r| {
                 if let Ok(n) = r {
                     written(to, n);
                 }
-                return Poll::Ready(on_write(r));
-            }
-        } else if stream.wants_flush() {
-            if let Poll::Ready(r) = std::pin::Pin::new(&mut *stream).poll_flush(cx) {
-                return Poll::Ready(on_write(r.map(|()| 0)));
-            }
-        }
+                r
+            })
+    } else if stream.wants_flush() {
+        std::pin::Pin::new(&mut *stream)
+            .poll_flush(cx)
+            .map(|r| r.map(|()| 0))
+    } else {
         Poll::Pending
+    };
+    wrote.map(|r| match side {
+        Side::Client => IoEvent::ClientWrite(r),
+        Side::Server => IoEvent::ServerWrite(r),
     })
 }
 
@@ -461,24 +482,6 @@ fn written(buf: &mut BytesMut, n: usize) {
         buf.clear();
     } else {
         buf.advance(n);
-    }
-}
-
-/// The drain's kick, if the session is to be kicked (else never).
-async fn kicked(kick: Option<Kicked<'_>>) -> Phase {
-    match kick {
-        Some(kick) => kick.await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Sleeps until `deadline`. An `async fn`, so that no timer is made unless it is polled: select! creates the
-/// futures of disabled branches too, and this one is created at every wait for I/O. The timer is boxed:
-/// tokio's is 112 bytes, which would take room in every session's future, while only sessions with a
-/// configured timeout make one.
-async fn sleep_until(deadline: Option<Instant>) {
-    if let Some(deadline) = deadline {
-        Box::pin(tokio::time::sleep_until(deadline.into())).await;
     }
 }
 

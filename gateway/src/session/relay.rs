@@ -81,12 +81,18 @@ impl Session {
                 break;
             }
         }
-        self.io.to_client.extend_from_slice(&buf[run_start..i]);
-        // Emptied where it starts when all was read, so that it keeps its capacity for the next answer.
-        if i == buf.len() {
-            buf.clear();
+        if run_start == 0 && i == buf.len() && self.io.to_client.is_empty() {
+            // All of it goes to the client, who is owed nothing else: the buffer itself goes (its bytes are
+            // not copied), and the connection reads into the client's empty one.
+            std::mem::swap(&mut self.io.to_client, &mut buf);
         } else {
-            buf.advance(i);
+            self.io.to_client.extend_from_slice(&buf[run_start..i]);
+            // Emptied where it starts when all was read, so that it keeps its capacity for the next answer.
+            if i == buf.len() {
+                buf.clear();
+            } else {
+                buf.advance(i);
+            }
         }
         *self.conn().read_buf() = buf;
         if let Some(replay) = self.state.replay() {

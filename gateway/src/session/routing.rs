@@ -515,8 +515,8 @@ impl Session {
         &mut self,
         regions: &regions::Regions,
     ) -> Result<Arc<Pool>, PgError> {
-        let picture = regions.picture();
-        if picture.writer_epoch as u32 != self.writer_epoch {
+        if regions.writer_epoch() as u32 != self.writer_epoch {
+            let picture = regions.picture();
             let Some(url) = picture.writer.url() else {
                 let regions::Writer::Refused { why } = &picture.writer else {
                     unreachable!("a writer without a URL is refused")
