@@ -84,32 +84,38 @@ impl Session {
                 Ok(target) => target,
                 Err(error) => break Err(error),
             };
-            // (The checkout's result is done with inside this block: a value matched on would otherwise be kept,
-            // with the room of its error, across the settings' await below, in every session's future.)
-            let mut lease = match pool.checkout().await {
-                // A replica fits the read's budget at the decision; waiting for a free connection, or opening
-                // one (a TCP and authentication exchange over the link), takes time during which a replica
-                // whose replay stalled grows staler. Past the instant it goes over the budget, the connection
-                // goes back unused (it is idle and clean) and the read is routed again, so that no read starts
-                // on data older than its budget.
-                Ok(lease)
-                    if decision
-                        .fresh_until
-                        .is_some_and(|until| std::time::Instant::now() > until) =>
-                {
-                    lease.release();
-                    stale_checkouts += 1;
-                    continue;
-                }
-                Ok(lease) => lease,
-                Err(error) => match route {
-                    Route::Replica(in_flight) if attempts <= 3 => {
-                        regions.ban(in_flight.id(), &error.to_client().message);
-                        continue;
-                    }
-                    _ => break Err(error.to_client()),
+            // Without a future when a slot and an idle connection are at hand (nearly always). (The slow
+            // checkout's result is done with inside its arm: a value matched on later would be kept, with the
+            // room of its error, across the settings' await below, in every session's future.)
+            let mut lease = match pool.checkout_now() {
+                Some(lease) => lease,
+                None => match pool.checkout().await {
+                    Ok(lease) => lease,
+                    Err(error) => match route {
+                        Route::Replica(in_flight) if attempts <= 3 => {
+                            regions.ban(in_flight.id(), &error.to_client().message);
+                            continue;
+                        }
+                        _ => break Err(error.to_client()),
+                    },
                 },
             };
+            // A replica fits the read's budget at the decision; waiting for a free connection, or opening one
+            // (a TCP and authentication exchange over the link), takes time during which a replica whose
+            // replay stalled grows staler. Past the instant it goes over the budget, the connection goes back
+            // unused (it is idle and clean) and the read is routed again, so that no read starts on data older
+            // than its budget.
+            if decision
+                .fresh_until
+                .is_some_and(|until| std::time::Instant::now() > until)
+            {
+                lease.release();
+                stale_checkouts += 1;
+                continue;
+            }
+            if self.settings.in_step(&mut lease) {
+                break Ok((lease, route, decision, opening));
+            }
             match self.settings.bring(&mut lease).await {
                 Ok(()) => break Ok((lease, route, decision, opening)),
                 // The connection is closed (dropped); another may take the settings, once.

@@ -238,6 +238,12 @@ impl Tracker {
         self.reset_values.restore_sql(names)
     }
 
+    /// The connection has this session's settings and identity already (nearly always): nothing to bring.
+    #[inline]
+    pub fn in_step(&mut self, lease: &mut Lease) -> bool {
+        !lease.conn().settings_differ(&mut self.current)
+    }
+
     /// Gives a server connection this session's settings and identity, and waits for the server to confirm,
     /// so that the client's statement never runs where they failed to apply (it would run with another
     /// client's identity). On failure the connection is marked for closing.
