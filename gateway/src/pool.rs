@@ -459,8 +459,9 @@ impl Pool {
             if !self.slots.try_take() {
                 break;
             }
+            let slot = Held(&self.slots);
             let opened = self.open_connection().await;
-            self.slots.give();
+            drop(slot);
             match opened {
                 Ok(conn) => self.checkin(conn, Instant::now()),
                 Err(_) => break,
@@ -563,8 +564,10 @@ impl Drop for Lease {
 
 /// A pool's slots: at most `size` connections are leased at once. A free slot is taken and given back with
 /// one atomic operation each. A checkout that finds none waits in `queue`, a semaphore that gets a slot only
-/// when one is given back while a checkout waits, in the order they came. (A semaphore alone takes its lock
-/// at every give-back: about 90 instructions per transaction.)
+/// when one is given back while a checkout waits, and hands it on in the order they came. (A semaphore alone
+/// takes its lock at every give-back: about 90 instructions per transaction.) A slot given back while
+/// someone waits is free for an instant before it moves to the queue: a checkout that comes just then may
+/// take it first.
 struct Slots {
     free: AtomicUsize,
     /// Checkouts waiting in `queue` (or about to).
@@ -581,10 +584,22 @@ impl Slots {
         }
     }
 
-    /// Takes a free slot, if there is one.
+    /// Takes a slot without waiting, if one is free (or left in the queue, see [`Slots::give`]).
     #[inline]
     fn try_take(&self) -> bool {
-        let mut free = self.free.load(Ordering::Relaxed);
+        self.take_free()
+            || self
+                .queue
+                .try_acquire()
+                .map(|permit| permit.forget())
+                .is_ok()
+    }
+
+    /// Takes a free slot, if there is one. (The first load is sequentially consistent too: it is the
+    /// waiting checkout's look for a free slot in [`Slots::give`]'s handshake.)
+    #[inline]
+    fn take_free(&self) -> bool {
+        let mut free = self.free.load(Ordering::SeqCst);
         loop {
             if free == 0 {
                 return false;
@@ -593,7 +608,7 @@ impl Slots {
                 free,
                 free - 1,
                 Ordering::SeqCst,
-                Ordering::Relaxed,
+                Ordering::SeqCst,
             ) {
                 Ok(_) => return true,
                 Err(now) => free = now,
@@ -604,30 +619,46 @@ impl Slots {
     /// Gives a slot back: to the queue when a checkout waits there, else to the free ones.
     ///
     /// The slot is made free first and `queued` read after, while a waiting checkout counts itself in
-    /// `queued` first and looks for a free slot after (all sequentially consistent): of the two, at least
-    /// one sees the other, so no checkout waits in the queue while a slot sits free. A slot moved to the
-    /// queue after its waiter left (it found a free one, or timed out) stays there for the next waiter.
+    /// `queued` first and looks for a free slot after, all sequentially consistent: of the two, at least one
+    /// sees the other, so no checkout waits in the queue while a slot sits free. A slot can reach the queue
+    /// after its waiter left (the waiter took another, or timed out): the queue's semaphore then holds it
+    /// with nobody waiting, and [`Slots::try_take`] takes it from there.
     #[inline]
     fn give(&self) {
         self.free.fetch_add(1, Ordering::SeqCst);
-        if self.queued.load(Ordering::SeqCst) > 0 && self.try_take() {
+        if self.queued.load(Ordering::SeqCst) > 0 && self.take_free() {
             self.queue.add_permits(1);
         }
     }
 
     /// Waits up to `timeout` for a slot; true when it took one.
     async fn take(&self, timeout: Duration) -> bool {
+        /// Counts the checkout in `queued` until its wait ends, however it ends (a dropped future too).
+        struct Queued<'a>(&'a AtomicUsize);
+        impl Drop for Queued<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         self.queued.fetch_add(1, Ordering::SeqCst);
-        let taken = self.try_take()
+        let _queued = Queued(&self.queued);
+        self.try_take()
             || match tokio::time::timeout(timeout, self.queue.acquire()).await {
                 Ok(Ok(permit)) => {
                     permit.forget();
                     true
                 }
                 _ => false,
-            };
-        self.queued.fetch_sub(1, Ordering::SeqCst);
-        taken
+            }
+    }
+}
+
+/// A slot held outside a lease (maintenance opening a connection): given back however that ends.
+struct Held<'a>(&'a Slots);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.give();
     }
 }
 
@@ -682,6 +713,34 @@ mod tests {
         // A slot given back after the waiter left is not lost.
         slots.give();
         assert!(slots.try_take() || slots.take(Duration::from_millis(100)).await);
+    }
+
+    #[tokio::test]
+    async fn a_wait_given_up_leaves_nothing_behind() {
+        let slots = Slots::new(1);
+        assert!(slots.try_take());
+        // A checkout whose future is dropped while it waits (its session went away).
+        let mut wait = Box::pin(slots.take(Duration::from_secs(10)));
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut wait)
+            .await
+            .is_err());
+        assert_eq!(slots.queued.load(Ordering::SeqCst), 1);
+        drop(wait);
+        assert_eq!(slots.queued.load(Ordering::SeqCst), 0);
+        slots.give();
+        assert!(
+            slots.take_free(),
+            "the slot went to a queue nobody waits in"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slot_left_in_the_queue_is_taken_without_waiting() {
+        let slots = Slots::new(0);
+        // As a give whose waiter had just left leaves it.
+        slots.queue.add_permits(1);
+        assert!(slots.try_take());
+        assert!(!slots.try_take());
     }
 
     /// Many checkouts on several threads: never more than `size` slots held at once, none lost, and every
